@@ -1,0 +1,126 @@
+"""Stage 2 of the flow (FHIR JSON -> mappers -> **events** -> timeline -> grading -> write-back).
+
+The typed vocabulary the mappers produce and the timeline/graders consume. Everything is a
+small frozen dataclass; times are timezone-aware UTC datetimes; every event keeps the reference
+(`Type/id`) of the resource it came from so that grades can cite their evidence.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import date, datetime
+
+
+@dataclass(frozen=True, slots=True)
+class Skipped:
+    """A resource (or file/line) that could not be used, and why."""
+
+    resource: str
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class Measurement:
+    """A numeric observation converted to the kind's canonical unit.
+
+    kind: temperature (Cel), sbp/dbp/mean_bp (mm[Hg]), sbp_arterial, heart_rate,
+    respiratory_rate, spo2 (%), o2_flow (L/min), fio2 (%), weight (kg), labs (il6, crp, ferritin,
+    …, anc in /uL), neuro scores (ice_score, capd_score, cartox10_score, rass, gcs_total).
+    """
+
+    kind: str
+    time: datetime
+    value: float
+    unit: str
+    ref: str
+    raw_value: float | None = None
+    raw_unit: str | None = None
+    uln: float | None = None
+    lln: float | None = None
+    matched_by_text: bool = False
+    date_only: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Finding:
+    """A coded/text observation: O2 device, level of consciousness, seizure, oedema, culture …
+
+    `detail` is a normalised value (device class, consciousness level, seizure type, oedema
+    extent, culture result); `text` keeps the original wording for the evidence trail.
+    """
+
+    kind: str
+    time: datetime
+    detail: str
+    ref: str
+    text: str = ""
+    end: datetime | None = None
+    matched_by_text: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class DrugGiven:
+    """A MedicationAdministration: a point dose or an infusion interval [start, end).
+
+    rate_ug_min / rate_ug_kg_min / rate_u_min are filled when the rate could be derived (and
+    weight allows the conversion); volume_ml for fluids; `bolus` for push doses/fluid boluses.
+    """
+
+    drug: str
+    drug_class: str
+    start: datetime
+    end: datetime | None
+    ref: str
+    route: str = ""
+    dose_value: float | None = None
+    dose_unit: str = ""
+    rate_value: float | None = None
+    rate_unit: str = ""
+    rate_ug_min: float | None = None
+    rate_ug_kg_min: float | None = None
+    rate_u_min: float | None = None
+    volume_ml: float | None = None
+    bolus: bool = False
+    matched_by_text: bool = False
+    notes: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class ProcedureDone:
+    """A Procedure: CAR-T infusion, respiratory support, blood purification, procedure window …"""
+
+    kind: str
+    start: datetime
+    end: datetime | None
+    ref: str
+    reason: str = ""
+    text: str = ""
+    matched_by_text: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class PatientInfo:
+    """Demographics needed for grading (age-based thresholds) and grade 5."""
+
+    ref: str
+    birth_date: date | None
+    deceased: datetime | None = None
+    deceased_flag: bool = False
+
+
+Event = Measurement | Finding | DrugGiven | ProcedureDone | PatientInfo
+
+
+@dataclass(slots=True)
+class MappingResult:
+    """What the mappers produced from a set of resources, grouped by patient reference."""
+
+    events: dict[str, list[Event]] = field(default_factory=dict)
+    skipped: list[Skipped] = field(default_factory=list)
+    flags: dict[str, set[str]] = field(default_factory=dict)
+
+    def add(self, patient: str, event: Event) -> None:
+        self.events.setdefault(patient, []).append(event)
+
+    def flag(self, patient: str, name: str) -> None:
+        self.flags.setdefault(patient, set()).add(name)

@@ -1,0 +1,318 @@
+"""Observation JSON -> `Measurement` / `Finding` events, or a `Skipped` reason.
+
+Handles components (BP panels, Cerner pulse-ox rows carrying O2 flow and FiO2), every
+effective[x] form, statuses (entered-in-error/cancelled excluded), unit spellings, the °F/°C
+plausibility rule of grading-criteria §1.2 (a value < 50 in a °F field is a unit error and is
+quarantined, never silently converted) and FiO2 sent as a fraction.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from ..events import Event, Finding, Measurement, Skipped
+from ..mapping_files import CodeMap, ObservationKind
+from .common import When, codings, label, parse_datetime, quantity, quantity_units, texts
+from .units import CELSIUS, FAHRENHEIT, f_to_c, to_canonical
+
+EXCLUDED_STATUS = {"entered-in-error", "cancelled"}
+_NEGATIVE = re.compile(
+    r"^\s*(no|none|absent|negative|not (seen|present|detected|observed)|nil|normal|resolved|no growth)\b",
+    re.IGNORECASE,
+)
+_NO_GROWTH = re.compile(r"\bno growth\b|\bnegative\b|\bnot detected\b|\bsterile\b", re.IGNORECASE)
+_PENDING = re.compile(r"\bpending\b|\bin progress\b|\bpreliminary\b", re.IGNORECASE)
+
+
+def effective_time(res: dict[str, Any]) -> tuple[When | None, When | None]:
+    """(start, end) of Observation.effective[x]; end only for effectivePeriod."""
+    if "effectiveDateTime" in res:
+        return parse_datetime(res["effectiveDateTime"]), None
+    if "effectiveInstant" in res:
+        return parse_datetime(res["effectiveInstant"]), None
+    p = res.get("effectivePeriod")
+    if isinstance(p, dict):
+        start, end = parse_datetime(p.get("start")), parse_datetime(p.get("end"))
+        return start or end, end if start else None
+    return None, None
+
+
+def consciousness_level(text: str) -> str | None:
+    """ASTCT ICANS depressed-level-of-consciousness row, from free text or AVPU."""
+    t = text.strip().lower()
+    if not t:
+        return None
+    if re.search(r"unarousable|unresponsive|coma|stupor|vigorous|repetitive|^u$|obtunded", t):
+        return "unarousable"
+    if re.search(r"tactile|touch|physical|pain|shak|^p$|sternal", t):
+        return "tactile"
+    if re.search(r"voice|verbal|speech|^v$|name", t):
+        return "voice"
+    if re.search(r"spontaneous|drowsy|letharg|somnolen", t):
+        return "spontaneous"
+    if re.search(r"alert|awake|normal|oriented|^a$|baseline", t):
+        return "alert"
+    return None
+
+
+def seizure_type(text: str, minutes: float | None) -> str:
+    t = text.lower()
+    if _NEGATIVE.search(t):
+        return "absent"
+    if re.search(r"status epilepticus|prolonged|repetitive|without return|refractory|> ?5 ?min|recurrent", t) or (
+        minutes is not None and minutes > 5
+    ):
+        return "status"
+    if re.search(r"non-?convulsive|eeg|electrographic|subclinical", t):
+        return "nonconvulsive"
+    if re.search(r"generali[sz]ed|tonic|clonic|gtc|grand mal|bilateral", t):
+        return "generalized"
+    if re.search(r"focal|partial|simple|complex", t):
+        return "focal"
+    return "unspecified"
+
+
+def edema_extent(text: str) -> str:
+    t = text.lower()
+    if _NEGATIVE.search(t) or re.search(r"\bno (cerebral )?o?edema\b", t):
+        return "absent"
+    if re.search(r"h(a)?emorrhag|bleed|\bICH\b", t, re.IGNORECASE):
+        return "hemorrhagic"
+    if re.search(r"diffuse|global|generali[sz]ed|herniation|bilateral", t):
+        return "diffuse"
+    if re.search(r"focal|local|vasogenic|occipital|frontal|parietal|temporal|lobe|cerebell", t):
+        return "focal"
+    return "unspecified"
+
+
+def culture_result(text: str) -> str:
+    if _PENDING.search(text):
+        return "pending"
+    if _NO_GROWTH.search(text):
+        return "negative"
+    return "positive" if text.strip() else "pending"
+
+
+def _value_texts(res: dict[str, Any]) -> tuple[list[tuple[str, str]], list[str]]:
+    """(codings, texts) of a coded/string/boolean value."""
+    if "valueCodeableConcept" in res:
+        return codings(res["valueCodeableConcept"]), texts(res["valueCodeableConcept"])
+    if isinstance(res.get("valueString"), str):
+        return [], [res["valueString"]]
+    if isinstance(res.get("valueBoolean"), bool):
+        return [], ["present" if res["valueBoolean"] else "absent"]
+    if isinstance(res.get("valueInteger"), int):
+        return [], [str(res["valueInteger"])]
+    return [], []
+
+
+def _numeric_value(res: dict[str, Any]) -> tuple[float, list[str]] | None:
+    if "valueQuantity" in res:
+        q = quantity(res["valueQuantity"])
+        if q is None:
+            return None
+        return q[0], quantity_units(res["valueQuantity"])
+    v = res.get("valueInteger")
+    if isinstance(v, int) and not isinstance(v, bool):
+        return float(v), []
+    s = res.get("valueString")
+    if isinstance(s, str):
+        m = re.fullmatch(r"\s*(-?\d+(?:\.\d+)?)\s*([^\d\s].*)?", s)
+        if m:
+            return float(m.group(1)), [m.group(2).strip()] if m.group(2) else []
+    return None
+
+
+def _reference_range(res: dict[str, Any], factor: float) -> tuple[float | None, float | None]:
+    for rr in res.get("referenceRange") or []:
+        if not isinstance(rr, dict):
+            continue
+        hi = quantity(rr.get("high"))
+        lo = quantity(rr.get("low"))
+        return (lo[0] * factor if lo else None), (hi[0] * factor if hi else None)
+    return None, None
+
+
+class ObservationMapper:
+    def __init__(self, code_map: CodeMap):
+        self.code_map = code_map
+
+    def match_kind(self, cc: Any) -> tuple[ObservationKind | None, bool]:
+        name, by_text = self.code_map.observation_table.match(codings(cc), texts(cc))
+        return (self.code_map.observations[name] if name else None), by_text
+
+    def map(self, res: dict[str, Any], ref: str, flags: set[str]) -> list[Event] | Skipped:
+        status = res.get("status")
+        if status in EXCLUDED_STATUS:
+            return Skipped(ref, f"status {status}")
+        kind, by_text = self.match_kind(res.get("code"))
+        components = [c for c in res.get("component") or [] if isinstance(c, dict)]
+        if kind is None and not components:
+            return Skipped(ref, f"code not in mappings/observations.toml: {label(res.get('code'))}")
+        start, end = effective_time(res)
+        if start is None:
+            return Skipped(ref, "no effective time (effective[x] missing or unreadable)")
+        if start.tz_assumed:
+            flags.add("timezone_assumed")
+        events: list[Event] = []
+        reasons: list[str] = []
+        if kind is not None and kind.value != "components":
+            out = self._one(kind, res, ref, start, end, by_text, flags)
+            if isinstance(out, Skipped):
+                reasons.append(out.reason)
+            else:
+                events.extend(out)
+        for comp in components:
+            ck, c_text = self.match_kind(comp.get("code"))
+            if ck is None or ck.value == "components":
+                continue
+            out = self._one(ck, comp, ref, start, end, by_text or c_text, flags)
+            if isinstance(out, Skipped):
+                reasons.append(f"component {ck.name}: {out.reason}")
+            else:
+                events.extend(out)
+        if events:
+            return events
+        if reasons:
+            return Skipped(ref, "; ".join(reasons))
+        if kind is not None and kind.value == "components":
+            return Skipped(ref, f"{kind.name} without usable components")
+        return Skipped(ref, f"code not in mappings/observations.toml: {label(res.get('code'))}")
+
+    def _one(
+        self, kind: ObservationKind, res: dict[str, Any], ref: str, start: When, end: When | None,
+        by_text: bool, flags: set[str],
+    ) -> list[Event] | Skipped:
+        if kind.value in ("coded", "boolean"):
+            return self._finding(kind, res, ref, start, end, by_text)
+        if "dataAbsentReason" in res and not any(k.startswith("value") for k in res):
+            if kind.name in ("ice_score", "capd_score", "cartox10_score"):
+                # "unable to perform" the assessment is itself an ICANS finding.
+                return [Finding("unable_" + kind.name, start.time, "unable", ref, label(res["dataAbsentReason"]), matched_by_text=by_text)]
+            return Skipped(ref, f"no value (dataAbsentReason: {label(res['dataAbsentReason'])})")
+        num = _numeric_value(res)
+        if num is None:
+            if kind.name in ("ice_score", "capd_score", "cartox10_score"):
+                _, ts = _value_texts(res)
+                if ts and re.search(r"unable|not (able|possible)|cannot", " ".join(ts), re.IGNORECASE):
+                    return [Finding("unable_" + kind.name, start.time, "unable", ref, ts[0], matched_by_text=by_text)]
+            return Skipped(ref, f"{kind.name}: no numeric value")
+        value, spellings = num
+        if start.precision != "time" and kind.group != "lab":
+            return Skipped(ref, f"{kind.name}: effective time has {start.precision} precision only")
+        raw_value, raw_unit = value, None
+        if kind.name == "temperature":
+            out = self._temperature(value, spellings, ref, flags)
+            if isinstance(out, Skipped):
+                return out
+            value, raw_unit, note = out
+            if note:
+                flags.add(note)
+        else:
+            if kind.name in ("fio2", "spo2"):
+                units = [self.code_map.canonical_unit(u) for u in spellings]
+                if value <= 1.0 and (not units or units[0] in ("1", "%")):
+                    value *= 100.0  # fraction sent as "%" or "1" (terminology.md §1.3 FiO2 trap)
+                    spellings = ["%"]
+            if kind.name == "anc" and not spellings and value < 50:
+                value *= 1000.0
+                flags.add("unit_assumed")
+                spellings = ["/uL"]
+            conv, raw_unit, note = to_canonical(kind, value, spellings, self.code_map)
+            if conv is None:
+                return Skipped(ref, f"{kind.name}: {note}")
+            if note:
+                flags.add(note)
+            factor = conv / value if value else 1.0
+            value = conv
+        if kind.min is not None and value < kind.min or kind.max is not None and value > kind.max:
+            return Skipped(ref, f"{kind.name}: implausible value {raw_value:g} {raw_unit or ''}".rstrip() + " (quarantined)")
+        lln = uln = None
+        if kind.group == "lab":
+            f = factor if kind.name != "temperature" else 1.0
+            lln, uln = _reference_range(res, f)
+        return [
+            Measurement(
+                kind=kind.name, time=start.time, value=value, unit=kind.unit, ref=ref,
+                raw_value=raw_value, raw_unit=raw_unit, uln=uln, lln=lln,
+                matched_by_text=by_text, date_only=start.precision != "time",
+            )
+        ]
+
+    def _temperature(self, value: float, spellings: list[str], ref: str, flags: set[str]) -> tuple[float, str, str | None] | Skipped:
+        units = [self.code_map.canonical_unit(u) for u in spellings]
+        unit = next((u for u in units if u in (CELSIUS, FAHRENHEIT)), units[0] if units else "")
+        if unit == FAHRENHEIT:
+            if value < 50:
+                flags.add("unit_error")
+                return Skipped(ref, f"temperature {value:g} in a °F field is implausible (< 50 °F): unit error, quarantined")
+            if not 77 <= value <= 113:
+                return Skipped(ref, f"temperature {value:g} °F outside 77–113 °F: quarantined")
+            return f_to_c(value), FAHRENHEIT, None
+        if unit == CELSIUS:
+            if 77 <= value <= 113:
+                flags.add("unit_error")
+                return Skipped(ref, f"temperature {value:g} in a °C field looks like °F: unit error, quarantined")
+            return value, CELSIUS, None
+        if not unit:
+            if 25 <= value <= 45:
+                return value, CELSIUS, "unit_assumed"
+            return Skipped(ref, f"temperature {value:g} without a unit is not plausible as °C: quarantined")
+        return Skipped(ref, f"temperature unit '{spellings[0]}' is not °C or °F")
+
+    def _finding(
+        self, kind: ObservationKind, res: dict[str, Any], ref: str, start: When, end: When | None, by_text: bool
+    ) -> list[Event] | Skipped:
+        if start.precision != "time" and kind.name not in ("cause_of_death", "hemophagocytosis", "blood_culture"):
+            return Skipped(ref, f"{kind.name}: effective time has {start.precision} precision only")
+        v_codes, v_texts = _value_texts(res)
+        code_texts = texts(res.get("code"))
+        note_texts = [n.get("text", "") for n in res.get("note") or [] if isinstance(n, dict)]
+        t_end = end.time if end else None
+        name = kind.name
+        if name == "o2_device":
+            cls, dev_text = self.code_map.devices.match(v_codes, v_texts)
+            if cls is None:
+                return Skipped(ref, f"O2 device value not in mappings/devices.toml: {(v_texts or ['(empty)'])[0]!r}")
+            return [Finding(name, start.time, cls, ref, (v_texts or [""])[0], t_end, by_text or dev_text)]
+        if name == "consciousness":
+            level = None
+            for t in v_texts:
+                level = consciousness_level(t)
+                if level:
+                    break
+            if level is None:
+                return Skipped(ref, f"level of consciousness value not recognised: {(v_texts or ['(empty)'])[0]!r}")
+            return [Finding(name, start.time, level, ref, v_texts[0], t_end, by_text)]
+        all_text = " ".join(v_texts + note_texts)
+        if name == "seizure":
+            minutes = (t_end - start.time).total_seconds() / 60 if t_end else None
+            for comp in res.get("component") or []:
+                q = quantity(comp.get("valueQuantity")) if isinstance(comp, dict) else None
+                if q and re.search(r"duration", " ".join(texts(comp.get("code"))), re.IGNORECASE):
+                    unit = self.code_map.canonical_unit(q[1])
+                    minutes = q[0] * {"s": 1 / 60, "h": 60}.get(unit, 1)
+            text = all_text or " ".join(code_texts)
+            return [Finding(name, start.time, seizure_type(text, minutes), ref, text, t_end, by_text)]
+        if name == "cerebral_edema":
+            text = all_text or " ".join(code_texts)
+            return [Finding(name, start.time, edema_extent(text), ref, text, t_end, by_text)]
+        if name == "blood_culture":
+            text = " ".join(v_texts) or " ".join(
+                label(i) for i in res.get("interpretation") or [] if isinstance(i, dict)
+            )
+            interp = [c for i in res.get("interpretation") or [] for _, c in codings(i)]
+            result = culture_result(text)
+            if any(c in ("POS", "A", "AA", "DET") for c in interp):
+                result = "positive"
+            elif any(c in ("NEG", "N", "ND") for c in interp):
+                result = "negative"
+            return [Finding(name, start.time, result, ref, text, t_end, by_text)]
+        if name == "cause_of_death":
+            text = all_text or " ".join(code_texts)
+            return [Finding(name, start.time, "documented", ref, text, t_end, by_text)]
+        # icp_sign, motor_weakness, intracranial_hemorrhage, hemophagocytosis
+        text = all_text
+        present = not (text and _NEGATIVE.search(text))
+        return [Finding(name, start.time, "present" if present else "absent", ref, text or " ".join(code_texts), t_end, by_text)]

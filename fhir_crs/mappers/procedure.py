@@ -1,0 +1,70 @@
+"""Procedure JSON -> `ProcedureDone`, or a `Skipped` reason.
+
+performed[x] may be a dateTime, a Period, or (unusable for a timeline) a string/Age/Range.
+GECCO-style Procedures carry the device in `usedCode`; it refines a generic O2-therapy code.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ..events import ProcedureDone, Skipped
+from ..mapping_files import CodeMap
+from .common import codings, label, parse_datetime, texts
+
+EXCLUDED_STATUS = {"entered-in-error", "not-done", "preparation"}
+_DEVICE_TO_KIND = {
+    "nasal_cannula": "nasal_cannula", "high_flow_nasal_cannula": "high_flow_nasal_cannula",
+    "face_mask": "face_mask", "non_rebreather": "non_rebreather", "venturi_mask": "venturi_mask",
+    "cpap": "cpap", "bipap": "bipap", "noninvasive_ventilation": "noninvasive_ventilation",
+    "invasive_ventilation": "invasive_ventilation", "blow_by": "nasal_cannula",
+}
+
+
+class ProcedureMapper:
+    def __init__(self, code_map: CodeMap):
+        self.code_map = code_map
+
+    def map(self, res: dict[str, Any], ref: str, flags: set[str]) -> ProcedureDone | Skipped:
+        status = res.get("status")
+        if status in EXCLUDED_STATUS:
+            return Skipped(ref, f"status {status}")
+        kind, by_text = self.code_map.procedures.match(codings(res.get("code")), texts(res.get("code")))
+        for used in res.get("usedCode") or []:
+            dev, _ = self.code_map.devices.match(codings(used), texts(used))
+            if dev in _DEVICE_TO_KIND and kind in (None, "nasal_cannula", "face_mask"):
+                kind, by_text = _DEVICE_TO_KIND[dev], by_text
+        if kind is None:
+            return Skipped(ref, f"code not in mappings/procedures.toml: {label(res.get('code'))}")
+        if "performedDateTime" in res:
+            start_w, end_w = parse_datetime(res["performedDateTime"]), None
+        elif isinstance(res.get("performedPeriod"), dict):
+            p = res["performedPeriod"]
+            start_w, end_w = parse_datetime(p.get("start")), parse_datetime(p.get("end"))
+        elif any(k.startswith("performed") for k in res):
+            key = next(k for k in res if k.startswith("performed"))
+            return Skipped(ref, f"{key} is not a date/time (cannot place it on the timeline)")
+        else:
+            return Skipped(ref, "no performed[x]")
+        if start_w is None:
+            return Skipped(ref, "performed time missing or unreadable")
+        if start_w.precision != "time":
+            return Skipped(ref, f"performed time has {start_w.precision} precision only")
+        if start_w.tz_assumed:
+            flags.add("timezone_assumed")
+        end = end_w.time if end_w else None
+        if end is not None and end < start_w.time:
+            return Skipped(ref, "performedPeriod ends before it starts")
+        reason_parts: list[str] = []
+        for rc in res.get("reasonCode") or []:
+            reason_parts.extend(texts(rc) or [c for _, c in codings(rc)])
+        for rr in res.get("reasonReference") or []:
+            if isinstance(rr, dict) and isinstance(rr.get("display"), str):
+                reason_parts.append(rr["display"])
+        for n in res.get("note") or []:
+            if isinstance(n, dict) and isinstance(n.get("text"), str):
+                reason_parts.append(n["text"])
+        return ProcedureDone(
+            kind=kind, start=start_w.time, end=end, ref=ref, reason="; ".join(reason_parts),
+            text=label(res.get("code")), matched_by_text=by_text,
+        )
