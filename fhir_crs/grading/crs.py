@@ -1,0 +1,276 @@
+"""Stage 4 (CRS): the shared episode-by-episode grading loop, and ASTCT 2019 on top of it.
+
+Every CRS system grades the same way (grading-criteria §1.7): within each fever-anchored
+episode, at every time something changes, the instant grade is the maximum of the system's
+components (hypotension, hypoxia, organ toxicity …), floor 1; the episode maximum and the first
+time it is reached are kept with the criteria and resources behind them. Systems differ only in
+`components()` (and whether fever must accompany them, which only ASTCT requires).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from datetime import datetime, timedelta
+from itertools import combinations
+
+from ..settings import GradingSettings
+from ..timeline import CaseTimeline, PressorCourse, Support
+from .episodes import Episode, detect_episodes, is_fever
+from .result import Criterion, EpisodeResult, SystemResult
+
+H = timedelta(hours=1)
+MIN = timedelta(minutes=1)
+
+
+def concurrent_intervals(courses: list[PressorCourse], min_overlap: timedelta) -> list[tuple[datetime, datetime, int, list[str]]]:
+    """Intervals where >= 2 infusions of different drugs overlap for at least `min_overlap`."""
+    out = []
+    for k in range(2, len(courses) + 1):
+        for combo in combinations(courses, k):
+            if len({c.drug for c in combo}) < k:
+                continue
+            start = max(c.start for c in combo)
+            end = min(c.end for c in combo)
+            if end - start >= min_overlap:
+                out.append((start, end, k, [r for c in combo for r in c.refs[:1]]))
+    return out
+
+
+def handoffs(courses: list[PressorCourse], min_overlap: timedelta) -> list[tuple[datetime, list[str]]]:
+    """Overlaps shorter than the concurrency rule (bag changes, switches)."""
+    out = []
+    for a, b in combinations(courses, 2):
+        if a.drug == b.drug:
+            continue
+        start, end = max(a.start, b.start), min(a.end, b.end)
+        if timedelta(0) < end - start < min_overlap:
+            out.append((start, [a.refs[0], b.refs[0]]))
+    return out
+
+
+class CrsGrader:
+    """Base class: subclasses implement `components` (and may add change points/abnormalities)."""
+
+    name = "crs"
+    needs_fever = False  # ASTCT: components count only with fever or after masking therapy
+
+    def __init__(self, tl: CaseTimeline, s: GradingSettings):
+        self.tl = tl
+        self.s = s
+        self.result = SystemResult(self.name)
+
+    # -- hooks ----------------------------------------------------------------------------
+    def components(self, t: datetime, ep: Episode) -> list[Criterion]:
+        raise NotImplementedError
+
+    def change_points(self) -> Iterable[datetime]:
+        tl = self.tl
+        yield from (m.time for m in tl.temps)
+        yield from (h.time for h in tl.hypotension)
+        yield from (c.start for c in tl.pressors)
+        yield from (g.start for g in tl.support)
+
+    def extra_abnormal(self) -> list[tuple[datetime, datetime | None, list[str]]]:
+        return []
+
+    # -- shared machinery -----------------------------------------------------------------
+    def used(self, *names: str) -> None:
+        self.result.settings_used.update(names)
+
+    def fever_ok(self, t: datetime, ep: Episode) -> tuple[bool, list[str], bool]:
+        """(fever requirement met, refs, via masking) at t within episode ep."""
+        window = timedelta(hours=self.s.fever_association_h)
+        near = [m for m in self.tl.temps if abs(m.time - t) <= window and is_fever(m, self.s)]
+        if near:
+            close = min(near, key=lambda m: abs(m.time - t))
+            return True, [close.ref], False
+        if ep.masked_from is not None and t >= ep.masked_from:
+            return True, ep.masking_refs, True
+        return False, [], False
+
+    def grade(self) -> SystemResult:
+        tl, s, res = self.tl, self.s, self.result
+        episodes = detect_episodes(tl, s, self.extra_abnormal())
+        points = sorted(set(self.change_points()))
+        for ep in episodes:
+            bound = ep.end_bound(tl)
+            best, best_t, trail = 0, None, []
+            pts = [ep.onset] + [p for p in points if ep.onset < p <= bound]
+            if ep.masked_from is not None and ep.masked_from <= bound:
+                pts.append(ep.masked_from)
+            for t in sorted(set(pts)):
+                comps = self.components(t, ep)
+                g = 1
+                met: list[Criterion] = []
+                if comps:
+                    ok, frefs, masked = (True, [], False) if not self.needs_fever else self.fever_ok(t, ep)
+                    top = max(c.grade for c in comps)
+                    if ok and top > 1:
+                        g = top
+                        met = [c for c in comps if c.grade == top]
+                        if self.needs_fever:
+                            self.used("fever_association_h")
+                            if masked:
+                                self.used("masking_drug_classes")
+                                met = [*met, Criterion(t, g, "fever not required: anti-cytokine/antipyretic/steroid given after CRS onset", frefs, ("masking_drug_classes",))]
+                    elif not ok and top > 1:
+                        ep.flags.append("afebrile_component_in_episode") if "afebrile_component_in_episode" not in ep.flags else None
+                if g > best:
+                    best, best_t = g, t
+                    if g == 1 and not met:
+                        met = [Criterion(ep.onset, 1, "fever >= %.1f °C" % s.fever_c, ep.onset_refs)]
+                    trail.extend(met)
+            if ep.death is not None:
+                if ep.death_alternative:
+                    ep.flags.append("death_alternative_cause")
+                else:
+                    best, best_t = 5, ep.death
+                    trail.append(Criterion(ep.death, 5, "death during an active CRS episode with no documented alternative principal cause (adjudicate)", [tl.deceased_ref or "", *ep.death_refs]))
+                    ep.flags.append("grade5_candidate")
+            counted = not (ep.provisional and s.exclude_provisional_episodes)
+            if ep.provisional:
+                self.used("exclude_provisional_episodes", "culture_attribution_window_h", "late_onset_day")
+            res.episodes.append(EpisodeResult(ep.onset, ep.resolved, best, best_t, counted, list(ep.flags), trail))
+        self._summarise(episodes)
+        self._outside_episode_flags(episodes)
+        return res
+
+    def _summarise(self, episodes: list[Episode]) -> None:
+        res = self.result
+        counted = [(ep, er) for ep, er in zip(episodes, res.episodes, strict=True) if er.counted]
+        for er in res.episodes:
+            res.flag(*er.flags)
+        if not counted:
+            return
+        self.used("resolution_clear_h")
+        res.grade = max(er.grade for _, er in counted)
+        res.onset = counted[0][1].onset
+        res.resolved = counted[-1][1].resolved
+        first_max = next(er for _, er in counted if er.grade == res.grade)
+        res.max_at = first_max.max_at
+        res.cite(counted[0][0].onset_refs)
+        for _, er in counted:
+            res.criteria.extend(er.criteria)
+        for c in first_max.criteria:
+            if c.grade == res.grade:
+                res.cite(c.refs)
+                self.used(*c.settings)
+                res.flag(*c.flags)
+
+    def _outside_episode_flags(self, episodes: list[Episode]) -> None:
+        tl, s, res = self.tl, self.s, self.result
+
+        def inside(t: datetime) -> bool:
+            return any(ep.onset - timedelta(hours=s.fever_association_h) <= t <= ep.end_bound(tl) for ep in episodes)
+
+        afebrile = False
+        for h in tl.hypotension:
+            if h.time >= tl.infusion and not inside(h.time):
+                res.flag("afebrile_hypotension")
+                afebrile = True
+        for c in tl.pressors:
+            if c.start >= tl.infusion and not inside(c.start):
+                res.flag("afebrile_hypotension")
+                afebrile = True
+        for g in tl.support:
+            if g.start >= tl.infusion and not g.home and (g.attributed or not g.ppv) and not inside(g.start):
+                res.flag("afebrile_hypoxia")
+                afebrile = True
+        first_onset = episodes[0].onset if episodes else None
+        if afebrile:
+            pre = [d for d in tl.drugs if d.drug_class in s.masking_drug_classes
+                   and tl.infusion - 24 * H <= d.start and (first_onset is None or d.start < first_onset)]
+            if pre:
+                res.flag("prophylaxis_masking")
+                res.cite([pre[0].ref])
+        lo_c = s.display_rounding_low_c
+        for m in tl.temps:
+            if m.time >= tl.infusion and not is_fever(m, s) and m.raw_unit != "[degF]" and lo_c <= m.value < s.fever_c:
+                res.flag("display_rounding")
+                self.used("display_rounding_low_c", "fever_compare_decimals")
+                break
+        look = timedelta(hours=s.preinfusion_fever_lookback_h)
+        if first_onset is not None and first_onset - tl.infusion <= look:
+            if any(tl.infusion - look <= m.time < tl.infusion and is_fever(m, s) for m in tl.temps):
+                res.flag("fever_preinfusion")
+                self.used("preinfusion_fever_lookback_h")
+        for name in ("unit_error", "timezone_assumed", "age_unknown", "infusion_end_assumed", "observation_gap"):
+            if name in tl.flags:
+                res.flag(name)
+
+
+class AstctCrs(CrsGrader):
+    """ASTCT 2019 CRS (Lee DW et al. 2019), grading-criteria §2."""
+
+    name = "astct"
+    needs_fever = True
+
+    def __init__(self, tl: CaseTimeline, s: GradingSettings):
+        super().__init__(tl, s)
+        non_vaso = [c for c in tl.pressors if c.drug != "vasopressin"]
+        self.overlap = timedelta(minutes=s.vasopressor_overlap_min)
+        self.multi = concurrent_intervals(non_vaso, self.overlap)
+        self.handoffs = handoffs(non_vaso, self.overlap)
+
+    def change_points(self) -> Iterable[datetime]:
+        yield from super().change_points()
+        yield from (m[0] for m in self.multi)
+
+    def support_tier(self, g: Support) -> tuple[int, str, tuple[str, ...], tuple[str, ...]]:
+        """(component grade, criterion, settings used, flags) of one support segment."""
+        s = self.s
+        if g.home:
+            return 0, "home/baseline respiratory support (not counted)", ("home_baseline_lookback_days",), ("home_baseline_excluded",)
+        d = g.device
+        if g.ppv:
+            if not g.attributed:
+                return 0, f"{d} not attributable to CRS hypoxia ({g.attribution_note})", ("ppv_hypoxia_lookback_h",), ("ppv_not_attributed",)
+            return 4, f"positive pressure ({d.replace('_', ' ')})", ("ppv_hypoxia_lookback_h",), ()
+        if d == "nasal_cannula":
+            if g.flow is None:
+                return 2, "nasal cannula, flow not charted (assumed low-flow)", ("missing_flow_is_low_flow",), ("missing_flow",)
+            if g.flow > s.low_flow_max_lpm:
+                return 3, f"nasal cannula {g.flow:g} L/min (> {s.low_flow_max_lpm:g} L/min = high flow)", ("low_flow_max_lpm",), ()
+            return 2, f"low-flow nasal cannula {g.flow:g} L/min", ("low_flow_max_lpm",), ()
+        if d == "blow_by":
+            return 2, "blow-by oxygen", (), ()
+        if d == "unspecified_o2":
+            return 2, "supplemental oxygen, device not charted", (), ("device_unknown",)
+        names = {"high_flow_nasal_cannula": "high-flow nasal cannula", "face_mask": "face mask",
+                 "venturi_mask": "Venturi mask", "non_rebreather": "non-rebreather mask"}
+        return 3, names.get(d, d), (), ()
+
+    def components(self, t: datetime, ep: Episode) -> list[Criterion]:
+        tl, out = self.tl, []
+        for start, end, k, refs in self.multi:
+            if start <= t < end:
+                out.append(Criterion(t, 4, f"{k} vasopressors concurrently (excluding vasopressin)", refs, ("vasopressor_overlap_min",)))
+        running = [c for c in tl.pressors if c.start <= t < c.end]
+        if running:
+            names = sorted({c.drug for c in running})
+            out.append(Criterion(t, 3, "vasopressor: " + ", ".join(names), [c.refs[0] for c in running], ("vasopressor_min_duration_min",)))
+            for h_start, refs in self.handoffs:
+                if ep.onset <= h_start <= ep.end_bound(tl):
+                    out[-1].flags += ("vasopressor_handoff",)
+                    out[-1].settings += ("vasopressor_overlap_min",)
+                    break
+        for h in tl.hypotension:
+            if h.time == t:
+                crit = f"hypotension SBP {h.sbp:g} < {h.threshold:g} mmHg ({h.how}), no vasopressor"
+                sets: tuple[str, ...] = ("hypotension_confirm_window_min",)
+                if tl.pediatric:
+                    sets += ("sbp_child_base", "sbp_child_per_year")
+                out.append(Criterion(t, 2, crit, h.refs, sets))
+        for g in tl.support:
+            if g.start <= t < g.end:
+                tier, crit, sets, flags = self.support_tier(g)
+                if tier:
+                    out.append(Criterion(t, tier, crit, g.refs, sets + ("device_carry_forward_h",), flags))
+                elif flags and ep.onset <= g.start <= ep.end_bound(tl):
+                    self.result.flag(*flags)
+                    self.used(*sets)
+        return out
+
+
+def grade_crs_astct(tl: CaseTimeline, s: GradingSettings) -> SystemResult:
+    return AstctCrs(tl, s).grade()

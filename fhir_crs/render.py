@@ -1,0 +1,52 @@
+"""Human-readable rendering of grade runs (terminal tables). Only cli.py calls this."""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+
+def _when(v: dict[str, Any], key: str) -> str:
+    t = v.get(key)
+    if t is None:
+        return "–"
+    h = v.get("hours", {}).get(key)
+    return f"{t[:16].replace('T', ' ')} (+{h:g} h)" if h is not None else t
+
+
+def render_run(data: dict[str, Any], console: Console, show_skips: bool = False) -> None:
+    cases = data["cases"]
+    if not cases:
+        console.print("[yellow]No CAR-T infusion (day 0) found in the input: nothing to grade.[/yellow]")
+    for case in cases:
+        age = case.get("age_years")
+        title = f"{case['patient']} — CAR-T infusion {case['infusion']}" + (f" — age {age} y" if age is not None else "")
+        table = Table(title=title, title_justify="left", show_lines=False)
+        for col in ("Syndrome", "System", "Grade", "Onset", "Max at", "Resolved", "Flags"):
+            table.add_column(col, overflow="fold")
+        for syndrome in ("crs", "icans"):
+            for system, v in case.get(syndrome, {}).items():
+                label = system + (f" ({v['variant']})" if v.get("variant") else "")
+                table.add_row(
+                    syndrome.upper(), label, str(v["grade"]), _when(v, "onset"), _when(v, "max_at"),
+                    _when(v, "resolved"), ", ".join(v["flags"]) or "",
+                )
+        console.print(table)
+        astct = case.get("crs", {}).get("astct", {})
+        for c in astct.get("criteria", [])[-4:]:
+            console.print(f"  CRS grade {c['grade']} at +{c['hour']:g} h: {c['criterion']}  [{', '.join(c['evidence'][:3])}]")
+        console.print()
+    skipped = data["skipped"]
+    if skipped:
+        reasons = Counter(s["reason"].split(":")[0] for s in skipped)
+        console.print(f"[bold]{len(skipped)} resource(s) skipped[/bold] (use --show-skips for the list):" if not show_skips else f"[bold]{len(skipped)} resource(s) skipped:[/bold]")
+        for reason, n in reasons.most_common(12):
+            console.print(f"  {n:6d}  {reason}")
+        if len(reasons) > 12:
+            console.print(f"  … and {len(reasons) - 12} other reasons")
+        if show_skips:
+            for s in skipped:
+                console.print(f"  {s['resource']}: {s['reason']}", markup=False, highlight=False)

@@ -1,0 +1,131 @@
+"""Grading conventions: every `[I]` (implementation convention) and threshold of
+`../shared/docs/grading-criteria.md` is a named setting here, with its default, its evidence tag
+and what it means. Sites override them in `mappings/grading.toml` (table `[conventions]`) or per
+run with `--set name=value`; precedence: `--set` > grading.toml > default. Graders report the
+settings that decided a grade in each result's `conventions` list.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+from .errors import ConfigError
+
+
+def _s(default: Any, tag: str, doc: str) -> Any:
+    return field(default=default, metadata={"tag": tag, "doc": doc})
+
+
+@dataclass(frozen=True)
+class GradingSettings:
+    # --- fever (§1.2)
+    fever_c: float = _s(38.0, "V", "fever threshold, >= (ASTCT, CIBMTR)")
+    fever_compare_decimals: int = _s(2, "I", "round converted temperatures to this many decimals before comparing")
+    display_rounding_low_c: float = _s(37.95, "I", "stored values from here up to the fever threshold are flagged display_rounding")
+    preinfusion_fever_lookback_h: float = _s(24.0, "I", "a fever this many hours before day 0 flags fever_preinfusion")
+    fever_association_h: float = _s(24.0, "I", "hypotension/hypoxia count toward CRS when a fever lies within this many hours (or masking applies)")
+    masking_drug_classes: tuple[str, ...] = _s(
+        ("antipyretic", "anti_il6", "anti_cytokine", "corticosteroid"), "P",
+        "drug classes that, given after CRS onset, remove the fever requirement (ASTCT original wording incl. antipyretics)",
+    )
+    # --- hypotension (§1.3)
+    sbp_adult: float = _s(90.0, "V", "hypotension SBP threshold for age > 10 y and adults (CARTOX/PedsCARTOX/PALS)")
+    sbp_neonate: float = _s(60.0, "V", "term neonate 0-28 days")
+    sbp_infant: float = _s(70.0, "V", "infant 1-12 months")
+    sbp_child_base: float = _s(70.0, "V", "1-10 years: base + per_year x completed years")
+    sbp_child_per_year: float = _s(2.0, "V", "1-10 years: mmHg added per completed year")
+    hypotension_confirm_min_gap_min: float = _s(5.0, "I", "two low readings at least this far apart ...")
+    hypotension_confirm_window_min: float = _s(60.0, "I", "... and within this window make a hypotension event")
+    hypotension_treatment_window_min: float = _s(60.0, "I", "or one low reading followed within this window by a fluid bolus or vasopressor")
+    arterial_artifact_sbp: float = _s(40.0, "I", "arterial SBP below this with a normal NIBP within 15 min is an artefact")
+    bolus_min_ml: float = _s(250.0, "I", "a fluid administration of at least this volume is a bolus")
+    bolus_min_ml_per_kg: float = _s(10.0, "I", "or at least this volume per kg")
+    # --- vasopressors (§1.4)
+    vasopressor_overlap_min: float = _s(60.0, "I", "two infusions are concurrent only if they overlap this long (hand-offs count as one)")
+    vasopressor_min_duration_min: float = _s(60.0, "I", "infusions shorter than this are ignored unless the only treatment of documented hypotension")
+    vasopressor_course_gap_min: float = _s(30.0, "I", "segments of the same drug separated by less than this form one infusion")
+    # --- oxygen (§1.5)
+    low_flow_max_lpm: float = _s(6.0, "V", "nasal cannula at or below this flow is low-flow (ASTCT footnote)")
+    missing_flow_is_low_flow: bool = _s(True, "I", "a standard nasal cannula with no charted flow is graded as low-flow (flag missing_flow)")
+    device_carry_forward_h: float = _s(12.0, "I", "a charted device/flow stays in force until the next row, at most this long")
+    ppv_hypoxia_lookback_h: float = _s(6.0, "I", "positive pressure counts for CRS only if hypoxia (SpO2 below spo2_hypoxia or supplemental O2) preceded it within this window, or its indication is respiratory failure")
+    spo2_hypoxia: float = _s(90.0, "I", "SpO2 below this is hypoxia for the positive-pressure attribution rule")
+    home_baseline_lookback_days: float = _s(7.0, "I", "respiratory support recorded this long before day 0 is the patient's baseline (home O2/CPAP)")
+    # --- episodes and resolution (§1.1)
+    resolution_clear_h: float = _s(24.0, "I", "resolution = first all-clear time after the last abnormality, staying clear this long")
+    resolution_coverage_block_h: float = _s(8.0, "I", "during the clear period expect a temperature and a BP in every block of this length")
+    resolution_coverage_required: bool = _s(False, "I", "if true, a clear period without that coverage does not resolve the episode (else flag resolution_sparse_data)")
+    culture_attribution_window_h: float = _s(48.0, "I", "a positive blood culture this close to an episode's onset marks it attribution_needed")
+    late_onset_day: float = _s(14.0, "I", "episodes starting after this day are flagged late_onset")
+    exclude_provisional_episodes: bool = _s(True, "I", "episodes needing attribution (culture, post-CRS hyperinflammation, late second episode) do not count in the per-infusion grade")
+    # --- ICANS (§3)
+    ice_min_age_years: int = _s(12, "I", "ICE from this age; CAPD below it (NCIt vs ASTCT age-cut conflict, §3.3)")
+    capd_delirium: float = _s(9.0, "V", "CAPD at or above this is delirium (ICANS grade 3)")
+    icans_sedation_bolus_h: float = _s(4.0, "I", "ICE/consciousness are not graded within this many hours of a sedative bolus or during a sedative infusion")
+    icans_resolution_clear_h: float = _s(24.0, "I", "ICANS resolves at the first normal assessment that stays normal this long")
+    seizure_status_min: float = _s(5.0, "V", "a seizure longer than this is life-threatening prolonged (ICANS grade 4)")
+
+    def describe(self, name: str) -> dict[str, Any]:
+        f = next(f for f in fields(self) if f.name == name)
+        value = getattr(self, name)
+        return {"setting": name, "value": list(value) if isinstance(value, tuple) else value, "tag": f.metadata["tag"]}
+
+    def as_dict(self) -> dict[str, Any]:
+        return {f.name: (list(v) if isinstance(v := getattr(self, f.name), tuple) else v) for f in fields(self)}
+
+
+def _coerce(name: str, current: Any, value: Any, where: str) -> Any:
+    if isinstance(current, bool):
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+            return value.lower() in ("true", "1", "yes")
+    elif isinstance(current, int | float):
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return type(current)(value) if isinstance(current, float) or float(value).is_integer() else None
+        if isinstance(value, str):
+            try:
+                return type(current)(float(value)) if isinstance(current, float) else int(value)
+            except ValueError:
+                pass
+    elif isinstance(current, tuple):
+        if isinstance(value, list | tuple) and all(isinstance(v, str) for v in value):
+            return tuple(value)
+        if isinstance(value, str):
+            return tuple(v.strip() for v in value.split(",") if v.strip())
+    raise ConfigError(f"{where}: setting '{name}' expects a {type(current).__name__}, got {value!r}.")
+
+
+def with_overrides(base: GradingSettings, values: dict[str, Any], where: str) -> GradingSettings:
+    known = {f.name for f in fields(base)}
+    changes = {}
+    for k, v in values.items():
+        if k not in known:
+            raise ConfigError(f"{where}: unknown setting '{k}'. Known settings: {', '.join(sorted(known))}.")
+        changes[k] = _coerce(k, getattr(base, k), v, where)
+    return replace(base, **changes)
+
+
+def load_settings(mappings_dir: Path | None, overrides: list[str] | None = None) -> GradingSettings:
+    """Defaults <- mappings/grading.toml [conventions] <- `name=value` overrides."""
+    s = GradingSettings()
+    if mappings_dir is not None:
+        path = mappings_dir / "grading.toml"
+        if path.exists():
+            try:
+                data = tomllib.loads(path.read_text(encoding="utf-8"))
+            except (tomllib.TOMLDecodeError, OSError) as exc:
+                raise ConfigError(f"Could not read {path}: {exc}") from exc
+            unknown = sorted(set(data) - {"conventions"})
+            if unknown:
+                raise ConfigError(f"Could not read {path.name}: unknown table [{unknown[0]}]. Expected: conventions.")
+            s = with_overrides(s, data.get("conventions", {}), path.name)
+    for item in overrides or []:
+        name, sep, value = item.partition("=")
+        if not sep:
+            raise ConfigError(f"--set {item!r}: expected name=value.")
+        s = with_overrides(s, {name.strip(): value.strip()}, "--set")
+    return s

@@ -1,0 +1,516 @@
+"""Stage 3: events -> `CaseTimeline`, one per CAR-T infusion, anchored on day 0.
+
+Builds the derived series every grading system reads: temperatures, hypotension events
+(age-based thresholds, procedure windows and arterial artefacts excluded), vasopressor courses
+(same-drug segments joined, short/peri-procedural infusions set aside with a reason),
+respiratory-support segments (device rows carried forward, procedures, home baseline,
+positive-pressure attribution, FiO2 documented or estimated), masking drugs, labs, neuro
+assessments. Pure: events in, timeline out.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import defaultdict
+from dataclasses import dataclass, field
+from datetime import date, datetime, timedelta
+
+from .events import DrugGiven, Event, Finding, Measurement, PatientInfo, ProcedureDone
+from .settings import GradingSettings
+
+H = timedelta(hours=1)
+MIN = timedelta(minutes=1)
+
+PPV = frozenset({"cpap", "bipap", "noninvasive_ventilation", "invasive_ventilation"})
+SUPPORT_PROCEDURES = frozenset(
+    {"nasal_cannula", "high_flow_nasal_cannula", "face_mask", "non_rebreather", "venturi_mask",
+     "cpap", "bipap", "noninvasive_ventilation", "invasive_ventilation"}
+)
+_HOME = re.compile(r"sleep apn|\bOSA\b|\bhome\b|nocturnal|chronic|baseline", re.IGNORECASE)
+_RESP_FAILURE = re.compile(
+    r"respiratory failure|hypox|desaturat|\bARDS\b|pulmonary o?edema|respiratory distress|low (sp)?o2|hypoventilation|work of breathing",
+    re.IGNORECASE,
+)
+_AIRWAY = re.compile(
+    r"airway protection|protect (the )?airway|seizure|status epilepticus|\bGCS\b|coma|depressed (level of )?consciousness|procedur|surgery|an(a)?esthe|sedation|endoscop|MRI|imaging",
+    re.IGNORECASE,
+)
+
+
+@dataclass(slots=True)
+class Support:
+    """A respiratory-support segment [start, end)."""
+
+    device: str
+    start: datetime
+    end: datetime
+    refs: list[str]
+    flow: float | None = None
+    fio2: float | None = None  # percent, documented
+    source: str = "observation"
+    reason: str = ""
+    home: bool = False
+    assumed: str = ""  # why the device was inferred, if it was
+    attributed: bool = True  # positive pressure attributable to CRS hypoxia
+    attribution_note: str = ""
+
+    @property
+    def ppv(self) -> bool:
+        return self.device in PPV
+
+    def fio2_estimate(self) -> tuple[float | None, bool]:
+        """FiO2 in percent: documented, else the §1.5 estimate (flagged as estimated)."""
+        if self.fio2 is not None:
+            return self.fio2, False
+        f = self.flow
+        d = self.device
+        if d in ("nasal_cannula", "unspecified_o2"):
+            if f is None:
+                return None, True
+            est = 20 + 4 * f if f <= 6 else min(44 + 3 * (f - 6), 60)
+            return est, True
+        if d == "blow_by":
+            return 30.0, True
+        if d == "face_mask":
+            return (min(40 + 4 * max((f or 5) - 5, 0), 60)), True
+        if d == "non_rebreather":
+            return 80.0, True
+        return None, True
+
+
+@dataclass(slots=True)
+class PressorCourse:
+    """One vasopressor infusion of one drug (joined segments)."""
+
+    drug: str
+    start: datetime
+    end: datetime
+    segments: list[DrugGiven]
+    end_assumed: bool = False
+
+    @property
+    def refs(self) -> list[str]:
+        return [s.ref for s in self.segments]
+
+    @property
+    def minutes(self) -> float:
+        return (self.end - self.start).total_seconds() / 60
+
+
+@dataclass(slots=True)
+class Hypotension:
+    time: datetime
+    sbp: float
+    threshold: float
+    refs: list[str]
+    how: str  # "confirmed" | "treated"
+
+
+@dataclass(slots=True)
+class CaseTimeline:
+    patient: str
+    infusion: datetime
+    infusion_refs: list[str]
+    window_end: datetime | None
+    birth_date: date | None = None
+    age_years: int | None = None
+    age_days: int | None = None
+    deceased: datetime | None = None
+    deceased_ref: str | None = None
+    weight_kg: float | None = None
+    temps: list[Measurement] = field(default_factory=list)
+    sbp: list[Measurement] = field(default_factory=list)
+    spo2: list[Measurement] = field(default_factory=list)
+    hypotension: list[Hypotension] = field(default_factory=list)
+    pressors: list[PressorCourse] = field(default_factory=list)
+    ignored_pressors: list[tuple[PressorCourse, str]] = field(default_factory=list)
+    support: list[Support] = field(default_factory=list)
+    baseline_support: list[Support] = field(default_factory=list)
+    drugs: list[DrugGiven] = field(default_factory=list)
+    boluses: list[DrugGiven] = field(default_factory=list)
+    procedures: list[ProcedureDone] = field(default_factory=list)
+    windows: list[tuple[datetime, datetime, str]] = field(default_factory=list)
+    labs: dict[str, list[Measurement]] = field(default_factory=lambda: defaultdict(list))
+    neuro: list[Measurement | Finding] = field(default_factory=list)
+    findings: list[Finding] = field(default_factory=list)
+    sedation: list[tuple[datetime, datetime, str]] = field(default_factory=list)
+    flags: set[str] = field(default_factory=set)
+    last_time: datetime | None = None
+
+    def hours(self, t: datetime | None) -> float | None:
+        return None if t is None else (t - self.infusion).total_seconds() / 3600
+
+    @property
+    def pediatric(self) -> bool:
+        return self.age_years is not None and self.age_years < 18
+
+    def sbp_threshold(self, s: GradingSettings) -> float:
+        """PALS / PedsCARTOX hypotension threshold for the age at infusion (§1.3)."""
+        if self.age_days is None or self.age_years is None:
+            return s.sbp_adult
+        if self.age_days <= 28:
+            return s.sbp_neonate
+        if self.age_years < 1:
+            return s.sbp_infant
+        if self.age_years <= 10:
+            return s.sbp_child_base + s.sbp_child_per_year * self.age_years
+        return s.sbp_adult
+
+    def in_window(self, t: datetime) -> bool:
+        return any(a <= t <= b for a, b, _ in self.windows)
+
+    def findings_of(self, kind: str) -> list[Finding]:
+        return [f for f in self.findings if f.kind == kind]
+
+
+def _age(birth: date, at: datetime) -> tuple[int, int]:
+    d = at.date()
+    years = d.year - birth.year - ((d.month, d.day) < (birth.month, birth.day))
+    return years, (d - birth).days
+
+
+def find_infusions(events: list[Event]) -> list[tuple[datetime, list[str]]]:
+    """CAR-T infusions (Procedure or product administration); records within 24 h are one infusion."""
+    raw: list[tuple[datetime, str]] = []
+    for e in events:
+        if isinstance(e, ProcedureDone) and e.kind == "car_t_infusion":
+            raw.append((e.start, e.ref))
+        elif isinstance(e, DrugGiven) and e.drug_class == "cart_product":
+            raw.append((e.start, e.ref))
+    raw.sort()
+    out: list[tuple[datetime, list[str]]] = []
+    for t, ref in raw:
+        if out and t - out[-1][0] < 24 * H:
+            out[-1][1].append(ref)
+        else:
+            out.append((t, [ref]))
+    return out
+
+
+def build_timelines(patient: str, events: list[Event], flags: set[str], s: GradingSettings) -> list[CaseTimeline]:
+    infusions = find_infusions(events)
+    info = next((e for e in events if isinstance(e, PatientInfo)), None)
+    out = []
+    for i, (t0, refs) in enumerate(infusions):
+        nxt = infusions[i + 1][0] if i + 1 < len(infusions) else None
+        out.append(_build(patient, t0, refs, nxt, info, events, set(flags), s))
+    return out
+
+
+def _build(
+    patient: str, t0: datetime, refs: list[str], window_end: datetime | None, info: PatientInfo | None,
+    events: list[Event], flags: set[str], s: GradingSettings,
+) -> CaseTimeline:
+    tl = CaseTimeline(patient=patient, infusion=t0, infusion_refs=refs, window_end=window_end, flags=flags)
+    if info is not None:
+        tl.birth_date = info.birth_date
+        if info.birth_date:
+            tl.age_years, tl.age_days = _age(info.birth_date, t0)
+        tl.deceased = info.deceased
+        tl.deceased_ref = info.ref if info.deceased_flag else None
+    if tl.age_years is None:
+        tl.flags.add("age_unknown")
+    lo = t0 - timedelta(days=max(s.home_baseline_lookback_days, 2))
+
+    def keep(t: datetime) -> bool:
+        return t >= lo and (window_end is None or t < window_end)
+
+    weights: list[Measurement] = []
+    device_rows: list[Finding] = []
+    flow_rows: list[Measurement] = []
+    fio2_rows: list[Measurement] = []
+    last = t0
+    for e in events:
+        if isinstance(e, PatientInfo):
+            continue
+        t = e.time if isinstance(e, Measurement | Finding) else e.start
+        if not keep(t):
+            continue
+        last = max(last, t)
+        if isinstance(e, Measurement):
+            k = e.kind
+            if k == "temperature":
+                tl.temps.append(e)
+            elif k in ("sbp", "sbp_arterial"):
+                tl.sbp.append(e)
+            elif k == "spo2":
+                tl.spo2.append(e)
+            elif k == "weight":
+                weights.append(e)
+            elif k == "o2_flow":
+                flow_rows.append(e)
+            elif k == "fio2":
+                fio2_rows.append(e)
+            elif k in ("ice_score", "capd_score", "cartox10_score", "rass", "gcs_total"):
+                tl.neuro.append(e)
+            else:
+                tl.labs[k].append(e)
+        elif isinstance(e, Finding):
+            if e.kind == "o2_device":
+                device_rows.append(e)
+            elif e.kind in ("consciousness", "seizure", "cerebral_edema", "icp_sign", "motor_weakness",
+                            "intracranial_hemorrhage") or e.kind.startswith("unable_"):
+                tl.neuro.append(e)
+                tl.findings.append(e)
+            else:
+                tl.findings.append(e)
+        elif isinstance(e, DrugGiven):
+            tl.drugs.append(e)
+            if e.end:
+                last = max(last, e.end)
+        elif isinstance(e, ProcedureDone):
+            tl.procedures.append(e)
+            if e.end:
+                last = max(last, e.end)
+    if tl.deceased is not None and keep(tl.deceased):
+        last = max(last, tl.deceased)
+    tl.last_time = last
+    for coll in (tl.temps, tl.sbp, tl.spo2, tl.neuro, tl.findings):
+        coll.sort(key=lambda e: e.time)
+    for series in tl.labs.values():
+        series.sort(key=lambda e: e.time)
+    tl.drugs.sort(key=lambda d: d.start)
+    tl.procedures.sort(key=lambda p: p.start)
+
+    pre_weights = [w for w in weights if w.time <= t0 + 12 * H]
+    if pre_weights:
+        tl.weight_kg = max(pre_weights, key=lambda w: w.time).value  # dosing weight ~ last pre-infusion weight
+    elif weights:
+        tl.weight_kg = min(weights, key=lambda w: w.time).value
+
+    for p in tl.procedures:
+        if p.kind in ("procedure_window", "bone_marrow_biopsy"):
+            tl.windows.append((p.start, p.end or p.start + H, p.ref))
+    for d in tl.drugs:
+        if d.drug_class == "sedative":
+            if d.end is not None or "point_infusion" in d.notes:
+                tl.sedation.append((d.start, d.end or d.start + H, d.ref))
+            else:
+                tl.sedation.append((d.start, d.start + timedelta(hours=s.icans_sedation_bolus_h), d.ref))
+        if d.drug_class == "fluid" and _is_bolus(d, tl.weight_kg, s):
+            tl.boluses.append(d)
+
+    _pressor_courses(tl, s)
+    _hypotension(tl, s)
+    _support(tl, device_rows, flow_rows, fio2_rows, s)
+    return tl
+
+
+def _is_bolus(d: DrugGiven, weight: float | None, s: GradingSettings) -> bool:
+    if d.bolus:
+        return True
+    if d.volume_ml is None:
+        return False
+    if d.end is not None and (d.end - d.start) > 2 * H:
+        return False  # a maintenance infusion, not a bolus
+    if d.volume_ml >= s.bolus_min_ml:
+        return True
+    return weight is not None and d.volume_ml >= s.bolus_min_ml_per_kg * weight
+
+
+def _pressor_courses(tl: CaseTimeline, s: GradingSettings) -> None:
+    by_drug: dict[str, list[DrugGiven]] = defaultdict(list)
+    for d in tl.drugs:
+        if d.drug_class == "vasopressor" and not d.bolus:
+            by_drug[d.drug].append(d)
+    gap = timedelta(minutes=s.vasopressor_course_gap_min)
+    end_of_data = tl.last_time or tl.infusion
+    courses: list[PressorCourse] = []
+    for drug, segs in by_drug.items():
+        segs.sort(key=lambda d: d.start)
+        cur: PressorCourse | None = None
+        for i, seg in enumerate(segs):
+            end = seg.end
+            assumed = False
+            if end is None:
+                nxt = segs[i + 1].start if i + 1 < len(segs) else None
+                if nxt is not None and nxt - seg.start <= 24 * H:
+                    end = nxt
+                else:
+                    end = max(end_of_data, seg.start + MIN)
+                    assumed = True
+            if cur is not None and seg.start - cur.end <= gap:
+                cur.end = max(cur.end, end)
+                cur.segments.append(seg)
+                cur.end_assumed = cur.end_assumed or assumed
+            else:
+                cur = PressorCourse(drug, seg.start, end, [seg], assumed)
+                courses.append(cur)
+    courses.sort(key=lambda c: c.start)
+    min_dur = s.vasopressor_min_duration_min
+    thr = tl.sbp_threshold(s)
+    for c in courses:
+        if c.end_assumed:
+            tl.flags.add("infusion_end_assumed")
+        inside = next((r for a, b, r in tl.windows if a - 30 * MIN <= c.start and c.end <= b + 30 * MIN), None)
+        if inside is not None:
+            tl.ignored_pressors.append((c, f"inside procedure window {inside}"))
+            continue
+        if c.minutes < min_dur:
+            documented = [
+                m for m in tl.sbp
+                if m.value < thr and c.start - H <= m.time <= c.start and not tl.in_window(m.time)
+            ]
+            treated_otherwise = any(c.start - H <= b.start <= c.start + H for b in tl.boluses)
+            if documented and not treated_otherwise:
+                tl.flags.add("short_vasopressor_counted")
+                tl.pressors.append(c)
+            else:
+                tl.ignored_pressors.append((c, f"infusion of {c.minutes:.0f} min < {min_dur:.0f} min"))
+            continue
+        tl.pressors.append(c)
+
+
+def _hypotension(tl: CaseTimeline, s: GradingSettings) -> None:
+    thr = tl.sbp_threshold(s)
+    nibp = [m for m in tl.sbp if m.kind == "sbp"]
+    readings = []
+    for m in tl.sbp:
+        if tl.in_window(m.time):
+            continue
+        if m.kind == "sbp_arterial" and m.value < s.arterial_artifact_sbp and any(
+            abs((n.time - m.time).total_seconds()) <= 900 and n.value >= thr for n in nibp
+        ):
+            tl.flags.add("arterial_artifact_excluded")
+            continue
+        readings.append(m)
+    low = [m for m in readings if m.value < thr]
+    gap_min = timedelta(minutes=s.hypotension_confirm_min_gap_min)
+    window = timedelta(minutes=s.hypotension_confirm_window_min)
+    treat = timedelta(minutes=s.hypotension_treatment_window_min)
+    starts = [b.start for b in tl.boluses] + [c.start for c in tl.pressors]
+    used: set[int] = set()
+    for i, m in enumerate(low):
+        if i in used:
+            continue
+        partner = next(
+            (j for j in range(i + 1, len(low)) if gap_min <= low[j].time - m.time <= window), None
+        )
+        if partner is not None:
+            used.add(partner)
+            tl.hypotension.append(Hypotension(m.time, m.value, thr, [m.ref, low[partner].ref], "confirmed"))
+            continue
+        treated = [b.ref for b in tl.boluses if m.time <= b.start <= m.time + treat] + [
+            c.refs[0] for c in tl.pressors if m.time <= c.start <= m.time + treat
+        ]
+        if treated:
+            tl.hypotension.append(Hypotension(m.time, m.value, thr, [m.ref, *treated], "treated"))
+    _ = starts
+
+
+def _support(tl: CaseTimeline, device_rows: list[Finding], flow_rows: list[Measurement],
+             fio2_rows: list[Measurement], s: GradingSettings) -> None:
+    carry = timedelta(hours=s.device_carry_forward_h)
+    end_of_data = tl.last_time or tl.infusion
+    rows: dict[datetime, dict[str, object]] = defaultdict(dict)
+    for d in device_rows:
+        rows[d.time]["device"] = d
+    for f in flow_rows:
+        rows[f.time]["flow"] = f
+    for x in fio2_rows:
+        rows[x.time]["fio2"] = x
+    times = sorted(rows)
+    device: str | None = None
+    flow: float | None = None
+    fio2: float | None = None
+    dev_text = ""
+    segments: list[Support] = []
+    for i, t in enumerate(times):
+        r = rows[t]
+        refs: list[str] = []
+        assumed = ""
+        d = r.get("device")
+        if isinstance(d, Finding):
+            if d.detail != device:
+                flow, fio2 = None, None
+            device, dev_text = d.detail, d.text
+            refs.append(d.ref)
+        f = r.get("flow")
+        if isinstance(f, Measurement):
+            flow = f.value
+            refs.append(f.ref)
+            if f.value <= 0:
+                device = "room_air"
+            elif device in (None, "room_air") and not isinstance(d, Finding):
+                device, assumed = "nasal_cannula", "device_assumed_from_flow"
+        x = r.get("fio2")
+        if isinstance(x, Measurement):
+            fio2 = x.value
+            refs.append(x.ref)
+            if device in (None, "room_air") and x.value > 22 and not isinstance(d, Finding):
+                device, assumed = "unspecified_o2", "device_unknown"
+        if device in (None, "room_air"):
+            continue
+        nxt = times[i + 1] if i + 1 < len(times) else None
+        end = min(nxt, t + carry) if nxt is not None else min(t + carry, max(end_of_data, t + MIN))
+        if nxt is not None and nxt - t > carry:
+            tl.flags.add("observation_gap")
+        segments.append(Support(device, t, end, refs, flow, fio2, "observation", dev_text, assumed=assumed))
+    # Procedures: explicit intervals; a point intubation opens invasive ventilation until
+    # extubation, a non-invasive device row, or the end of a ventilation procedure.
+    ends_invasive = [p.start for p in tl.procedures if p.kind == "extubation"] + [
+        d.time for d in device_rows if d.detail != "invasive_ventilation"
+    ]
+    for p in tl.procedures:
+        kind = p.kind
+        if kind == "intubation":
+            vent = next((q for q in tl.procedures if q.kind == "invasive_ventilation" and abs(q.start - p.start) <= 2 * H and q.end), None)
+            if vent is not None and vent.end is not None:
+                end = vent.end
+            else:
+                later = [t for t in ends_invasive if t > p.start]
+                end = min(later) if later else max(end_of_data, p.start + MIN)
+            segments.append(Support("invasive_ventilation", p.start, end, [p.ref], source="procedure", reason=p.reason))
+        elif kind in SUPPORT_PROCEDURES:
+            if p.end is not None:
+                end = p.end
+            else:
+                later = [d.time for d in device_rows if d.time > p.start and d.detail != kind]
+                end = min(later) if later else min(p.start + carry, max(end_of_data, p.start + MIN))
+            segments.append(Support(kind, p.start, end, [p.ref], source="procedure", reason=p.reason))
+    segments.sort(key=lambda g: g.start)
+    # Procedure reasons (indication, home use) apply to overlapping observation rows of the same device.
+    for g in segments:
+        if g.source == "observation":
+            for p in segments:
+                if p.source == "procedure" and p.device == g.device and p.start - H <= g.start < p.end + H and p.reason:
+                    g.reason = (g.reason + "; " + p.reason).strip("; ")
+        g.home = bool(_HOME.search(g.reason))
+    tl.baseline_support = [g for g in segments if g.start < tl.infusion]
+    post = [g for g in segments if g.end > tl.infusion]
+    baseline_ppv = {g.device for g in tl.baseline_support if g.ppv}
+    baseline_nc_flow = max((g.flow or 0 for g in tl.baseline_support if g.device == "nasal_cannula"), default=None)
+    for g in post:
+        if g.ppv and g.device in baseline_ppv:
+            g.home = True
+        if g.device == "nasal_cannula" and baseline_nc_flow is not None and (g.flow or 0) <= baseline_nc_flow:
+            g.home = True
+    _attribute_ppv(tl, post, s)
+    tl.support = post
+
+
+def _attribute_ppv(tl: CaseTimeline, segs: list[Support], s: GradingSettings) -> None:
+    """Positive pressure counts for CRS only after hypoxia or for respiratory failure (§2.3)."""
+    look = timedelta(hours=s.ppv_hypoxia_lookback_h)
+    runs: list[list[Support]] = []
+    for g in sorted((g for g in segs if g.ppv and not g.home), key=lambda g: g.start):
+        if runs and g.start <= max(x.end for x in runs[-1]) + MIN:
+            runs[-1].append(g)
+        else:
+            runs.append([g])
+    for run in runs:
+        start = run[0].start
+        reason = "; ".join(g.reason for g in run if g.reason)
+        if _RESP_FAILURE.search(reason):
+            ok, note = True, "indication: respiratory failure"
+        elif _AIRWAY.search(reason):
+            ok, note = False, f"indication not hypoxic ({reason})"
+        else:
+            hypoxic_spo2 = any(start - look <= m.time <= start and m.value < s.spo2_hypoxia for m in tl.spo2)
+            o2_before = any(
+                not g.ppv and not g.home and g.start < start and g.end >= start - look for g in segs
+            )
+            ok = hypoxic_spo2 or o2_before
+            note = "preceded by hypoxia" if ok else "no hypoxia in the preceding window"
+        for g in run:
+            g.attributed, g.attribution_note = ok, note
