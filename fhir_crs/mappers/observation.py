@@ -73,8 +73,11 @@ def seizure_type(text: str, minutes: float | None) -> str:
     return "unspecified"
 
 
+_NEGATED_BLEED = re.compile(r"\b(no|without|not|negative for)\s+(\w+\s+){0,2}?(h(a)?emorrhag\w*|bleed\w*|ICH)\b", re.IGNORECASE)
+
+
 def edema_extent(text: str) -> str:
-    t = text.lower()
+    t = _NEGATED_BLEED.sub(" ", text.lower())
     if _NEGATIVE.search(t) or re.search(r"\bno (cerebral )?o?edema\b", t):
         return "absent"
     if re.search(r"h(a)?emorrhag|bleed|\bICH\b", t, re.IGNORECASE):
