@@ -36,6 +36,7 @@ class GradedCase:
             "infusion": iso(tl.infusion),
             "infusion_evidence": tl.infusion_refs,
             "age_years": tl.age_years,
+            "matched_by_text": sorted(tl.text_matched),
             "crs": {k: v.to_json(tl.infusion, settings) for k, v in self.crs.items()},
             "icans": {k: v.to_json(tl.infusion, settings) for k, v in self.icans.items()},
         }
@@ -58,11 +59,16 @@ class GradeRun:
 
 
 def grade_case(tl: CaseTimeline, settings: GradingSettings) -> GradedCase:
-    return GradedCase(
+    case = GradedCase(
         tl,
         {name: g(tl, settings) for name, g in CRS_SYSTEMS.items()},
         {name: g(tl, settings) for name, g in ICANS_SYSTEMS.items()},
     )
+    for result in [*case.crs.values(), *case.icans.values()]:
+        # Local codes: evidence that was recognised by its text, not a configured code, is flagged.
+        if tl.text_matched.intersection(result.evidence):
+            result.flag("matched_by_text")
+    return case
 
 
 def grade_mapping(result: MappingResult, settings: GradingSettings, resources: int) -> GradeRun:

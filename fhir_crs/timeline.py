@@ -136,6 +136,7 @@ class CaseTimeline:
     sedation: list[tuple[datetime, datetime, str]] = field(default_factory=list)
     flags: set[str] = field(default_factory=set)
     last_time: datetime | None = None
+    text_matched: set[str] = field(default_factory=set)
 
     def hours(self, t: datetime | None) -> float | None:
         return None if t is None else (t - self.infusion).total_seconds() / 3600
@@ -226,6 +227,8 @@ def _build(
         t = e.time if isinstance(e, Measurement | Finding) else e.start
         if not keep(t):
             continue
+        if e.matched_by_text:
+            tl.text_matched.add(e.ref)
         last = max(last, t)
         if isinstance(e, Measurement):
             k = e.kind

@@ -53,6 +53,7 @@ class ResourceMapper:
         self.medications: dict[str, dict[str, Any]] = {}
         self._deferred: list[tuple[SourceResource, str, str]] = []
         self.count = 0
+        self.mapped = 0
 
     def skip(self, where: str, reason: str) -> None:
         self.result.skipped.append(Skipped(where, reason))
@@ -87,6 +88,7 @@ class ResourceMapper:
         rtype = r["resourceType"]
         ref = resource_ref(src)
         if rtype == "Medication":
+            self.mapped += 1  # consumed by the MedicationAdministrations that reference it
             self.medications[ref] = r
             if src.full_url:
                 self.medications[src.full_url] = r
@@ -94,6 +96,7 @@ class ResourceMapper:
         if rtype == "Patient":
             flags = self.result.flags.setdefault(ref, set())
             self.result.add(ref, map_patient(r, ref, flags))
+            self.mapped += 1
             return
         if rtype not in ("Observation", "MedicationAdministration", "Procedure"):
             self.skip(ref, f"resource type {rtype} is not used for grading")
@@ -109,6 +112,7 @@ class ResourceMapper:
             if isinstance(out, Skipped):
                 self.result.skipped.append(out)
             else:
+                self.mapped += 1
                 for e in out:
                     self.result.add(patient, e)
         elif rtype == "Procedure":
@@ -116,6 +120,7 @@ class ResourceMapper:
             if isinstance(p, Skipped):
                 self.result.skipped.append(p)
             else:
+                self.mapped += 1
                 self.result.add(patient, p)
         else:
             target = reference_target(r.get("medicationReference"))
@@ -143,6 +148,7 @@ class ResourceMapper:
         if isinstance(out, Skipped):
             self.result.skipped.append(out)
         else:
+            self.mapped += 1
             self.result.add(patient, out)
 
     def finish(self) -> MappingResult:
