@@ -1,0 +1,31 @@
+"""Docs stay true: every CLI command has help and appears in the README; every mapping key is
+documented in mappings/README.md."""
+
+from __future__ import annotations
+
+from click.testing import CliRunner
+from conftest import ROOT
+
+from fhir_crs.cli import cli
+from fhir_crs.mapping_files import _CLASS_KEYS, _DRUG_KEYS, _OBS_KEYS
+
+
+def test_every_command_has_help_and_is_in_readme():
+    readme = (ROOT / "README.md").read_text()
+    for name, cmd in cli.commands.items():
+        assert cmd.help, name
+        assert f"fhir-crs {name}" in readme, name
+        r = CliRunner().invoke(cli, [name, "--help"])
+        assert r.exit_code == 0
+
+
+def test_every_mapping_key_is_documented():
+    doc = (ROOT / "mappings" / "README.md").read_text()
+    for key in _OBS_KEYS | _CLASS_KEYS | _DRUG_KEYS:
+        assert f"`{key}`" in doc, key
+
+
+def test_readme_names_the_test_command_ci_runs():
+    readme = (ROOT / "README.md").read_text()
+    ci = (ROOT / ".ci" / "run").read_text()
+    assert "./scripts/test" in readme and "scripts/test" in ci
