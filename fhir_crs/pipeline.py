@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from .events import MappingResult, PatientInfo, Skipped
-from .grading import CRS_SYSTEMS, ICANS_SYSTEMS
+from .grading import CRS_SYSTEMS, ICANS_SYSTEMS, adjacent
 from .grading.result import SystemResult, iso
 from .mapping_files import CodeMap, load_code_map
 from .mappers import ResourceMapper
@@ -28,6 +28,7 @@ class GradedCase:
     timeline: CaseTimeline
     crs: dict[str, SystemResult]
     icans: dict[str, SystemResult]
+    adjacent: dict[str, Any]
 
     def to_json(self, settings: GradingSettings) -> dict[str, Any]:
         tl = self.timeline
@@ -39,6 +40,7 @@ class GradedCase:
             "matched_by_text": sorted(tl.text_matched),
             "crs": {k: v.to_json(tl.infusion, settings) for k, v in self.crs.items()},
             "icans": {k: v.to_json(tl.infusion, settings) for k, v in self.icans.items()},
+            "adjacent": self.adjacent,
         }
 
 
@@ -59,10 +61,11 @@ class GradeRun:
 
 
 def grade_case(tl: CaseTimeline, settings: GradingSettings) -> GradedCase:
+    crs = {name: g(tl, settings) for name, g in CRS_SYSTEMS.items()}
     case = GradedCase(
-        tl,
-        {name: g(tl, settings) for name, g in CRS_SYSTEMS.items()},
+        tl, crs,
         {name: g(tl, settings) for name, g in ICANS_SYSTEMS.items()},
+        adjacent(tl, settings, crs["astct"].resolved),
     )
     for result in [*case.crs.values(), *case.icans.values()]:
         # Local codes: evidence that was recognised by its text, not a configured code, is flagged.

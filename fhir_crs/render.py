@@ -35,6 +35,16 @@ def render_run(data: dict[str, Any], console: Console, show_skips: bool = False)
                     _when(v, "resolved"), ", ".join(v["flags"]) or "",
                 )
         console.print(table)
+        adj = case.get("adjacent") or {}
+        if adj:
+            h, i, c = adj.get("carhlh", {}), adj.get("iec_hs", {}), adj.get("icaht", {})
+            console.print(
+                f"  carHLH: {'met' if h.get('met') else 'not met'}"
+                f"{' (' + h['onset'][:16] + ')' if h.get('onset') else ''}"
+                f" · IEC-HS screen: {'suspected, provisional grade ' + str(i.get('grade')) if i.get('suspected') else 'not suspected'}"
+                f" · ICAHT early {c.get('early_grade', '–')} / late {c.get('late_grade', '–')}",
+                markup=False, highlight=False,
+            )
         astct = case.get("crs", {}).get("astct", {})
         for c in astct.get("criteria", [])[-4:]:
             console.print(f"  CRS grade {c['grade']} at +{c['hour']:g} h: {c['criterion']}  [{', '.join(c['evidence'][:3])}]")

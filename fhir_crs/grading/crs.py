@@ -113,8 +113,8 @@ class CrsGrader:
                             if masked:
                                 self.used("masking_drug_classes")
                                 met = [*met, Criterion(t, g, "fever not required: anti-cytokine/antipyretic/steroid given after CRS onset", frefs, ("masking_drug_classes",))]
-                    elif not ok and top > 1:
-                        ep.flags.append("afebrile_component_in_episode") if "afebrile_component_in_episode" not in ep.flags else None
+                    elif not ok and top > 1 and "afebrile_component_in_episode" not in ep.flags:
+                        ep.flags.append("afebrile_component_in_episode")
                 if g > best:
                     best, best_t = g, t
                     if g == 1 and not met:

@@ -1,0 +1,274 @@
+"""Stage 4 (adjacent syndromes, reported beside CRS/ICANS, grading-criteria §11):
+
+* carHLH (CARTOX, §7.3): peak ferritin > 10,000 ng/mL within the CRS phase (first 5 days) and
+  subsequently any two of: grade >= 3 bilirubin/AST/ALT, grade >= 3 creatinine, grade >= 3
+  pulmonary oedema, haemophagocytosis.
+* IEC-HS screen (Hines 2023, [P]): hyperferritinaemia (> 2x day-0 baseline or ULN) together with
+  hypofibrinogenaemia, transaminases > 5x ULN, new cytopenia after count recovery,
+  hypertriglyceridaemia, LDH > ULN or haemophagocytosis; a provisional grade from the treatment
+  it needed. A screen, flagged for review, not a diagnosis.
+* ICAHT (Rejeski 2023, the published R implementation's approach, §11.3): early grade from the
+  longest run of ANC <= 500 and <= 100 /uL in days 0-30 (lowest value per day, gaps up to 7 days
+  interpolated and flagged, runs separated by < 3 days above 500 joined); late grade from the
+  second-lowest ANC after day +30 (>= 2 values, non-transient).
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta
+from typing import Any
+
+from ..settings import GradingSettings
+from ..timeline import CaseTimeline
+from .organ import grade_lab
+from .result import iso
+
+H = timedelta(hours=1)
+DAY = timedelta(days=1)
+
+
+def _day(tl: CaseTimeline, t: datetime) -> int:
+    return int((t - tl.infusion) // DAY)
+
+
+def carhlh(tl: CaseTimeline, s: GradingSettings) -> dict[str, Any]:
+    flags: list[str] = []
+    evidence: list[str] = []
+    criteria: list[str] = []
+    window_end = tl.infusion + timedelta(days=s.carhlh_window_days)
+    ferritin = [m for m in tl.labs.get("ferritin", []) if tl.infusion <= m.time <= window_end]
+    peak = max(ferritin, key=lambda m: m.value, default=None)
+    out: dict[str, Any] = {"met": False, "onset": None, "criteria": criteria, "flags": flags, "evidence": evidence}
+    if not tl.labs.get("ferritin"):
+        flags.append("no_ferritin")
+        return out
+    if peak is None or peak.value <= s.carhlh_ferritin:
+        if peak is not None:
+            criteria.append(f"peak ferritin {peak.value:,.0f} ng/mL in days 0-{s.carhlh_window_days:g} (not > {s.carhlh_ferritin:,.0f})")
+        return out
+    criteria.append(f"ferritin {peak.value:,.0f} ng/mL > {s.carhlh_ferritin:,.0f} on day {_day(tl, peak.time)}")
+    evidence.append(peak.ref)
+    hits: list[tuple[datetime, str, str]] = []
+    first_high = min((m for m in ferritin if m.value > s.carhlh_ferritin), key=lambda m: m.time)
+    for lab in ("bilirubin", "ast", "alt", "creatinine"):
+        for m in tl.labs.get(lab, []):
+            if m.time >= first_high.time:
+                g = grade_lab(tl, lab, m, s)
+                if g.grade >= 3:
+                    name = "creatinine" if lab == "creatinine" else "liver"
+                    hits.append((m.time, name, g.text))
+                    break
+    for f in tl.findings_of("hemophagocytosis"):
+        if f.detail == "present" and f.time >= tl.infusion:
+            hits.append((f.time, "hemophagocytosis", f"hemophagocytosis ({f.text or 'present'})"))
+            break
+    hits.sort()
+    seen: dict[str, tuple[datetime, str]] = {}
+    for t, name, text in hits:
+        seen.setdefault(name, (t, text))
+    ordered = sorted(seen.values())
+    for t, text in ordered:
+        criteria.append(f"{text} on day {_day(tl, t)}")
+    refs = {t: r for t, r in ((m.time, m.ref) for lab in ("bilirubin", "ast", "alt", "creatinine") for m in tl.labs.get(lab, []))}
+    refs.update({f.time: f.ref for f in tl.findings_of("hemophagocytosis")})
+    evidence.extend(refs[t] for t, _ in ordered if t in refs)
+    flags.append("pulmonary_edema_and_oliguria_not_evaluated")
+    if len(ordered) >= 2:
+        out["met"] = True
+        out["onset"] = iso(ordered[1][0])
+    return out
+
+
+def iec_hs(tl: CaseTimeline, s: GradingSettings, crs_resolved: datetime | None) -> dict[str, Any]:
+    flags: list[str] = []
+    evidence: list[str] = []
+    out: dict[str, Any] = {"suspected": False, "onset": None, "criteria": [], "flags": flags, "evidence": evidence, "grade": None}
+    labs = tl.labs
+    ferr_all = labs.get("ferritin", [])
+    base = [m for m in ferr_all if m.time <= tl.infusion + 12 * H]
+    base_v = base[-1].value if base else None
+    manifest: list[tuple[datetime, str, str, str]] = []  # time, kind, text, ref
+    for m in ferr_all:
+        if m.time <= tl.infusion + 12 * H:
+            continue
+        ref_v = base_v if base_v else (m.uln or s.uln_ferritin)
+        what = "baseline" if base_v else "ULN"
+        if m.value > s.iec_hs_ferritin_factor * ref_v:
+            manifest.append((m.time, "ferritin", f"ferritin {m.value:,.0f} ng/mL > {s.iec_hs_ferritin_factor:g}x {what} ({ref_v:,.0f})", m.ref))
+    for m in labs.get("fibrinogen", []):
+        if m.time > tl.infusion and m.value < (m.lln or s.fibrinogen_low):
+            manifest.append((m.time, "fibrinogen", f"fibrinogen {m.value:g} mg/dL < {m.lln or s.fibrinogen_low:g}", m.ref))
+    for lab in ("alt", "ast"):
+        for m in labs.get(lab, []):
+            uln = m.uln or (s.uln_alt if lab == "alt" else s.uln_ast)
+            if m.time > tl.infusion and m.value > s.iec_hs_transaminase_factor * uln:
+                manifest.append((m.time, "transaminases", f"{lab.upper()} {m.value:g} U/L > {s.iec_hs_transaminase_factor:g}x ULN", m.ref))
+    for m in labs.get("triglycerides", []):
+        if m.time > tl.infusion and m.value > s.iec_hs_tg_mg_dl:
+            manifest.append((m.time, "triglycerides", f"triglycerides {m.value:g} mg/dL > {s.iec_hs_tg_mg_dl:g}", m.ref))
+    for m in labs.get("ldh", []):
+        if m.time > tl.infusion and m.uln and m.value > m.uln:
+            manifest.append((m.time, "ldh", f"LDH {m.value:g} U/L > ULN {m.uln:g}", m.ref))
+    anc = sorted(labs.get("anc", []), key=lambda m: m.time)
+    recovered = False
+    for m in anc:
+        if m.time <= tl.infusion:
+            continue
+        if m.value > 500:
+            recovered = True
+        elif recovered:
+            manifest.append((m.time, "cytopenia", f"ANC re-fall to {m.value:g}/uL after recovery", m.ref))
+            recovered = False
+    for f in tl.findings_of("hemophagocytosis"):
+        if f.detail == "present" and f.time >= tl.infusion:
+            manifest.append((f.time, "hemophagocytosis", "hemophagocytosis", f.ref))
+    manifest.sort()
+    window = timedelta(hours=s.iec_hs_window_h)
+    onset = None
+    for t, kind, _, _ in manifest:
+        if kind == "ferritin":
+            others = [x for x in manifest if x[1] != "ferritin" and abs(x[0] - t) <= window]
+            if others:
+                onset = max(t, min(o[0] for o in others))
+                break
+        else:
+            fer = [x for x in manifest if x[1] == "ferritin" and abs(x[0] - t) <= window]
+            if fer:
+                onset = max(t, min(f[0] for f in fer))
+                break
+    if manifest and onset is None:
+        flags.append("iec_hs_screen")  # isolated manifestation: review
+    if onset is not None:
+        picture = [x for x in manifest if abs(x[0] - onset) <= window or x[0] >= onset]
+        out["suspected"] = True
+        out["onset"] = iso(onset)
+        flags.extend(["iec_hs_screen", "adjudicate"])
+        if crs_resolved is not None and onset > crs_resolved:
+            flags.append("after_crs_resolution")
+        kinds = []
+        for t, kind, text, ref in picture:
+            if kind not in kinds:
+                kinds.append(kind)
+                out["criteria"].append(f"{text} (day {_day(tl, t)})")
+            if ref not in evidence:
+                evidence.append(ref)
+        lo = onset - window
+        # IEC-HS-directed therapy: anti-cytokine agents, or steroids once CRS had resolved.
+        directed = [
+            d for d in tl.drugs
+            if d.start >= lo and (
+                d.drug_class == "anti_cytokine"
+                or (d.drug_class == "corticosteroid" and (crs_resolved is None or d.start > crs_resolved))
+            )
+        ]
+        transfused = [d for d in tl.drugs if d.start >= lo and d.drug_class == "blood_product"]
+        severe = [p for p in tl.procedures if p.start >= lo and p.kind in ("intubation", "invasive_ventilation", "blood_purification")]
+        grade = 1
+        if directed or transfused:
+            grade = 2
+        if directed and transfused:
+            grade = 3
+        if severe:
+            grade = 4
+        if tl.deceased is not None and tl.deceased >= onset:
+            grade = 5
+        out["grade"] = grade
+        flags.append("iec_hs_grade_provisional")
+        for d in [*directed, *transfused]:
+            if d.ref not in evidence:
+                evidence.append(d.ref)
+    elif manifest:
+        for t, kind, text, ref in manifest[:5]:
+            out["criteria"].append(f"{text} (day {_day(tl, t)})")
+            evidence.append(ref)
+    return out
+
+
+def _daily_anc(tl: CaseTimeline, last_day: int) -> dict[int, tuple[float, str]]:
+    days: dict[int, tuple[float, str]] = {}
+    for m in tl.labs.get("anc", []):
+        d = _day(tl, m.time)
+        if 0 <= d <= last_day and (d not in days or m.value < days[d][0]):
+            days[d] = (m.value, m.ref)
+    return days
+
+
+def icaht(tl: CaseTimeline, s: GradingSettings) -> dict[str, Any]:
+    flags: list[str] = []
+    evidence: list[str] = []
+    out: dict[str, Any] = {"early_grade": None, "late_grade": None, "neutropenia_days": None, "flags": flags, "evidence": evidence}
+    daily = _daily_anc(tl, 30)
+    if not daily:
+        flags.append("no_anc_days_0_30")
+    else:
+        series: dict[int, float] = {d: v for d, (v, _) in daily.items()}
+        known = sorted(series)
+        interpolated = set()
+        for a, b in zip(known, known[1:], strict=False):
+            gap = b - a - 1
+            if 0 < gap <= s.icaht_interpolate_max_days:
+                for k in range(1, gap + 1):
+                    series[a + k] = series[a] + (series[b] - series[a]) * k / (b - a)
+                    interpolated.add(a + k)
+        days = sorted(series)
+        last = days[-1]
+
+        def runs(limit: float) -> list[tuple[int, int]]:
+            """Neutropenic runs (inclusive days), joining gaps shorter than stable recovery."""
+            raw: list[list[int]] = []
+            for d in days:
+                if series[d] <= limit:
+                    if raw and d == raw[-1][1] + 1:
+                        raw[-1][1] = d
+                    else:
+                        raw.append([d, d])
+            joined: list[list[int]] = []
+            for r in raw:
+                if joined and r[0] - joined[-1][1] - 1 < s.icaht_recovery_days:
+                    joined[-1][1] = r[1]
+                else:
+                    joined.append(r)
+            return [(a, b) for a, b in joined]
+
+        r500, r100 = runs(500), runs(100)
+        longest500 = max((b - a + 1 for a, b in r500), default=0)
+        longest100 = max((b - a + 1 for a, b in r100), default=0)
+        out["neutropenia_days"] = longest500
+        g = 0
+        if longest500:
+            g = 1 if longest500 < 7 else 2 if longest500 < 14 else 3
+        if longest100 >= 7:
+            g = max(g, 3)
+        if longest100 >= 14:
+            g = 4
+        never_recovered = any(a <= 3 and b == last for a, b in r500)
+        if never_recovered and (last >= 30 or (tl.deceased is not None and _day(tl, tl.deceased) <= last + 1)):
+            g = 4
+            flags.append("never_recovered")
+        elif never_recovered and last < 30:
+            flags.append("follow_up_ends_neutropenic")
+        out["early_grade"] = g
+        if interpolated and any(a <= d <= b for d in interpolated for a, b in r500):
+            flags.append("anc_interpolated")
+        nadir = min(daily.items(), key=lambda kv: kv[1][0])
+        evidence.append(nadir[1][1])
+        for a, b in r500[:3]:
+            for d in (a, b):
+                if d in daily and daily[d][1] not in evidence:
+                    evidence.append(daily[d][1])
+    late = sorted((m for m in tl.labs.get("anc", []) if 30 < _day(tl, m.time) <= s.icaht_late_end_day), key=lambda m: m.value)
+    if late:
+        if len(late) < 2:
+            out["late_grade"] = 0
+            flags.append("late_single_value")
+        else:
+            v = late[1].value  # >= 2 values at or below the threshold (non-transient)
+            out["late_grade"] = 4 if v <= 100 else 3 if v <= 500 else 2 if v <= 1000 else 1 if v <= 1500 else 0
+            if out["late_grade"]:
+                evidence.extend(m.ref for m in late[:2] if m.ref not in evidence)
+    return out
+
+
+def adjacent(tl: CaseTimeline, s: GradingSettings, crs_resolved: datetime | None) -> dict[str, Any]:
+    return {"carhlh": carhlh(tl, s), "iec_hs": iec_hs(tl, s, crs_resolved), "icaht": icaht(tl, s)}
+

@@ -1,0 +1,133 @@
+"""Stage 4 (neurotoxicity, comparison system): CARTOX CRES (Neelapu 2018; grading-criteria §7.2).
+
+CARTOX-10 bands (7-9 / 3-6 / 0-2 / cannot be assessed), raised ICP (any cerebral oedema = 4),
+seizures (partial 3; generalized or status 4) and new motor weakness (4); no
+level-of-consciousness row. Where no CARTOX-10 is charted the ICE score stands in (they differ
+by one item; flagged). Children under the ICE age use CAPD bands (PedsCARTOX neuro; Mahadeo's
+exact mapping was not verified — flagged).
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta
+
+from ..events import Finding, Measurement
+from ..settings import GradingSettings
+from ..timeline import CaseTimeline
+from .icans import Assessment
+from .result import Criterion, EpisodeResult, SystemResult
+
+H = timedelta(hours=1)
+
+
+def grade_cres(tl: CaseTimeline, s: GradingSettings) -> SystemResult:
+    res = SystemResult("cartox_cres")
+    measures = [m for m in tl.neuro if isinstance(m, Measurement) and m.time >= tl.infusion]
+    kinds = {m.kind for m in measures}
+    child = tl.age_years is not None and tl.age_years < s.ice_min_age_years
+    if "cartox10_score" in kinds:
+        score = "cartox10_score"
+    elif child and "capd_score" in kinds:
+        score = "capd_score"
+        res.flag("cres_capd_mapping_unverified")
+    elif "ice_score" in kinds:
+        score = "ice_score"
+        res.flag("cres_from_ice")
+    else:
+        score = "capd_score" if "capd_score" in kinds else "cartox10_score"
+    capd_base = 0.0
+    pre = [m for m in tl.neuro if isinstance(m, Measurement) and m.kind == "capd_score" and m.time < tl.infusion]
+    if pre:
+        capd_base = pre[-1].value
+    ich = [f for f in tl.findings if f.kind == "intracranial_hemorrhage" and f.detail == "present"]
+    points: dict[datetime, Assessment] = {}
+
+    def at(t: datetime) -> Assessment:
+        return points.setdefault(t, Assessment(t))
+
+    for e in tl.neuro:
+        t = e.time
+        if t < tl.infusion:
+            continue
+        sedated = any(a <= t <= b for a, b, _ in tl.sedation)
+        if isinstance(e, Measurement) and e.kind == score:
+            if sedated:
+                res.flag("sedation_confounded")
+                continue
+            v = e.value
+            a = at(t)
+            if score == "capd_score":
+                if v <= capd_base or v < 1:
+                    a.normal_primary = True
+                elif v >= s.capd_delirium:
+                    a.criteria.append(Criterion(t, 3, f"CAPD {v:g} (>= {s.capd_delirium:g})", [e.ref]))
+                else:
+                    a.criteria.append(Criterion(t, 1, f"CAPD {v:g}", [e.ref]))
+            else:
+                label = "CARTOX-10" if score == "cartox10_score" else "ICE (as CARTOX-10)"
+                if v >= 10:
+                    a.normal_primary = True
+                elif v >= 7:
+                    a.criteria.append(Criterion(t, 1, f"{label} {v:g} (7-9)", [e.ref]))
+                elif v >= 3:
+                    a.criteria.append(Criterion(t, 2, f"{label} {v:g} (3-6)", [e.ref]))
+                else:
+                    a.criteria.append(Criterion(t, 3, f"{label} {v:g} (0-2)", [e.ref]))
+        elif isinstance(e, Finding):
+            if e.kind.startswith("unable_") and not sedated:
+                at(t).criteria.append(Criterion(t, 4, "cannot perform the assessment (critical/obtunded)", [e.ref]))
+            elif e.kind == "consciousness" and e.detail == "unarousable" and not sedated:
+                at(t).criteria.append(Criterion(t, 4, "obtunded, cannot perform CARTOX-10", [e.ref]))
+            elif e.kind == "seizure" and e.detail != "absent":
+                if e.detail in ("focal", "nonconvulsive", "unspecified"):
+                    at(t).criteria.append(Criterion(t, 3, f"partial / non-convulsive seizure ({e.text or e.detail})", [e.ref]))
+                else:
+                    at(t).criteria.append(Criterion(t, 4, f"generalized seizure or status epilepticus ({e.text or e.detail})", [e.ref]))
+            elif e.kind == "motor_weakness" and e.detail == "present":
+                at(t).criteria.append(Criterion(t, 4, f"new motor weakness ({e.text})", [e.ref]))
+            elif e.kind == "icp_sign" and e.detail == "present":
+                g = 3 if "stage 1" in e.text.lower() or "stage 2" in e.text.lower() else 4
+                at(t).criteria.append(Criterion(t, g, f"raised ICP ({e.text})", [e.ref]))
+            elif e.kind == "cerebral_edema" and e.detail != "absent":
+                if e.detail == "hemorrhagic" or any(abs(f.time - t) <= 24 * H for f in ich):
+                    res.flag("intracranial_hemorrhage_excluded")
+                    continue
+                at(t).criteria.append(Criterion(t, 4, f"cerebral edema ({e.text})", [e.ref]))
+    ordered = [points[t] for t in sorted(points)]
+    clear = timedelta(hours=s.icans_resolution_clear_h)
+    episodes: list[EpisodeResult] = []
+    i = 0
+    while i < len(ordered):
+        if ordered[i].grade == 0:
+            i += 1
+            continue
+        onset, best, best_t, trail, resolved = ordered[i].time, 0, None, [], None
+        j = i
+        while j < len(ordered):
+            p = ordered[j]
+            if p.grade > best:
+                best, best_t = p.grade, p.time
+                trail.extend(c for c in p.criteria if c.grade == p.grade)
+            if p.grade == 0 and p.normal_primary and not any(q.grade > 0 for q in ordered[j + 1:] if q.time <= p.time + clear):
+                resolved = p.time
+                break
+            j += 1
+        episodes.append(EpisodeResult(onset, resolved, best, best_t, True, [], trail))
+        if resolved is None:
+            break
+        i = next((k for k in range(j, len(ordered)) if ordered[k].time > resolved and ordered[k].grade > 0), len(ordered))
+    res.episodes = episodes
+    if episodes:
+        res.settings_used.update({"icans_resolution_clear_h", "ice_min_age_years"})
+        res.grade = max(e.grade for e in episodes)
+        res.onset, res.resolved = episodes[0].onset, episodes[-1].resolved
+        first = next(e for e in episodes if e.grade == res.grade)
+        res.max_at = first.max_at
+        if episodes[0].criteria:
+            res.cite(episodes[0].criteria[0].refs)
+        for e in episodes:
+            res.criteria.extend(e.criteria)
+        for c in first.criteria:
+            if c.grade == res.grade:
+                res.cite(c.refs)
+    return res

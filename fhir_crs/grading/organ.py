@@ -1,0 +1,86 @@
+"""CTCAE v5.0 grades of the organ-toxicity labs the older CRS systems use (grading-criteria §1.6):
+creatinine (vs pre-infusion baseline and ULN), AST/ALT and total bilirubin (x ULN)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+
+from ..events import Measurement
+from ..settings import GradingSettings
+from ..timeline import CaseTimeline
+
+ORGAN_LABS = ("creatinine", "ast", "alt", "bilirubin")
+
+
+@dataclass(frozen=True, slots=True)
+class OrganGrade:
+    lab: str
+    grade: int
+    time: datetime
+    ref: str
+    text: str
+
+    @property
+    def transaminitis(self) -> bool:
+        return self.lab in ("ast", "alt")
+
+
+def uln_for(tl: CaseTimeline, lab: str, m: Measurement, s: GradingSettings) -> float:
+    if m.uln:
+        return m.uln
+    if lab == "creatinine":
+        return s.uln_creatinine_child if tl.pediatric else s.uln_creatinine
+    return {"ast": s.uln_ast, "alt": s.uln_alt, "bilirubin": s.uln_bilirubin}[lab]
+
+
+def baseline(tl: CaseTimeline, lab: str) -> float | None:
+    pre = [m for m in tl.labs.get(lab, []) if m.time <= tl.infusion]
+    return pre[-1].value if pre else None
+
+
+def grade_lab(tl: CaseTimeline, lab: str, m: Measurement, s: GradingSettings) -> OrganGrade:
+    uln = uln_for(tl, lab, m, s)
+    x = m.value / uln if uln else 0.0
+    if lab == "creatinine":
+        base = baseline(tl, lab)
+        xb = m.value / base if base else 0.0
+        if x > 6:
+            g = 4
+        elif xb > 3 or x > 3:
+            g = 3
+        elif xb > 1.5 or x > 1.5:
+            g = 2
+        elif x > 1:
+            g = 1
+        else:
+            g = 0
+        text = f"creatinine {m.value:g} mg/dL ({x:.1f}x ULN" + (f", {xb:.2f}x baseline" if base else "") + f"): CTCAE grade {g}"
+    elif lab in ("ast", "alt"):
+        g = 4 if x > 20 else 3 if x > 5 else 2 if x > 3 else 1 if x > 1 else 0
+        text = f"{lab.upper()} {m.value:g} U/L ({x:.1f}x ULN): CTCAE grade {g}"
+    else:
+        g = 4 if x > 10 else 3 if x > 3 else 2 if x > 1.5 else 1 if x > 1 else 0
+        text = f"bilirubin {m.value:g} mg/dL ({x:.1f}x ULN): CTCAE grade {g}"
+    return OrganGrade(lab, g, m.time, m.ref, text)
+
+
+def organ_series(tl: CaseTimeline, s: GradingSettings) -> list[OrganGrade]:
+    """Every post-infusion organ lab with its CTCAE grade, in time order."""
+    out = []
+    for lab in ORGAN_LABS:
+        for m in tl.labs.get(lab, []):
+            if m.time >= tl.infusion:
+                out.append(grade_lab(tl, lab, m, s))
+    return sorted(out, key=lambda o: o.time)
+
+
+def organ_abnormal_intervals(series: list[OrganGrade], min_grade: int = 2) -> list[tuple[datetime, datetime | None, list[str]]]:
+    """[lab >= min_grade, next value of the same lab <= grade 1) — open if it never improves."""
+    out = []
+    for i, o in enumerate(series):
+        if o.grade < min_grade:
+            continue
+        nxt = next((p.time for p in series[i + 1:] if p.lab == o.lab and p.grade < min_grade), None)
+        out.append((o.time, nxt, [o.ref]))
+    return out

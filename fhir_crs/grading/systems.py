@@ -1,0 +1,357 @@
+"""Stage 4 (CRS, legacy/comparison systems): Lee 2014, Penn (Porter 2018), MSKCC (Park 2018),
+CARTOX (Neelapu 2018) / PedsCARTOX (Mahadeo 2019) and CTCAE v5.0, rule by rule from
+grading-criteria §§4-9 and the cross-system matrix of §10. Same episodes, evidence and flags as
+ASTCT (crs.py); what differs is `components()` — FiO2 instead of device, vasopressor dose and
+duration, organ toxicity — and, for the organ-toxicity systems, what delays resolution.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from datetime import datetime, timedelta
+
+from ..settings import GradingSettings
+from ..timeline import CaseTimeline, Support
+from .crs import CrsGrader
+from .episodes import Episode
+from .organ import OrganGrade, grade_lab, organ_abnormal_intervals, organ_series
+from .result import Criterion
+from .vasoactive import (
+    cumulative_pressor_time, dose_states, multi_pressor_intervals, refractory_times, sustained_high_dose,
+)
+
+H = timedelta(hours=1)
+
+
+class LegacyCrs(CrsGrader):
+    """Shared machinery of the FiO2/dose/organ-based systems."""
+
+    organ_based = False  # organ toxicity is a grading criterion (and must settle before resolution)
+    vent_grade = 4
+    niv_grade: int | None = None  # systems that grade CPAP/BiPAP explicitly (Penn, PedsCARTOX: 3)
+
+    def __init__(self, tl: CaseTimeline, s: GradingSettings):
+        super().__init__(tl, s)
+        self.states, dose_flags = dose_states(tl, s)
+        self.sustained = sustained_high_dose(self.states, s)
+        self.refractory = refractory_times(tl, self.states, s)
+        self.multi = multi_pressor_intervals(tl, s, include_vasopressin=True)
+        self.dose_flags = dose_flags
+        self.organs = [o for o in organ_series(tl, s) if not self._baseline_abnormal(o.lab)] if self.organ_based else []
+
+    def _baseline_abnormal(self, lab: str) -> bool:
+        pre = [m for m in self.tl.labs.get(lab, []) if m.time <= self.tl.infusion]
+        if pre and grade_lab(self.tl, lab, pre[-1], self.s).grade >= 2 and lab != "creatinine":
+            self.result.flag("organ_baseline_abnormal")
+            return True
+        return False
+
+    def change_points(self) -> Iterable[datetime]:
+        yield from super().change_points()
+        yield from (t for t, _, _ in self.sustained)
+        yield from (t for t, _ in self.refractory)
+        yield from (m[0] for m in self.multi)
+        yield from (o.time for o in self.organs)
+
+    def extra_abnormal(self) -> list[tuple[datetime, datetime | None, list[str]]]:
+        return organ_abnormal_intervals(self.organs) if self.organ_based else []
+
+    # -- components shared by several systems ---------------------------------------------
+    def hypoxia(self, t: datetime, ep: Episode) -> list[Criterion]:
+        out = []
+        for g in self.tl.support:
+            if g.start <= t < g.end:
+                c = self.fio2_criterion(t, g, ep)
+                if c is not None:
+                    out.append(c)
+        return out
+
+    def fio2_criterion(self, t: datetime, g: Support, ep: Episode) -> Criterion | None:
+        s = self.s
+        if g.home:
+            if ep.contains(g.start, self.tl):
+                self.result.flag("home_baseline_excluded")
+            return None
+        if g.ppv and not g.attributed:
+            if ep.contains(g.start, self.tl):
+                self.result.flag("ppv_not_attributed")
+            return None
+        if g.device == "invasive_ventilation":
+            return Criterion(t, self.vent_grade, "invasive mechanical ventilation", g.refs, ("ppv_hypoxia_lookback_h",))
+        if g.ppv and self.niv_grade is not None:
+            return Criterion(t, self.niv_grade, f"{g.device.replace('_', ' ')} (positive pressure)", g.refs, ("ppv_hypoxia_lookback_h",))
+        fio2, estimated = g.fio2_estimate()
+        flags: tuple[str, ...] = ("niv_ambiguity",) if g.ppv else ()
+        if fio2 is None:
+            flags += ("fio2_unknown",) + (("missing_flow",) if g.device == "nasal_cannula" else ())
+            return Criterion(t, 2, f"supplemental O2 ({g.device.replace('_', ' ')}), FiO2 not charted: < {s.fio2_cut:g} % assumed", g.refs, ("fio2_cut",), flags)
+        if estimated:
+            flags += ("estimated_fio2",)
+        how = "estimated" if estimated else "documented"
+        grade = 3 if round(fio2, 1) >= s.fio2_cut else 2
+        rel = ">=" if grade == 3 else "<"
+        return Criterion(t, grade, f"O2 by {g.device.replace('_', ' ')}, FiO2 {fio2:.0f} % ({how}) {rel} {s.fio2_cut:g} %", g.refs, ("fio2_cut",), flags)
+
+    def any_o2(self, t: datetime, ep: Episode, grade: int) -> list[Criterion]:
+        """Penn: any supplemental oxygen (incl. CPAP/BiPAP) is `grade`; invasive ventilation 4."""
+        out = []
+        for g in self.tl.support:
+            if not (g.start <= t < g.end):
+                continue
+            if g.home or (g.ppv and not g.attributed):
+                if ep.contains(g.start, self.tl):
+                    self.result.flag("home_baseline_excluded" if g.home else "ppv_not_attributed")
+                continue
+            if g.device == "invasive_ventilation":
+                out.append(Criterion(t, 4, "mechanical ventilation", g.refs))
+            else:
+                out.append(Criterion(t, grade, f"supplemental oxygen ({g.device.replace('_', ' ')})", g.refs))
+        return out
+
+    def hypotension_event(self, t: datetime, grade: int) -> list[Criterion]:
+        return [Criterion(t, grade, f"hypotension SBP {h.sbp:g} < {h.threshold:g} mmHg ({h.how})", h.refs, ("hypotension_confirm_window_min",))
+                for h in self.tl.hypotension if h.time == t]
+
+    def single_pressor(self, t: datetime, grade: int, text: str = "vasopressor (low dose)") -> list[Criterion]:
+        running = [c for c in self.tl.pressors if c.start <= t < c.end]
+        if not running:
+            return []
+        return [Criterion(t, grade, f"{text}: " + ", ".join(sorted({c.drug for c in running})), [c.refs[0] for c in running], ("vasopressor_min_duration_min",))]
+
+    def multiple_pressors(self, t: datetime, grade: int, note: str) -> list[Criterion]:
+        out = []
+        for start, end, k, refs in self.multi:
+            if start <= t < end:
+                flags = ("vasopressin_counted",) if note else ()
+                out.append(Criterion(t, grade, f"{k} vasopressors concurrently{note}", refs, ("vasopressor_overlap_min",), flags))
+        return out
+
+    def high_dose(self, t: datetime, grade: int) -> list[Criterion]:
+        out = []
+        for t_hd, text, refs in self.sustained:
+            if t_hd == t or (t_hd <= t and any(c.start <= t < c.end for c in self.tl.pressors) and self._still_high(t)):
+                out.append(Criterion(t, grade, f"high-dose vasopressors held >= {self.s.high_dose_min_hours:g} h ({text})", refs,
+                                     ("high_dose_min_hours",), tuple(sorted(self.dose_flags & {"pediatric_high_dose", "dosing_weight_unknown"}))))
+                break
+        return out
+
+    def _still_high(self, t: datetime) -> bool:
+        from .vasoactive import is_high_dose
+
+        return any(st.start <= t < st.end and is_high_dose(st.doses, self.s)[0] for st in self.states)
+
+    def refractory_hypotension(self, t: datetime, grade: int, text: str) -> list[Criterion]:
+        return [Criterion(t, grade, text, refs, ("refractory_hypotension_min",)) for tr, refs in self.refractory if tr == t]
+
+    def organ(self, t: datetime, ep: Episode, lee_style: bool = True) -> list[Criterion]:
+        """Latest value of each organ lab at t, graded per CTCAE; Lee/CARTOX mapping by default."""
+        latest: dict[str, OrganGrade] = {}
+        for o in self.organs:
+            if o.time <= t and o.time >= ep.onset - 24 * H:
+                latest[o.lab] = o
+        out = []
+        for o in latest.values():
+            if o.grade < 2:
+                continue
+            if lee_style:
+                g = 3 if (o.grade == 4 and o.transaminitis) else o.grade
+            else:  # Penn: grade 2 creatinine or grade 3 LFTs -> 2; grade 4 LFTs or grade 3 creatinine -> 3
+                if o.lab == "creatinine":
+                    g = 3 if o.grade >= 3 else 2
+                else:
+                    g = 3 if o.grade >= 4 else 2 if o.grade >= 3 else 0
+            if g >= 2:
+                out.append(Criterion(t, g, "organ toxicity: " + o.text, [o.ref], ("uln_alt", "uln_ast", "uln_creatinine")))
+        return out
+
+
+class Lee2014(LegacyCrs):
+    """Lee DW et al., Blood 2014 (grading-criteria §4)."""
+
+    name = "lee2014"
+    organ_based = True
+
+    def components(self, t: datetime, ep: Episode) -> list[Criterion]:
+        return [
+            *self.hypotension_event(t, 2), *self.single_pressor(t, 2),
+            *self.multiple_pressors(t, 3, " (vasopressin counts)"), *self.high_dose(t, 3),
+            *self.hypoxia(t, ep), *self.organ(t, ep),
+        ]
+
+
+class Penn(LegacyCrs):
+    """Penn / UPenn scale, Porter D et al. 2018 (grading-criteria §5)."""
+
+    name = "penn"
+    organ_based = True
+    niv_grade = 3
+
+    def __init__(self, tl: CaseTimeline, s: GradingSettings):
+        super().__init__(tl, s)
+        thr = tl.sbp_threshold(s)
+        self.bp_boluses = [b for b in tl.boluses if any(b.start - H <= m.time <= b.start and m.value < thr and not tl.in_window(m.time) for m in tl.sbp)]
+        self.coag = [d for d in tl.drugs if d.drug_class == "blood_product"] + [p for p in tl.procedures if p.kind == "transfusion_cryo"]
+        self.iv_therapy = [d for d in tl.drugs if d.drug_class in s.penn_iv_therapy_classes]
+
+    def change_points(self) -> Iterable[datetime]:
+        yield from super().change_points()
+        yield from (b.start for b in self.bp_boluses)
+        yield from (c.start for c in self.coag)
+        yield from (d.start for d in self.iv_therapy)
+
+    def extra_abnormal(self) -> list[tuple[datetime, datetime | None, list[str]]]:
+        out = super().extra_abnormal()
+        fib = self.tl.labs.get("fibrinogen", [])
+        for c in self.coag:
+            recovered = next((m.time for m in fib if m.time > c.start and m.value >= self.s.fibrinogen_low), None)
+            out.append((c.start, recovered or c.start, [c.ref]))
+        return out
+
+    def _anc_at(self, t: datetime) -> float | None:
+        anc = self.tl.labs.get("anc", [])
+        before = [m for m in anc if t - 48 * H <= m.time <= t]
+        if before:
+            return before[-1].value
+        after = [m for m in anc if t < m.time <= t + 24 * H]
+        return after[0].value if after else None
+
+    def components(self, t: datetime, ep: Episode) -> list[Criterion]:
+        s, out = self.s, []
+        for d in self.iv_therapy:
+            if d.start != t or not ep.contains(t, self.tl):
+                continue
+            if d.drug_class == "iv_antibiotic":
+                anc = self._anc_at(t)
+                if d.route in ("IV", "") and anc is not None and anc < s.neutropenia_anc:
+                    out.append(Criterion(t, 2, f"neutropenic fever (ANC {anc:g}/uL) treated with IV {d.drug}", [d.ref], ("penn_iv_therapy_classes", "neutropenia_anc")))
+            elif d.route in ("IV", ""):
+                out.append(Criterion(t, 2, f"IV therapy for CRS ({d.drug})", [d.ref], ("penn_iv_therapy_classes",)))
+        in_ep = [b for b in self.bp_boluses if ep.onset - H <= b.start <= t and ep.contains(b.start, self.tl)]
+        if in_ep and in_ep[-1].start == t:
+            if len(in_ep) >= 2:
+                out.append(Criterion(t, 3, f"hypotension treated with multiple fluid boluses ({len(in_ep)})", [b.ref for b in in_ep], ("bolus_min_ml",)))
+            else:
+                out.append(Criterion(t, 2, "hypotension treated with one fluid bolus", [in_ep[0].ref], ("bolus_min_ml",)))
+        out += self.single_pressor(t, 3, "hypotension treated with vasopressors")
+        out += self.high_dose(t, 4)
+        for c in self.coag:
+            if c.start == t and ep.contains(t, self.tl):
+                out.append(Criterion(t, 3, "coagulopathy requiring cryoprecipitate / FFP / fibrinogen", [c.ref]))
+        out += self.any_o2(t, ep, 3)
+        out += self.organ(t, ep, lee_style=False)
+        return out
+
+
+class Mskcc(LegacyCrs):
+    """MSKCC scale, Park JH et al. 2018 (grading-criteria §6)."""
+
+    name = "mskcc"
+
+    def __init__(self, tl: CaseTimeline, s: GradingSettings):
+        super().__init__(tl, s)
+        self._cum_cache: dict[datetime, tuple[datetime | None, list[str]]] = {}
+
+    def _pressor_24h_time(self, ep: Episode) -> tuple[datetime | None, list[str]]:
+        if ep.onset not in self._cum_cache:
+            need = timedelta(hours=self.s.mskcc_pressor_hours)
+            total = timedelta(0)
+            hit = None
+            for a, b in cumulative_pressor_time(self.tl, ep.onset - 24 * H, ep.end_bound(self.tl)):
+                if total + (b - a) >= need:
+                    hit = a + (need - total)
+                    break
+                total += b - a
+            refs = [c.refs[0] for c in self.tl.pressors]
+            self._cum_cache[ep.onset] = (hit, refs)
+        return self._cum_cache[ep.onset]
+
+    def change_points(self) -> Iterable[datetime]:
+        yield from super().change_points()
+        need = timedelta(hours=self.s.mskcc_pressor_hours)
+        total = timedelta(0)
+        for a, b in cumulative_pressor_time(self.tl, self.tl.infusion, self.tl.last_time or self.tl.infusion):
+            if total + (b - a) >= need:
+                yield a + (need - total)
+                break
+            total += b - a
+
+    def components(self, t: datetime, ep: Episode) -> list[Criterion]:
+        out = self.single_pressor(t, 2, "vasopressor (< 24 h)")
+        hit, refs = self._pressor_24h_time(ep)
+        if hit is not None and hit <= t:
+            out.append(Criterion(t, 3, f"vasopressors >= {self.s.mskcc_pressor_hours:g} h cumulative", refs, ("mskcc_pressor_hours",)))
+        out += self.refractory_hypotension(t, 4, "hypotension refractory to high-dose vasopressors")
+        out += self.hypoxia(t, ep)
+        return out
+
+
+class Cartox(LegacyCrs):
+    """CARTOX (Neelapu 2018) for adults, PedsCARTOX (Mahadeo 2019) for patients < 18 y
+    (grading-criteria §7.1, §8). The result says which variant was applied."""
+
+    name = "cartox"
+    organ_based = True
+
+    def __init__(self, tl: CaseTimeline, s: GradingSettings):
+        self.pediatric = tl.pediatric
+        self.niv_grade = 3 if self.pediatric else None
+        super().__init__(tl, s)
+        self.result.extra["variant"] = "pediatric" if self.pediatric else "adult"
+        if self.pediatric:
+            from .crs import concurrent_intervals
+            from .vasoactive import low_sbp_intervals
+
+            self.persistent: list[tuple[datetime, list[str]]] = []
+            need = timedelta(minutes=s.refractory_hypotension_min)
+            for la, lb, lrefs in low_sbp_intervals(tl, s):
+                for ma, mb, _, mrefs in concurrent_intervals(tl.pressors, timedelta(minutes=s.vasopressor_overlap_min)):
+                    a, b = max(la, ma), min(lb, mb)
+                    if b - a >= need:
+                        self.persistent.append((a + need, lrefs + mrefs))
+        if tl.age_years is None:
+            self.result.flag("age_unknown")
+
+    def change_points(self) -> Iterable[datetime]:
+        yield from super().change_points()
+        if self.pediatric:
+            yield from (t for t, _ in self.persistent)
+
+    def components(self, t: datetime, ep: Episode) -> list[Criterion]:
+        out = [*self.hypotension_event(t, 2), *self.single_pressor(t, 2)]
+        out += self.multiple_pressors(t, 3, " (vasopressin counts)")
+        out += self.high_dose(t, 3)
+        if self.pediatric:
+            out += [Criterion(t, 4, "persistent hypotension despite fluids and multiple vasopressors", refs, ("refractory_hypotension_min",))
+                    for tp, refs in self.persistent if tp == t]
+        else:
+            out += self.refractory_hypotension(t, 4, "life-threatening hypotension (refractory to high-dose vasopressors)")
+        out += self.hypoxia(t, ep)
+        out += self.organ(t, ep)
+        return out
+
+
+class Ctcae5(LegacyCrs):
+    """CTCAE v5.0 'Cytokine release syndrome' (grading-criteria §9)."""
+
+    name = "ctcae5"
+
+    def components(self, t: datetime, ep: Episode) -> list[Criterion]:
+        out = [*self.hypotension_event(t, 2), *self.single_pressor(t, 3, "hypotension managed with one pressor")]
+        out += self.multiple_pressors(t, 4, " (life-threatening; vasopressin counts)")
+        out += self.hypoxia(t, ep)
+        return out
+
+
+def _run(cls: type[CrsGrader]):
+    def grade(tl: CaseTimeline, s: GradingSettings):
+        return cls(tl, s).grade()
+
+    grade.__name__ = f"grade_{cls.name}"
+    return grade
+
+
+grade_lee2014 = _run(Lee2014)
+grade_penn = _run(Penn)
+grade_mskcc = _run(Mskcc)
+grade_cartox = _run(Cartox)
+grade_ctcae5 = _run(Ctcae5)

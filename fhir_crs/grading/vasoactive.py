@@ -1,0 +1,174 @@
+"""Vasopressor arithmetic for the dose-based systems (grading-criteria §1.4): per-drug dose over
+time, norepinephrine equivalents (VASST: NE + dopamine/2 + epinephrine + phenylephrine/10,
+ug/min; dopamine in ug/kg/min), Lee 2014 high-dose intervals, and refractory hypotension."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+from ..settings import GradingSettings
+from ..timeline import CaseTimeline
+
+H = timedelta(hours=1)
+
+
+@dataclass(frozen=True, slots=True)
+class DoseState:
+    start: datetime
+    end: datetime
+    doses: dict[str, float]  # drug -> ug/min (dopamine: ug/kg/min; vasopressin: U/min or 0 if unknown)
+    refs: tuple[str, ...]
+
+
+def _segment_dose(tl: CaseTimeline, drug: str, seg, s: GradingSettings) -> tuple[float | None, bool]:
+    """(dose in the unit the high-dose table uses, converted via reference weight?)"""
+    w = tl.weight_kg
+    if drug == "vasopressin":
+        return (seg.rate_u_min or 0.0), False
+    if drug == "dopamine":
+        if seg.rate_ug_kg_min is not None:
+            return seg.rate_ug_kg_min, False
+        if seg.rate_ug_min is not None and w:
+            return seg.rate_ug_min / w, False
+        return None, False
+    per_kg = seg.rate_ug_kg_min
+    if per_kg is None and seg.rate_ug_min is not None:
+        if not tl.pediatric:
+            return seg.rate_ug_min, False
+        per_kg = seg.rate_ug_min / w if w else None
+    if per_kg is None:
+        return None, False
+    if tl.pediatric:
+        return per_kg * s.pediatric_reference_weight_kg, True  # adult-equivalent [I]
+    if w:
+        return per_kg * w, False
+    return per_kg * s.pediatric_reference_weight_kg, True
+
+
+def dose_states(tl: CaseTimeline, s: GradingSettings) -> tuple[list[DoseState], set[str]]:
+    """Piecewise-constant doses of all counted vasopressor courses. Returns (states, flags)."""
+    flags: set[str] = set()
+    pieces: list[tuple[datetime, datetime, str, float | None, str]] = []
+    for c in tl.pressors:
+        segs = sorted(c.segments, key=lambda d: d.start)
+        for i, seg in enumerate(segs):
+            end = seg.end or (segs[i + 1].start if i + 1 < len(segs) else c.end)
+            dose, via_ref = _segment_dose(tl, c.drug, seg, s)
+            if via_ref:
+                flags.add("pediatric_high_dose" if tl.pediatric else "dosing_weight_unknown")
+            if dose is None:
+                flags.add("vasopressor_dose_unknown")
+            pieces.append((seg.start, end, c.drug, dose, seg.ref))
+    cuts = sorted({p[0] for p in pieces} | {p[1] for p in pieces})
+    states = []
+    for a, b in zip(cuts, cuts[1:], strict=False):
+        doses: dict[str, float] = {}
+        refs = []
+        unknown = False
+        for start, end, drug, dose, ref in pieces:
+            if start <= a < end:
+                if dose is None:
+                    unknown = True
+                    continue
+                doses[drug] = doses.get(drug, 0.0) + dose
+                refs.append(ref)
+        if doses or unknown:
+            states.append(DoseState(a, b, doses, tuple(refs)))
+    return states, flags
+
+
+def neeq(d: dict[str, float]) -> float:
+    return (d.get("norepinephrine", 0.0) + d.get("dopamine", 0.0) / 2 + d.get("epinephrine", 0.0)
+            + d.get("phenylephrine", 0.0) / 10)
+
+
+def is_high_dose(d: dict[str, float], s: GradingSettings) -> tuple[bool, str]:
+    agents = [k for k in d if k != "vasopressin"]
+    ne_eq = neeq(d)
+    if "vasopressin" in d:
+        return ne_eq >= s.high_dose_with_vasopressin_neeq, f"vasopressin + NE-equivalent {ne_eq:.1f} ug/min"
+    if len(agents) >= 2:
+        return ne_eq >= s.high_dose_combination_neeq, f"combination NE-equivalent {ne_eq:.1f} ug/min"
+    if not agents:
+        return False, ""
+    a = agents[0]
+    v = d[a]
+    limit = {"norepinephrine": s.high_dose_ne_ug_min, "dopamine": s.high_dose_dopamine_ug_kg_min,
+             "phenylephrine": s.high_dose_phenylephrine_ug_min, "epinephrine": s.high_dose_epinephrine_ug_min}.get(a)
+    if limit is None:
+        return False, ""
+    unit = "ug/kg/min" if a == "dopamine" else "ug/min"
+    return v >= limit, f"{a} {v:.1f} {unit}"
+
+
+def high_dose_intervals(states: list[DoseState], s: GradingSettings) -> list[tuple[datetime, datetime, str, list[str]]]:
+    """Maximal intervals during which the Lee 2014 high-dose condition holds."""
+    out: list[tuple[datetime, datetime, str, list[str]]] = []
+    for st in states:
+        ok, text = is_high_dose(st.doses, s)
+        if not ok:
+            continue
+        if out and out[-1][1] == st.start:
+            a, _, t0, refs = out[-1]
+            out[-1] = (a, st.end, t0, refs + [r for r in st.refs if r not in refs])
+        else:
+            out.append((st.start, st.end, text, list(st.refs)))
+    return out
+
+
+def sustained_high_dose(states: list[DoseState], s: GradingSettings) -> list[tuple[datetime, str, list[str]]]:
+    """Times at which high-dose has been held for `high_dose_min_hours` (t_max for Lee/Penn/CARTOX)."""
+    need = timedelta(hours=s.high_dose_min_hours)
+    return [(a + need, text, refs) for a, b, text, refs in high_dose_intervals(states, s) if b - a >= need]
+
+
+def low_sbp_intervals(tl: CaseTimeline, s: GradingSettings) -> list[tuple[datetime, datetime, list[str]]]:
+    """[first low SBP, next SBP at or above threshold) outside procedure windows."""
+    thr = tl.sbp_threshold(s)
+    readings = [m for m in tl.sbp if not tl.in_window(m.time)]
+    out = []
+    i = 0
+    while i < len(readings):
+        m = readings[i]
+        if m.value >= thr:
+            i += 1
+            continue
+        j = i + 1
+        while j < len(readings) and readings[j].value < thr:
+            j += 1
+        end = readings[j].time if j < len(readings) else m.time
+        out.append((m.time, end, [r.ref for r in readings[i:j]]))
+        i = j
+    return out
+
+
+def refractory_times(tl: CaseTimeline, states: list[DoseState], s: GradingSettings) -> list[tuple[datetime, list[str]]]:
+    """Times at which SBP has stayed below threshold for `refractory_hypotension_min` on high dose."""
+    need = timedelta(minutes=s.refractory_hypotension_min)
+    out = []
+    for la, lb, lrefs in low_sbp_intervals(tl, s):
+        for ha, hb, _, hrefs in high_dose_intervals(states, s):
+            a, b = max(la, ha), min(lb, hb)
+            if b - a >= need:
+                out.append((a + need, lrefs + hrefs))
+    return sorted(out)
+
+
+def multi_pressor_intervals(tl: CaseTimeline, s: GradingSettings, include_vasopressin: bool):
+    from .crs import concurrent_intervals
+
+    courses = [c for c in tl.pressors if include_vasopressin or c.drug != "vasopressin"]
+    return concurrent_intervals(courses, timedelta(minutes=s.vasopressor_overlap_min))
+
+
+def cumulative_pressor_time(tl: CaseTimeline, since: datetime, until: datetime) -> list[tuple[datetime, datetime]]:
+    """Union of vasopressor running time within [since, until]."""
+    ivs = sorted((max(c.start, since), min(c.end, until)) for c in tl.pressors if c.end > since and c.start < until)
+    merged: list[tuple[datetime, datetime]] = []
+    for a, b in ivs:
+        if merged and a <= merged[-1][1]:
+            merged[-1] = (merged[-1][0], max(merged[-1][1], b))
+        else:
+            merged.append((a, b))
+    return merged
