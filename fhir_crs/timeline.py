@@ -58,7 +58,7 @@ class Support:
     def ppv(self) -> bool:
         return self.device in PPV
 
-    def fio2_estimate(self) -> tuple[float | None, bool]:
+    def fio2_estimate(self, s: GradingSettings) -> tuple[float | None, bool]:
         """FiO2 in percent: documented, else the §1.5 estimate (flagged as estimated)."""
         if self.fio2 is not None:
             return self.fio2, False
@@ -67,14 +67,14 @@ class Support:
         if d in ("nasal_cannula", "unspecified_o2"):
             if f is None:
                 return None, True
-            est = 20 + 4 * f if f <= 6 else min(44 + 3 * (f - 6), 60)
-            return est, True
+            low = s.fio2_nc_base + s.fio2_nc_per_lpm * min(f, 6)
+            return min(low + s.fio2_nc_high_per_lpm * max(f - 6, 0), s.fio2_nc_cap), True
         if d == "blow_by":
-            return 30.0, True
+            return s.fio2_blow_by, True
         if d == "face_mask":
-            return (min(40 + 4 * max((f or 5) - 5, 0), 60)), True
+            return min(s.fio2_face_mask_5l + 4 * max((f or 5) - 5, 0), s.fio2_nc_cap), True
         if d == "non_rebreather":
-            return 80.0, True
+            return s.fio2_non_rebreather, True
         return None, True
 
 

@@ -80,17 +80,19 @@ class LegacyCrs(CrsGrader):
             return Criterion(t, self.vent_grade, "invasive mechanical ventilation", g.refs, ("ppv_hypoxia_lookback_h",))
         if g.ppv and self.niv_grade is not None:
             return Criterion(t, self.niv_grade, f"{g.device.replace('_', ' ')} (positive pressure)", g.refs, ("ppv_hypoxia_lookback_h",))
-        fio2, estimated = g.fio2_estimate()
+        fio2, estimated = g.fio2_estimate(s)
         flags: tuple[str, ...] = ("niv_ambiguity",) if g.ppv else ()
         if fio2 is None:
             flags += ("fio2_unknown",) + (("missing_flow",) if g.device == "nasal_cannula" else ())
             return Criterion(t, 2, f"supplemental O2 ({g.device.replace('_', ' ')}), FiO2 not charted: < {s.fio2_cut:g} % assumed", g.refs, ("fio2_cut",), flags)
+        sets: tuple[str, ...] = ("fio2_cut",)
         if estimated:
             flags += ("estimated_fio2",)
+            sets += ("fio2_nc_base", "fio2_nc_per_lpm") if g.device == "nasal_cannula" else ()
         how = "estimated" if estimated else "documented"
         grade = 3 if round(fio2, 1) >= s.fio2_cut else 2
         rel = ">=" if grade == 3 else "<"
-        return Criterion(t, grade, f"O2 by {g.device.replace('_', ' ')}, FiO2 {fio2:.0f} % ({how}) {rel} {s.fio2_cut:g} %", g.refs, ("fio2_cut",), flags)
+        return Criterion(t, grade, f"O2 by {g.device.replace('_', ' ')}, FiO2 {fio2:.0f} % ({how}) {rel} {s.fio2_cut:g} %", g.refs, sets, flags)
 
     def any_o2(self, t: datetime, ep: Episode, grade: int) -> list[Criterion]:
         """Penn: any supplemental oxygen (incl. CPAP/BiPAP) is `grade`; invasive ventilation 4."""
