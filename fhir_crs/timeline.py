@@ -22,6 +22,11 @@ H = timedelta(hours=1)
 MIN = timedelta(minutes=1)
 
 PPV = frozenset({"cpap", "bipap", "noninvasive_ventilation", "invasive_ventilation"})
+DEVICE_RANK = {
+    "room_air": 0, "blow_by": 1, "nasal_cannula": 2, "unspecified_o2": 2, "face_mask": 3, "venturi_mask": 3,
+    "high_flow_nasal_cannula": 4, "non_rebreather": 5, "cpap": 6, "bipap": 7, "noninvasive_ventilation": 7,
+    "invasive_ventilation": 8,
+}
 SUPPORT_PROCEDURES = frozenset(
     {"nasal_cannula", "high_flow_nasal_cannula", "face_mask", "non_rebreather", "venturi_mask",
      "cpap", "bipap", "noninvasive_ventilation", "invasive_ventilation"}
@@ -354,7 +359,9 @@ def _pressor_courses(tl: CaseTimeline, s: GradingSettings) -> None:
                 m for m in tl.sbp
                 if m.value < thr and c.start - H <= m.time <= c.start and not tl.in_window(m.time)
             ]
-            treated_otherwise = any(c.start - H <= b.start <= c.start + H for b in tl.boluses)
+            treated_otherwise = s.short_vasopressor_sole_treatment_only and any(
+                c.start - H <= b.start <= c.start + H for b in tl.boluses
+            )
             if documented and not treated_otherwise:
                 tl.flags.add("short_vasopressor_counted")
                 tl.pressors.append(c)
@@ -406,12 +413,16 @@ def _support(tl: CaseTimeline, device_rows: list[Finding], flow_rows: list[Measu
     carry = timedelta(hours=s.device_carry_forward_h)
     end_of_data = tl.last_time or tl.infusion
     rows: dict[datetime, dict[str, object]] = defaultdict(dict)
+    # Two rows charted at the same time: keep the more intensive device and the higher values.
     for d in device_rows:
-        rows[d.time]["device"] = d
-    for f in flow_rows:
-        rows[f.time]["flow"] = f
-    for x in fio2_rows:
-        rows[x.time]["fio2"] = x
+        cur = rows[d.time].get("device")
+        if not isinstance(cur, Finding) or DEVICE_RANK.get(d.detail, 0) > DEVICE_RANK.get(cur.detail, 0):
+            rows[d.time]["device"] = d
+    for key, series in (("flow", flow_rows), ("fio2", fio2_rows)):
+        for m in series:
+            cur = rows[m.time].get(key)
+            if not isinstance(cur, Measurement) or m.value > cur.value:
+                rows[m.time][key] = m
     times = sorted(rows)
     device: str | None = None
     flow: float | None = None

@@ -35,7 +35,7 @@ def uln_for(tl: CaseTimeline, lab: str, m: Measurement, s: GradingSettings) -> f
 
 
 def baseline(tl: CaseTimeline, lab: str) -> float | None:
-    pre = [m for m in tl.labs.get(lab, []) if m.time <= tl.infusion]
+    pre = [m for m in tl.labs.get(lab, []) if m.time < tl.infusion]
     return pre[-1].value if pre else None
 
 

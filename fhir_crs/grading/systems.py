@@ -40,7 +40,7 @@ class LegacyCrs(CrsGrader):
         self.organs = [o for o in organ_series(tl, s) if not self._baseline_abnormal(o.lab)] if self.organ_based else []
 
     def _baseline_abnormal(self, lab: str) -> bool:
-        pre = [m for m in self.tl.labs.get(lab, []) if m.time <= self.tl.infusion]
+        pre = [m for m in self.tl.labs.get(lab, []) if m.time < self.tl.infusion]
         if pre and grade_lab(self.tl, lab, pre[-1], self.s).grade >= 2 and lab != "creatinine":
             self.result.flag("organ_baseline_abnormal")
             return True
@@ -150,7 +150,9 @@ class LegacyCrs(CrsGrader):
         latest: dict[str, OrganGrade] = {}
         for o in self.organs:
             if o.time <= t and o.time >= ep.onset - 24 * H:
-                latest[o.lab] = o
+                cur = latest.get(o.lab)
+                if cur is None or o.time > cur.time or o.grade > cur.grade:
+                    latest[o.lab] = o
         out = []
         for o in latest.values():
             if o.grade < 2:
