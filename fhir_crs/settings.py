@@ -59,6 +59,10 @@ class GradingSettings:
     resolution_clear_h: float = _s(24.0, "I", "resolution = first all-clear time after the last abnormality, staying clear this long")
     resolution_coverage_block_h: float = _s(8.0, "I", "during the clear period expect a temperature and a BP in every block of this length")
     resolution_coverage_required: bool = _s(False, "I", "if true, a clear period without that coverage does not resolve the episode (else flag resolution_sparse_data)")
+    episode_open_therapy_classes: tuple[str, ...] = _s(
+        ("anti_il6", "anti_cytokine", "corticosteroid"), "I",
+        "a dose of these during a candidate clear period keeps the episode open: abnormalities within resolution_clear_h of the dose rejoin the episode (resolution time itself unchanged if none recur)",
+    )
     culture_attribution_window_h: float = _s(48.0, "I", "a positive blood culture this close to an episode's onset marks it attribution_needed")
     late_onset_day: float = _s(14.0, "I", "episodes starting after this day are flagged late_onset")
     exclude_provisional_episodes: bool = _s(True, "I", "episodes needing attribution (culture, post-CRS hyperinflammation, late second episode) do not count in the per-infusion grade")

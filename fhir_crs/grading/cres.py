@@ -88,7 +88,7 @@ def grade_cres(tl: CaseTimeline, s: GradingSettings) -> SystemResult:
             elif e.kind == "icp_sign" and e.detail == "present":
                 g = 3 if "stage 1" in e.text.lower() or "stage 2" in e.text.lower() else 4
                 at(t).criteria.append(Criterion(t, g, f"raised ICP ({e.text})", [e.ref]))
-            elif e.kind == "cerebral_edema" and e.detail != "absent":
+            elif e.kind == "cerebral_edema" and e.detail not in ("absent", "resolving"):
                 if e.detail == "hemorrhagic" or any(abs(f.time - t) <= 24 * H for f in ich):
                     res.flag("intracranial_hemorrhage_excluded")
                     continue

@@ -88,11 +88,21 @@ def abnormal_intervals(tl: CaseTimeline, s: GradingSettings, since: datetime,
 def find_resolution(tl: CaseTimeline, s: GradingSettings, onset: datetime,
                     ivs: list[tuple[datetime, datetime | None, list[str]]], flags: list[str]) -> datetime | None:
     clear = timedelta(hours=s.resolution_clear_h)
+    therapy = sorted(d.start for d in tl.drugs if d.drug_class in s.episode_open_therapy_classes and d.start >= onset)
+
+    def horizon(cur: datetime) -> datetime:
+        """cur + clear, pushed out by CRS-directed therapy given while the episode looked clear."""
+        h = cur + clear
+        for d in therapy:
+            if cur <= d <= h:
+                h = max(h, d + clear)
+        return h
+
     cur = onset
     for start, end, _ in ivs:
         if end is not None and end < onset:
             continue
-        if start > cur + clear:
+        if start > horizon(cur):
             break
         if end is None:
             return None

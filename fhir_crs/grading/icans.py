@@ -16,7 +16,7 @@ from datetime import datetime, timedelta
 from ..events import Finding, Measurement
 from ..settings import GradingSettings
 from ..timeline import CaseTimeline
-from .result import Criterion, EpisodeResult, SystemResult
+from .result import Criterion, EpisodeResult, SystemResult, iso
 
 H = timedelta(hours=1)
 _LOC_GRADE = {"alert": 0, "spontaneous": 1, "voice": 2, "tactile": 3, "unarousable": 4}
@@ -165,7 +165,9 @@ class AstctIcans:
             elif e.kind == "icp_sign" and e.detail == "present":
                 at(t).criteria.append(Criterion(t, 4, f"raised ICP sign ({e.text})", [e.ref]))
             elif e.kind == "cerebral_edema":
-                if e.detail == "absent":
+                if e.detail in ("absent", "resolving"):
+                    # imaging resolution is reported beside the clinical one (grading-criteria V30 [I])
+                    res.extra.setdefault("imaging_resolved", iso(e.time))
                     continue
                 near_ich = [f for f in ich if abs(f.time - t) <= 24 * H]
                 if e.detail == "hemorrhagic" or near_ich:

@@ -82,6 +82,8 @@ def edema_extent(text: str) -> str:
         return "absent"
     if re.search(r"h(a)?emorrhag|bleed|\bICH\b", t, re.IGNORECASE):
         return "hemorrhagic"
+    if re.search(r"resolv|improv|decreas|regress|less (prominent|extensive)", t):
+        return "resolving"
     if re.search(r"diffuse|global|generali[sz]ed|herniation|bilateral", t):
         return "diffuse"
     if re.search(r"focal|local|vasogenic|occipital|frontal|parietal|temporal|lobe|cerebell", t):
