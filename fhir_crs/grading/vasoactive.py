@@ -124,22 +124,23 @@ def sustained_high_dose(states: list[DoseState], s: GradingSettings) -> list[tup
 
 
 def low_sbp_intervals(tl: CaseTimeline, s: GradingSettings) -> list[tuple[datetime, datetime, list[str]]]:
-    """[first low SBP, next SBP at or above threshold) outside procedure windows."""
+    """[first, last] of each run of consecutive low SBP readings (outside procedure windows).
+
+    The run ends at its last LOW reading, not at the next normal one: persistence must be
+    documented, not inferred across a charting gap."""
     thr = tl.sbp_threshold(s)
     readings = [m for m in tl.sbp if not tl.in_window(m.time)]
     out = []
     i = 0
     while i < len(readings):
-        m = readings[i]
-        if m.value >= thr:
+        if readings[i].value >= thr:
             i += 1
             continue
-        j = i + 1
-        while j < len(readings) and readings[j].value < thr:
+        j = i
+        while j + 1 < len(readings) and readings[j + 1].value < thr:
             j += 1
-        end = readings[j].time if j < len(readings) else m.time
-        out.append((m.time, end, [r.ref for r in readings[i:j]]))
-        i = j
+        out.append((readings[i].time, readings[j].time, [r.ref for r in readings[i:j + 1]]))
+        i = j + 1
     return out
 
 
