@@ -24,7 +24,7 @@ VIGNETTE_DIR = FIXTURES / "R4" / "vignettes"
 EXPECTED: dict[str, Any] = json.loads((FIXTURES / "expected" / "vignettes.json").read_text(encoding="utf-8"))
 
 # Grading systems whose expected values are asserted (family -> systems).
-SYSTEMS = {"crs": ["astct"], "icans": ["astct"]}
+SYSTEMS = {"crs": ["astct", "lee2014", "penn", "mskcc", "cartox", "ctcae5"], "icans": ["astct", "cartox_cres"]}
 
 ASSERTED_KEYS = ("grade", "onset", "max_at", "resolved", "variant")
 TIME_KEYS = ("onset", "max_at", "resolved")

@@ -14,8 +14,8 @@ from datetime import datetime, timedelta
 from ..events import Finding, Measurement
 from ..settings import GradingSettings
 from ..timeline import CaseTimeline
-from .icans import Assessment
-from .result import Criterion, EpisodeResult, SystemResult
+from .icans import Assessment, neuro_episodes, summarise_neuro
+from .result import Criterion, SystemResult
 
 H = timedelta(hours=1)
 
@@ -94,40 +94,5 @@ def grade_cres(tl: CaseTimeline, s: GradingSettings) -> SystemResult:
                     continue
                 at(t).criteria.append(Criterion(t, 4, f"cerebral edema ({e.text})", [e.ref]))
     ordered = [points[t] for t in sorted(points)]
-    clear = timedelta(hours=s.icans_resolution_clear_h)
-    episodes: list[EpisodeResult] = []
-    i = 0
-    while i < len(ordered):
-        if ordered[i].grade == 0:
-            i += 1
-            continue
-        onset, best, best_t, trail, resolved = ordered[i].time, 0, None, [], None
-        j = i
-        while j < len(ordered):
-            p = ordered[j]
-            if p.grade > best:
-                best, best_t = p.grade, p.time
-                trail.extend(c for c in p.criteria if c.grade == p.grade)
-            if p.grade == 0 and p.normal_primary and not any(q.grade > 0 for q in ordered[j + 1:] if q.time <= p.time + clear):
-                resolved = p.time
-                break
-            j += 1
-        episodes.append(EpisodeResult(onset, resolved, best, best_t, True, [], trail))
-        if resolved is None:
-            break
-        i = next((k for k in range(j, len(ordered)) if ordered[k].time > resolved and ordered[k].grade > 0), len(ordered))
-    res.episodes = episodes
-    if episodes:
-        res.settings_used.update({"icans_resolution_clear_h", "ice_min_age_years"})
-        res.grade = max(e.grade for e in episodes)
-        res.onset, res.resolved = episodes[0].onset, episodes[-1].resolved
-        first = next(e for e in episodes if e.grade == res.grade)
-        res.max_at = first.max_at
-        if episodes[0].criteria:
-            res.cite(episodes[0].criteria[0].refs)
-        for e in episodes:
-            res.criteria.extend(e.criteria)
-        for c in first.criteria:
-            if c.grade == res.grade:
-                res.cite(c.refs)
+    summarise_neuro(res, neuro_episodes(ordered, tl, timedelta(hours=s.icans_resolution_clear_h)))
     return res

@@ -183,65 +183,70 @@ class AstctIcans:
 
     def grade(self) -> SystemResult:
         tl, s, res = self.tl, self.s, self.result
-        points = self.assessments()
-        clear = timedelta(hours=s.icans_resolution_clear_h)
-        i = 0
-        episodes: list[EpisodeResult] = []
-        while i < len(points):
-            if points[i].grade == 0:
-                i += 1
-                continue
-            onset = points[i].time
-            best, best_t, trail = 0, None, []
-            resolved = None
-            j = i
-            while j < len(points):
-                p = points[j]
-                if p.grade > best:
-                    best, best_t = p.grade, p.time
-                    trail.extend(c for c in p.criteria if c.grade == p.grade)
-                if p.grade == 0 and p.normal_primary:
-                    later_abn = [q for q in points[j + 1:] if q.time <= p.time + clear and q.grade > 0]
-                    if not later_abn:
-                        resolved = p.time
-                        break
-                j += 1
-            flags: list[str] = []
-            if resolved is not None and (tl.last_time is None or tl.last_time < resolved + clear):
-                flags.append("resolution_unconfirmed")
-            if tl.deceased is not None and onset <= tl.deceased and (resolved is None or tl.deceased <= resolved):
+        episodes = neuro_episodes(self.assessments(), tl, timedelta(hours=s.icans_resolution_clear_h))
+        for ep in episodes:
+            if tl.deceased is not None and ep.onset <= tl.deceased and (ep.resolved is None or tl.deceased <= ep.resolved):
                 causes = tl.findings_of("cause_of_death")
                 if any(_ICANS_DEATH.search(f.text) for f in causes):
-                    best, best_t = 5, tl.deceased
-                    trail.append(Criterion(tl.deceased, 5, "death attributed to ICANS (adjudicate)", [tl.deceased_ref or ""] + [f.ref for f in causes]))
-                    flags.append("grade5_candidate")
-                resolved = None
-            episodes.append(EpisodeResult(onset, resolved, best, best_t, True, flags, trail))
-            if resolved is None:
-                break
-            i = next((k for k in range(j, len(points)) if points[k].time > resolved and points[k].grade > 0), len(points))
-        res.episodes = episodes
-        for e in episodes:
-            res.flag(*e.flags)
-        if not episodes:
-            return res
-        res.settings_used.add("icans_resolution_clear_h")
-        res.grade = max(e.grade for e in episodes)
-        res.onset = episodes[0].onset
-        res.resolved = episodes[-1].resolved
-        first = next(e for e in episodes if e.grade == res.grade)
-        res.max_at = first.max_at
-        first_crit = next((c for c in episodes[0].criteria), None)
-        if first_crit:
-            res.cite(first_crit.refs)
-        for e in episodes:
-            res.criteria.extend(e.criteria)
-        for c in first.criteria:
-            if c.grade == res.grade:
-                res.cite(c.refs)
-                res.settings_used.update(c.settings)
-                res.flag(*c.flags)
+                    ep.grade, ep.max_at = 5, tl.deceased
+                    ep.criteria.append(Criterion(tl.deceased, 5, "death attributed to ICANS (adjudicate)", [tl.deceased_ref or ""] + [f.ref for f in causes]))
+                    ep.flags.append("grade5_candidate")
+                ep.resolved = None
+        summarise_neuro(res, episodes)
         return res
+
+
+def neuro_episodes(points: list[Assessment], tl: CaseTimeline, clear: timedelta) -> list[EpisodeResult]:
+    """Episodes from the first abnormal assessment to the first normal one (ICE 10 / CAPD at
+    baseline, nothing else abnormal) that stays normal for `clear`."""
+    episodes: list[EpisodeResult] = []
+    i = 0
+    while i < len(points):
+        if points[i].grade == 0:
+            i += 1
+            continue
+        onset, best, best_t, trail, resolved = points[i].time, 0, None, [], None
+        j = i
+        while j < len(points):
+            p = points[j]
+            if p.grade > best:
+                best, best_t = p.grade, p.time
+                trail.extend(c for c in p.criteria if c.grade == p.grade)
+            if p.grade == 0 and p.normal_primary and not any(
+                q.grade > 0 for q in points[j + 1:] if q.time <= p.time + clear
+            ):
+                resolved = p.time
+                break
+            j += 1
+        flags = ["resolution_unconfirmed"] if resolved is not None and (tl.last_time is None or tl.last_time < resolved + clear) else []
+        episodes.append(EpisodeResult(onset, resolved, best, best_t, True, flags, trail))
+        if resolved is None:
+            break
+        i = next((k for k in range(j, len(points)) if points[k].time > resolved and points[k].grade > 0), len(points))
+    return episodes
+
+
+def summarise_neuro(res: SystemResult, episodes: list[EpisodeResult]) -> None:
+    """Per-infusion maximum, first onset, last resolution, evidence of the onset and the maximum."""
+    res.episodes = episodes
+    for e in episodes:
+        res.flag(*e.flags)
+    if not episodes:
+        return
+    res.settings_used.update({"icans_resolution_clear_h", "ice_min_age_years"})
+    res.grade = max(e.grade for e in episodes)
+    res.onset, res.resolved = episodes[0].onset, episodes[-1].resolved
+    first = next(e for e in episodes if e.grade == res.grade)
+    res.max_at = first.max_at
+    if episodes[0].criteria:
+        res.cite(episodes[0].criteria[0].refs)
+    for e in episodes:
+        res.criteria.extend(e.criteria)
+    for c in first.criteria:
+        if c.grade == res.grade:
+            res.cite(c.refs)
+            res.settings_used.update(c.settings)
+            res.flag(*c.flags)
 
 
 def grade_icans_astct(tl: CaseTimeline, s: GradingSettings) -> SystemResult:
