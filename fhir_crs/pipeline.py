@@ -20,7 +20,7 @@ from .mapping_files import CodeMap, load_code_map
 from .mappers import ResourceMapper
 from .settings import GradingSettings, load_settings
 from .sources import SourceResource, iter_paths
-from .timeline import CaseTimeline, build_timelines
+from .timeline import CaseTimeline, build_timelines, display_events
 
 
 @dataclass(slots=True)
@@ -41,6 +41,7 @@ class GradedCase:
             "crs": {k: v.to_json(tl.infusion, settings) for k, v in self.crs.items()},
             "icans": {k: v.to_json(tl.infusion, settings) for k, v in self.icans.items()},
             "adjacent": self.adjacent,
+            "timeline": display_events(tl, settings),
         }
 
 

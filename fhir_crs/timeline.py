@@ -528,3 +528,62 @@ def _attribute_ppv(tl: CaseTimeline, segs: list[Support], s: GradingSettings) ->
             note = "preceded by hypoxia" if ok else "no hypoxia in the preceding window"
         for g in run:
             g.attributed, g.attribution_note = ok, note
+
+
+def display_events(tl: CaseTimeline, s: GradingSettings) -> list[dict[str, object]]:
+    """The clinically salient events of a case, in time order, for the printed timeline and the
+    summary Bundle's List: fevers, hypotension, vasopressors, respiratory support, CRS-directed
+    drugs, fluid boluses, key procedures and abnormal neuro assessments."""
+    from .grading.episodes import is_fever
+    from .grading.result import iso
+
+    out: list[dict[str, object]] = []
+
+    def add(t: datetime, kind: str, detail: str, refs: list[str]) -> None:
+        out.append({"at": iso(t), "hour": round(tl.hours(t) or 0.0, 2), "kind": kind, "detail": detail, "evidence": refs})
+
+    add(tl.infusion, "car_t_infusion", "CAR-T infusion (day 0)", tl.infusion_refs)
+    for m in tl.temps:
+        if m.time >= tl.infusion - 24 * H and is_fever(m, s):
+            add(m.time, "fever", f"{m.value:.1f} °C", [m.ref])
+    for h in tl.hypotension:
+        add(h.time, "hypotension", f"SBP {h.sbp:g} < {h.threshold:g} mmHg ({h.how})", h.refs)
+    for c in tl.pressors:
+        add(c.start, "vasopressor", f"{c.drug} until +{tl.hours(c.end):.1f} h ({c.minutes / 60:.1f} h)", c.refs)
+    for c, why in tl.ignored_pressors:
+        add(c.start, "vasopressor_ignored", f"{c.drug}: {why}", c.refs)
+    previous = None
+    for g in tl.support:
+        key = (g.device, g.flow, g.fio2, g.home, g.attributed)
+        if key == previous:
+            continue  # the same support charted again
+        previous = key
+        what = g.device.replace("_", " ")
+        if g.flow is not None:
+            what += f" {g.flow:g} L/min"
+        if g.fio2 is not None:
+            what += f" FiO2 {g.fio2:g} %"
+        if g.home:
+            what += " (home/baseline)"
+        elif g.ppv and not g.attributed:
+            what += f" (not CRS: {g.attribution_note})"
+        add(g.start, "respiratory_support", what, g.refs)
+    for d in tl.drugs:
+        if d.drug_class in ("anti_il6", "anti_cytokine", "corticosteroid", "antipyretic", "blood_product"):
+            add(d.start, d.drug_class, d.drug, [d.ref])
+    for b in tl.boluses:
+        add(b.start, "fluid_bolus", f"{b.drug} {b.volume_ml or 0:g} mL", [b.ref])
+    for p in tl.procedures:
+        if p.kind in ("intubation", "blood_purification", "ecmo", "icu_admission", "extubation"):
+            add(p.start, p.kind, p.text, [p.ref])
+    for e in tl.neuro:
+        if e.time < tl.infusion:
+            continue
+        if isinstance(e, Measurement) and ((e.kind == "ice_score" and e.value < 10) or (e.kind == "capd_score" and e.value >= 1)):
+            add(e.time, e.kind, f"{e.value:g}", [e.ref])
+        elif isinstance(e, Finding) and e.detail not in ("absent", "alert"):
+            add(e.time, e.kind, e.text or e.detail, [e.ref])
+    if tl.deceased is not None:
+        add(tl.deceased, "death", "deceased", [tl.deceased_ref] if tl.deceased_ref else [])
+    out.sort(key=lambda x: (x["hour"], str(x["kind"])))
+    return out

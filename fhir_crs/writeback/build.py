@@ -1,0 +1,277 @@
+"""Stage 5 (pure): a graded case -> the resources fhir-crs writes back.
+
+* A **CRS Condition** (primary system ASTCT 2019): ICD-10-CM D89.83x by grade and NCIt C78251,
+  severity, `stage` = one entry per grading system (the ASTCT stage first; Lee 2014, Penn, MSKCC,
+  CARTOX/PedsCARTOX, CTCAE v5 after it — one Condition per case rather than one per system,
+  because they describe the same illness and a problem list must not show six CRS entries),
+  onset/abatement from the ASTCT timeline, `evidence.detail` -> the resources behind the grade,
+  verificationStatus `provisional` (machine-derived, for clinician review), and a stable
+  `identifier` so reruns update instead of duplicating.
+* An **ICANS Condition** (ICD-10-CM G92.0x) when ASTCT ICANS > 0 (CARTOX CRES in its stages).
+* A **summary Bundle** (`collection`, with identifier): the Condition(s), one Observation per
+  system result (grade, onset -> resolution, evidence in `derivedFrom`, criteria/flags/
+  conventions in `note`), the adjacent-syndrome screens, and a `List` "CRS case timeline" whose
+  entries point at the source resources of the salient events (day 0 = infusion).
+
+Everything is validated against `fhir.resources.R4B` before it leaves this module.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+from typing import TYPE_CHECKING
+
+from fhir.resources.R4B.bundle import Bundle
+from fhir.resources.R4B.condition import Condition
+
+from ..settings import GradingSettings
+
+if TYPE_CHECKING:
+    from ..pipeline import GradedCase
+
+SNOMED = "http://snomed.info/sct"
+ICD10CM = "http://hl7.org/fhir/sid/icd-10-cm"
+NCIT = "http://ncicb.nci.nih.gov/xml/owl/EVS/Thesaurus.owl"
+LOCAL_SYSTEM = "urn:fhir-crs:CodeSystem:grading-system"
+LOCAL_GRADE = "urn:fhir-crs:CodeSystem:grade"
+LOCAL_RESULT = "urn:fhir-crs:CodeSystem:result"
+CLINICAL = "http://terminology.hl7.org/CodeSystem/condition-clinical"
+VERIFICATION = "http://terminology.hl7.org/CodeSystem/condition-ver-status"
+CATEGORY = "http://terminology.hl7.org/CodeSystem/condition-category"
+
+SEVERITY = {
+    1: ("255604002", "Mild"), 2: ("6736007", "Moderate"), 3: ("24484000", "Severe"),
+    4: ("442452003", "Life threatening severity"), 5: ("24484000", "Severe"),
+}
+NCIT_GRADE = {
+    1: ("C41338", "Grade 1 Mild Adverse Event"), 2: ("C41339", "Grade 2 Moderate Adverse Event"),
+    3: ("C41340", "Grade 3 Severe Adverse Event"), 4: ("C41337", "Grade 4 Life Threatening or Disabling Adverse Event"),
+    5: ("C48275", "Grade 5 Death Related to Adverse Event"),
+}
+SYSTEM_NAMES = {
+    "astct": "ASTCT 2019", "lee2014": "Lee 2014", "penn": "Penn (Porter 2018)", "mskcc": "MSKCC (Park 2018)",
+    "cartox": "CARTOX (Neelapu 2018)", "ctcae5": "CTCAE v5.0", "cartox_cres": "CARTOX CRES",
+}
+
+
+def identifiers(case: GradedCase, system: str) -> dict[str, dict[str, str]]:
+    """Stable identifiers of what is written for one case (patient + infusion start)."""
+    tl = case.timeline
+    pid = tl.patient.split("/", 1)[1]
+    key = f"{pid}-{tl.infusion:%Y%m%dT%H%M%SZ}"
+    return {name: {"system": system, "value": f"{key}-{name}"} for name in ("crs", "icans", "summary")}
+
+
+def _uuid(*parts: str) -> str:
+    return "urn:uuid:" + str(uuid.uuid5(uuid.NAMESPACE_URL, "fhir-crs:" + ":".join(parts)))
+
+
+def _stage(system: str, result: dict[str, Any], kind: str) -> dict[str, Any]:
+    g = result["grade"]
+    coding = [{"system": LOCAL_GRADE, "code": f"{system}-{g}", "display": f"{kind} grade {g} ({SYSTEM_NAMES[system]})"}]
+    if g in NCIT_GRADE:
+        coding.insert(0, {"system": NCIT, "code": NCIT_GRADE[g][0], "display": NCIT_GRADE[g][1]})
+    label = SYSTEM_NAMES[system] + (f", {result['variant']}" if result.get("variant") else "")
+    return {
+        "summary": {"coding": coding, "text": f"{kind} grade {g} ({label})"},
+        "type": {"coding": [{"system": LOCAL_SYSTEM, "code": f"{system}-{kind.lower()}", "display": f"{SYSTEM_NAMES[system]} {kind}"}]},
+    }
+
+
+def _note(system: str, r: dict[str, Any]) -> str:
+    parts = [f"{SYSTEM_NAMES[system]}: grade {r['grade']}"]
+    if r.get("max_at"):
+        parts.append(f"max at {r['max_at']}")
+    crit = [c for c in r.get("criteria", []) if c["grade"] == r["grade"]]
+    if crit:
+        parts.append("because " + "; ".join(c["criterion"] for c in crit[:3]))
+    if r.get("flags"):
+        parts.append("flags: " + ", ".join(r["flags"]))
+    if r.get("conventions"):
+        parts.append("conventions: " + ", ".join(f"{c['setting']}={c['value']}" for c in r["conventions"]))
+    return "; ".join(parts)
+
+
+def _condition(case_json: dict[str, Any], kind: str, ident: dict[str, str], recorded: str | None) -> dict[str, Any]:
+    results = case_json["crs"] if kind == "CRS" else case_json["icans"]
+    primary = results["astct"]
+    g = primary["grade"]
+    if kind == "CRS":
+        icd = (f"D89.83{g}", f"Cytokine release syndrome, grade {g}") if g else ("D89.839", "Cytokine release syndrome, grade unspecified")
+        code = {"coding": [{"system": ICD10CM, "code": icd[0], "display": icd[1]},
+                           {"system": NCIT, "code": "C78251", "display": "Cytokine Release Syndrome"}],
+                "text": f"Cytokine release syndrome, grade {g} (ASTCT 2019)"}
+    else:
+        icd = (f"G92.0{g}", f"Immune effector cell-associated neurotoxicity syndrome, grade {g}") if g else (
+            "G92.00", "Immune effector cell-associated neurotoxicity syndrome, grade unspecified")
+        code = {"coding": [{"system": ICD10CM, "code": icd[0], "display": icd[1]}],
+                "text": f"ICANS, grade {g} (ASTCT 2019)"}
+    cond: dict[str, Any] = {
+        "resourceType": "Condition",
+        "identifier": [ident],
+        "category": [{"coding": [{"system": CATEGORY, "code": "encounter-diagnosis", "display": "Encounter Diagnosis"}]}],
+        "code": code,
+        "subject": {"reference": case_json["patient"]},
+        "stage": [_stage(name, r, kind) for name, r in results.items()],
+        "note": [{"text": _note(name, r)} for name, r in results.items()],
+    }
+    if g == 0:
+        # A previous run found this condition; the data no longer support it.
+        cond["verificationStatus"] = {"coding": [{"system": VERIFICATION, "code": "refuted"}]}
+        cond["clinicalStatus"] = {"coding": [{"system": CLINICAL, "code": "inactive"}]}
+    else:
+        cond["verificationStatus"] = {"coding": [{"system": VERIFICATION, "code": "provisional"}]}
+        sev = SEVERITY[g]
+        cond["severity"] = {"coding": [{"system": SNOMED, "code": sev[0], "display": sev[1]}]}
+        if primary.get("onset"):
+            cond["onsetDateTime"] = primary["onset"]
+        if primary.get("resolved"):
+            cond["abatementDateTime"] = primary["resolved"]
+            cond["clinicalStatus"] = {"coding": [{"system": CLINICAL, "code": "resolved"}]}  # con-4
+        else:
+            cond["clinicalStatus"] = {"coding": [{"system": CLINICAL, "code": "active"}]}
+        refs = [r for r in primary.get("evidence", []) if not r.startswith("Patient/")]
+        if refs:
+            cond["evidence"] = [{"detail": [{"reference": r} for r in refs]}]
+    if recorded:
+        cond["recordedDate"] = recorded
+    return cond
+
+
+def _result_observation(case_json: dict[str, Any], family: str, system: str, r: dict[str, Any]) -> dict[str, Any]:
+    obs: dict[str, Any] = {
+        "resourceType": "Observation",
+        "status": "preliminary",
+        "code": {"coding": [{"system": LOCAL_RESULT, "code": f"{family}-{system}", "display": f"{family.upper()} grade, {SYSTEM_NAMES[system]}"}]},
+        "subject": {"reference": case_json["patient"]},
+        "valueInteger": r["grade"],
+        "note": [{"text": _note(system, r)}],
+    }
+    if r.get("onset"):
+        obs["effectivePeriod"] = {"start": r["onset"], **({"end": r["resolved"]} if r.get("resolved") else {})}
+    else:
+        obs["effectiveDateTime"] = case_json["infusion"]
+    refs = [e for e in r.get("evidence", []) if not e.startswith("Patient/")]
+    if refs:
+        obs["derivedFrom"] = [{"reference": e} for e in refs]
+    if r.get("max_at"):
+        obs["component"] = [{"code": {"text": "time of maximum grade"}, "valueDateTime": r["max_at"]}]
+    return obs
+
+
+def _timeline_list(case_json: dict[str, Any]) -> dict[str, Any]:
+    entries = []
+    for e in case_json.get("timeline", []):
+        refs = [r for r in e["evidence"] if not r.startswith("Patient/")]
+        if not refs:
+            continue
+        entries.append({
+            "flag": {"coding": [{"system": LOCAL_RESULT, "code": str(e["kind"])}], "text": f"+{e['hour']:g} h {e['kind']}: {e['detail']}"},
+            "date": e["at"],
+            "item": {"reference": refs[0]},
+        })
+    lst: dict[str, Any] = {
+        "resourceType": "List", "status": "current", "mode": "snapshot",
+        "title": f"CRS case timeline (day 0 = CAR-T infusion {case_json['infusion']})",
+        "code": {"coding": [{"system": LOCAL_RESULT, "code": "crs-case-timeline"}]},
+        "subject": {"reference": case_json["patient"]},
+        "date": case_json["infusion"],
+    }
+    if entries:
+        lst["entry"] = entries
+    else:
+        lst["emptyReason"] = {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/list-empty-reason", "code": "nilknown"}]}
+    return lst
+
+
+@dataclass(slots=True)
+class CaseWrite:
+    """What one case writes: keyed by identifier name ('crs', 'icans', 'summary')."""
+
+    identifiers: dict[str, dict[str, str]]
+    resources: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def content_hash(self) -> str:
+        """Hash of the clinical content (without run-specific fields) to detect changed grades."""
+        def strip(r: dict[str, Any]) -> dict[str, Any]:
+            return {k: v for k, v in r.items() if k not in ("id", "meta", "recordedDate", "timestamp")}
+
+        blob = json.dumps({k: strip(v) for k, v in sorted(self.resources.items())}, sort_keys=True, default=str)
+        return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def build_case_write(case: GradedCase, settings: GradingSettings, identifier_system: str,
+                     include_icans_if_zero: bool = False, recorded: str | None = None) -> CaseWrite:
+    """Builds (and validates) the Condition(s) and the summary Bundle for one graded case."""
+    cj = case.to_json(settings)
+    ids = identifiers(case, identifier_system)
+    out = CaseWrite(ids)
+    out.resources["crs"] = _condition(cj, "CRS", ids["crs"], recorded)
+    if cj["icans"]["astct"]["grade"] > 0 or include_icans_if_zero:
+        out.resources["icans"] = _condition(cj, "ICANS", ids["icans"], recorded)
+    key = ids["summary"]["value"]
+    entries = [{"fullUrl": _uuid(key, name), "resource": res} for name, res in out.resources.items()]
+    for family in ("crs", "icans"):
+        for system, r in cj[family].items():
+            entries.append({"fullUrl": _uuid(key, family, system), "resource": _result_observation(cj, family, system, r)})
+    adj = cj.get("adjacent") or {}
+    for name, r in adj.items():
+        value = {"carhlh": r.get("met"), "iec_hs": r.get("suspected")}.get(name)
+        obs: dict[str, Any] = {
+            "resourceType": "Observation", "status": "preliminary",
+            "code": {"coding": [{"system": LOCAL_RESULT, "code": name}], "text": name},
+            "subject": {"reference": cj["patient"]},
+            "effectiveDateTime": r.get("onset") or cj["infusion"],
+            "note": [{"text": json.dumps({k: v for k, v in r.items() if k != "evidence"}, default=str)}],
+        }
+        if value is not None:
+            obs["valueBoolean"] = bool(value)
+        elif name == "icaht" and r.get("early_grade") is not None:
+            obs["valueInteger"] = r["early_grade"]
+        refs = [e for e in r.get("evidence", []) if not e.startswith("Patient/")]
+        if refs:
+            obs["derivedFrom"] = [{"reference": e} for e in refs]
+        entries.append({"fullUrl": _uuid(key, "adjacent", name), "resource": obs})
+    entries.append({"fullUrl": _uuid(key, "timeline"), "resource": _timeline_list(cj)})
+    bundle: dict[str, Any] = {"resourceType": "Bundle", "identifier": ids["summary"], "type": "collection", "entry": entries}
+    if recorded:
+        bundle["timestamp"] = recorded
+    out.resources["summary"] = bundle
+    validate(out)
+    return out
+
+
+def validate(write: CaseWrite) -> None:
+    """Everything written validates against fhir.resources.R4B (raises pydantic.ValidationError)."""
+    for res in write.resources.values():
+        if res["resourceType"] == "Condition":
+            Condition.model_validate(res)
+        else:
+            Bundle.model_validate(res)
+
+
+def transaction_for(write: CaseWrite, existing: dict[str, tuple[str, str | None]]) -> dict[str, Any]:
+    """A transaction Bundle writing `write`: PUT Type/id + If-Match for what exists (id, etag),
+    else a conditional update `PUT Type?identifier=system|value` (create if absent)."""
+    entries = []
+    for name, res in write.resources.items():
+        rtype = res["resourceType"]
+        ident = write.identifiers[name]
+        body = dict(res)
+        request: dict[str, Any]
+        if name in existing:
+            rid, etag = existing[name]
+            body["id"] = rid
+            request = {"method": "PUT", "url": f"{rtype}/{rid}"}
+            if etag:
+                request["ifMatch"] = etag
+        else:
+            request = {"method": "PUT", "url": f"{rtype}?identifier={ident['system']}|{ident['value']}"}
+        entries.append({"fullUrl": _uuid(ident["value"], "tx"), "resource": body, "request": request})
+    return {"resourceType": "Bundle", "type": "transaction", "entry": entries}
+
