@@ -92,3 +92,110 @@ def render_out(data: dict[str, Any], show_skips: bool) -> None:
 
 def main() -> None:
     cli(prog_name="fhir-crs")
+
+
+def server_options(f: Any) -> Any:
+    """Options shared by the commands that talk to a FHIR server (values None = not given)."""
+    opts = [
+        click.option("--server", default=None, metavar="URL", help="FHIR R4 base URL (env FHIR_CRS_SERVER)."),
+        click.option("--config", "config_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
+                     help="Settings file (default ./fhir-crs.toml or $FHIR_CRS_CONFIG)."),
+        click.option("--auth", type=click.Choice(["none", "bearer", "basic", "smart"]), default=None,
+                     help="Authentication (secrets only from env or files: FHIR_CRS_TOKEN, --token-file …)."),
+        click.option("--token-file", default=None, type=click.Path(dir_okay=False), help="File holding the bearer token."),
+        click.option("--timeout", type=float, default=None, help="Seconds per request."),
+    ]
+    for o in reversed(opts):
+        f = o(f)
+    return f
+
+
+def run_config(ctx_flags: dict[str, Any], config_path: Path | None) -> Any:
+    import os
+
+    from .config import resolve
+
+    return resolve({k: v for k, v in ctx_flags.items() if v is not None}, os.environ, config_path, Path.cwd())
+
+
+def make_client(cfg: Any) -> Any:
+    """The FHIR client for a resolved RunConfig (auth from env/files, never from flags' values)."""
+    from .errors import ConfigError
+    from .fhir import BasicAuth, BearerAuth, FhirClient, NoAuth
+
+    if not cfg.server:
+        raise ConfigError("no FHIR server configured: pass --server URL, set FHIR_CRS_SERVER, or add 'server' to fhir-crs.toml.")
+    if cfg.auth == "bearer":
+        token = cfg.secret_token()
+        if not token:
+            raise ConfigError("auth 'bearer' needs a token: set FHIR_CRS_TOKEN or token_file.")
+        auth: Any = BearerAuth(token)
+    elif cfg.auth == "basic":
+        password = cfg.secret_password()
+        if not cfg.username or not password:
+            raise ConfigError("auth 'basic' needs username and FHIR_CRS_PASSWORD (or password_file).")
+        auth = BasicAuth(cfg.username, password)
+    elif cfg.auth == "smart":
+        from .fhir.auth import smart_auth_from_config
+
+        auth = smart_auth_from_config(cfg)
+    else:
+        auth = NoAuth()
+    return FhirClient(cfg.server, auth=auth, timeout=cfg.timeout, page_size=cfg.page_size,
+                      max_retries=cfg.max_retries, total_time_cap=cfg.total_time_cap)
+
+
+@cli.command()
+@click.option("--patient", "patient_id", required=True, metavar="ID", help="Logical id of the Patient on the server.")
+@server_options
+@click.option("--json", "as_json", is_flag=True, help="Print the same object as `fhir-crs grade --json`.")
+@click.option("--write/--no-write", default=None, help="Write the Condition(s) and summary Bundle back (default: no-write).")
+@click.option("--dry-run", is_flag=True, help="Show what would be written; write nothing.")
+@click.option("--show-skips", is_flag=True, help="List every skipped resource with its reason.")
+@mapping_options
+def pull(patient_id: str, server: str | None, config_path: Path | None, auth: str | None, token_file: str | None,
+         timeout: float | None, as_json: bool, write: bool | None, dry_run: bool, show_skips: bool,
+         mappings_dir: Path | None, overrides: tuple[str, ...]) -> None:
+    """Fetch one patient from a FHIR R4 server, grade every CAR-T infusion, optionally write back.
+
+    \b
+    Reads Patient, Procedures, MedicationAdministrations (+ Medications) and the Observations
+    around each infusion; prints the timeline, the grades side by side and the skips.
+    With --write it writes one CRS Condition (ICANS too when graded > 0) and a summary Bundle
+    per case, idempotently, in one transaction.
+    \b
+    Example:
+      fhir-crs pull --patient 123 --server http://127.0.0.1:8080/fhir --write
+    """
+    from .pipeline import pull_patient
+
+    cfg = run_config({"server": server, "auth": auth, "token_file": token_file, "timeout": timeout,
+                      "write": write, "mappings": str(mappings_dir) if mappings_dir else None}, config_path)
+    settings = load_settings(Path(cfg.mappings) if cfg.mappings else default_mappings_dir(), list(overrides))
+    client = make_client(cfg)
+    result = pull_patient(client, patient_id, cfg, settings, write=cfg.write and not dry_run, dry_run=dry_run)
+    data = result.run.to_json()
+    data["written"] = [
+        {"patient": w.patient, "infusion": w.infusion, "status": w.status, "resources": w.written,
+         **({"transaction": w.transaction} if w.transaction else {})}
+        for w in result.writes
+    ]
+    data["requests"] = result.requests
+    if as_json:
+        sys.stdout.buffer.write(orjson.dumps(data, option=orjson.OPT_INDENT_2) + b"\n")
+        return
+    from .render import render_timeline
+
+    console = Console()
+    for case in data["cases"]:
+        render_timeline(case, console)
+    render_out(data, show_skips)
+    for w in data["written"]:
+        if w["status"] == "dry-run":
+            console.print(f"[bold]Dry run[/bold] for {w['patient']} (infusion {w['infusion']}): would write")
+            console.print_json(data=w["transaction"])
+        else:
+            what = ", ".join(f"{k}: {v}" for k, v in w["resources"].items()) or "nothing to write"
+            console.print(f"Write-back {w['status']} for {w['patient']} (infusion {w['infusion']}): {what}")
+    if not cfg.write and not dry_run:
+        console.print("(not written: pass --write to write the Condition and summary Bundle back)")

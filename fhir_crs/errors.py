@@ -9,7 +9,8 @@
     ├── FhirServerError          exit 4   the FHIR server answered with an error
     │   ├── FhirNotFound         exit 4   404 / 410 on a read
     │   ├── FhirAuthError        exit 5   401 / 403
-    │   └── FhirOperationOutcome exit 4   any other 4xx/5xx; keeps the OperationOutcome diagnostics
+    │   ├── FhirOperationOutcome exit 4   any other 4xx/5xx; keeps the OperationOutcome diagnostics
+    │   └── DuplicateTargetError exit 8   >1 server resource carries an identifier fhir-crs writes to
     └── GradingError             exit 6   an internal inconsistency while grading (a bug)
 """
 
@@ -69,3 +70,10 @@ class GradingError(FhirCrsError):
     """Internal inconsistency while grading (should never happen; please report)."""
 
     exit_code = 6
+
+
+class DuplicateTargetError(FhirServerError):
+    """More than one server resource carries the identifier fhir-crs writes to: a data-quality
+    problem on the server, reported and never retried."""
+
+    exit_code = 8

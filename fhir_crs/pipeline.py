@@ -114,3 +114,129 @@ def grade_resources(resources: Iterable[dict[str, Any]], settings: GradingSettin
     items = (SourceResource(r, f"{origin}#{i}") for i, r in enumerate(resources))
     result, n = map_items(items, code_map)
     return grade_mapping(result, settings, n)
+
+
+# ---- server path: fetch -> map -> timeline -> grade -> write back ---------------------------
+
+@dataclass(slots=True)
+class WriteOutcome:
+    """What happened to one case on the server."""
+
+    patient: str
+    infusion: str
+    status: str  # "created" | "updated" | "unchanged" | "dry-run"
+    written: dict[str, str]  # identifier name -> "Type/id" (or the conditional URL in a dry run)
+    transaction: dict[str, Any] | None = None
+
+
+@dataclass(slots=True)
+class PullResult:
+    run: GradeRun
+    writes: list[WriteOutcome]
+    requests: int
+
+
+def fetch_patient(client: Any, patient_id: str, cfg: Any, code_map: CodeMap) -> list[dict[str, Any]]:
+    """Patient, its Procedures and MedicationAdministrations (+ referenced Medications), and the
+    Observations in [first infusion - window_before_days, last infusion + window_after_days]."""
+    from datetime import timedelta
+
+    from .timeline import find_infusions
+
+    patient = client.read("Patient", patient_id)
+    resources: list[dict[str, Any]] = [patient]
+    procs = client.search("Procedure", [("patient", patient_id)])
+    meds = client.search("MedicationAdministration", [("patient", patient_id), ("_include", "MedicationAdministration:medication")])
+    resources += procs.matches + meds.matches + meds.includes
+    result, _ = map_items((SourceResource(r, f"server#{i}") for i, r in enumerate(resources)), code_map)
+    events = [e for evs in result.events.values() for e in evs]
+    infusions = find_infusions(events)
+    if infusions:
+        lo = infusions[0][0] - timedelta(days=cfg.window_before_days)
+        hi = infusions[-1][0] + timedelta(days=cfg.window_after_days)
+        obs = client.search("Observation", [("patient", patient_id), ("date", "ge" + iso(lo)), ("date", "le" + iso(hi))])
+        resources += obs.matches
+    return resources
+
+
+def write_case(client: Any, case: GradedCase, settings: GradingSettings, identifier_system: str,
+               dry_run: bool = False, attempts: int = 3) -> WriteOutcome:
+    """Idempotent write-back of one case in ONE transaction (all or nothing).
+
+    Existing Conditions/Bundle are found by identifier; if the stored content hash matches,
+    nothing is written. Otherwise existing resources are updated with If-Match on their version
+    and absent ones created by conditional update; a version conflict (HAPI 409 / spec 412)
+    re-reads and re-applies up to `attempts` times; more than one match for an identifier is a
+    data-quality error that is reported and never retried.
+    """
+    from datetime import UTC, datetime
+
+    from .errors import DuplicateTargetError, FhirServerError
+    from .fhir.client import PreconditionFailed, VersionConflict
+    from .writeback import build_case_write, identifiers, stored_hash, transaction_for
+
+    ids = identifiers(case, identifier_system)
+    types = {"crs": "Condition", "icans": "Condition", "summary": "Bundle"}
+    tl = case.timeline
+    last_error: Exception | None = None
+    for _ in range(attempts):
+        existing: dict[str, tuple[str, str | None]] = {}
+        stored: dict[str, dict[str, Any]] = {}
+        for name, ident in ids.items():
+            found = client.search(types[name], [("identifier", f"{ident['system']}|{ident['value']}")], no_cache=True).matches
+            if len(found) > 1:
+                raise DuplicateTargetError(
+                    f"{len(found)} {types[name]} resources on the server carry identifier {ident['system']}|{ident['value']}: "
+                    "a data-quality problem to fix on the server (not retried)."
+                )
+            if found:
+                r = found[0]
+                version = (r.get("meta") or {}).get("versionId")
+                existing[name] = (r["id"], f'W/"{version}"' if version else None)
+                stored[name] = r
+        recorded = datetime.now(UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+        write = build_case_write(case, settings, identifier_system, include_icans_if_zero="icans" in existing, recorded=recorded)
+        new_hash = stored_hash(write.resources["crs"])
+        if case.crs["astct"].grade == 0 and "crs" not in existing:
+            write.resources.pop("crs")  # no CRS, and nothing written before: nothing to refute
+            if "icans" not in write.resources:
+                return WriteOutcome(tl.patient, iso(tl.infusion) or "", "unchanged", {})
+        if "crs" in stored and stored_hash(stored["crs"]) == new_hash and "summary" in existing and (
+            ("icans" in stored) == ("icans" in write.resources)
+        ):
+            return WriteOutcome(tl.patient, iso(tl.infusion) or "", "unchanged",
+                                {n: f"{types[n]}/{existing[n][0]}" for n in existing})
+        tx = transaction_for(write, existing)
+        if dry_run:
+            return WriteOutcome(tl.patient, iso(tl.infusion) or "", "dry-run",
+                                {e["resource"]["resourceType"] + ":" + n: e["request"]["url"] for n, e in zip(write.resources, tx["entry"], strict=True)}, tx)
+        try:
+            response = client.transaction(tx)
+        except VersionConflict as exc:
+            last_error = exc
+            continue
+        except PreconditionFailed as exc:
+            if exc.multiple_matches:
+                raise DuplicateTargetError(f"conditional write matched more than one resource: {exc}") from exc
+            last_error = exc
+            continue
+        written = {}
+        for name, entry in zip(write.resources, response.get("entry") or [], strict=False):
+            loc = ((entry.get("response") or {}).get("location") or "")
+            parts = loc.split("/_history")[0].rsplit("/", 2)
+            written[name] = "/".join(parts[-2:]) if len(parts) >= 2 else loc
+        return WriteOutcome(tl.patient, iso(tl.infusion) or "", "updated" if existing else "created", written)
+    raise FhirServerError(f"could not write {tl.patient} after {attempts} version conflicts: {last_error}")
+
+
+def pull_patient(client: Any, patient_id: str, cfg: Any, settings: GradingSettings | None = None,
+                 write: bool = False, dry_run: bool = False) -> PullResult:
+    code_map = load_code_map(Path(cfg.mappings) if cfg.mappings else None)
+    settings = settings or load_settings(code_map.directory)
+    resources = fetch_patient(client, patient_id, cfg, code_map)
+    run = grade_resources(resources, settings, code_map.directory, origin=f"Patient/{patient_id}")
+    writes = []
+    if write or dry_run:
+        for case in run.cases:
+            writes.append(write_case(client, case, settings, cfg.identifier_system, dry_run=dry_run))
+    return PullResult(run, writes, client.requests_made)

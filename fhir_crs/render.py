@@ -14,7 +14,11 @@ def _when(v: dict[str, Any], key: str) -> str:
     if t is None:
         return "–"
     h = v.get("hours", {}).get(key)
-    return f"{t[:16].replace('T', ' ')} (+{h:g} h)" if h is not None else t
+    return f"{h:+g} h" if h is not None else t
+
+
+def _dash(v: Any) -> str:
+    return "–" if v is None else str(v)
 
 
 def render_run(data: dict[str, Any], console: Console, show_skips: bool = False) -> None:
@@ -23,7 +27,8 @@ def render_run(data: dict[str, Any], console: Console, show_skips: bool = False)
         console.print("[yellow]No CAR-T infusion (day 0) found in the input: nothing to grade.[/yellow]")
     for case in cases:
         age = case.get("age_years")
-        title = f"{case['patient']} — CAR-T infusion {case['infusion']}" + (f" — age {age} y" if age is not None else "")
+        title = (f"{case['patient']} — CAR-T infusion (day 0) {case['infusion']}" + (f" — age {age} y" if age is not None else "")
+                 + " — times in hours from day 0")
         table = Table(title=title, title_justify="left", show_lines=False)
         for col in ("Syndrome", "System", "Grade", "Onset", "Max at", "Resolved", "Flags"):
             table.add_column(col, overflow="fold")
@@ -42,7 +47,7 @@ def render_run(data: dict[str, Any], console: Console, show_skips: bool = False)
                 f"  carHLH: {'met' if h.get('met') else 'not met'}"
                 f"{' (' + h['onset'][:16] + ')' if h.get('onset') else ''}"
                 f" · IEC-HS screen: {'suspected, provisional grade ' + str(i.get('grade')) if i.get('suspected') else 'not suspected'}"
-                f" · ICAHT early {c.get('early_grade', '–')} / late {c.get('late_grade', '–')}",
+                f" · ICAHT early {_dash(c.get('early_grade'))} / late {_dash(c.get('late_grade'))}",
                 markup=False, highlight=False,
             )
         astct = case.get("crs", {}).get("astct", {})
@@ -60,3 +65,16 @@ def render_run(data: dict[str, Any], console: Console, show_skips: bool = False)
         if show_skips:
             for s in skipped:
                 console.print(f"  {s['resource']}: {s['reason']}", markup=False, highlight=False)
+
+
+def render_timeline(case: dict[str, Any], console: Console, limit: int = 80) -> None:
+    """The case timeline: hours from day 0, what happened, and the source resource."""
+    table = Table(title=f"{case['patient']} — timeline from CAR-T infusion {case['infusion']}", title_justify="left")
+    for col in ("Hour", "Event", "Detail", "Source"):
+        table.add_column(col, overflow="fold")
+    rows = case.get("timeline", [])
+    for e in rows[:limit]:
+        table.add_row(f"{e['hour']:+g}", str(e["kind"]).replace("_", " "), str(e["detail"]), ", ".join(e["evidence"][:2]))
+    console.print(table)
+    if len(rows) > limit:
+        console.print(f"  … {len(rows) - limit} more events (--json for all)")

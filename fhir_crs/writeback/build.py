@@ -40,6 +40,7 @@ NCIT = "http://ncicb.nci.nih.gov/xml/owl/EVS/Thesaurus.owl"
 LOCAL_SYSTEM = "urn:fhir-crs:CodeSystem:grading-system"
 LOCAL_GRADE = "urn:fhir-crs:CodeSystem:grade"
 LOCAL_RESULT = "urn:fhir-crs:CodeSystem:result"
+HASH_EXTENSION = "urn:fhir-crs:StructureDefinition:content-hash"
 CLINICAL = "http://terminology.hl7.org/CodeSystem/condition-clinical"
 VERIFICATION = "http://terminology.hl7.org/CodeSystem/condition-ver-status"
 CATEGORY = "http://terminology.hl7.org/CodeSystem/condition-category"
@@ -242,8 +243,20 @@ def build_case_write(case: GradedCase, settings: GradingSettings, identifier_sys
     if recorded:
         bundle["timestamp"] = recorded
     out.resources["summary"] = bundle
+    digest = out.content_hash()
+    for name in ("crs", "icans"):
+        if name in out.resources:
+            out.resources[name]["extension"] = [{"url": HASH_EXTENSION, "valueString": digest}]
     validate(out)
     return out
+
+
+def stored_hash(resource: dict[str, Any]) -> str | None:
+    """The content hash a previous run stored on a Condition it wrote."""
+    for ext in resource.get("extension") or []:
+        if isinstance(ext, dict) and ext.get("url") == HASH_EXTENSION:
+            return ext.get("valueString")
+    return None
 
 
 def validate(write: CaseWrite) -> None:
