@@ -98,7 +98,7 @@ def _note(system: str, r: dict[str, Any]) -> str:
     return "; ".join(parts)
 
 
-def _condition(case_json: dict[str, Any], kind: str, ident: dict[str, str], recorded: str | None) -> dict[str, Any]:
+def _condition(case_json: dict[str, Any], kind: str, ident: dict[str, str]) -> dict[str, Any]:
     results = case_json["crs"] if kind == "CRS" else case_json["icans"]
     primary = results["astct"]
     g = primary["grade"]
@@ -139,8 +139,6 @@ def _condition(case_json: dict[str, Any], kind: str, ident: dict[str, str], reco
         refs = [r for r in primary.get("evidence", []) if not r.startswith("Patient/")]
         if refs:
             cond["evidence"] = [{"detail": [{"reference": r} for r in refs]}]
-    if recorded:
-        cond["recordedDate"] = recorded
     return cond
 
 
@@ -212,9 +210,9 @@ def build_case_write(case: GradedCase, settings: GradingSettings, identifier_sys
     cj = case.to_json(settings)
     ids = identifiers(case, identifier_system)
     out = CaseWrite(ids)
-    out.resources["crs"] = _condition(cj, "CRS", ids["crs"], recorded)
+    out.resources["crs"] = _condition(cj, "CRS", ids["crs"])
     if cj["icans"]["astct"]["grade"] > 0 or include_icans_if_zero:
-        out.resources["icans"] = _condition(cj, "ICANS", ids["icans"], recorded)
+        out.resources["icans"] = _condition(cj, "ICANS", ids["icans"])
     key = ids["summary"]["value"]
     entries = [{"fullUrl": _uuid(key, name), "resource": res} for name, res in out.resources.items()]
     for family in ("crs", "icans"):
@@ -240,13 +238,17 @@ def build_case_write(case: GradedCase, settings: GradingSettings, identifier_sys
         entries.append({"fullUrl": _uuid(key, "adjacent", name), "resource": obs})
     entries.append({"fullUrl": _uuid(key, "timeline"), "resource": _timeline_list(cj)})
     bundle: dict[str, Any] = {"resourceType": "Bundle", "identifier": ids["summary"], "type": "collection", "entry": entries}
-    if recorded:
-        bundle["timestamp"] = recorded
     out.resources["summary"] = bundle
+    # Hash the clinical content first; run-time fields are added after (the Bundle's entries are
+    # the same Condition objects, so they carry the hash and the recorded date too).
     digest = out.content_hash()
     for name in ("crs", "icans"):
         if name in out.resources:
             out.resources[name]["extension"] = [{"url": HASH_EXTENSION, "valueString": digest}]
+            if recorded:
+                out.resources[name]["recordedDate"] = recorded
+    if recorded:
+        bundle["timestamp"] = recorded
     validate(out)
     return out
 
