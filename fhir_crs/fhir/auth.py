@@ -1,0 +1,98 @@
+"""Credentials for the FHIR client (stage: fhir/client ⇄ FHIR server).
+
+`FhirClient` asks its `Auth` for headers before every request (so a refreshed token is picked up
+on the next attempt) and calls `on_unauthorized()` once when the server answers 401: returning
+True means "credentials refreshed, resend the request once" (SMART Backend Services re-mints its
+token there); static credentials return False and the 401 becomes `FhirAuthError`.
+
+Secrets never appear in `repr()`/`str()`, exception messages or logs.
+"""
+
+from __future__ import annotations
+
+import base64
+from collections.abc import MutableMapping
+from typing import Protocol, runtime_checkable
+
+from ..errors import ConfigError
+
+__all__ = ["Auth", "BasicAuth", "BearerAuth", "NoAuth"]
+
+
+@runtime_checkable
+class Auth(Protocol):
+    """What `FhirClient` needs from a credential source."""
+
+    def apply(self, headers: MutableMapping[str, str]) -> None:
+        """Add (or remove) authorisation headers on an outgoing request, in place."""
+        ...
+
+    def on_unauthorized(self) -> bool:
+        """Called on a 401; return True if credentials were refreshed and the request may be resent once."""
+        ...
+
+
+class NoAuth:
+    """Sends no Authorization header at all.
+
+    The public HAPI sandbox answers 403 (HAPI-1979/1981 unknown bearer token) to *any*
+    Authorization header, so "no auth" must mean no header, not an empty one.
+    """
+
+    __slots__ = ()
+
+    def apply(self, headers: MutableMapping[str, str]) -> None:
+        headers.pop("Authorization", None)
+
+    def on_unauthorized(self) -> bool:
+        return False
+
+    def __repr__(self) -> str:
+        return "NoAuth()"
+
+
+class BearerAuth:
+    """A static bearer token (`Authorization: Bearer <token>`)."""
+
+    __slots__ = ("_token",)
+
+    def __init__(self, token: str) -> None:
+        token = token.strip() if isinstance(token, str) else ""
+        if not token:
+            raise ConfigError("Bearer token is empty; set a token or use no authentication.")
+        self._token = token
+
+    def apply(self, headers: MutableMapping[str, str]) -> None:
+        headers["Authorization"] = f"Bearer {self._token}"
+
+    def on_unauthorized(self) -> bool:
+        return False
+
+    def __repr__(self) -> str:
+        return "BearerAuth(token=<redacted>)"
+
+    __str__ = __repr__
+
+
+class BasicAuth:
+    """HTTP Basic credentials (`Authorization: Basic base64(user:password)`)."""
+
+    __slots__ = ("_password", "user")
+
+    def __init__(self, user: str, password: str) -> None:
+        if not user:
+            raise ConfigError("Basic auth user name is empty.")
+        self.user = user
+        self._password = password
+
+    def apply(self, headers: MutableMapping[str, str]) -> None:
+        raw = f"{self.user}:{self._password}".encode()
+        headers["Authorization"] = "Basic " + base64.b64encode(raw).decode("ascii")
+
+    def on_unauthorized(self) -> bool:
+        return False
+
+    def __repr__(self) -> str:
+        return f"BasicAuth(user={self.user!r}, password=<redacted>)"
+
+    __str__ = __repr__

@@ -1,0 +1,752 @@
+"""FHIR R4 REST client: the one module that touches HTTP (and the only one importing `requests`).
+
+Stage: FHIR server ⇄ `fhir/client` ⇄ pipeline. Everything here is dicts in, dicts out.
+
+What it handles (see docs/fhir-ecosystem.md §1):
+
+* Paging follows `Bundle.link[relation=next].url` as an opaque URL resolved against the request
+  that returned it (HAPI answers `[base]?_getpages=<uuid>&_getpagesoffset=..`; other servers give
+  host-relative links). It stops on a missing or repeated next link and after `max_pages`.
+* A 410 while paging (HAPI: `Search ID[..] does not exist and may have expired`) restarts the
+  search once from page 1; results are de-duplicated on `resourceType/id`, highest
+  `meta.versionId` wins.
+* Retries with capped exponential backoff and full jitter on 429/502/503/504 (every method) and
+  500 (GET only), honouring `Retry-After` (seconds or HTTP-date), within `total_time_cap`.
+* Error statuses become the named exceptions of `fhir_crs.errors`, keeping the
+  OperationOutcome diagnostics (`HAPI-NNNN: ...`), plus `PreconditionFailed`, `VersionConflict`
+  and `ServerUnavailable` defined below.
+
+Logging (`fhir_crs.fhir`, DEBUG) records method, URL path and query parameter *names* only:
+query values can carry patient identifiers, and headers carry credentials.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import html
+import logging
+import random
+import re
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+from urllib.parse import parse_qsl, quote, urljoin, urlsplit
+
+import orjson
+import requests
+import urllib3.exceptions
+
+from ..errors import (
+    ConfigError,
+    FhirAuthError,
+    FhirNotFound,
+    FhirOperationOutcome,
+    FhirServerError,
+)
+from .auth import Auth
+
+__all__ = [
+    "FhirClient",
+    "Params",
+    "PreconditionFailed",
+    "SearchIterator",
+    "SearchResult",
+    "ServerUnavailable",
+    "VersionConflict",
+    "WriteResult",
+]
+
+log = logging.getLogger("fhir_crs.fhir")
+
+FHIR_JSON = "application/fhir+json"
+Resource = dict[str, Any]
+Params = Mapping[str, str | Sequence[str]] | Sequence[tuple[str, str]]
+# (status, returned resource or None for an empty body, ETag)
+WriteResult = tuple[int, Resource | None, str | None]
+
+RETRY_ANY_METHOD = frozenset({429, 502, 503, 504})
+# A 500 on a write may have been applied before the server failed; only GET is safe to repeat.
+RETRY_GET_ONLY = frozenset({500})
+IDEMPOTENT_TRANSPORT = frozenset({"GET", "HEAD", "DELETE"})
+MESSAGE_DIAGNOSTICS_MAX = 500
+HTML_DIAGNOSTICS_MAX = 200
+
+_MULTIPLE_MATCHES = re.compile(
+    r"multiple[\s-]+(resources?\s+)?match|matched\s+\d+\s+resources|more than one (resource|match)",
+    re.IGNORECASE,
+)
+_VERSION_CONFLICT = re.compile(
+    r"version\s*conflict|if-match|not the current version|HAPI-0989|version\s+mismatch",
+    re.IGNORECASE,
+)
+_TAGS = re.compile(r"<(script|style)\b.*?</\1\s*>|<[^>]*>", re.IGNORECASE | re.DOTALL)
+_SPACE = re.compile(r"\s+")
+_QUERY_IN_TEXT = re.compile(r"\?[^\s'\")]*")
+_OBJECT_REPR = re.compile(r"<[\w.]+ object at 0x[0-9a-f]+>:\s*")
+
+
+# --------------------------------------------------------------------------- errors
+
+
+class PreconditionFailed(FhirOperationOutcome):
+    """HTTP 412 on a conditional write. `multiple_matches` is True when the match URL hit 2+ resources
+    (a data-quality problem the caller must surface; never retried)."""
+
+    def __init__(
+        self,
+        message: str,
+        status: int | None = None,
+        diagnostics: str | None = None,
+        *,
+        multiple_matches: bool = False,
+    ) -> None:
+        super().__init__(message, status, diagnostics)
+        self.multiple_matches = multiple_matches
+
+
+class VersionConflict(FhirOperationOutcome):
+    """The resource changed under us: HAPI answers an If-Match mismatch with 409 (HAPI-0989), the spec,
+    sekmet and Medplum with 412. The caller re-reads and re-applies."""
+
+
+class ServerUnavailable(FhirServerError):
+    """The server could not be reached (refused, timed out) or kept failing until retries or the
+    time cap ran out."""
+
+
+# --------------------------------------------------------------------------- search results
+
+
+@dataclass(slots=True)
+class SearchResult:
+    """All pages of one search. `matches` and `includes` are de-duplicated on `resourceType/id`."""
+
+    matches: list[Resource] = field(default_factory=list)
+    includes: list[Resource] = field(default_factory=list)
+    outcomes: list[Resource] = field(default_factory=list)
+    pages: int = 0
+    restarted: bool = False
+    truncated: bool = False
+    total: int | None = None
+
+
+def _key(resource: Resource) -> str | None:
+    rtype, rid = resource.get("resourceType"), resource.get("id")
+    if isinstance(rtype, str) and isinstance(rid, str) and rid:
+        return f"{rtype}/{rid}"
+    return None
+
+
+def _version(resource: Resource) -> str | None:
+    meta = resource.get("meta")
+    vid = meta.get("versionId") if isinstance(meta, dict) else None
+    return vid if isinstance(vid, str) and vid else None
+
+
+def _newer(new: str | None, old: str | None) -> bool:
+    """True when `new` is a later version than `old` (numeric when both are, as HAPI's are)."""
+    if new is None:
+        return False
+    if old is None:
+        return True
+    if new.isdigit() and old.isdigit():
+        return int(new) > int(old)
+    return new != old
+
+
+class _Dedup:
+    """Keeps one resource per `resourceType/id`, the highest `meta.versionId`, in first-seen order."""
+
+    __slots__ = ("_by_key", "_unkeyed")
+
+    def __init__(self) -> None:
+        self._by_key: dict[str, Resource] = {}
+        self._unkeyed: list[Resource] = []
+
+    def add(self, resource: Resource) -> bool:
+        """Store `resource`; True if it is new or a newer version than the one held."""
+        key = _key(resource)
+        if key is None:
+            self._unkeyed.append(resource)
+            return True
+        held = self._by_key.get(key)
+        if held is not None and not _newer(_version(resource), _version(held)):
+            return False
+        self._by_key[key] = resource
+        return True
+
+    def values(self) -> list[Resource]:
+        return [*self._by_key.values(), *self._unkeyed]
+
+
+class SearchIterator(Iterator[Resource]):
+    """Lazily pages one search and yields its *match* resources, page by page.
+
+    Included resources (`search.mode == "include"`, de-duplicated across pages) and outcome
+    entries (`search.mode == "outcome"`, e.g. Epic warnings) are collected on the iterator as
+    `includes` and `outcomes`; `pages`, `restarted`, `truncated` and `total` are filled in as
+    pages arrive. Read them after (or during) iteration.
+
+    A match is yielded once per `resourceType/id`. After a 410 restart a resource already yielded
+    is yielded again only if its `meta.versionId` is newer, so callers keying on
+    `resourceType/id` should let the later one win.
+    """
+
+    def __init__(
+        self, client: FhirClient, url: str, params: list[tuple[str, str]], *, no_cache: bool
+    ) -> None:
+        self._includes = _Dedup()
+        self.outcomes: list[Resource] = []
+        self.pages = 0
+        self.restarted = False
+        self.truncated = False
+        self.total: int | None = None
+        self._client = client
+        self._url = url
+        self._params = params
+        self._no_cache = no_cache
+        self._versions: dict[str, str | None] = {}
+        self._gen = self._run()
+
+    @property
+    def includes(self) -> list[Resource]:
+        return self._includes.values()
+
+    def __iter__(self) -> SearchIterator:
+        return self
+
+    def __next__(self) -> Resource:
+        return next(self._gen)
+
+    def _run(self) -> Iterator[Resource]:
+        client = self._client
+        first_headers = {"Cache-Control": "no-cache"} if self._no_cache else {}
+        resp = client._send("GET", self._url, params=self._params, headers=first_headers)
+        followed: set[str] = set()
+        while True:
+            bundle = client._json(resp, "GET")
+            if bundle.get("resourceType") != "Bundle":
+                raise FhirOperationOutcome(
+                    f"GET {_path(resp.url or self._url)} did not return a Bundle "
+                    f"(got {bundle.get('resourceType')!r}).",
+                    resp.status_code,
+                )
+            self.pages += 1
+            if self.total is None and isinstance(bundle.get("total"), int):
+                self.total = bundle["total"]
+            yield from self._entries(bundle)
+
+            nxt = _next_link(bundle)
+            if nxt is None:
+                return
+            # Resolve against the URL that returned this page: HAPI gives "[base]?_getpages=..",
+            # other servers host-relative "/fhir?_getpages=..".
+            next_url = urljoin(resp.url or self._url, nxt)
+            if next_url in followed:
+                # hapi-fhir#1300: the last page may still carry a next link (here: one we followed).
+                log.debug("search stopped: next link repeats %s", _path(next_url))
+                return
+            if self.pages >= client.max_pages:
+                self.truncated = True
+                log.warning(
+                    "search stopped after %d pages (max_pages); results are incomplete", self.pages
+                )
+                return
+            followed.add(next_url)
+            try:
+                resp = client._send("GET", next_url)
+            except FhirNotFound as exc:
+                # HAPI expires stored search pages (default 1 h) with 410 Gone; restart from page 1
+                # once. `no-cache` makes HAPI run the search afresh instead of reusing a cached one.
+                if exc.status != 410 or self.restarted:
+                    raise
+                log.info("search page expired (410); restarting the search from page 1")
+                self.restarted = True
+                followed.clear()
+                resp = client._send(
+                    "GET", self._url, params=self._params, headers={"Cache-Control": "no-cache"}
+                )
+
+    def _entries(self, bundle: Resource) -> list[Resource]:
+        """Partition one page by `search.mode`; returns its new matches. The whole page is sorted
+        before any match is yielded, so the page's includes are available alongside its matches."""
+        new: list[Resource] = []
+        for entry in bundle.get("entry") or ():
+            resource = entry.get("resource") if isinstance(entry, dict) else None
+            if not isinstance(resource, dict):
+                log.warning("search page entry without a resource ignored (fullUrl %s)",
+                            entry.get("fullUrl") if isinstance(entry, dict) else None)
+                continue
+            search = entry.get("search")
+            mode = search.get("mode") if isinstance(search, dict) else None
+            if mode == "include":
+                self._includes.add(resource)
+            elif mode == "outcome":
+                self.outcomes.append(resource)
+            else:  # "match", or absent (the spec's default for searchset entries)
+                key = _key(resource)
+                if key is not None:
+                    version = _version(resource)
+                    if key in self._versions and not _newer(version, self._versions[key]):
+                        continue
+                    self._versions[key] = version
+                new.append(resource)
+        return new
+
+
+def _next_link(bundle: Resource) -> str | None:
+    for link in bundle.get("link") or ():
+        if isinstance(link, dict) and link.get("relation") == "next":
+            url = link.get("url")
+            if isinstance(url, str) and url.strip():
+                return url.strip()
+    return None
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _path(url: str) -> str:
+    """The URL's path only: no host credentials, no query values (they can identify patients)."""
+    return urlsplit(url).path or "/"
+
+
+def _origin(url: str) -> str:
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    port = f":{parts.port}" if parts.port else ""
+    return f"{parts.scheme}://{host}{port}"
+
+
+def _param_names(url: str, params: list[tuple[str, str]] | None) -> str:
+    names = [k for k, _ in parse_qsl(urlsplit(url).query, keep_blank_values=True)]
+    names += [k for k, _ in params or ()]
+    return ",".join(dict.fromkeys(names))
+
+
+def _normalise_params(params: Params | None) -> list[tuple[str, str]]:
+    if params is None:
+        return []
+    if isinstance(params, Mapping):
+        out: list[tuple[str, str]] = []
+        for k, v in params.items():
+            if isinstance(v, str | int | float):
+                out.append((k, str(v)))
+            else:
+                out.extend((k, str(x)) for x in v)
+        return out
+    return [(str(k), str(v)) for k, v in params]
+
+
+def _one_line(text: str) -> str:
+    return _SPACE.sub(" ", text).strip()
+
+
+def _outcome_text(data: Any) -> tuple[str | None, tuple[str, ...]]:
+    """(joined diagnostics, issue codes) from an OperationOutcome or OAuth-style error body."""
+    if not isinstance(data, dict):
+        return None, ()
+    if data.get("resourceType") == "OperationOutcome":
+        parts: list[str] = []
+        codes: list[str] = []
+        for issue in data.get("issue") or ():
+            if not isinstance(issue, dict):
+                continue
+            if isinstance(issue.get("code"), str):
+                codes.append(issue["code"])
+            for text in (issue.get("diagnostics"), (issue.get("details") or {}).get("text")):
+                if isinstance(text, str) and text.strip() and _one_line(text) not in parts:
+                    parts.append(_one_line(text))
+        return ("; ".join(parts) or None), tuple(codes)
+    texts = [data.get(k) for k in ("error_description", "error", "message")]
+    found = [_one_line(t) for t in texts if isinstance(t, str) and t.strip()]
+    return (found[0] if found else None), ()
+
+
+def _diagnostics(resp: requests.Response) -> tuple[str | None, tuple[str, ...]]:
+    try:
+        content = resp.content
+    except requests.RequestException:
+        return None, ()
+    if not content:
+        return None, ()
+    try:
+        return _outcome_text(orjson.loads(content))
+    except orjson.JSONDecodeError:
+        pass
+    # Proxies (nginx 502/504) answer with HTML, not FHIR.
+    text = _one_line(html.unescape(_TAGS.sub(" ", resp.text)))
+    return (text[:HTML_DIAGNOSTICS_MAX] or None), ()
+
+
+def _retry_after(value: str | None) -> float | None:
+    if not value:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return float(value)
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError):
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
+    return max(0.0, (when - datetime.now(UTC)).total_seconds())
+
+
+def _connected_never(exc: requests.RequestException) -> bool:
+    """True when the request never reached the server (safe to resend whatever the method)."""
+    if isinstance(exc, requests.ConnectTimeout):
+        return True
+    reason = getattr(exc.args[0], "reason", None) if exc.args else None
+    never = urllib3.exceptions.NewConnectionError | urllib3.exceptions.ConnectTimeoutError
+    return isinstance(reason, never)
+
+
+def _transport_reason(exc: requests.RequestException) -> str:
+    inner: Any = exc.args[0] if exc.args else exc
+    inner = getattr(inner, "reason", None) or inner
+    text = _OBJECT_REPR.sub("", str(inner)) or type(exc).__name__
+    return _one_line(_QUERY_IN_TEXT.sub("", text))
+
+
+def _no_netrc(r: requests.PreparedRequest) -> requests.PreparedRequest:
+    # A truthy `auth` stops requests adding ~/.netrc credentials; all auth goes through `Auth`.
+    return r
+
+
+# --------------------------------------------------------------------------- client
+
+
+class FhirClient:
+    """A FHIR R4 REST client on one `requests.Session`.
+
+    Args:
+        base_url: service base, e.g. ``http://127.0.0.1:8080/fhir`` (no trailing ``/metadata``).
+        auth: credentials (`NoAuth`, `BearerAuth`, `BasicAuth`, SMART); None sends no Authorization.
+        timeout: seconds per HTTP request (connect and read).
+        page_size: sent as ``_count`` on the first search request unless the caller passes
+            ``_count``; None sends none. Servers may clamp it (HAPI starter: 200).
+        max_retries: retries after the first attempt for retryable failures.
+        backoff_base, backoff_cap: full-jitter backoff, ``uniform(0, min(cap, base * 2**n))``.
+        total_time_cap: seconds one call may spend including waits; beyond it `ServerUnavailable`.
+        max_pages: a search stops (``truncated=True``) after this many pages.
+        sleep: injectable for tests.
+
+    Attributes:
+        requests_made: HTTP requests attempted, including retries and 401 re-sends.
+    """
+
+    def __init__(
+        self,
+        base_url: str,
+        *,
+        auth: Auth | None = None,
+        timeout: float = 30.0,
+        page_size: int | None = 200,
+        max_retries: int = 5,
+        backoff_base: float = 0.5,
+        backoff_cap: float = 30.0,
+        total_time_cap: float = 600.0,
+        max_pages: int = 10_000,
+        user_agent: str = "fhir-crs/0.1",
+        session: requests.Session | None = None,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> None:
+        parts = urlsplit(base_url.strip())
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ConfigError(
+                "FHIR base URL must be an absolute http(s) URL such as http://127.0.0.1:8080/fhir."
+            )
+        self.base_url = base_url.strip().rstrip("/")
+        self.auth = auth
+        self.timeout = timeout
+        self.page_size = page_size
+        self.max_retries = max(0, max_retries)
+        self.backoff_base = backoff_base
+        self.backoff_cap = backoff_cap
+        self.total_time_cap = total_time_cap
+        self.max_pages = max(1, max_pages)
+        self.user_agent = user_agent
+        self.requests_made = 0
+        self._owns_session = session is None
+        self.session = session if session is not None else requests.Session()
+        self._sleep = sleep
+        self._rng = random.Random()
+        host = parts.hostname + (f":{parts.port}" if parts.port else "")
+        self._base_display = f"{parts.scheme}://{host}{parts.path.rstrip('/')}"
+
+    def __repr__(self) -> str:
+        return f"FhirClient({self._base_display!r}, auth={self.auth!r})"
+
+    def close(self) -> None:
+        if self._owns_session:
+            self.session.close()
+
+    def __enter__(self) -> FhirClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ----------------------------------------------------------------- public API
+
+    def capabilities(self) -> Resource:
+        """GET [base]/metadata (the CapabilityStatement)."""
+        return self._json(self._send("GET", self._url("metadata")), "GET")
+
+    def read(self, type_: str, id_: str) -> Resource:
+        """GET [base]/Type/id. Raises `FhirNotFound` on 404/410."""
+        return self.read_with_version(type_, id_)[0]
+
+    def read_with_version(self, type_: str, id_: str) -> tuple[Resource, str | None]:
+        """GET [base]/Type/id; returns the resource and its ETag (``W/"n"``, for If-Match)."""
+        if not type_ or not id_:
+            raise ValueError("read needs a resource type and an id")
+        resp = self._send("GET", self._url(f"{quote(type_, safe='')}/{quote(id_, safe='')}"))
+        return self._json(resp, "GET"), resp.headers.get("ETag")
+
+    def search_iter(
+        self, type_: str, params: Params | None = None, *, no_cache: bool = False
+    ) -> SearchIterator:
+        """Lazily page ``GET [base]/type_?params``, yielding match resources.
+
+        `type_` may also be a path such as ``Patient/123/$everything``. Includes, outcomes and
+        paging facts are attributes of the returned `SearchIterator`. ``no_cache=True`` sends
+        ``Cache-Control: no-cache`` (HAPI reuses identical searches for 60 s; use after a write).
+        """
+        query = _normalise_params(params)
+        if self.page_size and not any(k == "_count" for k, _ in query):
+            query.append(("_count", str(self.page_size)))
+        return SearchIterator(self, self._url(type_), query, no_cache=no_cache)
+
+    def search(
+        self, type_: str, params: Params | None = None, *, no_cache: bool = False
+    ) -> SearchResult:
+        """All pages of a search, partitioned by `search.mode` and de-duplicated (see `search_iter`)."""
+        it = self.search_iter(type_, params, no_cache=no_cache)
+        matches = _Dedup()
+        for resource in it:
+            matches.add(resource)
+        return SearchResult(
+            matches=matches.values(),
+            includes=it.includes,
+            outcomes=it.outcomes,
+            pages=it.pages,
+            restarted=it.restarted,
+            truncated=it.truncated,
+            total=it.total,
+        )
+
+    def transaction(self, bundle: Resource) -> Resource:
+        """POST [base] with a transaction (or batch) Bundle; returns the response Bundle."""
+        if bundle.get("resourceType") != "Bundle" or bundle.get("type") not in ("transaction", "batch"):
+            raise ValueError("transaction() needs a Bundle of type 'transaction' or 'batch'")
+        status, body, _ = self._write("POST", "", bundle, {})
+        if body is None:
+            raise FhirOperationOutcome(
+                f"POST {_path(self.base_url)} returned HTTP {status} with no Bundle.", status
+            )
+        return body
+
+    def put(self, path: str, resource: Resource, *, if_match: str | None = None) -> WriteResult:
+        """PUT [base]/path, e.g. ``Condition/crs-1`` or conditional ``Condition?identifier=sys|val``.
+
+        Returns (status, returned resource or None, ETag). 412/409 raise `PreconditionFailed` /
+        `VersionConflict` and are never retried.
+        """
+        return self._write("PUT", path, resource, {"If-Match": if_match} if if_match else {})
+
+    def post(
+        self, path: str, resource: Resource, *, if_none_exist: str | None = None
+    ) -> WriteResult:
+        """POST [base]/path (create). With `if_none_exist` (e.g. ``identifier=sys|val``) an existing
+        match gives 200 and nothing is written; 2+ matches raise `PreconditionFailed`."""
+        headers = {"If-None-Exist": if_none_exist} if if_none_exist else {}
+        return self._write("POST", path, resource, headers)
+
+    def get_url(
+        self,
+        url: str,
+        *,
+        accept: str = FHIR_JSON,
+        stream: bool = False,
+        headers: Mapping[str, str] | None = None,
+        with_auth: bool = True,
+    ) -> requests.Response:
+        """GET an absolute URL (or one relative to the base), with retries and error mapping.
+
+        For Bulk Data: kick-off (pass ``headers={"Prefer": "respond-async"}``), status polling
+        (202 is returned, not raised) and NDJSON files (``stream=True``,
+        ``accept="application/fhir+ndjson"``). ``with_auth=False`` for files whose manifest says
+        ``requiresAccessToken: false`` (pre-signed storage URLs reject a second credential).
+        """
+        hdrs = {"Accept": accept, **(headers or {})}
+        return self._send("GET", self._absolute(url), headers=hdrs, stream=stream, with_auth=with_auth)
+
+    def delete_url(self, url: str) -> int:
+        """DELETE an absolute (or base-relative) URL, e.g. a Bulk status URL; returns the status."""
+        resp = self._send("DELETE", self._absolute(url))
+        resp.close()
+        return resp.status_code
+
+    # ----------------------------------------------------------------- internals
+
+    def _url(self, path: str) -> str:
+        return f"{self.base_url}/{path.lstrip('/')}" if path else self.base_url
+
+    def _absolute(self, url: str) -> str:
+        return urljoin(self.base_url + "/", url)
+
+    def _write(
+        self, method: str, path: str, resource: Resource, headers: dict[str, str]
+    ) -> WriteResult:
+        resp = self._send(method, self._url(path), body=orjson.dumps(resource), headers=headers)
+        body = self._json(resp, method) if resp.content.strip() else None
+        return resp.status_code, body, resp.headers.get("ETag")
+
+    def _json(self, resp: requests.Response, method: str) -> Resource:
+        try:
+            data = orjson.loads(resp.content)
+        except orjson.JSONDecodeError:
+            data = None
+        if not isinstance(data, dict):
+            ctype = resp.headers.get("Content-Type", "no content type")
+            raise FhirOperationOutcome(
+                f"{method} {_path(resp.url or '')} returned HTTP {resp.status_code} with a body that is "
+                f"not FHIR JSON ({ctype}).",
+                resp.status_code,
+            )
+        return data
+
+    def _where(self, url: str) -> str:
+        return self._base_display if url.startswith(self.base_url) else _origin(url)
+
+    def _backoff(self, retry: int) -> float:
+        return self._rng.uniform(0.0, min(self.backoff_cap, self.backoff_base * (2**retry)))
+
+    def _send(
+        self,
+        method: str,
+        url: str,
+        *,
+        params: list[tuple[str, str]] | None = None,
+        body: bytes | None = None,
+        headers: Mapping[str, str] | None = None,
+        stream: bool = False,
+        with_auth: bool = True,
+    ) -> requests.Response:
+        """Send one logical request: retries, Retry-After, 401 refresh, status → exception."""
+        start = time.monotonic()
+        slept = 0.0
+        retry = 0
+        refreshed = False
+        names = _param_names(url, params)
+
+        def wait_or_give_up(delay: float, failure: str, status: int | None, diag: str | None) -> None:
+            nonlocal slept, retry
+            # `sleep` may be injected (no real wait); counting requested waits keeps the cap honest.
+            elapsed = max(time.monotonic() - start, slept)
+            if retry >= self.max_retries or elapsed + delay > self.total_time_cap:
+                why = (
+                    f"gave up after {retry + 1} attempts"
+                    if retry >= self.max_retries
+                    else f"gave up after {elapsed:.0f}s (next wait {delay:.0f}s exceeds the "
+                    f"{self.total_time_cap:.0f}s cap)"
+                )
+                raise ServerUnavailable(f"{failure} ({why}).", status, diag)
+            log.info("%s %s: %s; retrying in %.1fs", method, _path(url), failure, delay)
+            self._sleep(delay)
+            slept += delay
+            retry += 1
+
+        while True:
+            hdrs: dict[str, str] = {"Accept": FHIR_JSON, "User-Agent": self.user_agent}
+            if body is not None:
+                hdrs["Content-Type"] = FHIR_JSON
+            hdrs.update(headers or {})
+            if with_auth and self.auth is not None:
+                self.auth.apply(hdrs)
+            else:
+                hdrs.pop("Authorization", None)
+            log.debug("%s %s params=%s", method, _path(url), names)
+            remaining = self.total_time_cap - max(time.monotonic() - start, slept)
+            self.requests_made += 1
+            try:
+                resp = self.session.request(
+                    method,
+                    url,
+                    params=params,
+                    data=body,
+                    headers=hdrs,
+                    timeout=min(self.timeout, max(remaining, 1.0)),
+                    stream=stream,
+                    auth=_no_netrc,
+                )
+            except (requests.ConnectionError, requests.Timeout) as exc:
+                reason = _transport_reason(exc)
+                if isinstance(exc, requests.Timeout) and not isinstance(exc, requests.ConnectTimeout):
+                    reason = f"no answer within {self.timeout:g}s"
+                where = self._where(url)
+                failure = f"cannot reach FHIR server at {where}: {method} {_path(url)}: {reason}"
+                if method not in IDEMPOTENT_TRANSPORT and not _connected_never(exc):
+                    # The write may have reached the server; leave the decision to the caller.
+                    raise ServerUnavailable(failure + ".") from exc
+                wait_or_give_up(self._backoff(retry), failure, None, None)
+                continue
+
+            status = resp.status_code
+            if status == 401 and with_auth and self.auth is not None and not refreshed:
+                refreshed = True
+                if self.auth.on_unauthorized():
+                    log.info("%s %s: 401, credentials refreshed; resending once", method, _path(url))
+                    resp.close()
+                    continue
+            if status < 400:
+                return resp
+
+            retryable = status in RETRY_ANY_METHOD or (status in RETRY_GET_ONLY and method == "GET")
+            if not retryable:
+                raise self._error(method, url, resp)
+            diag, _ = _diagnostics(resp)
+            failure = _message(method, url, resp, diag)
+            resp.close()
+            delay = _retry_after(resp.headers.get("Retry-After"))
+            wait_or_give_up(self._backoff(retry) if delay is None else delay, failure, status, diag)
+
+    def _error(self, method: str, url: str, resp: requests.Response) -> FhirServerError:
+        status = resp.status_code
+        diag, codes = _diagnostics(resp)
+        resp.close()
+        message = _message(method, url, resp, diag)
+        if status in (404, 410):
+            return FhirNotFound(message, status, diag)
+        if status in (401, 403):
+            if status == 403 and diag and "bearer token" in diag.lower():
+                message += (
+                    " (the public HAPI sandbox rejects any Authorization header; use no auth there)"
+                )
+            return FhirAuthError(message, status, diag)
+        if status == 409:
+            # HAPI raises ResourceVersionConflictException (409) for If-Match mismatches (HAPI-0989)
+            # and for concurrent writes.
+            return VersionConflict(message, status, diag)
+        if status == 412:
+            text = diag or ""
+            multiple = "multiple-matches" in codes or bool(_MULTIPLE_MATCHES.search(text))
+            if not multiple and _VERSION_CONFLICT.search(text):
+                return VersionConflict(message, status, diag)
+            return PreconditionFailed(message, status, diag, multiple_matches=multiple)
+        return FhirOperationOutcome(message, status, diag)
+
+
+def _message(method: str, url: str, resp: requests.Response, diag: str | None) -> str:
+    reason = f" {resp.reason}" if resp.reason else ""
+    head = f"{method} {_path(url)} failed: HTTP {resp.status_code}{reason}"
+    if not diag:
+        return head
+    if len(diag) > MESSAGE_DIAGNOSTICS_MAX:
+        diag = diag[:MESSAGE_DIAGNOSTICS_MAX] + "…"
+    return f"{head}: {diag}"
