@@ -20,7 +20,7 @@ from .mapping_files import CodeMap, load_code_map
 from .mappers import ResourceMapper
 from .settings import GradingSettings, load_settings
 from .sources import SourceResource, iter_paths
-from .timeline import CaseTimeline, build_timelines, display_events
+from .timeline import CaseTimeline, build_timelines, case_facts, display_events, plot_series
 
 
 @dataclass(slots=True)
@@ -42,6 +42,8 @@ class GradedCase:
             "icans": {k: v.to_json(tl.infusion, settings) for k, v in self.icans.items()},
             "adjacent": self.adjacent,
             "timeline": display_events(tl, settings),
+            "facts": case_facts(tl, settings),
+            "series": plot_series(tl),
         }
 
 

@@ -587,3 +587,91 @@ def display_events(tl: CaseTimeline, s: GradingSettings) -> list[dict[str, objec
         add(tl.deceased, "death", "deceased", [tl.deceased_ref] if tl.deceased_ref else [])
     out.sort(key=lambda x: (x["hour"], str(x["kind"])))
     return out
+
+
+def case_facts(tl: CaseTimeline, s: GradingSettings) -> dict[str, object]:
+    """Cohort-level facts of a case (the seed paper's table): treatments, support, organ injury,
+    death and peak cytokines, each with the resources behind it."""
+    from .grading.organ import grade_lab
+    from .grading.result import iso
+
+    def peak(kind: str) -> dict[str, object] | None:
+        series = [m for m in tl.labs.get(kind, []) if m.time >= tl.infusion - 24 * H]
+        if not series:
+            return None
+        m = max(series, key=lambda m: m.value)
+        return {"value": m.value, "unit": m.unit, "at": iso(m.time), "evidence": [m.ref]}
+
+    def drugs(*classes: str, names: tuple[str, ...] = ()) -> list[str]:
+        return [d.ref for d in tl.drugs if d.start >= tl.infusion and (d.drug_class in classes or d.drug in names)]
+
+    liver = 0
+    liver_refs: list[str] = []
+    for lab in ("alt", "ast", "bilirubin"):
+        for m in tl.labs.get(lab, []):
+            if m.time >= tl.infusion:
+                g = grade_lab(tl, lab, m, s).grade
+                if g > liver:
+                    liver, liver_refs = g, [m.ref]
+    post_hypo = [h for h in tl.hypotension if h.time >= tl.infusion]
+    boluses_for_bp = [b.ref for b in tl.boluses if b.start >= tl.infusion and any(
+        b.start - H <= h.time <= b.start + H for h in post_hypo)]
+    pressors = [c.refs[0] for c in tl.pressors if c.start >= tl.infusion]
+    invasive = [r for g in tl.support if g.device == "invasive_ventilation" and g.end > tl.infusion and not g.home for r in g.refs]
+    purification = [p.ref for p in tl.procedures if p.kind == "blood_purification" and p.start >= tl.infusion]
+    return {
+        "age_years": tl.age_years,
+        "weight_kg": tl.weight_kg,
+        "haemodynamic_instability": bool(boluses_for_bp or pressors),
+        "haemodynamic_evidence": (pressors + boluses_for_bp)[:10],
+        "vasopressors": bool(pressors),
+        "mechanical_ventilation": bool(invasive),
+        "ventilation_evidence": invasive[:5],
+        "tocilizumab": drugs(names=("tocilizumab",)),
+        "corticosteroids": drugs("corticosteroid"),
+        "blood_purification": purification,
+        "liver_injury_grade": liver,
+        "liver_evidence": liver_refs,
+        "died": tl.deceased is not None,
+        "deceased": iso(tl.deceased),
+        "peak_il6": peak("il6"),
+        "peak_ifn_gamma": peak("ifn_gamma"),
+        "peak_ferritin": peak("ferritin"),
+        "peak_crp": peak("crp"),
+    }
+
+
+def plot_series(tl: CaseTimeline) -> dict[str, list[dict[str, object]]]:
+    """Time series for charts (hours from day 0): vitals, O2 support, vasopressors, drugs,
+    procedures and key labs."""
+    def h(t: datetime) -> float:
+        return round(tl.hours(t) or 0.0, 3)
+
+    def points(series: list[Measurement]) -> list[dict[str, object]]:
+        return [{"hour": h(m.time), "value": round(m.value, 2), "ref": m.ref} for m in series]
+
+    return {
+        "temperature": points(tl.temps),
+        "sbp": points([m for m in tl.sbp if m.kind == "sbp"]),
+        "spo2": points(tl.spo2),
+        "o2_support": [
+            {"start": h(g.start), "end": h(g.end), "device": g.device, "flow": g.flow, "fio2": g.fio2,
+             "home": g.home, "attributed": g.attributed, "refs": g.refs[:2]}
+            for g in tl.support
+        ],
+        "vasopressors": [
+            {"start": h(c.start), "end": h(c.end), "drug": c.drug, "refs": c.refs[:3],
+             "rates": [{"hour": h(d.start), "ug_min": d.rate_ug_min, "ug_kg_min": d.rate_ug_kg_min, "u_min": d.rate_u_min}
+                       for d in c.segments]}
+            for c in tl.pressors
+        ],
+        "drugs": [
+            {"hour": h(d.start), "end": h(d.end) if d.end else None, "drug": d.drug, "class": d.drug_class, "ref": d.ref}
+            for d in tl.drugs if d.drug_class not in ("vasopressor",)
+        ],
+        "procedures": [
+            {"start": h(p.start), "end": h(p.end) if p.end else None, "kind": p.kind, "text": p.text, "ref": p.ref}
+            for p in tl.procedures
+        ],
+        "labs": {k: points(v) for k, v in tl.labs.items() if k in ("il6", "ifn_gamma", "crp", "ferritin", "alt", "ast", "bilirubin", "creatinine", "anc", "fibrinogen")},
+    }
