@@ -56,8 +56,9 @@ def cli(verbose: bool) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object (the grade contract).")
 @click.option("--show-skips", is_flag=True, help="List every skipped resource with its reason.")
 @click.option("--strict", is_flag=True, help="Exit non-zero (7) if any resource was skipped.")
+@click.option("--series", is_flag=True, help="With --json: add the plotted time series of each case.")
 @mapping_options
-def grade(paths: tuple[Path, ...], as_json: bool, show_skips: bool, strict: bool,
+def grade(paths: tuple[Path, ...], as_json: bool, show_skips: bool, strict: bool, series: bool,
           mappings_dir: Path | None, overrides: tuple[str, ...]) -> None:
     """Grade CRS/ICANS from FHIR R4 files, folders, Bundles or NDJSON, with no server.
 
@@ -74,7 +75,7 @@ def grade(paths: tuple[Path, ...], as_json: bool, show_skips: bool, strict: bool
 
     settings = load_settings(mappings_dir or default_mappings_dir(), list(overrides))
     run = run_paths(list(paths), settings, mappings_dir)
-    data = run.to_json()
+    data = run.to_json(series=series)
     if as_json:
         sys.stdout.buffer.write(orjson.dumps(data, option=orjson.OPT_INDENT_2) + b"\n")
     else:

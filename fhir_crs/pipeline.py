@@ -30,9 +30,9 @@ class GradedCase:
     icans: dict[str, SystemResult]
     adjacent: dict[str, Any]
 
-    def to_json(self, settings: GradingSettings) -> dict[str, Any]:
+    def to_json(self, settings: GradingSettings, series: bool = False) -> dict[str, Any]:
         tl = self.timeline
-        return {
+        out = {
             "patient": tl.patient,
             "infusion": iso(tl.infusion),
             "infusion_evidence": tl.infusion_refs,
@@ -43,8 +43,10 @@ class GradedCase:
             "adjacent": self.adjacent,
             "timeline": display_events(tl, settings),
             "facts": case_facts(tl, settings),
-            "series": plot_series(tl),
         }
+        if series:
+            out["series"] = plot_series(tl)
+        return out
 
 
 @dataclass(slots=True)
@@ -54,9 +56,9 @@ class GradeRun:
     settings: GradingSettings
     resources: int
 
-    def to_json(self) -> dict[str, Any]:
+    def to_json(self, series: bool = False) -> dict[str, Any]:
         return {
-            "cases": [c.to_json(self.settings) for c in self.cases],
+            "cases": [c.to_json(self.settings, series) for c in self.cases],
             "skipped": [{"resource": s.resource, "reason": s.reason} for s in self.skipped],
             "resources_read": self.resources,
             "settings": self.settings.as_dict(),
