@@ -200,3 +200,92 @@ def pull(patient_id: str, server: str | None, config_path: Path | None, auth: st
             console.print(f"Write-back {w['status']} for {w['patient']} (infusion {w['infusion']}): {what}")
     if not cfg.write and not dry_run:
         console.print("(not written: pass --write to write the Condition and summary Bundle back)")
+
+
+@cli.command()
+@server_options
+@click.option("--patients", "patients_file", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="File with one Patient id per line (instead of discovering the cohort).")
+@click.option("--group", "group_id", default=None, metavar="ID", help="Sync the members of this Group.")
+@click.option("--since", default=None, metavar="ISO", help="Only patients whose data changed after this instant.")
+@click.option("--bulk", is_flag=True, help="Use Bulk Data $export (Patient or Group level) instead of per-patient searches.")
+@click.option("--json", "as_json", is_flag=True, help="Print the run summary as one JSON object.")
+@click.option("--dry-run", is_flag=True, help="Grade and report, but write nothing (server or state).")
+@click.option("--state", "state_path", default=None, type=click.Path(dir_okay=False), help="SQLite state file (default .fhir-crs/state.sqlite).")
+@click.option("--workers", type=int, default=None, help="Concurrent patients (reads); writes stay serial per patient.")
+@mapping_options
+def sync(server: str | None, config_path: Path | None, auth: str | None, token_file: str | None, timeout: float | None,
+         patients_file: Path | None, group_id: str | None, since: str | None, bulk: bool, as_json: bool, dry_run: bool,
+         state_path: str | None, workers: int | None, mappings_dir: Path | None, overrides: tuple[str, ...]) -> None:
+    """Nightly job: grade the CAR-T cohort of a FHIR server and write back what changed.
+
+    \b
+    Finds the cohort (CAR-T Procedures/product administrations in the look-back window, or
+    --patients FILE, or --group ID), checks each patient for data newer than the last
+    successful run (local SQLite state), re-grades the changed ones and writes their
+    Condition and summary Bundle back in one transaction each. Killed runs are finished by
+    the next run. Exit 1 if any patient failed.
+    \b
+    Example:
+      fhir-crs sync --server http://127.0.0.1:8080/fhir --json
+    """
+    from .sync import StateStore, Sync, discover_cohort, group_members, read_patient_list
+
+    if patients_file and group_id:
+        raise click.UsageError("--patients and --group are alternatives; give one.")
+    cfg = run_config({"server": server, "auth": auth, "token_file": token_file, "timeout": timeout,
+                      "state_path": state_path, "workers": workers,
+                      "mappings": str(mappings_dir) if mappings_dir else None}, config_path)
+    settings = load_settings(Path(cfg.mappings) if cfg.mappings else default_mappings_dir(), list(overrides))
+    client = make_client(cfg)
+    state = StateStore(Path(cfg.state_path), cfg.server)
+    console = Console(stderr=True)
+    try:
+        if bulk:
+            from .sync import run_bulk
+
+            summary = run_bulk(client, cfg, settings, state, group_id=group_id, dry_run=dry_run, console=console)
+        else:
+            from .mapping_files import load_code_map
+
+            if patients_file:
+                patients = read_patient_list(patients_file)
+            elif group_id:
+                patients = group_members(client, group_id)
+            else:
+                patients = discover_cohort(client, load_code_map(Path(cfg.mappings) if cfg.mappings else None), cfg.lookback_days)
+            summary = _run_with_progress(client, cfg, settings, state, patients, dry_run, since, console)
+    finally:
+        state.close()
+    data = summary.to_json()
+    if as_json:
+        sys.stdout.buffer.write(orjson.dumps(data, option=orjson.OPT_INDENT_2) + b"\n")
+    else:
+        from .render import render_sync_summary
+
+        render_sync_summary(data, Console())
+    if summary.errors:
+        sys.exit(1)
+
+
+def _run_with_progress(client: Any, cfg: Any, settings: Any, state: Any, patients: list[str], dry_run: bool,
+                       since: str | None, console: Console) -> Any:
+    """A progress bar on a terminal; plain log lines otherwise."""
+    from .sync import Sync
+
+    if console.is_terminal:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        with Progress(TextColumn("sync"), BarColumn(), MofNCompleteColumn(), TextColumn("errors: {task.fields[errors]}"),
+                      TimeElapsedColumn(), console=console) as bar:
+            task = bar.add_task("patients", total=len(patients), errors=0)
+
+            def tick(patient: str, done: int, total: int, errors: int) -> None:
+                bar.update(task, completed=done, errors=errors)
+
+            return Sync(client, cfg, settings, state, dry_run=dry_run, since=since, progress=tick).run(patients)
+
+    def line(patient: str, done: int, total: int, errors: int) -> None:
+        click.echo(f"fhir-crs sync: {done}/{total} patients done, {errors} error(s)", err=True)
+
+    return Sync(client, cfg, settings, state, dry_run=dry_run, since=since, progress=line).run(patients)

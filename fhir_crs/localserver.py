@@ -52,6 +52,7 @@ class LocalFhirServer:
         self.smart_clients = smart_clients
         self.startup_timeout = startup_timeout
         self.proc: subprocess.Popen[bytes] | None = None
+        self._log = None
 
     def start(self) -> LocalFhirServer:
         exe = sekmet_executable()
@@ -67,7 +68,7 @@ class LocalFhirServer:
                     f"    - {{client_id: {c['client_id']}, public_key_path: {c['public_key_path']}, scopes: \"{c['scopes']}\"}}"
                 )
         (self.workdir / "settings.yaml").write_text("\n".join(lines) + "\n")
-        self._log = (self.workdir / "serve.log").open("wb")
+        self._log = (self.workdir / "serve.log").open("ab")
         self.proc = subprocess.Popen(
             [str(exe), "serve", "-c", "settings.yaml", "--host", "127.0.0.1", "--port", str(self.port)],
             cwd=self.workdir, stdout=self._log, stderr=subprocess.STDOUT,
@@ -101,6 +102,8 @@ class LocalFhirServer:
         if self.proc is not None and self.proc.poll() is None:
             os.kill(self.proc.pid, signal.SIGKILL)
             self.proc.wait(timeout=10)
+        if getattr(self, "_log", None) is not None:
+            self._log.close()
 
     def __enter__(self) -> LocalFhirServer:
         return self.start()

@@ -78,3 +78,23 @@ def render_timeline(case: dict[str, Any], console: Console, limit: int = 80) -> 
     console.print(table)
     if len(rows) > limit:
         console.print(f"  … {len(rows) - limit} more events (--json for all)")
+
+
+def render_sync_summary(data: dict[str, Any], console: Console) -> None:
+    table = Table(title="fhir-crs sync", title_justify="left", show_header=False)
+    table.add_column("What")
+    table.add_column("Count", justify="right")
+    for label, value in (
+        ("patients in cohort", data["patients"]), ("graded", data["graded"]), ("grades changed", data["changed"]),
+        ("unchanged", data["unchanged"]), ("Conditions written", data["written"]["Condition"]),
+        ("Bundles written", data["written"]["Bundle"]), ("HTTP requests", data["requests"]),
+        ("seconds", data["seconds"]), ("errors", len(data["errors"])),
+    ):
+        table.add_row(label, str(value))
+    console.print(table)
+    if data["skipped"]:
+        console.print("Skipped resources by reason:")
+        for reason, n in sorted(data["skipped"].items(), key=lambda kv: -kv[1])[:15]:
+            console.print(f"  {n:6d}  {reason}", markup=False, highlight=False)
+    for e in data["errors"]:
+        console.print(f"[red]error[/red] {e['patient']}: {e['error']}", highlight=False)

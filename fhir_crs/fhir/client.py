@@ -592,6 +592,39 @@ class FhirClient:
         resp.close()
         return resp.status_code
 
+    def get_json_url(self, url: str, *, with_auth: bool = True) -> Resource:
+        """GET an absolute (or base-relative) URL answering a JSON object, e.g. SMART discovery
+        (``[base]/.well-known/smart-configuration``, fetched with ``with_auth=False``)."""
+        return self._json(self.get_url(url, accept="application/json", with_auth=with_auth), "GET")
+
+    def post_form(self, url: str, data: Mapping[str, str]) -> tuple[int, Resource | None]:
+        """POST ``application/x-www-form-urlencoded`` to an absolute URL (an OAuth token endpoint).
+
+        Sent once, without this client's credentials, and never retried: a SMART token request
+        carries a one-time ``jti``, so a resend must be a newly minted assertion. Error statuses are
+        returned, not raised. Returns (status, the JSON object body or None).
+        """
+        target = self._absolute(url)
+        hdrs = {"Accept": "application/json", "User-Agent": self.user_agent}
+        log.debug("POST %s (form) params=%s", _path(target), ",".join(data))
+        self.requests_made += 1
+        try:
+            resp = self.session.request(
+                "POST", target, data=dict(data), headers=hdrs, timeout=self.timeout, auth=_no_netrc
+            )
+        except (requests.ConnectionError, requests.Timeout) as exc:
+            raise ServerUnavailable(
+                f"cannot reach token endpoint at {self._where(target)}: POST {_path(target)}: "
+                f"{_transport_reason(exc)}."
+            ) from exc
+        try:
+            body = orjson.loads(resp.content) if resp.content.strip() else None
+        except orjson.JSONDecodeError:
+            body = None
+        finally:
+            resp.close()
+        return resp.status_code, body if isinstance(body, dict) else None
+
     # ----------------------------------------------------------------- internals
 
     def _url(self, path: str) -> str:

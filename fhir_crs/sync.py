@@ -1,0 +1,308 @@
+"""The nightly job: `fhir-crs sync` over the CAR-T cohort of a FHIR server.
+
+    cohort (Procedure/MedicationAdministration codes in mappings/, a patient list, or a Group)
+      -> per patient: cheap change check (_lastUpdated > high-water mark) -> pull -> grade
+      -> write back only when the graded result changed -> record state (SQLite)
+
+Incremental: a small local state store keeps, per patient, the last successful run, the
+`_lastUpdated` high-water mark of the data it graded and the hash of the graded result; a night
+with no new data for a patient costs four `_summary=count` requests and writes nothing.
+Resumable and safe: each case is written in one atomic transaction (pipeline.write_case), the
+state row is committed only after the write succeeded, so a run killed at any point leaves no
+partial case and the next run redoes exactly what was not finished. Reads run concurrently on a
+bounded worker pool; all writes for one patient happen on one worker, one after the other
+(HAPI can create duplicates under parallel conditional creates, hapi-fhir#3141).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import sqlite3
+import threading
+import time
+from collections import Counter
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+from .errors import ConfigError, FhirCrsError
+from .grading.result import iso
+from .mapping_files import CodeMap, load_code_map
+from .pipeline import fetch_patient, grade_resources, write_case
+from .settings import GradingSettings
+
+log = logging.getLogger("fhir_crs.sync")
+CHANGE_TYPES = ("Observation", "MedicationAdministration", "Procedure")
+RXNORM = "http://www.nlm.nih.gov/research/umls/rxnorm"
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS patient_state (
+    server TEXT NOT NULL, patient TEXT NOT NULL,
+    last_success TEXT, high_water TEXT, result_hash TEXT, grades TEXT,
+    PRIMARY KEY (server, patient)
+);
+CREATE TABLE IF NOT EXISTS runs (
+    id INTEGER PRIMARY KEY AUTOINCREMENT, server TEXT NOT NULL, started TEXT NOT NULL,
+    finished TEXT, status TEXT NOT NULL, summary TEXT
+);
+CREATE TABLE IF NOT EXISTS bulk_state (
+    server TEXT NOT NULL, scope TEXT NOT NULL, transaction_time TEXT NOT NULL,
+    PRIMARY KEY (server, scope)
+);
+"""
+
+
+class StateStore:
+    """SQLite state of the nightly sync (one file; safe to delete: the next run starts over)."""
+
+    def __init__(self, path: Path, server: str):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.server = server
+        self._lock = threading.Lock()
+        try:
+            self.db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
+            self.db.execute("PRAGMA journal_mode=WAL")
+            self.db.executescript(SCHEMA)
+        except sqlite3.Error as exc:
+            raise ConfigError(f"cannot open sync state store {path}: {exc}") from exc
+
+    def get(self, patient: str) -> dict[str, Any] | None:
+        with self._lock:
+            row = self.db.execute(
+                "SELECT last_success, high_water, result_hash, grades FROM patient_state WHERE server=? AND patient=?",
+                (self.server, patient),
+            ).fetchone()
+        if row is None:
+            return None
+        return {"last_success": row[0], "high_water": row[1], "result_hash": row[2], "grades": row[3]}
+
+    def put(self, patient: str, high_water: str | None, result_hash: str, grades: str) -> None:
+        now = iso(datetime.now(UTC))
+        with self._lock:
+            self.db.execute(
+                "INSERT INTO patient_state (server, patient, last_success, high_water, result_hash, grades) "
+                "VALUES (?,?,?,?,?,?) ON CONFLICT(server, patient) DO UPDATE SET last_success=excluded.last_success, "
+                "high_water=excluded.high_water, result_hash=excluded.result_hash, grades=excluded.grades",
+                (self.server, patient, now, high_water, result_hash, grades),
+            )
+
+    def touch(self, patient: str) -> None:
+        with self._lock:
+            self.db.execute("UPDATE patient_state SET last_success=? WHERE server=? AND patient=?",
+                            (iso(datetime.now(UTC)), self.server, patient))
+
+    def start_run(self) -> tuple[int, bool]:
+        """(run id, whether the previous run was interrupted)."""
+        with self._lock:
+            prev = self.db.execute("SELECT status FROM runs WHERE server=? ORDER BY id DESC LIMIT 1", (self.server,)).fetchone()
+            cur = self.db.execute("INSERT INTO runs (server, started, status) VALUES (?,?, 'running')",
+                                  (self.server, iso(datetime.now(UTC))))
+        return int(cur.lastrowid or 0), bool(prev and prev[0] == "running")
+
+    def finish_run(self, run_id: int, status: str, summary: dict[str, Any]) -> None:
+        with self._lock:
+            self.db.execute("UPDATE runs SET finished=?, status=?, summary=? WHERE id=?",
+                            (iso(datetime.now(UTC)), status, json.dumps(summary), run_id))
+
+    def bulk_since(self, scope: str) -> str | None:
+        with self._lock:
+            row = self.db.execute("SELECT transaction_time FROM bulk_state WHERE server=? AND scope=?", (self.server, scope)).fetchone()
+        return row[0] if row else None
+
+    def set_bulk_since(self, scope: str, transaction_time: str) -> None:
+        with self._lock:
+            self.db.execute(
+                "INSERT INTO bulk_state (server, scope, transaction_time) VALUES (?,?,?) "
+                "ON CONFLICT(server, scope) DO UPDATE SET transaction_time=excluded.transaction_time",
+                (self.server, scope, transaction_time),
+            )
+
+    def close(self) -> None:
+        self.db.close()
+
+
+@dataclass(slots=True)
+class SyncSummary:
+    patients: int = 0
+    graded: int = 0
+    changed: int = 0
+    written: Counter[str] = field(default_factory=Counter)
+    unchanged: int = 0
+    skipped: Counter[str] = field(default_factory=Counter)
+    errors: list[dict[str, str]] = field(default_factory=list)
+    requests: int = 0
+    seconds: float = 0.0
+    resumed: bool = False
+    cases: list[dict[str, Any]] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "patients": self.patients, "graded": self.graded, "changed": self.changed,
+            "written": {"Condition": self.written.get("Condition", 0), "Bundle": self.written.get("Bundle", 0)},
+            "unchanged": self.unchanged, "skipped": dict(sorted(self.skipped.items())),
+            "errors": self.errors, "requests": self.requests, "seconds": round(self.seconds, 3),
+            "resumed_after_interruption": self.resumed,
+        }
+
+
+def _reason_key(reason: str) -> str:
+    """Group skip reasons ('code not in mappings/observations.toml: Body Height' -> before ':')."""
+    return reason.split(":", 1)[0].strip()
+
+
+def cart_codes(code_map: CodeMap) -> tuple[list[str], list[str]]:
+    """CAR-T administration codes from the site tables: Procedure codes, drug codes."""
+    procs = sorted(next(m.codes for m in code_map.procedures.entries if m.name == "car_t_infusion"))
+    drugs = sorted(c for spec in code_map.drugs.values() if spec.drug_class == "cart_product" for c in spec.matcher.codes)
+    return procs, drugs
+
+
+def discover_cohort(client: Any, code_map: CodeMap, lookback_days: float, now: datetime | None = None) -> list[str]:
+    """Patients with a CAR-T Procedure or product administration inside the look-back window."""
+    now = now or datetime.now(UTC)
+    since = "ge" + (iso(now - timedelta(days=lookback_days)) or "")
+    procs, drugs = cart_codes(code_map)
+    found: set[str] = set()
+    for rtype, date_param, codes in (("Procedure", "date", procs), ("MedicationAdministration", "effective-time", drugs)):
+        if not codes:
+            continue
+        for chunk in range(0, len(codes), 20):  # keep URLs short
+            result = client.search(rtype, [("code", ",".join(codes[chunk:chunk + 20])), (date_param, since)])
+            for r in result.matches:
+                ref = (r.get("subject") or {}).get("reference", "")
+                if ref.startswith("Patient/"):
+                    found.add(ref.split("/", 1)[1])
+    return sorted(found)
+
+
+def read_patient_list(path: Path) -> list[str]:
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except OSError as exc:
+        raise ConfigError(f"cannot read patient list {path}: {exc.strerror or exc}") from exc
+    out = []
+    for line in lines:
+        line = line.split("#", 1)[0].strip()
+        if line:
+            out.append(line.removeprefix("Patient/"))
+    return out
+
+
+def group_members(client: Any, group_id: str) -> list[str]:
+    group = client.read("Group", group_id)
+    out = []
+    for m in group.get("member") or []:
+        ref = ((m or {}).get("entity") or {}).get("reference", "")
+        if ref.startswith("Patient/"):
+            out.append(ref.split("/", 1)[1])
+    return out
+
+
+def has_changes(client: Any, patient: str, since: str) -> bool:
+    """Any Patient/Observation/MedicationAdministration/Procedure updated after `since`?"""
+    for rtype in CHANGE_TYPES:
+        res = client.search(rtype, [("patient", patient), ("_lastUpdated", "gt" + since), ("_summary", "count")], no_cache=True)
+        if (res.total or 0) > 0 or res.matches:
+            return True
+    res = client.search("Patient", [("_id", patient), ("_lastUpdated", "gt" + since), ("_summary", "count")], no_cache=True)
+    return (res.total or 0) > 0 or bool(res.matches)
+
+
+def _high_water(resources: Iterable[dict[str, Any]]) -> str | None:
+    stamps = [((r.get("meta") or {}).get("lastUpdated")) for r in resources]
+    stamps = [s for s in stamps if isinstance(s, str)]
+    return max(stamps) if stamps else None
+
+
+def _result_hash(case_json: list[dict[str, Any]]) -> str:
+    keep = [{k: c[k] for k in ("patient", "infusion", "crs", "icans", "adjacent")} for c in case_json]
+    return hashlib.sha256(json.dumps(keep, sort_keys=True, default=str).encode()).hexdigest()
+
+
+class Sync:
+    def __init__(self, client: Any, cfg: Any, settings: GradingSettings, state: StateStore,
+                 dry_run: bool = False, since: str | None = None,
+                 progress: Callable[[str, int, int, int], None] | None = None):
+        self.client, self.cfg, self.settings, self.state = client, cfg, settings, state
+        self.code_map = load_code_map(Path(cfg.mappings) if cfg.mappings else None)
+        self.dry_run = dry_run
+        self.since = since
+        self.progress = progress or (lambda patient, done, total, errors: None)
+        self.summary = SyncSummary()
+        self._locks: dict[str, threading.Lock] = {}
+        self._guard = threading.Lock()
+
+    def _lock_for(self, patient: str) -> threading.Lock:
+        with self._guard:
+            return self._locks.setdefault(patient, threading.Lock())
+
+    def run(self, patients: list[str]) -> SyncSummary:
+        t0 = time.monotonic()
+        run_id, resumed = self.state.start_run()
+        self.summary.resumed = resumed
+        if resumed:
+            log.warning("the previous sync run did not finish; this run completes it")
+        self.summary.patients = len(patients)
+        done = 0
+        with ThreadPoolExecutor(max_workers=max(1, self.cfg.workers)) as pool:
+            futures = {pool.submit(self.sync_patient, p): p for p in patients}
+            for fut in as_completed(futures):
+                p = futures[fut]
+                try:
+                    fut.result()
+                except FhirCrsError as exc:
+                    self.summary.errors.append({"patient": f"Patient/{p}", "error": str(exc)})
+                    log.error("Patient/%s: %s", p, exc)
+                except Exception as exc:  # a bug must not stop the other patients
+                    self.summary.errors.append({"patient": f"Patient/{p}", "error": f"{type(exc).__name__}: {exc}"})
+                    log.exception("Patient/%s failed", p)
+                done += 1
+                self.progress(p, done, len(patients), len(self.summary.errors))
+        self.summary.requests = self.client.requests_made
+        self.summary.seconds = time.monotonic() - t0
+        self.state.finish_run(run_id, "failed" if self.summary.errors else "ok", self.summary.to_json())
+        return self.summary
+
+    def sync_patient(self, patient: str) -> None:
+        with self._lock_for(patient):
+            prior = self.state.get(patient)
+            since = self.since or (prior or {}).get("high_water")
+            if since and (prior is not None or self.since) and not has_changes(self.client, patient, since):
+                self._count(unchanged=1)
+                if not self.dry_run:
+                    self.state.touch(patient)
+                return
+            resources = fetch_patient(self.client, patient, self.cfg, self.code_map)
+            run = grade_resources(resources, self.settings, self.code_map.directory, origin=f"Patient/{patient}")
+            cases = [c.to_json(self.settings) for c in run.cases]
+            with self._guard:
+                self.summary.graded += 1
+                self.summary.cases.extend(cases)
+                for s in run.skipped:
+                    self.summary.skipped[_reason_key(s.reason)] += 1
+            new_hash = _result_hash(cases)
+            if prior is not None and prior.get("result_hash") == new_hash:
+                self._count(unchanged=1)
+                if not self.dry_run:
+                    self.state.put(patient, _high_water(resources) or since, new_hash, prior.get("grades") or "")
+                return
+            self._count(changed=1)
+            for case in run.cases:
+                outcome = write_case(self.client, case, self.settings, self.cfg.identifier_system, dry_run=self.dry_run)
+                if outcome.status in ("created", "updated"):
+                    with self._guard:
+                        for ref in outcome.written.values():
+                            self.summary.written[ref.split("/", 1)[0]] += 1
+            if not self.dry_run:
+                grades = json.dumps({c["infusion"]: {"crs": c["crs"]["astct"]["grade"], "icans": c["icans"]["astct"]["grade"]} for c in cases})
+                self.state.put(patient, _high_water(resources), new_hash, grades)
+
+    def _count(self, changed: int = 0, unchanged: int = 0) -> None:
+        with self._guard:
+            self.summary.changed += changed
+            self.summary.unchanged += unchanged

@@ -1,0 +1,188 @@
+"""`fhir-crs sync` against a real FHIR server on 127.0.0.1: first run writes every case, a
+no-change rerun writes nothing (request count asserted), one new Observation rewrites only that
+patient; writes for one patient are serialised (the parallel conditional-create race is
+reproduced on a deliberately non-atomic server and shown not to happen under sync)."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import pytest
+from click.testing import CliRunner
+from conftest import ROOT
+
+from fhir_crs.cli import cli
+from fhir_crs.fhir import FhirClient, NoAuth
+from fhir_crs.localserver import LocalFhirServer
+
+pytestmark = pytest.mark.integration
+VIGNETTES = ROOT / "fixtures" / "R4" / "vignettes"
+COHORT = ("V01", "V06", "V25", "V04", "V11")
+
+
+def load(client: FhirClient, vignette: str) -> str:
+    bundle = json.loads((VIGNETTES / f"{vignette}.json").read_text())
+    if bundle["type"] != "transaction":
+        bundle["type"] = "transaction"
+        for e in bundle["entry"]:
+            r = e["resource"]
+            e["request"] = {"method": "PUT", "url": f"{r['resourceType']}/{r['id']}"}
+    resp = client.transaction(bundle)
+    for entry, out in zip(bundle["entry"], resp["entry"], strict=True):
+        if entry["resource"]["resourceType"] == "Patient":
+            return out["response"]["location"].split("/_history")[0].rsplit("/", 1)[1]
+    raise AssertionError(vignette)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    with LocalFhirServer(tmp_path_factory.mktemp("sync-server")) as s:
+        yield s
+
+
+@pytest.fixture(scope="module")
+def cohort(server) -> dict[str, str]:
+    client = FhirClient(server.base, auth=NoAuth())
+    return {v: load(client, v) for v in COHORT}
+
+
+def sync(server, state: Path, *extra: str, env: dict[str, str] | None = None) -> tuple[int, dict[str, Any], str]:
+    r = CliRunner().invoke(cli, ["sync", "--server", server.base, "--state", str(state), "--json", *extra],
+                           env={"FHIR_CRS_LOOKBACK_DAYS": "100000", **(env or {})})
+    return r.exit_code, json.loads(r.stdout) if r.stdout.strip().startswith("{") else {}, r.stderr
+
+
+def count(client: FhirClient, rtype: str, system: str = "urn:fhir-crs:case") -> int:
+    found = client.search(rtype, [("identifier", f"{system}|")], no_cache=True).matches
+    return sum(1 for r in found if (r.get("identifier") if isinstance(r.get("identifier"), dict) else (r.get("identifier") or [{}])[0]).get("system") == system)
+
+
+def test_first_run_writes_rerun_writes_nothing_and_one_change_rewrites_one(server, cohort, tmp_path):
+    client = FhirClient(server.base, auth=NoAuth())
+    state = tmp_path / "state.sqlite"
+    code, first, err = sync(server, state)
+    assert code == 0, err
+    jsonschema.validate(first, json.loads((ROOT / "tests" / "contracts" / "sync-summary.schema.json").read_text()))
+    assert first["patients"] == len(COHORT) and first["graded"] == len(COHORT) and not first["errors"]
+    with_crs = len(COHORT) - 1  # V04 has no CRS: nothing to write
+    assert first["written"] == {"Condition": with_crs + 1, "Bundle": with_crs}  # + V25's ICANS Condition
+    assert count(client, "Condition") == with_crs + 1 and count(client, "Bundle") == with_crs
+    assert all(isinstance(n, int) and n > 0 for n in first["skipped"].values())
+
+    code, second, err = sync(server, state)
+    assert code == 0, err
+    assert second["written"] == {"Condition": 0, "Bundle": 0}
+    assert second["unchanged"] == len(COHORT) and second["graded"] == 0
+    # cohort discovery (a few searches) + 4 change checks per patient, nothing else
+    assert second["requests"] <= 4 * len(COHORT) + 6, second["requests"]
+
+    # one new fever for V04 (afebrile hypotension at +60) makes it CRS grade 2: only it is rewritten
+    pid = cohort["V04"]
+    t0 = next(c for c in client.search("Procedure", [("patient", pid)]).matches if "1156961008" in json.dumps(c["code"]))
+    start = datetime.fromisoformat((t0.get("performedDateTime") or t0["performedPeriod"]["start"]).replace("Z", "+00:00"))
+    client.post("Observation", {
+        "resourceType": "Observation", "status": "final", "subject": {"reference": f"Patient/{pid}"},
+        "code": {"coding": [{"system": "http://loinc.org", "code": "8310-5"}]},
+        "effectiveDateTime": (start + timedelta(hours=59)).isoformat().replace("+00:00", "Z"),
+        "valueQuantity": {"value": 38.7, "unit": "Cel", "system": "http://unitsofmeasure.org", "code": "Cel"},
+    })
+    time.sleep(1.1)  # lastUpdated has second resolution on some servers
+    code, third, err = sync(server, state)
+    assert code == 0, err
+    assert third["graded"] == 1 and third["changed"] == 1 and third["unchanged"] == len(COHORT) - 1
+    assert third["written"] == {"Condition": 1, "Bundle": 1}
+    assert count(client, "Condition") == with_crs + 2
+
+
+def test_dry_run_writes_nothing_and_keeps_no_state(server, cohort, tmp_path):
+    client = FhirClient(server.base, auth=NoAuth())
+    before = count(client, "Condition", "urn:dry-run")
+    state = tmp_path / "dry.sqlite"
+    code, data, err = sync(server, state, "--dry-run", env={"FHIR_CRS_IDENTIFIER_SYSTEM": "urn:dry-run"})
+    assert code == 0, err and data["graded"] == len(COHORT)
+    assert count(client, "Condition", "urn:dry-run") == before == 0
+    code, again, _ = sync(server, state, "--dry-run", env={"FHIR_CRS_IDENTIFIER_SYSTEM": "urn:dry-run"})
+    assert again["graded"] == len(COHORT)  # no state was kept
+
+
+def test_patient_list_and_unknown_patient_error(server, cohort, tmp_path):
+    listing = tmp_path / "patients.txt"
+    listing.write_text(f"# night shift\nPatient/{cohort['V01']}\nno-such-patient\n")
+    code, data, _ = sync(server, tmp_path / "s.sqlite", "--patients", str(listing))
+    assert code == 1
+    assert data["patients"] == 2 and data["graded"] == 1
+    assert data["errors"][0]["patient"] == "Patient/no-such-patient"
+
+
+def test_the_same_patient_many_times_in_parallel_is_written_once(server, cohort, tmp_path):
+    listing = tmp_path / "dupes.txt"
+    listing.write_text("\n".join([cohort["V11"]] * 8) + "\n")
+    code, data, err = sync(server, tmp_path / "d.sqlite", "--patients", str(listing), "--workers", "8",
+                           env={"FHIR_CRS_IDENTIFIER_SYSTEM": "urn:race"})
+    assert code == 0, err
+    client = FhirClient(server.base, auth=NoAuth())
+    assert count(client, "Condition", "urn:race") == 1 and count(client, "Bundle", "urn:race") == 1
+
+
+class RacyServer:
+    """A deliberately non-atomic conditional create (search, pause, create) — hapi-fhir#3141."""
+
+    def __init__(self) -> None:
+        self.store: list[dict[str, Any]] = []
+        self.requests_made = 0
+
+    def search(self, rtype: str, params: Any, no_cache: bool = False) -> Any:
+        from fhir_crs.fhir import SearchResult
+
+        key = dict(params)["identifier"]
+        hits = [r for r in self.store if r["resourceType"] == rtype and f"{r['ident']['system']}|{r['ident']['value']}" == key]
+        return SearchResult(matches=hits)
+
+    def transaction(self, bundle: dict[str, Any]) -> dict[str, Any]:
+        out = []
+        for e in bundle["entry"]:
+            url = e["request"]["url"]
+            if "?identifier=" in url:
+                rtype, ident = url.split("?identifier=")
+                exists = [r for r in self.store if r["resourceType"] == rtype and f"{r['ident']['system']}|{r['ident']['value']}" == ident]
+                time.sleep(0.05)  # the window in which a parallel request also sees "no match"
+                if not exists:
+                    res = dict(e["resource"], id=f"r{len(self.store)}", meta={"versionId": "1"})
+                    res["ident"] = res["identifier"][0] if isinstance(res["identifier"], list) else res["identifier"]
+                    self.store.append(res)
+            out.append({"response": {"status": "201 Created", "location": f"{url.split('?')[0]}/r{len(self.store)}/_history/1"}})
+        return {"resourceType": "Bundle", "type": "transaction-response", "entry": out}
+
+
+def test_parallel_conditional_creates_duplicate_unless_serialised():
+    from fhir_crs.pipeline import run_paths, write_case
+
+    run = run_paths([VIGNETTES / "V11.json"])
+    case, settings = run.cases[0], run.settings
+    racy = RacyServer()
+    threads = [threading.Thread(target=write_case, args=(racy, case, settings, "urn:race")) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len([r for r in racy.store if r["resourceType"] == "Condition"]) > 1  # the race, reproduced
+
+    serial = RacyServer()
+    lock = threading.Lock()  # what Sync does per patient
+
+    def serialised() -> None:
+        with lock:
+            write_case(serial, case, settings, "urn:race")
+
+    threads = [threading.Thread(target=serialised) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len([r for r in serial.store if r["resourceType"] == "Condition"]) == 1
