@@ -229,7 +229,7 @@ def sync(server: str | None, config_path: Path | None, auth: str | None, token_f
     Example:
       fhir-crs sync --server http://127.0.0.1:8080/fhir --json
     """
-    from .sync import StateStore, Sync, discover_cohort, group_members, read_patient_list
+    from .sync import StateStore, discover_cohort, group_members, read_patient_list
 
     if patients_file and group_id:
         raise click.UsageError("--patients and --group are alternatives; give one.")

@@ -16,8 +16,8 @@ from typing import Any
 from .events import MappingResult, PatientInfo, Skipped
 from .grading import CRS_SYSTEMS, ICANS_SYSTEMS, adjacent
 from .grading.result import SystemResult, iso
-from .mapping_files import CodeMap, load_code_map
 from .mappers import ResourceMapper
+from .mapping_files import CodeMap, load_code_map
 from .settings import GradingSettings, load_settings
 from .sources import SourceResource, iter_paths
 from .timeline import CaseTimeline, build_timelines, case_facts, display_events, plot_series

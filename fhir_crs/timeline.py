@@ -179,9 +179,7 @@ def find_infusions(events: list[Event]) -> list[tuple[datetime, list[str]]]:
     """CAR-T infusions (Procedure or product administration); records within 24 h are one infusion."""
     raw: list[tuple[datetime, str]] = []
     for e in events:
-        if isinstance(e, ProcedureDone) and e.kind == "car_t_infusion":
-            raw.append((e.start, e.ref))
-        elif isinstance(e, DrugGiven) and e.drug_class == "cart_product":
+        if (isinstance(e, ProcedureDone) and e.kind == "car_t_infusion") or (isinstance(e, DrugGiven) and e.drug_class == "cart_product"):
             raw.append((e.start, e.ref))
     raw.sort()
     out: list[tuple[datetime, list[str]]] = []

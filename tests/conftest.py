@@ -55,3 +55,20 @@ def realworld() -> Path:
     if not REALWORLD.is_dir():
         pytest.skip("../shared/realworld is absent (real-world FHIR examples not available on this machine)")
     return REALWORLD
+
+
+def load_vignette(client, vignette: str) -> str:
+    """POST a vignette Bundle to a FHIR server as a transaction; returns its Patient's server id."""
+    import json
+
+    bundle = json.loads((ROOT / "fixtures" / "R4" / "vignettes" / f"{vignette}.json").read_text())
+    if bundle["type"] != "transaction":
+        bundle["type"] = "transaction"
+        for e in bundle["entry"]:
+            r = e["resource"]
+            e["request"] = {"method": "PUT", "url": f"{r['resourceType']}/{r['id']}"}
+    resp = client.transaction(bundle)
+    for entry, out in zip(bundle["entry"], resp["entry"], strict=True):
+        if entry["resource"]["resourceType"] == "Patient":
+            return out["response"]["location"].split("/_history")[0].rsplit("/", 1)[1]
+    raise AssertionError(f"no Patient in {vignette}")

@@ -7,7 +7,23 @@ from typing import Any
 
 import pytest
 from factory import (
-    APAP, DEX, EPI, NE, PHENYL, TOCI, VASO, at, bp, cart, device, flow, med, obs, patient, proc, temp,
+    APAP,
+    DEX,
+    EPI,
+    NE,
+    PHENYL,
+    TOCI,
+    VASO,
+    at,
+    bp,
+    cart,
+    device,
+    flow,
+    med,
+    obs,
+    patient,
+    proc,
+    temp,
     vitals_baseline,
 )
 

@@ -7,7 +7,22 @@ from typing import Any
 
 import pytest
 from factory import (
-    EPI, NE, TOCI, VASO, at, bp, cart, device, fio2, flow, med, obs, patient, proc, temp, vitals_baseline,
+    EPI,
+    NE,
+    TOCI,
+    VASO,
+    at,
+    bp,
+    cart,
+    device,
+    fio2,
+    flow,
+    med,
+    obs,
+    patient,
+    proc,
+    temp,
+    vitals_baseline,
 )
 
 from fhir_crs.pipeline import grade_resources

@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 from click.testing import CliRunner
-from conftest import ROOT
+from conftest import ROOT, load_vignette
 
 from fhir_crs.cli import cli
 from fhir_crs.fhir import FhirClient, NoAuth
@@ -20,20 +20,6 @@ pytestmark = pytest.mark.integration
 VIGNETTES = ROOT / "fixtures" / "R4" / "vignettes"
 SYSTEM = "urn:fhir-crs:case"
 
-
-def load(client: FhirClient, vignette: str) -> str:
-    """POST the vignette's transaction Bundle; returns the server id of its Patient."""
-    bundle = json.loads((VIGNETTES / f"{vignette}.json").read_text())
-    if bundle["type"] != "transaction":
-        bundle["type"] = "transaction"
-        for e in bundle["entry"]:
-            r = e["resource"]
-            e["request"] = {"method": "PUT", "url": f"{r['resourceType']}/{r['id']}"}
-    resp = client.transaction(bundle)
-    for entry, out in zip(bundle["entry"], resp["entry"], strict=True):
-        if entry["resource"]["resourceType"] == "Patient":
-            return out["response"]["location"].split("/_history")[0].rsplit("/", 1)[1]
-    raise AssertionError("no Patient in " + vignette)
 
 
 def pull(server: str, pid: str, *extra: str) -> tuple[int, dict[str, Any] | None, str]:
@@ -49,7 +35,7 @@ def client(fhir_server) -> FhirClient:
 
 @pytest.fixture(scope="module")
 def loaded(client: FhirClient) -> dict[str, str]:
-    return {v: load(client, v) for v in ("V06", "V25", "V04")}
+    return {v: load_vignette(client, v) for v in ("V06", "V25", "V04")}
 
 
 def conditions(client: FhirClient, value: str) -> list[dict[str, Any]]:

@@ -5,7 +5,24 @@ from __future__ import annotations
 
 from typing import Any
 
-from factory import EPI, NE, PHENYL, VASO, bp, cart, device, fio2, flow, med, obs, patient, proc, score, temp, vitals_baseline
+from factory import (
+    EPI,
+    NE,
+    PHENYL,
+    VASO,
+    bp,
+    cart,
+    device,
+    fio2,
+    flow,
+    med,
+    obs,
+    patient,
+    proc,
+    score,
+    temp,
+    vitals_baseline,
+)
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 

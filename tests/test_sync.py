@@ -15,7 +15,7 @@ from typing import Any
 import jsonschema
 import pytest
 from click.testing import CliRunner
-from conftest import ROOT
+from conftest import ROOT, load_vignette
 
 from fhir_crs.cli import cli
 from fhir_crs.fhir import FhirClient, NoAuth
@@ -25,19 +25,6 @@ pytestmark = pytest.mark.integration
 VIGNETTES = ROOT / "fixtures" / "R4" / "vignettes"
 COHORT = ("V01", "V06", "V25", "V04", "V11")
 
-
-def load(client: FhirClient, vignette: str) -> str:
-    bundle = json.loads((VIGNETTES / f"{vignette}.json").read_text())
-    if bundle["type"] != "transaction":
-        bundle["type"] = "transaction"
-        for e in bundle["entry"]:
-            r = e["resource"]
-            e["request"] = {"method": "PUT", "url": f"{r['resourceType']}/{r['id']}"}
-    resp = client.transaction(bundle)
-    for entry, out in zip(bundle["entry"], resp["entry"], strict=True):
-        if entry["resource"]["resourceType"] == "Patient":
-            return out["response"]["location"].split("/_history")[0].rsplit("/", 1)[1]
-    raise AssertionError(vignette)
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +36,7 @@ def server(tmp_path_factory):
 @pytest.fixture(scope="module")
 def cohort(server) -> dict[str, str]:
     client = FhirClient(server.base, auth=NoAuth())
-    return {v: load(client, v) for v in COHORT}
+    return {v: load_vignette(client, v) for v in COHORT}
 
 
 def sync(server, state: Path, *extra: str, env: dict[str, str] | None = None) -> tuple[int, dict[str, Any], str]:

@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import ROOT
+from conftest import ROOT, load_vignette
 
 from fhir_crs.fhir import FhirClient, NoAuth
 from fhir_crs.localserver import LocalFhirServer, free_port
@@ -27,19 +27,6 @@ COHORT = ("V01", "V06", "V07", "V11", "V25", "V29")
 SYSTEM = "urn:fhir-crs:faults"
 RUNS = 20
 
-
-def _load(client: FhirClient, vignette: str) -> str:
-    bundle = json.loads((VIGNETTES / f"{vignette}.json").read_text())
-    if bundle["type"] != "transaction":
-        bundle["type"] = "transaction"
-        for e in bundle["entry"]:
-            r = e["resource"]
-            e["request"] = {"method": "PUT", "url": f"{r['resourceType']}/{r['id']}"}
-    resp = client.transaction(bundle)
-    for entry, out in zip(bundle["entry"], resp["entry"], strict=True):
-        if entry["resource"]["resourceType"] == "Patient":
-            return out["response"]["location"].split("/_history")[0].rsplit("/", 1)[1]
-    raise AssertionError(vignette)
 
 
 def _search_all(client: FhirClient, rtype: str) -> list[dict]:
@@ -60,7 +47,7 @@ def test_killed_syncs_and_servers_leave_exactly_one_write_per_case(tmp_path: Pat
     server = LocalFhirServer(workdir, port=port).start()
     try:
         client = FhirClient(server.base, auth=NoAuth())
-        patients = {v: _load(client, v) for v in COHORT}
+        patients = {v: load_vignette(client, v) for v in COHORT}
         listing = tmp_path / "patients.txt"
         listing.write_text("\n".join(patients.values()) + "\n")
         state = tmp_path / "state.sqlite"

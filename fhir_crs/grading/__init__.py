@@ -9,8 +9,8 @@ from collections.abc import Callable
 from ..settings import GradingSettings
 from ..timeline import CaseTimeline
 from .adjacent import adjacent
-from .crs import grade_crs_astct
 from .cres import grade_cres
+from .crs import grade_crs_astct
 from .icans import grade_icans_astct
 from .result import SystemResult
 from .systems import grade_cartox, grade_ctcae5, grade_lee2014, grade_mskcc, grade_penn

@@ -16,6 +16,7 @@
 from __future__ import annotations
 
 from datetime import datetime, timedelta
+from itertools import pairwise
 from typing import Any
 
 from ..settings import GradingSettings
@@ -178,7 +179,7 @@ def iec_hs(tl: CaseTimeline, s: GradingSettings, crs_resolved: datetime | None) 
             if d.ref not in evidence:
                 evidence.append(d.ref)
     elif manifest:
-        for t, kind, text, ref in manifest[:5]:
+        for t, _kind, text, ref in manifest[:5]:
             out["criteria"].append(f"{text} (day {_day(tl, t)})")
             evidence.append(ref)
     return out
@@ -204,7 +205,7 @@ def icaht(tl: CaseTimeline, s: GradingSettings) -> dict[str, Any]:
         series: dict[int, float] = {d: v for d, (v, _) in daily.items()}
         known = sorted(series)
         interpolated = set()
-        for a, b in zip(known, known[1:], strict=False):
+        for a, b in pairwise(known):
             gap = b - a - 1
             if 0 < gap <= s.icaht_interpolate_max_days:
                 for k in range(1, gap + 1):

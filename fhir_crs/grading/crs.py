@@ -118,7 +118,7 @@ class CrsGrader:
                 if g > best:
                     best, best_t = g, t
                     if g == 1 and not met:
-                        met = [Criterion(ep.onset, 1, "fever >= %.1f °C" % s.fever_c, ep.onset_refs)]
+                        met = [Criterion(ep.onset, 1, f"fever >= {s.fever_c:.1f} °C", ep.onset_refs)]
                     trail.extend(met)
             if ep.death is not None:
                 if ep.death_alternative:
@@ -190,10 +190,11 @@ class CrsGrader:
                 self.used("display_rounding_low_c", "fever_compare_decimals")
                 break
         look = timedelta(hours=s.preinfusion_fever_lookback_h)
-        if first_onset is not None and first_onset - tl.infusion <= look:
-            if any(tl.infusion - look <= m.time < tl.infusion and is_fever(m, s) for m in tl.temps):
-                res.flag("fever_preinfusion")
-                self.used("preinfusion_fever_lookback_h")
+        if first_onset is not None and first_onset - tl.infusion <= look and any(
+            tl.infusion - look <= m.time < tl.infusion and is_fever(m, s) for m in tl.temps
+        ):
+            res.flag("fever_preinfusion")
+            self.used("preinfusion_fever_lookback_h")
         for name in ("unit_error", "timezone_assumed", "age_unknown", "infusion_end_assumed", "observation_gap"):
             if name in tl.flags:
                 res.flag(name)
@@ -249,7 +250,7 @@ class AstctCrs(CrsGrader):
         if running:
             names = sorted({c.drug for c in running})
             out.append(Criterion(t, 3, "vasopressor: " + ", ".join(names), [c.refs[0] for c in running], ("vasopressor_min_duration_min",)))
-            for h_start, refs in self.handoffs:
+            for h_start, _refs in self.handoffs:
                 if ep.onset <= h_start <= ep.end_bound(tl):
                     out[-1].flags += ("vasopressor_handoff",)
                     out[-1].settings += ("vasopressor_overlap_min",)
@@ -265,7 +266,7 @@ class AstctCrs(CrsGrader):
             if g.start <= t < g.end:
                 tier, crit, sets, flags = self.support_tier(g)
                 if tier:
-                    out.append(Criterion(t, tier, crit, g.refs, sets + ("device_carry_forward_h",), flags))
+                    out.append(Criterion(t, tier, crit, g.refs, (*sets, "device_carry_forward_h"), flags))
                 elif flags and ep.onset <= g.start <= ep.end_bound(tl):
                     self.result.flag(*flags)
                     self.used(*sets)

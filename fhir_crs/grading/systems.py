@@ -17,7 +17,11 @@ from .episodes import Episode
 from .organ import OrganGrade, grade_lab, organ_abnormal_intervals, organ_series
 from .result import Criterion
 from .vasoactive import (
-    cumulative_pressor_time, dose_states, multi_pressor_intervals, refractory_times, sustained_high_dose,
+    cumulative_pressor_time,
+    dose_states,
+    multi_pressor_intervals,
+    refractory_times,
+    sustained_high_dose,
 )
 
 H = timedelta(hours=1)

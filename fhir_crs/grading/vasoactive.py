@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from itertools import pairwise
 
 from ..settings import GradingSettings
 from ..timeline import CaseTimeline
@@ -62,7 +63,7 @@ def dose_states(tl: CaseTimeline, s: GradingSettings) -> tuple[list[DoseState], 
             pieces.append((seg.start, end, c.drug, dose, seg.ref))
     cuts = sorted({p[0] for p in pieces} | {p[1] for p in pieces})
     states = []
-    for a, b in zip(cuts, cuts[1:], strict=False):
+    for a, b in pairwise(cuts):
         doses: dict[str, float] = {}
         refs = []
         unknown = False

@@ -38,7 +38,7 @@ def parse_datetime(value: Any) -> When | None:
             precision = "day" if m["d"] else ("month" if m["m"] else "year")
             return When(datetime(y, mo, d, tzinfo=UTC), precision)
         frac = float(m["f"]) if m["f"] else 0.0
-        dt = datetime(y, mo, d, int(m["H"]), int(m["M"]), int(m["S"] or 0), int(round(frac * 1e6)) % 1000000)
+        dt = datetime(y, mo, d, int(m["H"]), int(m["M"]), int(m["S"] or 0), round(frac * 1e6) % 1000000)
         tz = m["tz"]
         if tz is None:
             return When(dt.replace(tzinfo=UTC), "time", tz_assumed=True)

@@ -231,7 +231,7 @@ class ObservationMapper:
                 flags.add(note)
             factor = conv / value if value else 1.0
             value = conv
-        if kind.min is not None and value < kind.min or kind.max is not None and value > kind.max:
+        if (kind.min is not None and value < kind.min) or (kind.max is not None and value > kind.max):
             return Skipped(ref, f"{kind.name}: implausible value {raw_value:g} {raw_unit or ''}".rstrip() + " (quarantined)")
         lln = uln = None
         if kind.group == "lab":
