@@ -25,10 +25,10 @@ from pathlib import Path
 import orjson
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_grade import bare_parse, generate  # noqa: E402
+from bench_grade import bare_parse, generate
 
-from fhir_crs.fhir import FhirClient, NoAuth  # noqa: E402
-from fhir_crs.localserver import LocalFhirServer  # noqa: E402
+from fhir_crs.fhir import FhirClient, NoAuth
+from fhir_crs.localserver import LocalFhirServer
 
 
 def load(client: FhirClient, folder: Path, batch: int = 500) -> tuple[int, float]:
