@@ -37,6 +37,7 @@ class GradedCase:
             "infusion": iso(tl.infusion),
             "infusion_evidence": tl.infusion_refs,
             "age_years": tl.age_years,
+            "age_months": tl.age_months if tl.age_years is not None and tl.age_years < 2 else None,
             "matched_by_text": sorted(tl.text_matched),
             "crs": {k: v.to_json(tl.infusion, settings) for k, v in self.crs.items()},
             "icans": {k: v.to_json(tl.infusion, settings) for k, v in self.icans.items()},

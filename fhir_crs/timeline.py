@@ -147,6 +147,14 @@ class CaseTimeline:
         return None if t is None else (t - self.infusion).total_seconds() / 3600
 
     @property
+    def age_months(self) -> int | None:
+        """Completed months at infusion (reported for infants)."""
+        if self.birth_date is None:
+            return None
+        d, b = self.infusion.date(), self.birth_date
+        return (d.year - b.year) * 12 + d.month - b.month - (d.day < b.day)
+
+    @property
     def pediatric(self) -> bool:
         return self.age_years is not None and self.age_years < 18
 

@@ -150,3 +150,16 @@ def test_organ_toxicity_delays_resolution_for_organ_systems_only():
     assert crs["astct"]["resolved"] == at(36)
     assert crs["lee2014"]["resolved"] == at(88)
     assert crs["mskcc"]["resolved"] == at(36)
+
+
+def test_renal_replacement_is_grade4_organ_toxicity():
+    crs = grades(proc("714749008", 40, 60, display="Continuous renal replacement therapy"))
+    assert (crs["lee2014"]["grade"], crs["cartox"]["grade"], crs["penn"]["grade"], crs["astct"]["grade"]) == (4, 4, 3, 1)
+
+
+def test_infant_age_in_months():
+    from fhir_crs.pipeline import grade_resources
+
+    res = [patient(birth="2024-06-20"), cart(0), *vitals_baseline(48)]
+    case = grade_resources(res).to_json()["cases"][0]
+    assert (case["age_years"], case["age_months"]) == (0, 8)

@@ -3,6 +3,7 @@ creatinine (vs pre-infusion baseline and ULN), AST/ALT and total bilirubin (x UL
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -11,6 +12,7 @@ from ..settings import GradingSettings
 from ..timeline import CaseTimeline
 
 ORGAN_LABS = ("creatinine", "ast", "alt", "bilirubin")
+_RENAL_REPLACEMENT = re.compile(r"CRRT|CVV|dialys|h(a)?emofiltration|renal replacement", re.IGNORECASE)
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,6 +74,11 @@ def organ_series(tl: CaseTimeline, s: GradingSettings) -> list[OrganGrade]:
         for m in tl.labs.get(lab, []):
             if m.time >= tl.infusion:
                 out.append(grade_lab(tl, lab, m, s))
+    for p in tl.procedures:
+        # Renal replacement is CTCAE acute kidney injury grade 4 ("dialysis indicated");
+        # plasma exchange / cytokine adsorption for CRS itself is not renal failure.
+        if p.kind == "blood_purification" and p.start >= tl.infusion and _RENAL_REPLACEMENT.search(p.text or ""):
+            out.append(OrganGrade("creatinine", 4, p.start, p.ref, f"renal replacement therapy ({p.text}): CTCAE acute kidney injury grade 4"))
     return sorted(out, key=lambda o: o.time)
 
 
