@@ -113,7 +113,7 @@ def smart_auth_from_config(
     env: Mapping[str, str] | None = None,
     clock: Callable[[], float] | None = None,
 ) -> SmartBackendAuth:
-    """`SmartBackendAuth` from a resolved `RunConfig`; see `fhir_crs.fhir.smart.smart_auth_from_config`."""
+    """`SmartBackendAuth` from a resolved `RunConfig` (see `fhir.smart.smart_auth_from_config`)."""
     # Imported here: `smart` imports `client`, which imports this module.
     from . import smart
 

@@ -37,7 +37,7 @@ from urllib.parse import quote, urlencode, urljoin, urlsplit
 import orjson
 
 from ..errors import FhirAuthError, FhirServerError
-from .client import FHIR_JSON, FhirClient
+from .client import FhirClient
 
 __all__ = [
     "DEFAULT_EXPORT_TYPES",
@@ -56,7 +56,13 @@ Resource = dict[str, Any]
 # (resource type, resource) for a usable line; (None, "file:line: reason") for one that is not.
 BulkItem = tuple[str, Resource] | tuple[None, str]
 
-DEFAULT_EXPORT_TYPES = ("Patient", "Observation", "MedicationAdministration", "Procedure", "Medication")
+DEFAULT_EXPORT_TYPES = (
+    "Patient",
+    "Observation",
+    "MedicationAdministration",
+    "Procedure",
+    "Medication",
+)
 NDJSON = "application/fhir+ndjson"
 X_PROGRESS_MAX = 100
 
@@ -286,7 +292,9 @@ class BulkExport:
             params.append(("_since", _format_since(since)))
         if type_filters:
             if any("," in f or "?" not in f for f in type_filters):
-                raise ValueError("each _typeFilter must look like 'Type?param=value' without commas")
+                raise ValueError(
+                    "each _typeFilter must look like 'Type?param=value' without commas"
+                )
             params.append(("_typeFilter", ",".join(type_filters)))
         url = self.client.base_url + "/" + path
         if params:
@@ -297,7 +305,11 @@ class BulkExport:
         except FhirAuthError:
             raise
         except FhirServerError as exc:
-            hint = " (the server may not support Bulk Data $export)" if exc.status in (404, 405, 501) else ""
+            hint = (
+                " (the server may not support Bulk Data $export)"
+                if exc.status in (404, 405, 501)
+                else ""
+            )
             raise BulkExportError(
                 f"Bulk export kick-off failed{hint}: {exc}", exc.status, exc.diagnostics
             ) from exc
@@ -360,12 +372,15 @@ class BulkExport:
                         log.info(
                             "bulk export complete: %d output file(s), %d error file(s), "
                             "transactionTime %s",
-                            len(manifest.output), len(manifest.error), manifest.transaction_time,
+                            len(manifest.output),
+                            len(manifest.error),
+                            manifest.transaction_time,
                         )
                         return manifest
                     if status != 202:
                         raise BulkExportError(
-                            f"Bulk export status answered HTTP {status}; expected 202 or 200.", status
+                            f"Bulk export status answered HTTP {status}; expected 202 or 200.",
+                            status,
                         )
                     self._report(resp.headers.get("X-Progress"))
                     retry_after = _retry_after(resp.headers.get("Retry-After"), self._now)
@@ -374,7 +389,8 @@ class BulkExport:
 
                 delay = max(self.min_poll_interval, backoff if retry_after is None else retry_after)
                 backoff = min(self.max_poll_interval, backoff * 2)
-                # `sleep` may be injected (no real wait); counting requested waits keeps the cap honest.
+                # `sleep` may be injected (no real wait); counting requested waits keeps the
+                # timeout honest.
                 elapsed = max(self._clock() - start, slept)
                 if elapsed + delay > self.timeout:
                     raise BulkExportTimeout(
@@ -518,8 +534,10 @@ class BulkExport:
                     continue
                 for entry in resource.get("entry") or ():
                     request = entry.get("request") if isinstance(entry, dict) else None
-                    url = request.get("url") if isinstance(request, dict) else None
-                    if not isinstance(url, str) or str(request.get("method", "")).upper() != "DELETE":
+                    if not isinstance(request, dict):
+                        request = {}
+                    url, method = request.get("url"), str(request.get("method", ""))
+                    if not isinstance(url, str) or method.upper() != "DELETE":
                         yield None, f"{where}: entry is not a DELETE request"
                         continue
                     parts = urlsplit(url).path.strip("/").split("/")

@@ -148,7 +148,9 @@ class SmartBackendAuth:
         if not client_id or not client_id.strip():
             raise ConfigError("SMART client_id is empty.")
         if alg not in SUPPORTED_ALGS:
-            raise ConfigError(f"jwt_alg '{alg}' is not supported; use {' or '.join(SUPPORTED_ALGS)}.")
+            raise ConfigError(
+                f"jwt_alg '{alg}' is not supported; use {' or '.join(SUPPORTED_ALGS)}."
+            )
         parts = urlsplit(token_url or "")
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ConfigError("SMART token URL must be an absolute http(s) URL.")
@@ -243,9 +245,13 @@ class SmartBackendAuth:
             raise FhirAuthError(message + ".", status, diag)
         token_type = body.get("token_type")
         if isinstance(token_type, str) and token_type.lower() != "bearer":
-            raise FhirAuthError(f"{where}: unsupported token_type {token_type!r} (need bearer).", status)
+            raise FhirAuthError(
+                f"{where}: unsupported token_type {token_type!r} (need bearer).", status
+            )
         expires_in = body.get("expires_in")
-        lifetime = float(expires_in) if isinstance(expires_in, int | float) and expires_in > 0 else None
+        lifetime = (
+            float(expires_in) if isinstance(expires_in, int | float) and expires_in > 0 else None
+        )
         lifetime = lifetime or DEFAULT_EXPIRES_IN
         now = self._clock()
         self._token = str(body["access_token"])
@@ -261,8 +267,11 @@ class SmartBackendAuth:
 # --------------------------------------------------------------------------- discovery
 
 
-def discover_token_url(client: FhirClient, base: str | None = None, *, alg: str | None = None) -> str:
-    """``token_endpoint`` from ``[base]/.well-known/smart-configuration`` (fetched without credentials).
+def discover_token_url(
+    client: FhirClient, base: str | None = None, *, alg: str | None = None
+) -> str:
+    """``token_endpoint`` from ``[base]/.well-known/smart-configuration`` (fetched without
+    credentials).
 
     When the document lists ``token_endpoint_auth_methods_supported`` it must include
     ``private_key_jwt``; when it lists ``token_endpoint_auth_signing_alg_values_supported`` and
@@ -371,10 +380,17 @@ def smart_auth_from_config(
         if client is not None:
             token_url = discover_token_url(client, cfg.server, alg=cfg.jwt_alg)
         else:
-            with FhirClient(cfg.server, auth=None, timeout=cfg.timeout, max_retries=cfg.max_retries,
-                            total_time_cap=cfg.total_time_cap) as probe:
+            with FhirClient(
+                cfg.server,
+                auth=None,
+                timeout=cfg.timeout,
+                max_retries=cfg.max_retries,
+                total_time_cap=cfg.total_time_cap,
+            ) as probe:
                 token_url = discover_token_url(probe, cfg.server, alg=cfg.jwt_alg)
-    post_form: PostForm = client.post_form if client is not None else _oneshot_post_form(cfg.timeout)
+    post_form: PostForm = (
+        client.post_form if client is not None else _oneshot_post_form(cfg.timeout)
+    )
     return SmartBackendAuth(
         cfg.client_id,
         pem,
