@@ -268,41 +268,131 @@ class Sync:
         self.state.finish_run(run_id, "failed" if self.summary.errors else "ok", self.summary.to_json())
         return self.summary
 
-    def sync_patient(self, patient: str) -> None:
+    def sync_patient(self, patient: str, force: bool = False) -> None:
         with self._lock_for(patient):
             prior = self.state.get(patient)
             since = self.since or (prior or {}).get("high_water")
-            if since and (prior is not None or self.since) and not has_changes(self.client, patient, since):
+            if not force and since and (prior is not None or self.since) and not has_changes(self.client, patient, since):
                 self._count(unchanged=1)
                 if not self.dry_run:
                     self.state.touch(patient)
                 return
             resources = fetch_patient(self.client, patient, self.cfg, self.code_map)
             run = grade_resources(resources, self.settings, self.code_map.directory, origin=f"Patient/{patient}")
-            cases = [c.to_json(self.settings) for c in run.cases]
-            with self._guard:
-                self.summary.graded += 1
-                self.summary.cases.extend(cases)
-                for s in run.skipped:
-                    self.summary.skipped[_reason_key(s.reason)] += 1
-            new_hash = _result_hash(cases)
-            if prior is not None and prior.get("result_hash") == new_hash:
-                self._count(unchanged=1)
-                if not self.dry_run:
-                    self.state.put(patient, _high_water(resources) or since, new_hash, prior.get("grades") or "")
-                return
-            self._count(changed=1)
-            for case in run.cases:
-                outcome = write_case(self.client, case, self.settings, self.cfg.identifier_system, dry_run=self.dry_run)
-                if outcome.status in ("created", "updated"):
-                    with self._guard:
-                        for ref in outcome.written.values():
-                            self.summary.written[ref.split("/", 1)[0]] += 1
+            self.commit(patient, run.cases, run.skipped, _high_water(resources) or since, prior)
+
+    def commit(self, patient: str, cases: list[Any], skipped: list[Any], high_water: str | None,
+               prior: dict[str, Any] | None) -> None:
+        """Write back one patient's graded cases if the result changed, then record the state.
+
+        The state row is written only after every write succeeded (resumability)."""
+        case_json = [c.to_json(self.settings) for c in cases]
+        with self._guard:
+            self.summary.graded += 1
+            self.summary.cases.extend(case_json)
+            for s in skipped:
+                self.summary.skipped[_reason_key(s.reason)] += 1
+        new_hash = _result_hash(case_json)
+        if prior is not None and prior.get("result_hash") == new_hash:
+            self._count(unchanged=1)
             if not self.dry_run:
-                grades = json.dumps({c["infusion"]: {"crs": c["crs"]["astct"]["grade"], "icans": c["icans"]["astct"]["grade"]} for c in cases})
-                self.state.put(patient, _high_water(resources), new_hash, grades)
+                self.state.put(patient, high_water, new_hash, prior.get("grades") or "")
+            return
+        self._count(changed=1)
+        for case in cases:
+            outcome = write_case(self.client, case, self.settings, self.cfg.identifier_system, dry_run=self.dry_run)
+            if outcome.status in ("created", "updated"):
+                with self._guard:
+                    for ref in outcome.written.values():
+                        self.summary.written[ref.split("/", 1)[0]] += 1
+        if not self.dry_run:
+            grades = json.dumps({c["infusion"]: {"crs": c["crs"]["astct"]["grade"], "icans": c["icans"]["astct"]["grade"]}
+                                 for c in case_json})
+            self.state.put(patient, high_water, new_hash, grades)
 
     def _count(self, changed: int = 0, unchanged: int = 0) -> None:
         with self._guard:
             self.summary.changed += changed
             self.summary.unchanged += unchanged
+
+
+def run_bulk(client: Any, cfg: Any, settings: GradingSettings, state: StateStore, group_id: str | None = None,
+             dry_run: bool = False, console: Any = None) -> SyncSummary:
+    """The Bulk Data path of the nightly sync.
+
+    First run (no previous `transactionTime` for this scope): `$export` everything, stream the
+    NDJSON line by line straight into the mappers (only compact events are kept, so memory
+    stays flat) and grade and write every CAR-T case. Later runs: `$export?_since=<previous
+    transactionTime>`; the patients the export touches are re-fetched in full and re-graded
+    through the per-patient path. The new `transactionTime` is stored only after a run without
+    errors, so a failed night is repeated.
+    """
+    from .events import Skipped
+    from .fhir.bulk import BulkExport
+    from .mappers import ResourceMapper
+    from .pipeline import grade_mapping
+    from .sources import SourceResource
+
+    scope = f"group:{group_id}" if group_id else "patient"
+    since = state.bulk_since(scope)
+    t0 = time.monotonic()
+
+    def progress(text: str) -> None:
+        if console is not None:
+            console.print(f"fhir-crs sync --bulk: export {text}", highlight=False)
+
+    exporter = BulkExport(client, on_progress=progress)
+    manifest, items = exporter.run(group_id=group_id, since=since)
+    sync = Sync(client, cfg, settings, state, dry_run=dry_run)
+    run_id, resumed = state.start_run()
+    sync.summary.resumed = resumed
+    for message in exporter.error_messages(manifest):
+        sync.summary.errors.append({"patient": "(bulk export)", "error": message})
+    if since is None:
+        mapper = ResourceMapper(sync.code_map)
+        for rtype, item in items:
+            if rtype is None:
+                mapper.add(Skipped(str(item), "unusable NDJSON line"))
+            else:
+                mapper.add(SourceResource(item, f"bulk:{rtype}"))
+        for ref in mapper.missing_medications():
+            try:
+                mapper.add(SourceResource(client.read(*ref.split("/", 1)), f"read:{ref}"))
+            except FhirCrsError as exc:
+                log.warning("%s referenced by a MedicationAdministration could not be read: %s", ref, exc)
+        graded = grade_mapping(mapper.finish(), settings, mapper.count)
+        for s in graded.skipped:
+            sync.summary.skipped[_reason_key(s.reason)] += 1
+        by_patient: dict[str, list[Any]] = {}
+        for case in graded.cases:
+            by_patient.setdefault(case.timeline.patient.split("/", 1)[1], []).append(case)
+        sync.summary.patients = len(by_patient)
+        for patient, cases in sorted(by_patient.items()):
+            try:
+                sync.commit(patient, cases, [], manifest.transaction_time, state.get(patient))
+            except FhirCrsError as exc:
+                sync.summary.errors.append({"patient": f"Patient/{patient}", "error": str(exc)})
+    else:
+        touched: set[str] = set()
+        for rtype, item in items:
+            if rtype is None or not isinstance(item, dict):
+                continue
+            if rtype == "Patient" and isinstance(item.get("id"), str):
+                touched.add(item["id"])
+            ref = (item.get("subject") or item.get("patient") or {}).get("reference", "") if isinstance(item.get("subject") or item.get("patient"), dict) else ""
+            if ref.startswith("Patient/"):
+                touched.add(ref.split("/", 1)[1])
+        sync.summary.patients = len(touched)
+        for patient in sorted(touched):
+            try:
+                sync.sync_patient(patient, force=True)
+            except FhirCrsError as exc:
+                sync.summary.errors.append({"patient": f"Patient/{patient}", "error": str(exc)})
+    if not sync.summary.errors and not dry_run:
+        state.set_bulk_since(scope, manifest.transaction_time)
+    if manifest.status_url:
+        exporter.cancel(manifest.status_url)  # done with the files: let the server release them
+    sync.summary.requests = client.requests_made
+    sync.summary.seconds = time.monotonic() - t0
+    state.finish_run(run_id, "failed" if sync.summary.errors else "ok", sync.summary.to_json())
+    return sync.summary

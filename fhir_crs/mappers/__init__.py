@@ -151,6 +151,18 @@ class ResourceMapper:
             self.mapped += 1
             self.result.add(patient, out)
 
+    def missing_medications(self) -> list[str]:
+        """Medication references still unresolved (e.g. Bulk Patient-level exports omit
+        Medication, which is outside the Patient compartment): the caller may read them."""
+        out = []
+        for src, _, _ in self._deferred:
+            target = reference_target(src.resource.get("medicationReference"))
+            if target and self._resolve(src, target) is None:
+                parts = split_reference(target)
+                if parts and parts[0] == "Medication" and f"Medication/{parts[1]}" not in out:
+                    out.append(f"Medication/{parts[1]}")
+        return out
+
     def finish(self) -> MappingResult:
         for src, ref, patient in self._deferred:
             self._map_med(src, ref, patient)
