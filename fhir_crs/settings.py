@@ -47,6 +47,7 @@ class GradingSettings:
     vasopressor_overlap_min: float = _s(60.0, "I", "two infusions are concurrent only if they overlap this long (hand-offs count as one)")
     vasopressor_min_duration_min: float = _s(60.0, "I", "infusions shorter than this are ignored unless the only treatment of documented hypotension")
     short_vasopressor_sole_treatment_only: bool = _s(False, "I", "if true, a short infusion counts only when no fluid bolus was given for the same hypotension (literal §1.4); default: it counts whenever documented hypotension preceded it within 1 h")
+    point_infusion_assumed_h: float = _s(4.0, "I", "an infusion charted only as a rate at one instant (no end, no later charting) is assumed to run this long (flag infusion_end_assumed)")
     vasopressor_course_gap_min: float = _s(30.0, "I", "segments of the same drug separated by less than this form one infusion")
     # --- oxygen (§1.5)
     low_flow_max_lpm: float = _s(6.0, "V", "nasal cannula at or below this flow is low-flow (ASTCT footnote)")

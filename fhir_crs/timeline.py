@@ -340,7 +340,11 @@ def _pressor_courses(tl: CaseTimeline, s: GradingSettings) -> None:
                 nxt = segs[i + 1].start if i + 1 < len(segs) else None
                 if nxt is not None and nxt - seg.start <= 24 * H:
                     end = nxt
-                else:
+                elif "point_infusion" in seg.notes:
+                    # a rate charted at one instant, nothing after it: assume it ran a while
+                    end = seg.start + timedelta(hours=s.point_infusion_assumed_h)
+                    assumed = True
+                else:  # an infusion still in progress: it runs to the end of the data
                     end = max(end_of_data, seg.start + MIN)
                     assumed = True
             if cur is not None and seg.start - cur.end <= gap:

@@ -163,3 +163,20 @@ def test_infant_age_in_months():
     res = [patient(birth="2024-06-20"), cart(0), *vitals_baseline(48)]
     case = grade_resources(res).to_json()["cases"][0]
     assert (case["age_years"], case["age_months"]) == (0, 8)
+
+
+def test_point_charted_infusion_is_not_stretched_to_the_end_of_data():
+    rows = [*HYPO, med(NE, 28, rate=8, rate_unit="ug/min")]  # one rate charted at +28, nothing after
+    crs = grades(*rows, until=200)
+    assert crs["astct"]["grade"] == 3 and "infusion_end_assumed" in crs["astct"]["flags"]
+    assert crs["mskcc"]["grade"] == 2  # 4 h assumed, not 170 h
+    assert crs["astct"]["resolved"] == at(36)
+
+
+def test_cerner_infuse_over_time_extension_sets_the_end():
+    r = med(NE, 28, rate=8, rate_unit="ug/min")
+    r["extension"] = [{"url": "https://fhir-ehr.cerner.com/r4/StructureDefinition/infuse-over-time",
+                       "valueQuantity": {"value": 120, "unit": "min", "system": "http://unitsofmeasure.org", "code": "min"}}]
+    crs = grades(*HYPO, r)
+    assert crs["astct"]["grade"] == 3 and "infusion_end_assumed" not in crs["astct"]["flags"]
+    assert crs["astct"]["resolved"] == at(36)

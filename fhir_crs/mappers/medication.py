@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable
+from datetime import timedelta
 from typing import Any
 
 from ..events import DrugGiven, Skipped
@@ -122,6 +123,14 @@ class MedicationMapper:
         start, end = start_w.time, end_w.time if end_w else None
         if end is not None and end < start:
             return Skipped(ref, "effectivePeriod ends before it starts")
+        if end is None:
+            # Cerner: infusions are charted at one instant with the duration in an extension.
+            for ext in res.get("extension") or []:
+                if isinstance(ext, dict) and str(ext.get("url", "")).endswith("infuse-over-time"):
+                    q = quantity(ext.get("valueQuantity"))
+                    if q and q[0] > 0:
+                        mult = {"min": 60.0, "h": 3600.0, "s": 1.0}.get(self.code_map.canonical_unit(q[1]), 60.0)
+                        end = start + timedelta(seconds=q[0] * mult)
 
         dosage = res.get("dosage") if isinstance(res.get("dosage"), dict) else {}
         route_texts = texts(dosage.get("route")) + [c for _, c in codings(dosage.get("route"))]
