@@ -857,10 +857,7 @@ class Chart:
             for key, base_lo, base_hi, uln in (("alt", 12, 30, 40), ("ast", 18, 38, 50)):
                 base = self.rng.uniform(base_lo, base_hi)
                 v = base + (pk.get(key, base_hi) - base) * ls
-                if h == liver_draw:
-                    v = pk.get(key, v)
-                else:
-                    v = min(v * self.rng.uniform(0.82, 0.97), pk.get(key, v))
+                v = pk.get(key, v) if h == liver_draw else min(v * self.rng.uniform(0.82, 0.97), pk.get(key, v))
                 self.lab(h, key, round(v), (None, uln))
             bili_base = self.rng.uniform(0.3, 0.7)
             bili = bili_base + (pk.get("bili", 0.7) - bili_base) * ls
@@ -930,7 +927,7 @@ class Chart:
         kid = c.pediatric
         if c.onset is not None:
             # paracetamol for fever >= 38.5 until anti-IL-6 therapy
-            stop = min([c.last_fever or c.onset] + c.tocilizumab)
+            stop = min([c.last_fever or c.onset, *c.tocilizumab])
             h = c.onset + 0.5
             while h <= stop + 0.01:
                 mg = min(round(15 * w), 1000)
