@@ -36,8 +36,8 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 __all__ = [
-    "ROW_LABELS",
     "RECOVERY_DAYS",
+    "ROW_LABELS",
     "cases_of",
     "render_report",
     "report_csv",
