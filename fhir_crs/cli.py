@@ -289,3 +289,158 @@ def _run_with_progress(client: Any, cfg: Any, settings: Any, state: Any, patient
         click.echo(f"fhir-crs sync: {done}/{total} patients done, {errors} error(s)", err=True)
 
     return Sync(client, cfg, settings, state, dry_run=dry_run, since=since, progress=line).run(patients)
+
+
+def _report_outputs(report: dict[str, Any], cases_series: list[dict[str, Any]], as_json: bool, csv_path: str | None,
+                    html_dir: Path | None, cibmtr_path: str | None, console: Console) -> Path | None:
+    """Writes the report in every format asked for; returns the HTML index if written."""
+    from .cibmtr import cibmtr_csv, cibmtr_rows
+    from .report import render_report, report_csv
+
+    index = None
+    if html_dir is not None:
+        from .html import render_report_html
+
+        index = render_report_html(report, cases_series, html_dir)
+    if csv_path:
+        text = report_csv(report)
+        if csv_path == "-":
+            sys.stdout.write(text)
+        else:
+            Path(csv_path).write_text(text, encoding="utf-8")
+    if cibmtr_path:
+        Path(cibmtr_path).write_text(cibmtr_csv(cibmtr_rows(cases_series)), encoding="utf-8")
+    if as_json:
+        sys.stdout.buffer.write(orjson.dumps(report, option=orjson.OPT_INDENT_2) + b"\n")
+    elif csv_path != "-":
+        render_report(report, console)
+        if index is not None:
+            console.print(f"HTML report: {index}")
+        if cibmtr_path:
+            console.print(f"CIBMTR Form 4100 components: {cibmtr_path}")
+    return index
+
+
+@cli.command()
+@click.argument("paths", nargs=-1, type=click.Path(path_type=Path))
+@server_options
+@click.option("--patients", "patients_file", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="With a server: one Patient id per line (default: discover the CAR-T cohort).")
+@click.option("--group", "group_id", default=None, metavar="ID", help="With a server: the members of this Group.")
+@click.option("--system", type=click.Choice(["astct", "lee2014", "penn", "mskcc", "cartox", "ctcae5"]), default="astct",
+              show_default=True, help="CRS grading system for the any/severe rows.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report object (report contract).")
+@click.option("--csv", "csv_path", default=None, metavar="FILE", help="Write the table as CSV ('-' for stdout).")
+@click.option("--html", "html_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Write a self-contained HTML report (index.html + one timeline page per patient).")
+@click.option("--cibmtr", "cibmtr_path", default=None, metavar="FILE", help="Write CIBMTR Form 4100 CRS/neurotoxicity components (CSV).")
+@mapping_options
+def report(paths: tuple[Path, ...], server: str | None, config_path: Path | None, auth: str | None, token_file: str | None,
+           timeout: float | None, patients_file: Path | None, group_id: str | None, system: str, as_json: bool,
+           csv_path: str | None, html_dir: Path | None, cibmtr_path: str | None, mappings_dir: Path | None,
+           overrides: tuple[str, ...]) -> None:
+    """Cohort report in the seed study's terms, from FHIR files or from a FHIR server.
+
+    \b
+    Rows: CRS any grade and severe (grade >= 3 under --system), haemodynamic instability,
+    mechanical ventilation, neurological symptoms (ICANS > 0), liver injury (CTCAE >= 2),
+    tocilizumab, corticosteroids, blood purification, deaths, recovery within 14 days — with
+    counts, percentages and the patients behind each; Spearman correlation of the maximum CRS
+    grade with peak IL-6 and IFN-gamma.
+    \b
+    Examples:
+      fhir-crs report fixtures/cohort/picu --html out/report
+      fhir-crs report --server http://127.0.0.1:8080/fhir --json
+    """
+    from .report import report_from_cases
+
+    settings = load_settings(mappings_dir or default_mappings_dir(), list(overrides))
+    if paths:
+        from .pipeline import run_paths
+
+        run = run_paths(list(paths), settings, mappings_dir)
+        cases = run.to_json(series=True)["cases"]
+    else:
+        from .mapping_files import load_code_map
+        from .pipeline import pull_patient
+        from .sync import discover_cohort, group_members, read_patient_list
+
+        cfg = run_config({"server": server, "auth": auth, "token_file": token_file, "timeout": timeout,
+                          "mappings": str(mappings_dir) if mappings_dir else None}, config_path)
+        client = make_client(cfg)
+        if patients_file:
+            patients = read_patient_list(patients_file)
+        elif group_id:
+            patients = group_members(client, group_id)
+        else:
+            patients = discover_cohort(client, load_code_map(Path(cfg.mappings) if cfg.mappings else None), cfg.lookback_days)
+        cases = []
+        for pid in patients:
+            cases.extend(pull_patient(client, pid, cfg, settings).run.to_json(series=True)["cases"])
+    _report_outputs(report_from_cases(cases, system), cases, as_json, csv_path, html_dir, cibmtr_path, Console())
+
+
+@cli.command()
+@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=Path("fhir-crs-demo"),
+              show_default=True, help="Folder for the server data, state, report and HTML pages.")
+@click.option("--json", "as_json", is_flag=True, help="Print the cohort report object (report contract).")
+@click.option("--seed", type=int, default=None, help="Seed of the synthetic cohort (default: the committed one).")
+def demo(out_dir: Path, as_json: bool, seed: int | None) -> None:
+    """The whole pipeline on a fresh machine, with no external server.
+
+    \b
+    Starts the embedded FHIR server (sekmet-fhir) on 127.0.0.1, loads the synthetic 14-child
+    PICU cohort shaped like the seed study, runs `sync` with write-back, prints the cohort
+    report and the path of the HTML report (one timeline page per child), and stops the server.
+    \b
+    Example:
+      fhir-crs demo --out fhir-crs-demo
+    """
+    import shutil
+
+    from .config import RunConfig
+    from .fhir import FhirClient, NoAuth
+    from .localserver import LocalFhirServer
+    from .mapping_files import load_code_map
+    from .report import report_from_cases
+    from .sync import StateStore, Sync, discover_cohort
+    from .synthetic import DEFAULT_SEED, generate_picu_cohort
+
+    console = Console(stderr=as_json)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for stale in ("server", "report"):
+        shutil.rmtree(out_dir / stale, ignore_errors=True)
+    (out_dir / "state.sqlite").unlink(missing_ok=True)
+    settings = load_settings(default_mappings_dir())
+    bundles, _truth = generate_picu_cohort(seed if seed is not None else DEFAULT_SEED)
+    with LocalFhirServer(out_dir / "server") as server:
+        console.print(f"Local FHIR server (sekmet-fhir) on {server.base}")
+        client = FhirClient(server.base, auth=NoAuth(), timeout=120)
+        for bundle in bundles:
+            client.transaction(bundle)
+        n_resources = sum(len(b["entry"]) for b in bundles)
+        console.print(f"Loaded the synthetic PICU cohort: {len(bundles)} patients, {n_resources:,} resources")
+        cfg = RunConfig(server=server.base, state_path=str(out_dir / "state.sqlite"), lookback_days=100000.0)
+        code_map = load_code_map()
+        patients = discover_cohort(client, code_map, cfg.lookback_days)
+        state = StateStore(Path(cfg.state_path), server.base)
+        try:
+            summary = Sync(client, cfg, settings, state).run(patients)
+        finally:
+            state.close()
+        console.print(
+            f"sync: {summary.patients} patients, {summary.graded} graded, written "
+            f"{summary.written.get('Condition', 0)} Conditions + {summary.written.get('Bundle', 0)} summary Bundles, "
+            f"{len(summary.errors)} errors, {summary.requests} requests in {summary.seconds:.1f} s"
+        )
+        cases = [c.to_json(settings, series=True) for c in summary.graded_cases]
+    report_obj = report_from_cases(cases, "astct")
+    index = _report_outputs(report_obj, cases, as_json, str(out_dir / "report.csv"), out_dir / "report",
+                            str(out_dir / "cibmtr-4100.csv"), console)
+    if not as_json:
+        console.print(f"Server stopped. Everything is in {out_dir}/ (report.csv, cibmtr-4100.csv, report/index.html).")
+    if summary.errors:
+        for e in summary.errors:
+            click.echo(f"fhir-crs demo: {e['patient']}: {e['error']}", err=True)
+        sys.exit(1)
+    _ = index

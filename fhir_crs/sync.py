@@ -139,6 +139,7 @@ class SyncSummary:
     seconds: float = 0.0
     resumed: bool = False
     cases: list[dict[str, Any]] = field(default_factory=list)
+    graded_cases: list[Any] = field(default_factory=list)  # GradedCase objects (report / HTML)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -290,6 +291,7 @@ class Sync:
         with self._guard:
             self.summary.graded += 1
             self.summary.cases.extend(case_json)
+            self.summary.graded_cases.extend(cases)
             for s in skipped:
                 self.summary.skipped[_reason_key(s.reason)] += 1
         new_hash = _result_hash(case_json)

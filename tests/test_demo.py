@@ -1,0 +1,45 @@
+"""`fhir-crs demo` end to end in the test suite: embedded server up, synthetic PICU cohort loaded,
+sync with write-back, report, server down — and the report equals the cohort's ground truth and
+the seed study's counts exactly."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import jsonschema
+import pytest
+from click.testing import CliRunner
+from conftest import ROOT
+
+from fhir_crs.cli import cli
+from fhir_crs.synthetic import generate_picu_cohort
+
+pytestmark = pytest.mark.integration
+
+SEED_COUNTS = {  # the seed paper (../shared/seed): 14 children after CAR-T in a PICU
+    "crs_any": 14, "crs_severe": 9, "haemodynamic_instability": 11, "mechanical_ventilation": 5, "neurological": 10,
+    "liver_injury": 7, "tocilizumab": 14, "corticosteroids": 7, "blood_purification": 5, "deaths": 3, "recovered_14d": 11,
+}
+
+
+def test_demo_reproduces_the_ground_truth(tmp_path: Path):
+    out = tmp_path / "demo"
+    r = CliRunner().invoke(cli, ["demo", "--out", str(out), "--json"])
+    assert r.exit_code == 0, r.stderr
+    report = json.loads(r.stdout)
+    jsonschema.validate(report, json.loads((ROOT / "tests" / "contracts" / "report.schema.json").read_text()))
+    _, truth = generate_picu_cohort()
+    expected = truth["report"]
+    assert report["patients"] == expected["patients"] == 14
+    assert {k: v["n"] for k, v in report["rows"].items()} == SEED_COUNTS
+    # the cohort is loaded with its ids (PUT), so the patients behind every row must match too
+    assert report["rows"] == expected["rows"]
+    for key in ("il6", "ifng"):
+        assert report["correlation"][key]["n"] == expected["correlation"][key]["n"]
+        assert report["correlation"][key]["rho"] == pytest.approx(expected["correlation"][key]["rho"])
+        assert report["correlation"][key]["rho"] > 0.5 and report["correlation"][key]["p"] < 0.05
+    index = out / "report" / "index.html"
+    assert index.exists() and len(list((out / "report" / "patients").glob("*.html"))) == 14
+    assert (out / "cibmtr-4100.csv").read_text().count("\n") >= 15
+    assert "Local FHIR server" in r.stderr and "sync: 14 patients" in r.stderr
