@@ -1166,7 +1166,7 @@ def picu_courses(seed: int = DEFAULT_SEED) -> list[Course]:
           peaks={"il6": 12000.0, "ifng": 4800.0, "crp": 242.0, "ferritin": 41000, "alt": 320, "ast": 480, "bili": 1.8,
                  "creat": 1.4, "fibrinogen_drop": 0.6, "vent_fio2": 85.0},
           peak_at=30, liver_at=54),
-        C(14, summary="Death (grade 5 candidate) day 9: norepinephrine, epinephrine, vasopressin, intubated, CRRT; ICANS 2 (ICE 4)",
+        C(14, summary="Death (grade 5 candidate) day 8: norepinephrine, epinephrine, vasopressin, intubated, CRRT; ICANS 2 (ICE 4)",
           age=17, months=1, sex="male", weight=58.0, onset=12, last_fever=60, tmax=40.8, defervescence=62,
           hypotension=[(28, 84)], boluses=[(28.3, 20)],
           pressors=[Pressor("norepinephrine", [(29, 0.05), (32, 0.15), (40, 0.3), (120, 0.5), (180, 0.8)], 210),

@@ -180,3 +180,28 @@ def test_write_cohort_writes_bundles_and_ground_truth(tmp_path: Path) -> None:
     assert (tmp_path / "ground_truth.json").is_file()
     assert len(list((tmp_path / "picu").glob("picu-*.json"))) == 14
     assert synthetic._main([str(tmp_path), "--check"]) == 0
+
+
+@pytest.mark.integration
+def test_cohort_loads_into_a_fhir_server_and_grades_the_same(fhir_server) -> None:
+    """PUT transactions with stable ids: a reload changes nothing, and `pull` grades like the files."""
+    from fhir_crs.config import RunConfig
+    from fhir_crs.fhir import FhirClient, NoAuth
+    from fhir_crs.pipeline import pull_patient
+
+    client = FhirClient(fhir_server.base, auth=NoAuth())
+    offline = {c["patient"]: c for c in graded()["cases"]}
+    picked = [p for p in truth()["patients"] if p["key"] in ("picu-01", "picu-10", "picu-13")]
+    for p in picked:
+        bundle = json.loads((PICU / p["file"]).read_text(encoding="utf-8"))
+        client.transaction(bundle)
+        client.transaction(bundle)  # idempotent reload
+        pid = p["patient"].split("/", 1)[1]
+        result = pull_patient(client, pid, RunConfig(server=fhir_server.base))
+        (case,) = result.run.to_json()["cases"]
+        for family, system in (("crs", "astct"), ("crs", "lee2014"), ("icans", "astct")):
+            got, want = case[family][system], offline[p["patient"]][family][system]
+            assert (got["grade"], got["onset"], got["resolved"]) == (want["grade"], want["onset"], want["resolved"])
+        n_obs = sum(1 for e in bundle["entry"] if e["resource"]["resourceType"] == "Observation")
+        found = client.search("Observation", [("patient", pid)])
+        assert len(found.matches) == n_obs
