@@ -2,7 +2,8 @@
 """Benchmark for `fhir-crs grade` (not a test: prints numbers).
 
 Generates a synthetic Bulk-export-shaped NDJSON folder (one file per resource type) of
->= 200,000 resources for >= 1,000 CAR-T patients (deterministic seed), then reports:
+>= 200,000 resources for >= 1,000 CAR-T patients with the project's cohort generator
+(fhir_crs/synthetic.py, deterministic seed; --light for a smaller one), then reports:
   * the bare JSON parse rate of the same files (orjson, line by line) — the ceiling;
   * `fhir-crs grade DIR --json` end to end in a subprocess: resources/s and peak RSS.
 
@@ -32,8 +33,32 @@ def iso(t: datetime) -> str:
     return t.isoformat().replace("+00:00", "Z")
 
 
+def generate_cohort_ndjson(out: Path, patients: int, seed: int = 20261125) -> int:
+    """The project's synthetic cohort generator (fhir_crs/synthetic.py: adult/paediatric mix, full
+    ICU-style courses, ~500 resources per patient) written as Bulk-export NDJSON, one file per type."""
+    from fhir_crs.synthetic import generate_cohort
+
+    files: dict[str, object] = {}
+    n = 0
+    try:
+        for bundle in generate_cohort(patients, seed=seed):
+            for entry in bundle["entry"]:
+                r = entry["resource"]
+                fh = files.get(r["resourceType"])
+                if fh is None:
+                    fh = files[r["resourceType"]] = (out / f"{r['resourceType']}.ndjson").open("wb")
+                fh.write(orjson.dumps(r) + b"\n")  # type: ignore[attr-defined]
+                n += 1
+    finally:
+        for fh in files.values():
+            fh.close()  # type: ignore[attr-defined]
+    return n
+
+
 def generate(out: Path, patients: int, seed: int = 20261125) -> int:
-    """Writes NDJSON files; returns the number of resources written."""
+    """A light generator (~200 resources per patient: vitals every 6 h, daily labs, tocilizumab,
+    norepinephrine, O2 rows) — fast to load into the local test server for the sync benchmark.
+    Writes NDJSON files; returns the number of resources written."""
     rng = random.Random(seed)
     files = {t: (out / f"{t}.ndjson").open("wb") for t in ("Patient", "Procedure", "Observation", "MedicationAdministration")}
     n = 0
@@ -129,6 +154,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--patients", type=int, default=1000)
     ap.add_argument("--keep", type=Path, default=None, help="write the NDJSON here and keep it")
+    ap.add_argument("--light", action="store_true", help="use the light generator instead of fhir_crs.synthetic")
     args = ap.parse_args()
     tmp = None
     if args.keep:
@@ -138,7 +164,7 @@ def main() -> None:
         tmp = tempfile.TemporaryDirectory()
         folder = Path(tmp.name)
     t = time.perf_counter()
-    n = generate(folder, args.patients)
+    n = generate(folder, args.patients) if args.light else generate_cohort_ndjson(folder, args.patients)
     size = sum(f.stat().st_size for f in folder.glob("*.ndjson"))
     print(f"generated {n:,} resources for {args.patients:,} patients ({size / 1e6:.0f} MB) in {time.perf_counter() - t:.1f} s")
     parsed, secs = bare_parse(folder)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from functools import lru_cache
 from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
@@ -27,6 +28,11 @@ def parse_datetime(value: Any) -> When | None:
     """Parses a FHIR date/dateTime/instant. Times without an offset are read as UTC (flagged)."""
     if not isinstance(value, str):
         return None
+    return _parse_datetime(value)
+
+
+@lru_cache(maxsize=65536)  # vitals charted together share their timestamp strings
+def _parse_datetime(value: str) -> When | None:
     m = _DATETIME.match(value.strip())
     if not m:
         return None
