@@ -229,7 +229,7 @@ def sync(server: str | None, config_path: Path | None, auth: str | None, token_f
     Example:
       fhir-crs sync --server http://127.0.0.1:8080/fhir --json
     """
-    from .sync import StateStore, discover_cohort, group_members, read_patient_list
+    from .sync import StateStore, select_patients
 
     if patients_file and group_id:
         raise click.UsageError("--patients and --group are alternatives; give one.")
@@ -246,14 +246,7 @@ def sync(server: str | None, config_path: Path | None, auth: str | None, token_f
 
             summary = run_bulk(client, cfg, settings, state, group_id=group_id, dry_run=dry_run, console=console)
         else:
-            from .mapping_files import load_code_map
-
-            if patients_file:
-                patients = read_patient_list(patients_file)
-            elif group_id:
-                patients = group_members(client, group_id)
-            else:
-                patients = discover_cohort(client, load_code_map(Path(cfg.mappings) if cfg.mappings else None), cfg.lookback_days)
+            patients = select_patients(client, cfg, patients_file, group_id)
             summary = _run_with_progress(client, cfg, settings, state, patients, dry_run, since, console)
     finally:
         state.close()
@@ -361,19 +354,13 @@ def report(paths: tuple[Path, ...], server: str | None, config_path: Path | None
         run = run_paths(list(paths), settings, mappings_dir)
         cases = run.to_json(series=True)["cases"]
     else:
-        from .mapping_files import load_code_map
         from .pipeline import pull_patient
-        from .sync import discover_cohort, group_members, read_patient_list
+        from .sync import select_patients
 
         cfg = run_config({"server": server, "auth": auth, "token_file": token_file, "timeout": timeout,
                           "mappings": str(mappings_dir) if mappings_dir else None}, config_path)
         client = make_client(cfg)
-        if patients_file:
-            patients = read_patient_list(patients_file)
-        elif group_id:
-            patients = group_members(client, group_id)
-        else:
-            patients = discover_cohort(client, load_code_map(Path(cfg.mappings) if cfg.mappings else None), cfg.lookback_days)
+        patients = select_patients(client, cfg, patients_file, group_id)
         cases = []
         for pid in patients:
             cases.extend(pull_patient(client, pid, cfg, settings).run.to_json(series=True)["cases"])

@@ -204,6 +204,15 @@ def group_members(client: Any, group_id: str) -> list[str]:
     return out
 
 
+def select_patients(client: Any, cfg: Any, patients_file: Path | None, group_id: str | None) -> list[str]:
+    """The cohort: an explicit list, a Group's members, or discovery by CAR-T codes."""
+    if patients_file:
+        return read_patient_list(patients_file)
+    if group_id:
+        return group_members(client, group_id)
+    return discover_cohort(client, load_code_map(Path(cfg.mappings) if cfg.mappings else None), cfg.lookback_days)
+
+
 def has_changes(client: Any, patient: str, since: str) -> bool:
     """Any Patient/Observation/MedicationAdministration/Procedure updated after `since`?"""
     for rtype in CHANGE_TYPES:

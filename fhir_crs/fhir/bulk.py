@@ -24,7 +24,6 @@ upsert idempotently themselves.
 
 from __future__ import annotations
 
-import email.utils
 import logging
 import re
 import time
@@ -37,7 +36,7 @@ from urllib.parse import quote, urlencode, urljoin, urlsplit
 import orjson
 
 from ..errors import FhirAuthError, FhirServerError
-from .client import FhirClient
+from .client import FhirClient, retry_after_seconds
 
 __all__ = [
     "DEFAULT_EXPORT_TYPES",
@@ -129,23 +128,6 @@ def _format_since(since: str | datetime) -> str:
             f"_since {since!r} is not a FHIR instant (YYYY-MM-DDThh:mm:ss[.sss]Z or ±hh:mm)"
         )
     return text
-
-
-def _retry_after(value: str | None, now: Callable[[], float]) -> float | None:
-    if not value:
-        return None
-    value = value.strip()
-    try:
-        return max(0.0, float(value))
-    except ValueError:
-        pass
-    try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError, IndexError):
-        return None
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=UTC)
-    return max(0.0, when.timestamp() - now())
 
 
 def _files(items: Any, base: str, field_name: str) -> tuple[ManifestFile, ...]:
@@ -383,7 +365,7 @@ class BulkExport:
                             status,
                         )
                     self._report(resp.headers.get("X-Progress"))
-                    retry_after = _retry_after(resp.headers.get("Retry-After"), self._now)
+                    retry_after = retry_after_seconds(resp.headers.get("Retry-After"), self._now)
                 finally:
                     resp.close()
 

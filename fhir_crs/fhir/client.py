@@ -30,7 +30,7 @@ import re
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import UTC
 from typing import Any
 from urllib.parse import parse_qsl, quote, urljoin, urlsplit
 
@@ -381,19 +381,22 @@ def _diagnostics(resp: requests.Response) -> tuple[str | None, tuple[str, ...]]:
     return (text[:HTML_DIAGNOSTICS_MAX] or None), ()
 
 
-def _retry_after(value: str | None) -> float | None:
+def retry_after_seconds(value: str | None, now: Callable[[], float] = time.time) -> float | None:
+    """`Retry-After` in seconds, from delta-seconds or an HTTP-date (RFC 9110), else None."""
     if not value:
         return None
     value = value.strip()
-    if value.isdigit():
-        return float(value)
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
     try:
         when = email.utils.parsedate_to_datetime(value)
     except (TypeError, ValueError, IndexError):
         return None
     if when.tzinfo is None:
         when = when.replace(tzinfo=UTC)
-    return max(0.0, (when - datetime.now(UTC)).total_seconds())
+    return max(0.0, when.timestamp() - now())
 
 
 def _connected_never(exc: requests.RequestException) -> bool:
@@ -746,7 +749,7 @@ class FhirClient:
             diag, _ = _diagnostics(resp)
             failure = _message(method, url, resp, diag)
             resp.close()
-            delay = _retry_after(resp.headers.get("Retry-After"))
+            delay = retry_after_seconds(resp.headers.get("Retry-After"))
             wait_or_give_up(self._backoff(retry) if delay is None else delay, failure, status, diag)
 
     def _error(self, method: str, url: str, resp: requests.Response) -> FhirServerError:
