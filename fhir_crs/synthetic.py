@@ -41,6 +41,8 @@ from datetime import UTC, date, datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
+from .fhir.literals import FLOWSHEET, LOINC, RXNORM, SNOMED, coding, concept, loinc, qty
+
 __all__ = [
     "PAPER_COUNTS",
     "Course",
@@ -72,63 +74,37 @@ SEED_STUDY = ("Zhu Q, Pan T, Bai Z, Ding X, Li Y. Clinical analysis of severe cy
 # Codes (fixtures/README.md, ../shared/docs/terminology.md)
 # ---------------------------------------------------------------------------------------------
 
-LOINC = "http://loinc.org"
-SNOMED = "http://snomed.info/sct"
-RXNORM = "http://www.nlm.nih.gov/research/umls/rxnorm"
 ATC = "http://www.whocc.no/atc"
-UCUM = "http://unitsofmeasure.org"
-FLOWSHEET = "http://hospital.example.org/fhir/CodeSystem/flowsheet"
 FORMULARY = "http://hospital.example.org/fhir/CodeSystem/formulary"
 MRN = "http://hospital.example.org/fhir/sid/mrn"
 BASE_URL = "http://hospital.example.org/fhir"
 OBS_CAT = "http://terminology.hl7.org/CodeSystem/observation-category"
 
 
-def _coding(system: str, code: str, display: str) -> dict[str, str]:
-    return {"system": system, "code": code, "display": display}
-
-
-def _concept(*codings: dict[str, str], text: str | None = None) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    if codings:
-        out["coding"] = list(codings)
-    if text:
-        out["text"] = text
-    return out
-
-
-def _qty(value: float, code: str, unit: str | None = None) -> dict[str, Any]:
-    return {"value": value, "unit": unit or code, "system": UCUM, "code": code}
-
-
-def _loinc(code: str, display: str, text: str | None = None) -> dict[str, Any]:
-    return _concept(_coding(LOINC, code, display), text=text or display)
-
-
 TEMP = {
-    "body": _loinc("8310-5", "Body temperature", "Temperature"),
+    "body": loinc("8310-5", "Body temperature", "Temperature"),
     # children's temperatures are mostly axillary; feeds send the site code with the generic one
-    "axillary": _concept(_coding(LOINC, "8328-7", "Axillary temperature"), _coding(LOINC, "8310-5", "Body temperature"),
+    "axillary": concept(coding(LOINC, "8328-7", "Axillary temperature"), coding(LOINC, "8310-5", "Body temperature"),
                          text="Temperature (axillary)"),
 }
-BP_PANEL = _loinc("85354-9", "Blood pressure panel with all children optional", "Blood pressure")
-SBP = _loinc("8480-6", "Systolic blood pressure")
-DBP = _loinc("8462-4", "Diastolic blood pressure")
-HR = _loinc("8867-4", "Heart rate")
-RR = _loinc("9279-1", "Respiratory rate")
-SPO2 = _concept(_coding(LOINC, "2708-6", "Oxygen saturation in Arterial blood"),
-                _coding(LOINC, "59408-5", "Oxygen saturation in Arterial blood by Pulse oximetry"), text="SpO2")
-WEIGHT = _loinc("29463-7", "Body weight", "Weight")
-HEIGHT = _loinc("8302-2", "Body height", "Height")
-O2_DEVICE = _concept(_coding(FLOWSHEET, "O2-DEVICE", "O2 Device"), text="O2 Device")
-O2_FLOW = _loinc("3151-8", "Inhaled oxygen flow rate", "O2 Flow Rate")
-FIO2 = _loinc("3150-0", "Inhaled oxygen concentration", "FiO2")
-ICE = _concept(_coding(FLOWSHEET, "ICE-SCORE", "ICE score"), text="ICE score")
-CAPD = _concept(_coding(FLOWSHEET, "CAPD-TOTAL", "CAPD total score"), text="CAPD total score")
-LOC = _concept(_coding(FLOWSHEET, "ICANS-LOC", "Level of consciousness (ICANS)"), text="Level of consciousness")
-SEIZURE = _concept(_coding(SNOMED, "91175000", "Seizure"), text="Seizure")
-CAUSE_OF_DEATH = _loinc("69453-9", "Cause of death [US Standard Certificate of Death]", "Cause of death")
-BLOOD_CULTURE = _loinc("600-7", "Bacteria identified in Blood by Culture", "Blood culture")
+BP_PANEL = loinc("85354-9", "Blood pressure panel with all children optional", "Blood pressure")
+SBP = loinc("8480-6", "Systolic blood pressure")
+DBP = loinc("8462-4", "Diastolic blood pressure")
+HR = loinc("8867-4", "Heart rate")
+RR = loinc("9279-1", "Respiratory rate")
+SPO2 = concept(coding(LOINC, "2708-6", "Oxygen saturation in Arterial blood"),
+                coding(LOINC, "59408-5", "Oxygen saturation in Arterial blood by Pulse oximetry"), text="SpO2")
+WEIGHT = loinc("29463-7", "Body weight", "Weight")
+HEIGHT = loinc("8302-2", "Body height", "Height")
+O2_DEVICE = concept(coding(FLOWSHEET, "O2-DEVICE", "O2 Device"), text="O2 Device")
+O2_FLOW = loinc("3151-8", "Inhaled oxygen flow rate", "O2 Flow Rate")
+FIO2 = loinc("3150-0", "Inhaled oxygen concentration", "FiO2")
+ICE = concept(coding(FLOWSHEET, "ICE-SCORE", "ICE score"), text="ICE score")
+CAPD = concept(coding(FLOWSHEET, "CAPD-TOTAL", "CAPD total score"), text="CAPD total score")
+LOC = concept(coding(FLOWSHEET, "ICANS-LOC", "Level of consciousness (ICANS)"), text="Level of consciousness")
+SEIZURE = concept(coding(SNOMED, "91175000", "Seizure"), text="Seizure")
+CAUSE_OF_DEATH = loinc("69453-9", "Cause of death [US Standard Certificate of Death]", "Cause of death")
+BLOOD_CULTURE = loinc("600-7", "Bacteria identified in Blood by Culture", "Blood culture")
 
 # O2 device key -> (SNOMED, display, flowsheet text)
 DEVICES: dict[str, tuple[str | None, str, str]] = {
@@ -158,25 +134,25 @@ LABS: dict[str, tuple[str, str, str, str]] = {
 
 # drug key -> (codings, display)
 DRUGS: dict[str, tuple[list[dict[str, str]], str]] = {
-    "tocilizumab": ([_coding(RXNORM, "612865", "tocilizumab")], "tocilizumab"),
-    "methylprednisolone": ([_coding(RXNORM, "6902", "methylprednisolone")], "methylprednisolone"),
-    "dexamethasone": ([_coding(RXNORM, "3264", "dexamethasone")], "dexamethasone"),
-    "norepinephrine": ([_coding(RXNORM, "7512", "norepinephrine")], "norepinephrine"),
-    "epinephrine": ([_coding(RXNORM, "3992", "epinephrine")], "epinephrine"),
-    "dopamine": ([_coding(RXNORM, "3628", "dopamine")], "dopamine"),
-    "vasopressin": ([_coding(RXNORM, "11149", "vasopressin (USP)")], "vasopressin"),
-    "paracetamol": ([_coding(RXNORM, "161", "acetaminophen")], "paracetamol"),
-    "cefepime": ([_coding(RXNORM, "20481", "cefepime")], "cefepime"),
-    "meropenem": ([_coding(RXNORM, "29561", "meropenem"), _coding(ATC, "J01DH02", "meropenem")], "meropenem"),
-    "ns": ([_coding(RXNORM, "313002", "sodium chloride 9 MG/ML Injectable Solution")], "0.9% sodium chloride"),
-    "midazolam": ([_coding(RXNORM, "6960", "midazolam"), _coding(ATC, "N05CD08", "midazolam")], "midazolam"),
-    "levetiracetam": ([_coding(RXNORM, "114477", "levetiracetam")], "levetiracetam"),
-    "cart": ([_coding(FORMULARY, "CART-CELLS", "CD19 CAR-T cells")], "CD19-directed CAR-T cells (autologous)"),
-    "axicel": ([_coding(RXNORM, "1987398", "axicabtagene ciloleucel")], "axicabtagene ciloleucel (Yescarta)"),
-    "tisacel": ([_coding(RXNORM, "1986438", "tisagenlecleucel")], "tisagenlecleucel (Kymriah)"),
+    "tocilizumab": ([coding(RXNORM, "612865", "tocilizumab")], "tocilizumab"),
+    "methylprednisolone": ([coding(RXNORM, "6902", "methylprednisolone")], "methylprednisolone"),
+    "dexamethasone": ([coding(RXNORM, "3264", "dexamethasone")], "dexamethasone"),
+    "norepinephrine": ([coding(RXNORM, "7512", "norepinephrine")], "norepinephrine"),
+    "epinephrine": ([coding(RXNORM, "3992", "epinephrine")], "epinephrine"),
+    "dopamine": ([coding(RXNORM, "3628", "dopamine")], "dopamine"),
+    "vasopressin": ([coding(RXNORM, "11149", "vasopressin (USP)")], "vasopressin"),
+    "paracetamol": ([coding(RXNORM, "161", "acetaminophen")], "paracetamol"),
+    "cefepime": ([coding(RXNORM, "20481", "cefepime")], "cefepime"),
+    "meropenem": ([coding(RXNORM, "29561", "meropenem"), coding(ATC, "J01DH02", "meropenem")], "meropenem"),
+    "ns": ([coding(RXNORM, "313002", "sodium chloride 9 MG/ML Injectable Solution")], "0.9% sodium chloride"),
+    "midazolam": ([coding(RXNORM, "6960", "midazolam"), coding(ATC, "N05CD08", "midazolam")], "midazolam"),
+    "levetiracetam": ([coding(RXNORM, "114477", "levetiracetam")], "levetiracetam"),
+    "cart": ([coding(FORMULARY, "CART-CELLS", "CD19 CAR-T cells")], "CD19-directed CAR-T cells (autologous)"),
+    "axicel": ([coding(RXNORM, "1987398", "axicabtagene ciloleucel")], "axicabtagene ciloleucel (Yescarta)"),
+    "tisacel": ([coding(RXNORM, "1986438", "tisagenlecleucel")], "tisagenlecleucel (Kymriah)"),
 }
-IV = _concept(_coding(SNOMED, "47625008", "Intravenous route"), text="IV")
-PO = _concept(_coding(SNOMED, "26643006", "Oral route"), text="PO")
+IV = concept(coding(SNOMED, "47625008", "Intravenous route"), text="IV")
+PO = concept(coding(SNOMED, "26643006", "Oral route"), text="PO")
 
 PROCEDURES = {
     "cart": ("1156961008", "Chimeric antigen receptor T-cell immunotherapy"),
@@ -454,7 +430,7 @@ class Chart:
         display = {"vital-signs": "Vital Signs", "laboratory": "Laboratory", "survey": "Survey", "exam": "Exam"}[category]
         body: dict[str, Any] = {
             "status": "final",
-            "category": [_concept(_coding(OBS_CAT, category, display))],
+            "category": [concept(coding(OBS_CAT, category, display))],
             "code": code,
             "subject": {"reference": self.patient_ref},
             "encounter": {"reference": self.encounter_ref},
@@ -473,9 +449,9 @@ class Chart:
             lo, hi, unit = ref_range
             rr: dict[str, Any] = {}
             if lo is not None:
-                rr["low"] = _qty(lo, unit)
+                rr["low"] = qty(lo, unit)
             if hi is not None:
-                rr["high"] = _qty(hi, unit)
+                rr["high"] = qty(hi, unit)
             body["referenceRange"] = [rr]
         if note:
             body["note"] = [{"text": note}]
@@ -486,12 +462,12 @@ class Chart:
         codings, name = DRUGS[drug]
         dosage: dict[str, Any] = {"text": text or name, "route": route}
         if dose:
-            dosage["dose"] = _qty(dose[0], dose[1])
+            dosage["dose"] = qty(dose[0], dose[1])
         if rate:
-            dosage["rateQuantity"] = _qty(rate[0], rate[1], rate[2])
+            dosage["rateQuantity"] = qty(rate[0], rate[1], rate[2])
         body: dict[str, Any] = {
             "status": "completed",
-            "medicationCodeableConcept": _concept(*codings, text=name),
+            "medicationCodeableConcept": concept(*codings, text=name),
             "subject": {"reference": self.patient_ref},
             "context": {"reference": self.encounter_ref},
         }
@@ -507,7 +483,7 @@ class Chart:
         code, display = PROCEDURES[key]
         body: dict[str, Any] = {
             "status": "completed",
-            "code": _concept(_coding(SNOMED, code, display), text=text or display),
+            "code": concept(coding(SNOMED, code, display), text=text or display),
             "subject": {"reference": self.patient_ref},
             "encounter": {"reference": self.encounter_ref},
         }
@@ -516,7 +492,7 @@ class Chart:
         else:
             body["performedPeriod"] = {"start": self.at(h), "end": self.at(end)}
         if reason:
-            body["reasonCode"] = [_concept(text=reason)]
+            body["reasonCode"] = [concept(text=reason)]
         self.add("Procedure", body, h)
 
     # ---- state helpers ---------------------------------------------------------------------
@@ -585,7 +561,7 @@ class Chart:
         if (t0.month, t0.day) < (birth.month, birth.day) and birth.year == t0.year - c.age:
             birth = birth.replace(day=1)
         patient: dict[str, Any] = {
-            "identifier": [{"use": "usual", "type": _concept(_coding("http://terminology.hl7.org/CodeSystem/v2-0203", "MR", "Medical record number")),
+            "identifier": [{"use": "usual", "type": concept(coding("http://terminology.hl7.org/CodeSystem/v2-0203", "MR", "Medical record number")),
                             "system": MRN, "value": str(self.rng.randrange(10_000_000, 99_999_999))}],
             "active": True,
             "name": [{"use": "official", "family": "Synthetic", "given": [c.key.upper()]}],
@@ -598,19 +574,19 @@ class Chart:
         enc: dict[str, Any] = {
             "resourceType": "Encounter", "id": self.eid,
             "status": "finished",
-            "class": _coding("http://terminology.hl7.org/CodeSystem/v3-ActCode", "IMP", "inpatient encounter"),
-            "type": [_concept(text="Cellular therapy admission")],
+            "class": coding("http://terminology.hl7.org/CodeSystem/v3-ActCode", "IMP", "inpatient encounter"),
+            "type": [concept(text="Cellular therapy admission")],
             "subject": {"reference": self.patient_ref},
             "period": {"start": self.at(-30), "end": self.at(self.stop + (0 if c.death is not None else 2))},
-            "reasonCode": [_concept(text=reason)],
+            "reasonCode": [concept(text=reason)],
         }
         if c.death is not None:
-            enc["hospitalization"] = {"dischargeDisposition": _concept(
-                _coding("http://terminology.hl7.org/CodeSystem/discharge-disposition", "exp", "Expired"))}
+            enc["hospitalization"] = {"dischargeDisposition": concept(
+                coding("http://terminology.hl7.org/CodeSystem/discharge-disposition", "exp", "Expired"))}
         self.entries.append(_Entry("Encounter", enc, -1e9, -1))
-        self.obs(-20, WEIGHT, {"valueQuantity": _qty(c.weight, "kg")})
+        self.obs(-20, WEIGHT, {"valueQuantity": qty(c.weight, "kg")})
         height = 75 + 6.5 * c.age if c.age < 16 else self.r(155, 182)
-        self.obs(-20, HEIGHT, {"valueQuantity": _qty(round(height), "cm")})
+        self.obs(-20, HEIGHT, {"valueQuantity": qty(round(height), "cm")})
 
     def _infusion(self) -> None:
         c = self.c
@@ -672,13 +648,13 @@ class Chart:
         return self.r(lo, hi)
 
     def temp(self, h: float, value: float) -> None:
-        self.obs(h, TEMP[self.c.temp_site], {"valueQuantity": _qty(value, "Cel")})
+        self.obs(h, TEMP[self.c.temp_site], {"valueQuantity": qty(value, "Cel")})
 
     def bp(self, h: float, sbp: float) -> None:
         dbp = round(sbp * self.rng.uniform(0.52, 0.64))
         self.obs(h, BP_PANEL, components=[
-            {"code": SBP, "valueQuantity": _qty(sbp, "mm[Hg]", "mmHg")},
-            {"code": DBP, "valueQuantity": _qty(dbp, "mm[Hg]", "mmHg")},
+            {"code": SBP, "valueQuantity": qty(sbp, "mm[Hg]", "mmHg")},
+            {"code": DBP, "valueQuantity": qty(dbp, "mm[Hg]", "mmHg")},
         ])
 
     def hr(self, h: float, temp: float | None) -> None:
@@ -689,7 +665,7 @@ class Chart:
         if self.pressor_running(h) or (self.c.refractory and self.c.refractory[0] <= h):
             extra += 25
         v = min(round(self.rng.uniform(lo, hi) + extra), 215)
-        self.obs(h, HR, {"valueQuantity": _qty(v, "/min", "beats/minute")})
+        self.obs(h, HR, {"valueQuantity": qty(v, "/min", "beats/minute")})
 
     def spo2_value(self, h: float) -> float:
         if self.ventilated(h) or self.o2_at(h):
@@ -717,7 +693,7 @@ class Chart:
             self.bp(h, sbp)
             self.bp(h + 0.25, sbp - self.r(0, 4))
         for h, v in c.hypoxia:
-            self.obs(h, SPO2, {"valueQuantity": _qty(v, "%")})
+            self.obs(h, SPO2, {"valueQuantity": qty(v, "%")})
 
         for g in self._vital_times():
             h = g + self.rng.choice((0, 0, 2, 3, 5, 7, 9)) / 60
@@ -733,9 +709,9 @@ class Chart:
             self.hr(h, temp)
             lo, hi = self.norms()["rr"]
             rr = round(self.rng.uniform(lo, hi) + (6 if self.o2_at(h) else 0))
-            self.obs(h, RR, {"valueQuantity": _qty(rr, "/min", "breaths/minute")})
+            self.obs(h, RR, {"valueQuantity": qty(rr, "/min", "breaths/minute")})
             if not any(abs(h - t) < 0.5 for t in designed_spo2):
-                self.obs(h, SPO2, {"valueQuantity": _qty(self.spo2_value(h), "%")})
+                self.obs(h, SPO2, {"valueQuantity": qty(self.spo2_value(h), "%")})
         if c.refractory:
             k = math.floor(c.refractory[0]) + 1
             while k < min(c.refractory[1], self.stop):
@@ -754,12 +730,12 @@ class Chart:
     # oxygen --------------------------------------------------------------------------------
     def _o2_row(self, h: float, device: str, flow: float | None, fio2: float | None) -> None:
         snomed, display, text = DEVICES[device]
-        value = _concept(_coding(SNOMED, snomed, display), text=text) if snomed else _concept(text=text)
+        value = concept(coding(SNOMED, snomed, display), text=text) if snomed else concept(text=text)
         self.obs(h, O2_DEVICE, {"valueCodeableConcept": value})
         if flow is not None:
-            self.obs(h, O2_FLOW, {"valueQuantity": _qty(flow, "L/min")})
+            self.obs(h, O2_FLOW, {"valueQuantity": qty(flow, "L/min")})
         if fio2 is not None:
-            self.obs(h, FIO2, {"valueQuantity": _qty(fio2, "%")})
+            self.obs(h, FIO2, {"valueQuantity": qty(fio2, "%")})
 
     def _oxygen(self) -> None:
         c = self.c
@@ -802,7 +778,7 @@ class Chart:
 
     def lab(self, h: float, key: str, value: float, rr: tuple[float | None, float | None] | None) -> None:
         code, display, unit, text = LABS[key]
-        self.obs(h, _loinc(code, display, text), {"valueQuantity": _qty(value, unit)}, category="laboratory",
+        self.obs(h, loinc(code, display, text), {"valueQuantity": qty(value, unit)}, category="laboratory",
                  issued=h + self.rng.choice((1.0, 1.5, 2.0, 3.0)), ref_range=(rr[0], rr[1], unit) if rr else None)
 
     def _curve(self, h: float, peak_h: float, width: float) -> float:
@@ -879,8 +855,8 @@ class Chart:
                     self.lab(h, key, round(v, 1), (None, 7.0 if key == "il6" else 15.6))
         # blood cultures at the first fever (no growth: the fever is CRS, not bacteraemia)
         if c.onset is not None:
-            self.obs(c.onset + 0.3, BLOOD_CULTURE, {"valueCodeableConcept": _concept(
-                _coding(SNOMED, "264868006", "No growth"), text="No growth at 5 days")},
+            self.obs(c.onset + 0.3, BLOOD_CULTURE, {"valueCodeableConcept": concept(
+                coding(SNOMED, "264868006", "No growth"), text="No growth at 5 days")},
                 category="laboratory", issued=c.onset + 120)
 
     # neuro ---------------------------------------------------------------------------------
@@ -892,7 +868,7 @@ class Chart:
         if score is not None:
             code = ICE if self.c.age >= 12 else CAPD
             self.obs(h, code, {"valueInteger": score}, category="survey", note=note)
-        self.obs(h, LOC, {"valueCodeableConcept": _concept(text=loc)}, category="survey")
+        self.obs(h, LOC, {"valueCodeableConcept": concept(text=loc)}, category="survey")
 
     def _neuro(self) -> None:
         c = self.c
@@ -907,8 +883,8 @@ class Chart:
             self.neuro_row(n.h, n.score, n.loc)
         if c.seizure is not None:
             h, secs = c.seizure
-            self.obs(h, SEIZURE, {"valueCodeableConcept": _concept(
-                _coding(SNOMED, "54200006", "Generalized tonic-clonic seizure"), text="Generalized tonic-clonic seizure")},
+            self.obs(h, SEIZURE, {"valueCodeableConcept": concept(
+                coding(SNOMED, "54200006", "Generalized tonic-clonic seizure"), text="Generalized tonic-clonic seizure")},
                 category="exam", end=h + secs / 3600, note=f"Generalised tonic-clonic seizure, {secs // 60} min, midazolam given")
         g = 12.0
         while g <= self.stop:
