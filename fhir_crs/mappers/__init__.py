@@ -83,7 +83,17 @@ class ResourceMapper:
             self.result.skipped.append(item)
             return
         self.count += 1
-        src = item
+        mapped_before, skipped_before = self.mapped, len(self.result.skipped)
+        try:
+            self._add(item)
+        except (TypeError, ValueError, AttributeError, KeyError, IndexError) as exc:
+            # Structurally invalid FHIR (a list where a string belongs, …): a named skip, never a crash.
+            self.mapped = mapped_before
+            del self.result.skipped[skipped_before:]
+            self.skip(resource_ref(item) if isinstance(item.resource.get("resourceType"), str) else item.origin,
+                      f"malformed resource ({type(exc).__name__}: {str(exc)[:120]})")
+
+    def _add(self, src: SourceResource) -> None:
         r = src.resource
         rtype = r["resourceType"]
         ref = resource_ref(src)
@@ -144,7 +154,10 @@ class ResourceMapper:
 
     def _map_med(self, src: SourceResource, ref: str, patient: str) -> None:
         flags = self.result.flags.setdefault(patient, set())
-        out = self.meds.map(src.resource, ref, flags, lambda t: self._resolve(src, t))
+        try:
+            out = self.meds.map(src.resource, ref, flags, lambda t: self._resolve(src, t))
+        except (TypeError, ValueError, AttributeError, KeyError, IndexError) as exc:
+            out = Skipped(ref, f"malformed resource ({type(exc).__name__}: {str(exc)[:120]})")
         if isinstance(out, Skipped):
             self.result.skipped.append(out)
         else:

@@ -3,6 +3,7 @@ Reference) read from plain dicts, with no validation library in the hot path."""
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
@@ -38,6 +39,8 @@ def _parse_datetime(value: str) -> When | None:
         return None
     try:
         y = int(m["y"])
+        if not 1900 <= y <= 2200:
+            return None  # implausible for clinical data, and keeps date arithmetic in range
         mo = int(m["m"] or 1)
         d = int(m["d"] or 1)
         if m["H"] is None:
@@ -53,7 +56,7 @@ def _parse_datetime(value: str) -> When | None:
         sign = 1 if tz[0] == "+" else -1
         offset = timedelta(hours=int(tz[1:3]), minutes=int(tz[4:6])) * sign
         return When((dt - offset).replace(tzinfo=UTC), "time")
-    except ValueError:
+    except (ValueError, OverflowError):
         return None
 
 
@@ -107,7 +110,7 @@ def quantity(q: Any) -> tuple[float, str] | None:
     if not isinstance(q, dict):
         return None
     v = q.get("value")
-    if isinstance(v, bool) or not isinstance(v, int | float):
+    if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v):
         return None
     unit = q.get("code") or q.get("unit") or ""
     return float(v), str(unit)
