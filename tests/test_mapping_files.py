@@ -51,7 +51,7 @@ def test_malformed_table_names_file_and_key(mapdir, file, append, message):
 
 def test_missing_file_is_named(mapdir):
     (mapdir / "units.toml").unlink()
-    with pytest.raises(MappingFileError, match="units.toml"):
+    with pytest.raises(MappingFileError, match=r"units\.toml"):
         load_code_map(mapdir)
 
 

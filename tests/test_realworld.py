@@ -40,7 +40,7 @@ def _map(code_map, items):
 
 @pytest.mark.parametrize(("name", "expect"), sorted(HL7.items()))
 def test_named_hl7_examples(realworld: Path, code_map, name, expect):
-    m, r = _map(code_map, iter_path(realworld / "hl7-examples" / name))
+    _m, r = _map(code_map, iter_path(realworld / "hl7-examples" / name))
     events = [e for v in r.events.values() for e in v]
     if expect.startswith("skip:"):
         assert not events

@@ -110,7 +110,7 @@ def test_patient_list_and_unknown_patient_error(server, cohort, tmp_path):
 def test_the_same_patient_many_times_in_parallel_is_written_once(server, cohort, tmp_path):
     listing = tmp_path / "dupes.txt"
     listing.write_text("\n".join([cohort["V11"]] * 8) + "\n")
-    code, data, err = sync(server, tmp_path / "d.sqlite", "--patients", str(listing), "--workers", "8",
+    code, _data, err = sync(server, tmp_path / "d.sqlite", "--patients", str(listing), "--workers", "8",
                            env={"FHIR_CRS_IDENTIFIER_SYSTEM": "urn:race"})
     assert code == 0, err
     client = FhirClient(server.base, auth=NoAuth())

@@ -96,10 +96,7 @@ def test_vignette(vid: str, family: str, system: str) -> None:
     for key in ASSERTED_KEYS:
         if key not in want:
             continue
-        if key in TIME_KEYS:
-            ok = instant(got.get(key)) == instant(want[key])
-        else:
-            ok = got.get(key) == want[key]
+        ok = instant(got.get(key)) == instant(want[key]) if key in TIME_KEYS else got.get(key) == want[key]
         if not ok:
             problems.append(f"{key}: got {got.get(key)!r}, want {want[key]!r}")
     for flag in EXPECTED[vid]["flags"].get(f"{family}.{system}", []):
