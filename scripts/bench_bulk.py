@@ -8,8 +8,8 @@ from pathlib import Path
 
 from fhir_crs.events import Skipped
 from fhir_crs.fhir import BulkExport, FhirClient, NoAuth
-from fhir_crs.mapping_files import load_code_map
 from fhir_crs.mappers import ResourceMapper
+from fhir_crs.mapping_files import load_code_map
 from fhir_crs.pipeline import grade_mapping
 from fhir_crs.settings import load_settings
 from fhir_crs.sources import SourceResource
