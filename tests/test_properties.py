@@ -23,7 +23,7 @@ from factory import (
     temp,
     vitals_baseline,
 )
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from fhir_crs.pipeline import grade_resources
@@ -70,7 +70,9 @@ def all_grades(resources: list[dict[str, Any]]) -> dict[str, int]:
     return out
 
 
-@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+# derandomize: CI runs the same examples every time (no flaky nights); explore locally with more
+# examples and `derandomize=False`.
+@settings(max_examples=80, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
 @given(
     onset=st.integers(1, 60), length=st.integers(0, 40), child=st.booleans(),
     base=st.lists(abnormality(), max_size=3), extra=abnormality(),
@@ -81,6 +83,13 @@ def test_adding_an_abnormality_never_lowers_a_grade(onset, length, child, base, 
              obs("2160-0", -12, 0.6, "mg/dL"), *vitals_baseline(200, skip=set(map(float, fever_hours))),
              *[temp(h, 39.0) for h in fever_hours], *[bp(h, 118) for h in fever_hours]]
     before_rows = [r for rows in base for r in rows]
+    # A later O2-device row or lab value of the same kind is new information that REPLACES the
+    # charted state from then on (it may lower it): a correction, not an added abnormality.
+    def codes(rows: list[dict[str, Any]]) -> set[str]:
+        return {c["code"] for r in rows if r["resourceType"] == "Observation" for c in r["code"]["coding"]
+                if c["code"] in ("O2-DEVICE", "3151-8", "3150-0", "2160-0", "1920-8", "1742-6", "1975-2")}
+
+    assume(not (codes(before_rows) & codes(extra)))
     before = all_grades(start + before_rows)
     after = all_grades(start + before_rows + extra)
     for system, grade in after.items():
