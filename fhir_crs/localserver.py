@@ -13,6 +13,7 @@ import time
 import urllib.request
 from pathlib import Path
 from types import TracebackType
+from typing import BinaryIO
 
 from .errors import FhirCrsError
 
@@ -52,7 +53,7 @@ class LocalFhirServer:
         self.smart_clients = smart_clients
         self.startup_timeout = startup_timeout
         self.proc: subprocess.Popen[bytes] | None = None
-        self._log = None
+        self._log: BinaryIO | None = None
 
     def start(self) -> LocalFhirServer:
         exe = sekmet_executable()

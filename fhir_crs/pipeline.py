@@ -159,7 +159,7 @@ def fetch_patient(client: Any, patient_id: str, cfg: Any, code_map: CodeMap) -> 
     if infusions:
         lo = infusions[0][0] - timedelta(days=cfg.window_before_days)
         hi = infusions[-1][0] + timedelta(days=cfg.window_after_days)
-        obs = client.search("Observation", [("patient", patient_id), ("date", "ge" + iso(lo)), ("date", "le" + iso(hi))])
+        obs = client.search("Observation", [("patient", patient_id), ("date", f"ge{iso(lo)}"), ("date", f"le{iso(hi)}")])
         resources += obs.matches
     return resources
 

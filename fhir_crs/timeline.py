@@ -496,9 +496,9 @@ def _support(tl: CaseTimeline, device_rows: list[Finding], flow_rows: list[Measu
     # Procedure reasons (indication, home use) apply to overlapping observation rows of the same device.
     for g in segments:
         if g.source == "observation":
-            for p in segments:
-                if p.source == "procedure" and p.device == g.device and p.start - H <= g.start < p.end + H and p.reason:
-                    g.reason = (g.reason + "; " + p.reason).strip("; ")
+            for q in segments:
+                if q.source == "procedure" and q.device == g.device and q.start - H <= g.start < q.end + H and q.reason:
+                    g.reason = (g.reason + "; " + q.reason).strip("; ")
         g.home = bool(_HOME.search(g.reason))
     tl.baseline_support = [g for g in segments if g.start < tl.infusion]
     post = [g for g in segments if g.end > tl.infusion]

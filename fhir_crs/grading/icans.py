@@ -205,7 +205,8 @@ def neuro_episodes(points: list[Assessment], tl: CaseTimeline, clear: timedelta)
         if points[i].grade == 0:
             i += 1
             continue
-        onset, best, best_t, trail, resolved = points[i].time, 0, None, [], None
+        onset, best, best_t, resolved = points[i].time, 0, None, None
+        trail: list[Criterion] = []
         j = i
         while j < len(points):
             p = points[j]
