@@ -314,7 +314,8 @@ def _is_bolus(d: DrugGiven, weight: float | None, s: GradingSettings) -> bool:
     if d.bolus:
         return True
     if d.volume_ml is None:
-        return False
+        # a weight-based bolus charted as mL/kg (paediatric 10-20 mL/kg)
+        return d.dose_unit == "mL/kg" and (d.dose_value or 0) >= s.bolus_min_ml_per_kg
     if d.end is not None and (d.end - d.start) > 2 * H:
         return False  # a maintenance infusion, not a bolus
     if d.volume_ml >= s.bolus_min_ml:

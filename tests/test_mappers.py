@@ -206,3 +206,38 @@ def test_local_code_table_entry_wins_over_text(code_map):
     coded = obs("O2-DEVICE", 1, {"coding": [{"system": SCT, "code": "336623009"}]}, system=LOCAL, display="Temperature probe")
     (c,), _, _ = map_one(code_map, coded)
     assert c.kind == "o2_device" and not c.matched_by_text
+
+
+def _condition(code: str, text: str, onset: str | None = "2025-03-15T10:00:00Z", **extra: Any) -> dict[str, Any]:
+    r: dict[str, Any] = {"resourceType": "Condition", "id": "c1", "subject": {"reference": "Patient/p1"},
+                         "code": {"coding": [{"system": "http://snomed.info/sct", "code": code}], "text": text}, **extra}
+    if onset:
+        r["onsetDateTime"] = onset
+    return r
+
+
+@pytest.mark.parametrize(
+    ("res", "kind", "detail"),
+    [
+        (_condition("91175000", "Generalized tonic-clonic seizure"), "seizure", "generalized"),
+        (_condition("230456007", "Status epilepticus"), "seizure", "status"),
+        (_condition("2032001", "Cerebral edema, diffuse"), "cerebral_edema", "diffuse"),
+        (_condition("1386000", "Intracranial hemorrhage"), "intracranial_hemorrhage", "present"),
+    ],
+)
+def test_neuro_findings_as_conditions(code_map, res, kind, detail):
+    (e,), skipped, _ = map_one(code_map, res)
+    assert not skipped and isinstance(e, Finding) and (e.kind, e.detail) == (kind, detail)
+
+
+@pytest.mark.parametrize(
+    ("res", "reason"),
+    [
+        (_condition("44054006", "Diabetes mellitus type 2"), "Condition not used for grading"),
+        (_condition("91175000", "Seizure", verificationStatus={"coding": [{"code": "refuted"}]}), "verificationStatus refuted"),
+        (_condition("91175000", "Seizure", onset=None), "no onset"),
+    ],
+)
+def test_other_conditions_are_named_skips(code_map, res, reason):
+    events, (s,), _ = map_one(code_map, res)
+    assert not events and reason in s.reason

@@ -14,6 +14,7 @@ from ..events import MappingResult, Skipped
 from ..mapping_files import CodeMap
 from ..sources import SourceResource
 from .common import SAFE_ID, reference_target, split_reference
+from .condition import ConditionMapper
 from .medication import MedicationMapper
 from .observation import ObservationMapper
 from .patient import map_patient
@@ -25,6 +26,7 @@ _SUBJECT_FIELDS = {
     "Observation": ("subject",),
     "MedicationAdministration": ("subject",),
     "Procedure": ("subject",),
+    "Condition": ("subject",),
 }
 
 
@@ -49,6 +51,7 @@ class ResourceMapper:
         self.obs = ObservationMapper(code_map)
         self.meds = MedicationMapper(code_map)
         self.procs = ProcedureMapper(code_map)
+        self.conditions = ConditionMapper(code_map)
         self.result = MappingResult()
         self.medications: dict[str, dict[str, Any]] = {}
         self._deferred: list[tuple[SourceResource, str, str]] = []
@@ -108,7 +111,7 @@ class ResourceMapper:
             self.result.add(ref, map_patient(r, ref, flags))
             self.mapped += 1
             return
-        if rtype not in ("Observation", "MedicationAdministration", "Procedure"):
+        if rtype not in ("Observation", "MedicationAdministration", "Procedure", "Condition"):
             self.skip(ref, f"resource type {rtype} is not used for grading")
             return
         patient = self._patient_of(src, ref)
@@ -125,8 +128,8 @@ class ResourceMapper:
                 self.mapped += 1
                 for e in out:
                     self.result.add(patient, e)
-        elif rtype == "Procedure":
-            p = self.procs.map(r, ref, flags)
+        elif rtype == "Procedure" or rtype == "Condition":
+            p = (self.procs if rtype == "Procedure" else self.conditions).map(r, ref, flags)
             if isinstance(p, Skipped):
                 self.result.skipped.append(p)
             else:

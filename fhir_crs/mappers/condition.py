@@ -1,0 +1,55 @@
+"""Condition JSON -> neuro/outcome `Finding`s, or a `Skipped` reason.
+
+Problem lists and encounter diagnoses often carry the ICANS findings (seizure, cerebral oedema,
+raised ICP signs, motor weakness, intracranial haemorrhage) and haemophagocytosis as Conditions
+rather than Observations. They are matched with the same codes and text as the Observation
+kinds in mappings/observations.toml; the onset time places them on the timeline. Any other
+Condition is not used for grading (named skip)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ..events import Finding, Skipped
+from ..mapping_files import CodeMap
+from .common import codings, label, parse_datetime, texts
+from .observation import edema_extent, seizure_type
+
+CONDITION_KINDS = ("seizure", "cerebral_edema", "icp_sign", "motor_weakness", "intracranial_hemorrhage", "hemophagocytosis")
+_EXCLUDED_VERIFICATION = {"refuted", "entered-in-error"}
+
+
+class ConditionMapper:
+    def __init__(self, code_map: CodeMap):
+        self.code_map = code_map
+
+    def map(self, res: dict[str, Any], ref: str, flags: set[str]) -> Finding | Skipped:
+        name, by_text = self.code_map.observation_table.match(codings(res.get("code")), texts(res.get("code")))
+        if name not in CONDITION_KINDS:
+            return Skipped(ref, f"Condition not used for grading: {label(res.get('code'))}")
+        verification = [c for _, c in codings(res.get("verificationStatus"))]
+        if any(v in _EXCLUDED_VERIFICATION for v in verification):
+            return Skipped(ref, f"verificationStatus {verification[0]}")
+        when = None
+        for key in ("onsetDateTime", "recordedDate"):
+            if key in res:
+                when = parse_datetime(res[key])
+                break
+        if when is None and isinstance(res.get("onsetPeriod"), dict):
+            when = parse_datetime(res["onsetPeriod"].get("start"))
+        if when is None:
+            return Skipped(ref, "no onset or recorded date/time")
+        if when.precision != "time":
+            return Skipped(ref, f"{name}: onset has {when.precision} precision only")
+        if when.tz_assumed:
+            flags.add("timezone_assumed")
+        text = " ".join(texts(res.get("code")) + [n.get("text", "") for n in res.get("note") or [] if isinstance(n, dict)])
+        end = parse_datetime(res.get("abatementDateTime"))
+        if name == "seizure":
+            minutes = (end.time - when.time).total_seconds() / 60 if end else None
+            detail = seizure_type(text, minutes)
+        elif name == "cerebral_edema":
+            detail = edema_extent(text)
+        else:
+            detail = "present"
+        return Finding(name, when.time, detail, ref, text, end.time if end else None, by_text)
