@@ -241,3 +241,8 @@ def test_neuro_findings_as_conditions(code_map, res, kind, detail):
 def test_other_conditions_are_named_skips(code_map, res, reason):
     events, (s,), _ = map_one(code_map, res)
     assert not events and reason in s.reason
+
+
+def test_rate_charted_in_the_dose_field(code_map):
+    (e,), _, _ = map_one(code_map, med("7512", 1, 5, dose=0.08, dose_unit="ug/kg/min"))
+    assert e.rate_ug_kg_min == 0.08 and "rate_from_dose_field" in e.notes and not e.bolus

@@ -153,6 +153,10 @@ class MedicationMapper:
                 rate_unit = self.code_map.canonical_unit(
                     f"{self.code_map.canonical_unit(num[1])}/{self.code_map.canonical_unit(den[1])}"
                 )
+        if rate_value is None and dose_value is not None and ("/min" in dose_unit or dose_unit.endswith("/h")):
+            # some feeds chart the infusion rate in dosage.dose (e.g. 0.05 ug/kg/min)
+            rate_value, rate_unit = dose_value, dose_unit
+            notes.append("rate_from_dose_field")
         rate_ug_min = rate_ug_kg_min = rate_u_min = None
         if rate_value is not None:
             if rate_unit in _MASS_RATE:
