@@ -174,7 +174,7 @@ def cibmtr_row(case: dict[str, Any], tz: tzinfo = UTC) -> dict[str, str]:
     therapy = [e for e in kind(*_CRS_THERAPY) if has_crs and onset_h is not None and onset_h <= e["hour"]
                and (end_h is None or e["hour"] <= end_h)]
     row["q78_crs_therapy"] = _yn(bool(therapy)) if has_crs else ""
-    names = sorted({e["detail"] for e in therapy})
+    names = sorted({e["detail"].split(" x")[0] for e in therapy})  # "dexamethasone x8 (to +151 h)" -> drug
     row["q80_crs_therapy_specify"] = "; ".join(names)
     if therapy:
         cite("q78", therapy[0]["evidence"])

@@ -579,9 +579,20 @@ def display_events(tl: CaseTimeline, s: GradingSettings) -> list[dict[str, objec
         elif g.ppv and not g.attributed:
             what += f" (not CRS: {g.attribution_note})"
         add(g.start, "respiratory_support", what, g.refs)
+    # repeated doses of one drug (e.g. dexamethasone q6h) are one line: first dose, count, last dose
+    runs: list[list[DrugGiven]] = []
     for d in tl.drugs:
-        if d.drug_class in ("anti_il6", "anti_cytokine", "corticosteroid", "antipyretic", "blood_product"):
-            add(d.start, d.drug_class, d.drug, [d.ref])
+        if d.drug_class not in ("anti_il6", "anti_cytokine", "corticosteroid", "antipyretic", "blood_product"):
+            continue
+        run = next((r for r in runs if r[-1].drug == d.drug and d.start - r[-1].start <= 12 * H), None)
+        if run is None:
+            runs.append([d])
+        else:
+            run.append(d)
+    for run in runs:
+        first = run[0]
+        detail = first.drug if len(run) == 1 else f"{first.drug} x{len(run)} (to +{tl.hours(run[-1].start):g} h)"
+        add(first.start, first.drug_class, detail, [d.ref for d in run][:5])
     for b in tl.boluses:
         add(b.start, "fluid_bolus", f"{b.drug} {b.volume_ml or 0:g} mL", [b.ref])
     for p in tl.procedures:
