@@ -27,7 +27,7 @@ OBSERVATION_KINDS = frozenset(
         "temperature", "blood_pressure_panel", "sbp", "sbp_arterial", "dbp", "mean_bp",
         "heart_rate", "respiratory_rate", "spo2", "o2_flow", "fio2", "o2_device", "weight",
         "il6", "ifn_gamma", "il10", "crp", "ferritin", "fibrinogen", "ldh", "alt", "ast",
-        "bilirubin", "creatinine", "anc", "platelets", "wbc", "lactate", "triglycerides", "inr",
+        "bilirubin", "creatinine", "anc", "neutrophils_pct", "platelets", "wbc", "lactate", "triglycerides", "inr",
         "blood_culture", "hemophagocytosis", "ice_score", "cartox10_score", "capd_score",
         "consciousness", "rass", "gcs_total", "seizure", "cerebral_edema", "icp_sign",
         "motor_weakness", "intracranial_hemorrhage", "cause_of_death",

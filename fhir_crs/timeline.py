@@ -286,6 +286,7 @@ def _build(
     tl.drugs.sort(key=lambda d: d.start)
     tl.procedures.sort(key=lambda p: p.start)
 
+    _derive_anc(tl)
     pre_weights = [w for w in weights if w.time <= t0 + 12 * H]
     if pre_weights:
         tl.weight_kg = max(pre_weights, key=lambda w: w.time).value  # dosing weight ~ last pre-infusion weight
@@ -308,6 +309,21 @@ def _build(
     _hypotension(tl, s)
     _support(tl, device_rows, flow_rows, fio2_rows, s)
     return tl
+
+
+def _derive_anc(tl: CaseTimeline) -> None:
+    """ANC = WBC x neutrophils % / 100 for draws that report no absolute count (terminology.md §2)."""
+    have = {m.time for m in tl.labs.get("anc", [])}
+    wbc = {m.time: m for m in tl.labs.get("wbc", [])}
+    derived = []
+    for pct in tl.labs.get("neutrophils_pct", []):
+        w = wbc.get(pct.time)
+        if w is not None and pct.time not in have:
+            derived.append(Measurement("anc", pct.time, w.value * 1000 * pct.value / 100, "/uL", pct.ref,
+                                       raw_value=pct.value, raw_unit="%"))
+    if derived:
+        tl.labs["anc"] = sorted([*tl.labs.get("anc", []), *derived], key=lambda m: m.time)
+        tl.flags.add("anc_derived_from_wbc_differential")
 
 
 def _is_bolus(d: DrugGiven, weight: float | None, s: GradingSettings) -> bool:

@@ -187,3 +187,9 @@ def test_weight_based_fluid_boluses_count_for_penn():
                med("313002", 29, 29.5, dose=20, dose_unit="mL/kg")]
     crs = grades(*boluses, birth="2018-06-01", weight=20)
     assert crs["penn"]["grade"] == 3 and crs["astct"]["grade"] == 2
+
+
+def test_anc_derived_from_wbc_and_neutrophil_percent_for_penn():
+    rows = [obs("6690-2", 20, 1.0, "10*3/uL"), obs("770-8", 20, 30, "%"), med("20481", 24.5, 25)]  # ANC 300
+    crs = grades(*rows)
+    assert crs["penn"]["grade"] == 2
