@@ -142,25 +142,50 @@ class PullResult:
 
 
 def fetch_patient(client: Any, patient_id: str, cfg: Any, code_map: CodeMap) -> list[dict[str, Any]]:
-    """Patient, its Procedures and MedicationAdministrations (+ referenced Medications), and the
-    Observations in [first infusion - window_before_days, last infusion + window_after_days]."""
+    """Everything graded for one patient, fetched in date windows around the CAR-T infusions.
+
+    1. the Patient; 2. the CAR-T administrations, searched by the site's CAR-T codes (Procedure
+    `code`, MedicationAdministration `code`) — when none is found that way (local codes, a
+    contained product Medication) all the patient's Procedures and MedicationAdministrations are
+    read once instead; 3. within [first infusion - window_before_days, last infusion +
+    window_after_days]: Procedures (`date`), MedicationAdministrations (`effective-time`, with
+    `_include` of their Medications) and Observations (`date`).
+    """
     from datetime import timedelta
 
+    from .sync import cart_codes
     from .timeline import find_infusions
 
     patient = client.read("Patient", patient_id)
-    resources: list[dict[str, Any]] = [patient]
-    procs = client.search("Procedure", [("patient", patient_id)])
-    meds = client.search("MedicationAdministration", [("patient", patient_id), ("_include", "MedicationAdministration:medication")])
-    resources += procs.matches + meds.matches + meds.includes
-    result, _ = map_items((SourceResource(r, f"server#{i}") for i, r in enumerate(resources)), code_map)
-    events = [e for evs in result.events.values() for e in evs]
-    infusions = find_infusions(events)
-    if infusions:
-        lo = infusions[0][0] - timedelta(days=cfg.window_before_days)
-        hi = infusions[-1][0] + timedelta(days=cfg.window_after_days)
-        obs = client.search("Observation", [("patient", patient_id), ("date", f"ge{iso(lo)}"), ("date", f"le{iso(hi)}")])
-        resources += obs.matches
+
+    def infusions_in(resources: list[dict[str, Any]]) -> list[Any]:
+        result, _ = map_items((SourceResource(r, f"server#{i}") for i, r in enumerate(resources)), code_map)
+        return find_infusions([e for evs in result.events.values() for e in evs])
+
+    proc_codes, drug_codes = cart_codes(code_map)
+    found: list[dict[str, Any]] = []
+    for rtype, codes in (("Procedure", proc_codes), ("MedicationAdministration", drug_codes)):
+        for chunk in range(0, len(codes), 20):
+            res = client.search(rtype, [("patient", patient_id), ("code", ",".join(codes[chunk:chunk + 20]))])
+            found += res.matches
+    infusions = infusions_in([patient, *found])
+    if not infusions:  # CAR-T charted only with local codes or a contained product: read everything once
+        procs = client.search("Procedure", [("patient", patient_id)])
+        meds = client.search("MedicationAdministration", [("patient", patient_id), ("_include", "MedicationAdministration:medication")])
+        everything = [patient, *procs.matches, *meds.matches, *meds.includes]
+        if not infusions_in(everything):
+            return everything  # graded as "no CAR-T infusion found" (a named skip)
+        infusions = infusions_in(everything)
+    lo = iso(infusions[0][0] - timedelta(days=cfg.window_before_days))
+    hi = iso(infusions[-1][0] + timedelta(days=cfg.window_after_days))
+    procs = client.search("Procedure", [("patient", patient_id), ("date", f"ge{lo}"), ("date", f"le{hi}")])
+    meds = client.search("MedicationAdministration", [("patient", patient_id), ("effective-time", f"ge{lo}"),
+                                                      ("effective-time", f"le{hi}"), ("_include", "MedicationAdministration:medication")])
+    obs = client.search("Observation", [("patient", patient_id), ("date", f"ge{lo}"), ("date", f"le{hi}")])
+    resources = [patient, *procs.matches, *meds.matches, *meds.includes, *obs.matches]
+    seen = {f"{r.get('resourceType')}/{r.get('id')}" for r in resources}
+    # the infusion record itself is kept even if a server's date search misses it
+    resources += [r for r in found if f"{r.get('resourceType')}/{r.get('id')}" not in seen]
     return resources
 
 

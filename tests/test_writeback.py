@@ -155,3 +155,30 @@ def test_golden_condition_shape_is_stable(case, tmp_path: Path):
     if not golden.exists():
         golden.write_text(got + "\n")
     assert got + "\n" == golden.read_text()
+
+
+@responses.activate
+def test_fetch_uses_date_windows_and_falls_back_when_cart_has_only_local_codes(code_map):
+    from fhir_crs.config import RunConfig
+    from fhir_crs.pipeline import fetch_patient
+
+    cart = {"resourceType": "Procedure", "id": "cart1", "status": "completed", "subject": {"reference": "Patient/p1"},
+            "code": {"text": "CAR-T cell infusion (tisagenlecleucel)"}, "performedDateTime": "2025-03-10T08:00:00Z"}
+    responses.get(f"{BASE}/Patient/p1", json={"resourceType": "Patient", "id": "p1", "birthDate": "1970-01-01"})
+    windowed = []
+
+    def search(request):
+        q = request.params
+        if "date" in q or "effective-time" in q:
+            windowed.append((request.path_url.split("?")[0], q))
+        body = _searchset(cart) if request.path_url.startswith("/r4/Procedure") and "code" not in q else _searchset()
+        return 200, {}, json.dumps(body)
+
+    for rtype in ("Procedure", "MedicationAdministration", "Observation"):
+        responses.add_callback(responses.GET, f"{BASE}/{rtype}", callback=search)
+    out = fetch_patient(client(), "p1", RunConfig(), code_map)
+    assert any(r.get("id") == "cart1" for r in out)
+    paths = {p for p, _ in windowed}
+    assert paths == {"/r4/Procedure", "/r4/MedicationAdministration", "/r4/Observation"}
+    obs_q = next(q for p, q in windowed if p == "/r4/Observation")
+    assert obs_q["date"] == ["ge2025-03-03T08:00:00Z", "le2025-06-18T08:00:00Z"]  # 7 days before, 100 after
