@@ -41,7 +41,23 @@ from datetime import UTC, date, datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
-from .fhir.literals import FLOWSHEET, LOINC, RXNORM, SNOMED, coding, concept, loinc, qty
+from .fhir.literals import (
+    CAPD,
+    FIO2,
+    ICE,
+    LOC,
+    LOINC,
+    O2_DEVICE,
+    O2_FLOW,
+    RXNORM,
+    SNOMED,
+    SPO2,
+    WEIGHT,
+    coding,
+    concept,
+    loinc,
+    qty,
+)
 
 __all__ = [
     "PAPER_COUNTS",
@@ -92,16 +108,7 @@ SBP = loinc("8480-6", "Systolic blood pressure")
 DBP = loinc("8462-4", "Diastolic blood pressure")
 HR = loinc("8867-4", "Heart rate")
 RR = loinc("9279-1", "Respiratory rate")
-SPO2 = concept(coding(LOINC, "2708-6", "Oxygen saturation in Arterial blood"),
-                coding(LOINC, "59408-5", "Oxygen saturation in Arterial blood by Pulse oximetry"), text="SpO2")
-WEIGHT = loinc("29463-7", "Body weight", "Weight")
 HEIGHT = loinc("8302-2", "Body height", "Height")
-O2_DEVICE = concept(coding(FLOWSHEET, "O2-DEVICE", "O2 Device"), text="O2 Device")
-O2_FLOW = loinc("3151-8", "Inhaled oxygen flow rate", "O2 Flow Rate")
-FIO2 = loinc("3150-0", "Inhaled oxygen concentration", "FiO2")
-ICE = concept(coding(FLOWSHEET, "ICE-SCORE", "ICE score"), text="ICE score")
-CAPD = concept(coding(FLOWSHEET, "CAPD-TOTAL", "CAPD total score"), text="CAPD total score")
-LOC = concept(coding(FLOWSHEET, "ICANS-LOC", "Level of consciousness (ICANS)"), text="Level of consciousness")
 SEIZURE = concept(coding(SNOMED, "91175000", "Seizure"), text="Seizure")
 CAUSE_OF_DEATH = loinc("69453-9", "Cause of death [US Standard Certificate of Death]", "Cause of death")
 BLOOD_CULTURE = loinc("600-7", "Bacteria identified in Blood by Culture", "Blood culture")

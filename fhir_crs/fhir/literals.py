@@ -32,3 +32,15 @@ def qty(value: float, code: str, unit: str | None = None) -> dict[str, Any]:
 
 def loinc(code: str, display: str, text: str | None = None) -> dict[str, Any]:
     return concept(coding(LOINC, code, display), text=text or display)
+
+
+# The codes under which the project's generators chart the grading inputs (fixtures/README.md).
+SPO2 = concept(coding(LOINC, "2708-6", "Oxygen saturation in Arterial blood"),
+               coding(LOINC, "59408-5", "Oxygen saturation in Arterial blood by Pulse oximetry"), text="SpO2")
+WEIGHT = loinc("29463-7", "Body weight", "Weight")
+O2_DEVICE = concept(coding(FLOWSHEET, "O2-DEVICE", "O2 Device"), text="O2 Device")
+O2_FLOW = loinc("3151-8", "Inhaled oxygen flow rate", "O2 Flow Rate")
+FIO2 = loinc("3150-0", "Inhaled oxygen concentration", "FiO2")
+ICE = concept(coding(FLOWSHEET, "ICE-SCORE", "ICE score"), text="ICE score")
+CAPD = concept(coding(FLOWSHEET, "CAPD-TOTAL", "CAPD total score"), text="CAPD total score")
+LOC = concept(coding(FLOWSHEET, "ICANS-LOC", "Level of consciousness (ICANS)"), text="Level of consciousness")
