@@ -422,12 +422,11 @@ def demo(out_dir: Path, as_json: bool, seed: int | None) -> None:
         )
         cases = [c.to_json(settings, series=True) for c in summary.graded_cases]
     report_obj = report_from_cases(cases, "astct")
-    index = _report_outputs(report_obj, cases, as_json, str(out_dir / "report.csv"), out_dir / "report",
-                            str(out_dir / "cibmtr-4100.csv"), console)
+    _report_outputs(report_obj, cases, as_json, str(out_dir / "report.csv"), out_dir / "report",
+                    str(out_dir / "cibmtr-4100.csv"), console)
     if not as_json:
         console.print(f"Server stopped. Everything is in {out_dir}/ (report.csv, cibmtr-4100.csv, report/index.html).")
     if summary.errors:
         for e in summary.errors:
             click.echo(f"fhir-crs demo: {e['patient']}: {e['error']}", err=True)
         sys.exit(1)
-    _ = index

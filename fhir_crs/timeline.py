@@ -415,7 +415,6 @@ def _hypotension(tl: CaseTimeline, s: GradingSettings) -> None:
     gap_min = timedelta(minutes=s.hypotension_confirm_min_gap_min)
     window = timedelta(minutes=s.hypotension_confirm_window_min)
     treat = timedelta(minutes=s.hypotension_treatment_window_min)
-    starts = [b.start for b in tl.boluses] + [c.start for c in tl.pressors]
     used: set[int] = set()
     for i, m in enumerate(low):
         if i in used:
@@ -432,7 +431,6 @@ def _hypotension(tl: CaseTimeline, s: GradingSettings) -> None:
         ]
         if treated:
             tl.hypotension.append(Hypotension(m.time, m.value, thr, [m.ref, *treated], "treated"))
-    _ = starts
 
 
 def _support(tl: CaseTimeline, device_rows: list[Finding], flow_rows: list[Measurement],
