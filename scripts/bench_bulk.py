@@ -4,7 +4,6 @@ NDJSON through the mappers and graders with streaming it through a bare JSON par
 from __future__ import annotations
 
 import time
-from pathlib import Path
 
 from fhir_crs.events import Skipped
 from fhir_crs.fhir import BulkExport, FhirClient, NoAuth
@@ -15,7 +14,7 @@ from fhir_crs.settings import load_settings
 from fhir_crs.sources import SourceResource
 
 
-def bulk_bench(base: str, workdir: Path, expected: int) -> None:
+def bulk_bench(base: str) -> None:
     client = FhirClient(base, auth=NoAuth(), timeout=600)
     exporter = BulkExport(client, poll_interval=0.5, max_poll_interval=5)
     t = time.perf_counter()
@@ -37,4 +36,3 @@ def bulk_bench(base: str, workdir: Path, expected: int) -> None:
           f"({len(run.cases)} cases, {grade_s:.1f} s)")
     if manifest.status_url:
         exporter.cancel(manifest.status_url)
-    _ = (workdir, expected)

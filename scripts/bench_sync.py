@@ -62,7 +62,7 @@ def main() -> None:
         tmpd = Path(tmp)
         data = tmpd / "ndjson"
         data.mkdir()
-        n = generate(data, args.patients)
+        generate(data, args.patients)
         with LocalFhirServer(tmpd / "server") as server:
             client = FhirClient(server.base, auth=NoAuth(), timeout=600)
             loaded, secs = load(client, data)
@@ -78,7 +78,7 @@ def main() -> None:
             except ImportError:
                 bulk_bench = None
             if bulk_bench is not None:
-                bulk_bench(server.base, tmpd / "bulk", n)
+                bulk_bench(server.base)
         parsed, psecs = bare_parse(data)
         print(f"raw NDJSON parse of the generated data: {parsed / psecs:,.0f} resources/s")
 
