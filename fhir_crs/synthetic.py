@@ -43,6 +43,7 @@ from typing import Any
 
 from .fhir.literals import (
     CAPD,
+    DEVICES,
     FIO2,
     ICE,
     LOC,
@@ -112,16 +113,6 @@ HEIGHT = loinc("8302-2", "Body height", "Height")
 SEIZURE = concept(coding(SNOMED, "91175000", "Seizure"), text="Seizure")
 CAUSE_OF_DEATH = loinc("69453-9", "Cause of death [US Standard Certificate of Death]", "Cause of death")
 BLOOD_CULTURE = loinc("600-7", "Bacteria identified in Blood by Culture", "Blood culture")
-
-# O2 device key -> (SNOMED, display, flowsheet text)
-DEVICES: dict[str, tuple[str | None, str, str]] = {
-    "ra": (None, "", "Room air"),
-    "nc": ("336623009", "Oxygen nasal cannula", "Nasal cannula"),
-    "hfnc": ("426854004", "High flow oxygen nasal cannula", "High flow nasal cannula"),
-    "mask": ("336602003", "Oxygen mask", "Simple face mask"),
-    "nrb": ("427591007", "Nonrebreather oxygen mask", "Non-rebreather mask"),
-    "vent": ("706172005", "Ventilator", "Ventilator"),
-}
 
 # lab key -> (LOINC, display, UCUM unit, the laboratory system's own short name)
 LABS: dict[str, tuple[str, str, str, str]] = {

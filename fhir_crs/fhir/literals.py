@@ -44,3 +44,19 @@ FIO2 = loinc("3150-0", "Inhaled oxygen concentration", "FiO2")
 ICE = concept(coding(FLOWSHEET, "ICE-SCORE", "ICE score"), text="ICE score")
 CAPD = concept(coding(FLOWSHEET, "CAPD-TOTAL", "CAPD total score"), text="CAPD total score")
 LOC = concept(coding(FLOWSHEET, "ICANS-LOC", "Level of consciousness (ICANS)"), text="Level of consciousness")
+
+# O2 delivery devices: key -> (SNOMED device code or None, SNOMED display, flowsheet text)
+DEVICES: dict[str, tuple[str | None, str, str]] = {
+    "ra": (None, "", "Room air"),
+    "nc": ("336623009", "Oxygen nasal cannula", "Nasal cannula"),
+    "hfnc": ("426854004", "High flow oxygen nasal cannula", "High flow nasal cannula"),
+    "mask": ("336602003", "Oxygen mask", "Simple face mask"),
+    "nrb": ("427591007", "Nonrebreather oxygen mask", "Non-rebreather mask"),
+    "venturi": ("428285009", "Venturi mask", "Venturi mask"),
+    "cpap": (
+        "706226000",
+        "Continuous positive airway pressure/Bilevel positive airway pressure mask",
+        "CPAP (home settings)",
+    ),
+    "vent": ("706172005", "Ventilator", "Ventilator"),
+}
