@@ -308,6 +308,29 @@ def _sbp_threshold(case: dict[str, Any]) -> float:
     return 70.0 if age < 1 else 70.0 + 2 * age
 
 
+def _log_lab_panel(svg: _Svg, labs: dict[str, Any], wanted: list[tuple[str, str, str, str]], h0: float, h1: float,
+                   height: int, title: str, subtitle: str) -> None:
+    """One log-scale panel of the lab series in `wanted` that the case has, with a peak legend."""
+    present = [(k, name, unit, colour) for k, name, unit, colour in wanted if labs.get(k)]
+    if not present:
+        return
+    y0 = svg.y
+    values = [p["value"] for k, *_ in present for p in labs[k] if p["value"] > 0]
+    lo = 10 ** math.floor(math.log10(max(min(values), 0.1))) if values else 1
+    hi = 10 ** math.ceil(math.log10(max(values))) if values else 10
+    hi = max(hi, lo * 100)
+    series = [([dict(p, unit=unit) for p in labs[k] if h0 <= p["hour"] <= h1], colour) for k, _, unit, colour in present]
+    svg.y += 16
+    _line_panel(svg, series, height, lo, hi, title, subtitle, log=True)
+    legend_x = svg.left + 4
+    for k, name, unit, colour in present:
+        peak = max(labs[k], key=lambda p: p["value"])
+        text = f"{name} (peak {_f(peak['value'])} {unit})"
+        svg.add(f'<rect x="{legend_x}" y="{y0 + 1}" width="10" height="10" fill="{colour}"/>'
+                f'<text x="{legend_x + 14}" y="{y0 + 10}" font-size="10" fill="#3c4043">{_e(text)}</text>')
+        legend_x += 22 + 5.6 * len(text)
+
+
 def render_chart(case: dict[str, Any]) -> str:
     """The inline SVG of one case."""
     h0, h1 = _extent(case)
@@ -466,42 +489,10 @@ def render_chart(case: dict[str, Any]) -> str:
             svg.add(f'<text x="{x + 3}" y="{y + 12}" font-size="10" fill="#00695c">{_e(label)}</text>')
         svg.y = y + 27
 
-    # cytokines and inflammatory markers (log scale)
+    # cytokines and inflammatory markers, then liver/kidney labs (log scale)
     labs = s.get("labs") or {}
-    present = [(k, name, unit, colour) for k, name, unit, colour in LAB_SERIES if labs.get(k)]
-    if present:
-        y0 = svg.y
-        values = [p["value"] for k, *_ in present for p in labs[k] if p["value"] > 0]
-        lo = 10 ** math.floor(math.log10(max(min(values), 0.1))) if values else 1
-        hi = 10 ** math.ceil(math.log10(max(values))) if values else 10
-        hi = max(hi, lo * 100)
-        series = [([dict(p, unit=unit) for p in labs[k] if h0 <= p["hour"] <= h1], colour) for k, _, unit, colour in present]
-        svg.y += 16
-        _line_panel(svg, series, 110, lo, hi, "Cytokines, CRP,", "ferritin (log)", log=True)
-        legend_x = svg.left + 4
-        for k, name, unit, colour in present:
-            peak = max(labs[k], key=lambda p: p["value"])
-            text = f"{name} (peak {_f(peak['value'])} {unit})"
-            svg.add(f'<rect x="{legend_x}" y="{y0 + 1}" width="10" height="10" fill="{colour}"/>'
-                    f'<text x="{legend_x + 14}" y="{y0 + 10}" font-size="10" fill="#3c4043">{_e(text)}</text>')
-            legend_x += 22 + 5.6 * len(text)
-
-    liver = [(k, name, unit, colour) for k, name, unit, colour in LIVER_SERIES if labs.get(k)]
-    if liver:
-        y0 = svg.y
-        values = [p["value"] for k, *_ in liver for p in labs[k] if p["value"] > 0]
-        lo = 10 ** math.floor(math.log10(max(min(values), 0.1)))
-        hi = max(10 ** math.ceil(math.log10(max(values))), lo * 100)
-        series = [([dict(p, unit=unit) for p in labs[k] if h0 <= p["hour"] <= h1], colour) for k, _, unit, colour in liver]
-        svg.y += 16
-        _line_panel(svg, series, 80, lo, hi, "Liver, kidney", "(log)", log=True)
-        legend_x = svg.left + 4
-        for k, name, unit, colour in liver:
-            peak = max(labs[k], key=lambda p: p["value"])
-            text = f"{name} (peak {_f(peak['value'])} {unit})"
-            svg.add(f'<rect x="{legend_x}" y="{y0 + 1}" width="10" height="10" fill="{colour}"/>'
-                    f'<text x="{legend_x + 14}" y="{y0 + 10}" font-size="10" fill="#3c4043">{_e(text)}</text>')
-            legend_x += 22 + 5.6 * len(text)
+    _log_lab_panel(svg, labs, LAB_SERIES, h0, h1, 110, "Cytokines, CRP,", "ferritin (log)")
+    _log_lab_panel(svg, labs, LIVER_SERIES, h0, h1, 80, "Liver, kidney", "(log)")
 
     # day grid, axis, death marker (drawn last, over the panels)
     top, bottom = 24, svg.y
