@@ -70,6 +70,10 @@ class CrsGrader:
         yield from (c.start for c in tl.pressors)
         yield from (g.start for g in tl.support)
 
+    def episode_points(self, ep: Episode) -> Iterable[datetime]:
+        """Change points that depend on the episode itself (e.g. MSKCC's 24 cumulative hours)."""
+        return ()
+
     def extra_abnormal(self) -> list[tuple[datetime, datetime | None, list[str]]]:
         return []
 
@@ -96,6 +100,7 @@ class CrsGrader:
             bound = ep.end_bound(tl)
             best, best_t, trail = 0, None, []
             pts = [ep.onset] + [p for p in points if ep.onset < p <= bound]
+            pts += [p for p in self.episode_points(ep) if ep.onset <= p <= bound]
             if ep.masked_from is not None and ep.masked_from <= bound:
                 pts.append(ep.masked_from)
             for t in sorted(set(pts)):

@@ -260,6 +260,7 @@ class Mskcc(LegacyCrs):
         self._cum_cache: dict[datetime, tuple[datetime | None, list[str]]] = {}
 
     def _pressor_24h_time(self, ep: Episode) -> tuple[datetime | None, list[str]]:
+        """When the episode's cumulative vasopressor time reaches `mskcc_pressor_hours` (or None)."""
         if ep.onset not in self._cum_cache:
             need = timedelta(hours=self.s.mskcc_pressor_hours)
             total = timedelta(0)
@@ -273,15 +274,9 @@ class Mskcc(LegacyCrs):
             self._cum_cache[ep.onset] = (hit, refs)
         return self._cum_cache[ep.onset]
 
-    def change_points(self) -> Iterable[datetime]:
-        yield from super().change_points()
-        need = timedelta(hours=self.s.mskcc_pressor_hours)
-        total = timedelta(0)
-        for a, b in cumulative_pressor_time(self.tl, self.tl.infusion, self.tl.last_time or self.tl.infusion):
-            if total + (b - a) >= need:
-                yield a + (need - total)
-                break
-            total += b - a
+    def episode_points(self, ep: Episode) -> Iterable[datetime]:
+        hit, _ = self._pressor_24h_time(ep)
+        return (hit,) if hit is not None else ()
 
     def components(self, t: datetime, ep: Episode) -> list[Criterion]:
         out = self.single_pressor(t, 2, "vasopressor (< 24 h)")
