@@ -40,7 +40,9 @@ import org.springframework.transaction.annotation.EnableTransactionManagement;
  * <p>Storage settings stay at HAPI's defaults (what a site's HAPI does: 60 s search-result reuse,
  * Bulk export job reuse, referential integrity on write and delete, suppressed no-change updates),
  * except where a local test server must differ: Batch2 gated steps fast-tracked and the maintenance
- * pass every second, so a small {@code $export} finishes in seconds rather than minutes.
+ * pass every second, so a small {@code $export} finishes in seconds rather than minutes; and
+ * {@code $expunge} enabled, so a test session sharing one server can empty it between test modules
+ * ({@code POST [base]/$expunge} with {@code expungeEverything=true}).
  */
 @Configuration
 @EnableTransactionManagement
@@ -52,6 +54,7 @@ public class ServerBeans {
         settings.setJobFastTrackingEnabled(true);
         // HAPI's default is off (the starter's bulk_export_enabled: false); this server offers it.
         settings.setEnableTaskBulkExportJobExecution(true);
+        settings.setExpungeEnabled(true);
         return settings;
     }
 
