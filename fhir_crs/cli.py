@@ -394,11 +394,11 @@ def demo(out_dir: Path, as_json: bool, seed: int | None) -> None:
     from .synthetic import DEFAULT_SEED, generate_picu_cohort
 
     console = Console(stderr=as_json)
+    settings = load_settings(default_mappings_dir())
     out_dir.mkdir(parents=True, exist_ok=True)
     for stale in ("server", "report"):
         shutil.rmtree(out_dir / stale, ignore_errors=True)
     (out_dir / "state.sqlite").unlink(missing_ok=True)
-    settings = load_settings(default_mappings_dir())
     bundles, _truth = generate_picu_cohort(seed if seed is not None else DEFAULT_SEED)
     with LocalFhirServer(out_dir / "server") as server:
         console.print(f"Local FHIR server (sekmet-fhir) on {server.base}")
@@ -407,7 +407,7 @@ def demo(out_dir: Path, as_json: bool, seed: int | None) -> None:
             client.transaction(bundle)
         n_resources = sum(len(b["entry"]) for b in bundles)
         console.print(f"Loaded the synthetic PICU cohort: {len(bundles)} patients, {n_resources:,} resources")
-        cfg = RunConfig(server=server.base, state_path=str(out_dir / "state.sqlite"), lookback_days=100000.0)
+        cfg = RunConfig(server=server.base, state_path=str(out_dir / "state.sqlite"), lookback_days=36500.0)
         code_map = load_code_map()
         patients = discover_cohort(client, code_map, cfg.lookback_days)
         state = StateStore(Path(cfg.state_path), server.base)
