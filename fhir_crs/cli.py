@@ -14,7 +14,7 @@ from rich.console import Console
 
 from . import __version__
 from .errors import FhirCrsError
-from .mapping_files import default_mappings_dir
+from .mapping_files import default_mappings_dir, load_code_map
 from .settings import load_settings
 
 
@@ -173,6 +173,7 @@ def pull(patient_id: str, server: str | None, config_path: Path | None, auth: st
     cfg = run_config({"server": server, "auth": auth, "token_file": token_file, "timeout": timeout,
                       "write": write, "mappings": str(mappings_dir) if mappings_dir else None}, config_path)
     settings = load_settings(Path(cfg.mappings) if cfg.mappings else default_mappings_dir(), list(overrides))
+    load_code_map(Path(cfg.mappings) if cfg.mappings else None)  # bad tables: exit 2 before any request
     client = make_client(cfg)
     result = pull_patient(client, patient_id, cfg, settings, write=cfg.write and not dry_run, dry_run=dry_run)
     data = result.run.to_json()
@@ -237,6 +238,7 @@ def sync(server: str | None, config_path: Path | None, auth: str | None, token_f
                       "state_path": state_path, "workers": workers,
                       "mappings": str(mappings_dir) if mappings_dir else None}, config_path)
     settings = load_settings(Path(cfg.mappings) if cfg.mappings else default_mappings_dir(), list(overrides))
+    load_code_map(Path(cfg.mappings) if cfg.mappings else None)  # bad tables: exit 2 before any request
     client = make_client(cfg)
     state = StateStore(Path(cfg.state_path), cfg.server)
     console = Console(stderr=True)
@@ -388,7 +390,6 @@ def demo(out_dir: Path, as_json: bool, seed: int | None) -> None:
     from .config import RunConfig
     from .fhir import FhirClient, NoAuth
     from .localserver import LocalFhirServer
-    from .mapping_files import load_code_map
     from .report import report_from_cases
     from .sync import StateStore, Sync, discover_cohort
     from .synthetic import DEFAULT_SEED, generate_picu_cohort
