@@ -408,7 +408,7 @@ def demo(out_dir: Path, as_json: bool, seed: int | None) -> None:
             client.transaction(bundle)
         n_resources = sum(len(b["entry"]) for b in bundles)
         console.print(f"Loaded the synthetic PICU cohort: {len(bundles)} patients, {n_resources:,} resources")
-        cfg = RunConfig(server=server.base, state_path=str(out_dir / "state.sqlite"), lookback_days=36500.0)
+        cfg = RunConfig(server=server.base, state_path=str(out_dir / "state.sqlite"), lookback_days=100000.0)
         code_map = load_code_map()
         patients = discover_cohort(client, code_map, cfg.lookback_days)
         state = StateStore(Path(cfg.state_path), server.base)

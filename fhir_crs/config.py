@@ -64,7 +64,7 @@ class RunConfig(BaseModel):
     identifier_system: str = _f("urn:fhir-crs:case", allowed="a URI (urn:…, http(s)://…)")
     write: bool = False
     state_path: str = _f(".fhir-crs/state.sqlite", allowed="a file path")
-    lookback_days: float = _f(120.0, ge=1, le=36500, unit="days")
+    lookback_days: float = _f(120.0, ge=1, le=100000, unit="days")
     workers: int = _f(4, ge=1, le=32)
     mappings: str | None = None
 
