@@ -21,6 +21,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
 from .errors import ConfigError
+from .textfile import TextFileError, read_text
 from .validation import check_typed, one_line
 
 ENV_PREFIX = "FHIR_CRS_"
@@ -63,7 +64,8 @@ class RunConfig(BaseModel):
     window_after_days: float = _f(100.0, ge=30, le=730, unit="days")
     identifier_system: str = _f("urn:fhir-crs:case", allowed="a URI (urn:…, http(s)://…)")
     write: bool = False
-    state_path: str = _f(".fhir-crs/state.sqlite", allowed="a file path")
+    # None: the per-user data directory (sync.default_state_path)
+    state_path: str | None = _f(None, allowed="a file path")
     lookback_days: float = _f(120.0, ge=1, le=100000, unit="days")
     workers: int = _f(4, ge=1, le=32)
     mappings: str | None = None
@@ -97,8 +99,8 @@ class RunConfig(BaseModel):
 
     @field_validator("state_path")
     @classmethod
-    def _path(cls, value: str) -> str:
-        if not value.strip():
+    def _path(cls, value: str | None) -> str | None:
+        if value is not None and not value.strip():
             raise ValueError("empty path")
         return value
 
@@ -123,9 +125,11 @@ _FIELDS = RunConfig.model_fields
 
 def load_config_file(path: Path) -> dict[str, Any]:
     try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
+        data = tomllib.loads(read_text(path))
     except OSError as exc:
         raise ConfigError(f"Cannot read config file {path}: {exc.strerror or exc}.") from exc
+    except TextFileError as exc:
+        raise ConfigError(f"Config file {exc}") from exc
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"Config file {path} is not valid TOML: {exc}.") from exc
     table = data.get("fhir-crs", data)

@@ -23,6 +23,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from .errors import ConfigError
+from .textfile import TextFileError, read_text
 from .validation import check_typed, one_line
 
 # Drug classes of mappings/medications.toml (mapping_files.DRUG_CLASSES) that a list setting may name.
@@ -191,8 +192,8 @@ def load_settings(mappings_dir: Path | None, overrides: list[str] | None = None)
         path = mappings_dir / "grading.toml"
         if path.exists():
             try:
-                data = tomllib.loads(path.read_text(encoding="utf-8"))
-            except (tomllib.TOMLDecodeError, OSError, UnicodeDecodeError) as exc:
+                data = tomllib.loads(read_text(path))
+            except (tomllib.TOMLDecodeError, OSError, TextFileError) as exc:
                 raise ConfigError(f"Could not read {path}: {exc}") from exc
             unknown = sorted(set(data) - {"conventions"})
             if unknown:
