@@ -6,6 +6,7 @@ no flag, and `pull --write` then overwrote the server's grade-3 Condition."""
 
 from __future__ import annotations
 
+import json
 import math
 import shutil
 import threading
@@ -99,12 +100,11 @@ def test_bad_set_is_one_line_exit_2_and_grades_nothing(item: str, message: str):
     code, out, err = run("grade", str(V06), "--json", "--set", item)
     assert code == 2, (out, err)
     assert message in one_error_line(err)
-    assert out == ""  # nothing graded, nothing printed
+    # nothing graded: stdout holds only the --json error object
+    assert json.loads(out) == {"error": {"code": "config", "message": one_error_line(err).removeprefix("fhir-crs: error: "), "exit": 2}}
 
 
 def test_the_grade_3_case_still_grades_3_with_a_valid_override():
-    import json
-
     code, out, _ = run("grade", str(V06), "--json", "--set", "fever_c=38.3", "--set", "masking_drug_classes=anti_il6,corticosteroid")
     assert code == 0
     assert json.loads(out)["cases"][0]["crs"]["astct"]["grade"] == 3
