@@ -14,6 +14,7 @@ import re
 from collections import defaultdict
 from dataclasses import dataclass, field
 from datetime import date, datetime, timedelta
+from typing import Any
 
 from .events import DrugGiven, Event, Finding, Measurement, PatientInfo, ProcedureDone
 from .settings import GradingSettings
@@ -142,6 +143,8 @@ class CaseTimeline:
     flags: set[str] = field(default_factory=set)
     last_time: datetime | None = None
     text_matched: set[str] = field(default_factory=set)
+    # per-settings state shared by the grading systems (grading/state.py); not part of the case
+    derived: dict[int, Any] = field(default_factory=dict, repr=False, compare=False)
 
     def hours(self, t: datetime | None) -> float | None:
         return None if t is None else (t - self.infusion).total_seconds() / 3600
