@@ -5,6 +5,10 @@ episode, at every time something changes, the instant grade is the maximum of th
 components (hypotension, hypoxia, organ toxicity …), floor 1; the episode maximum and the first
 time it is reached are kept with the criteria and resources behind them. Systems differ only in
 `components()` (and whether fever must accompany them, which only ASTCT requires).
+
+Cost: O(n log n + output) per system for n events. The derived series the systems share
+(episodes, concurrency, dose states, organ grades) are built once per case (state.py); each
+change point is graded once, and each component looks up what covers it by bisection.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ from ..settings import GradingSettings
 from ..timeline import CaseTimeline, PressorCourse, Support
 from .episodes import Episode, is_fever
 from .result import Criterion, EpisodeResult, SystemResult
-from .state import case_state
+from .state import Cover, case_state
 
 H = timedelta(hours=1)
 MIN = timedelta(minutes=1)
@@ -198,18 +202,10 @@ class CrsGrader:
     def _outside_episode_flags(self, episodes: list[Episode]) -> None:
         tl, s, res = self.tl, self.s, self.result
 
-        # episode windows [onset - association window, end] in onset order, with the running
-        # maximum of their ends: t is inside one iff the latest-starting window that starts at or
-        # before t belongs to a prefix whose furthest end reaches t (O(log E) per query).
-        wins = sorted((ep.onset - timedelta(hours=s.fever_association_h), ep.end_bound(tl)) for ep in episodes)
-        starts = [a for a, _ in wins]
-        reach: list[datetime] = []
-        for _, b in wins:
-            reach.append(b if not reach or b > reach[-1] else reach[-1])
+        windows = Cover((ep.onset - timedelta(hours=s.fever_association_h), ep.end_bound(tl)) for ep in episodes)
 
         def inside(t: datetime) -> bool:
-            k = bisect_right(starts, t) - 1
-            return k >= 0 and reach[k] >= t
+            return t in windows
 
         afebrile = False
         for h in tl.hypotension:

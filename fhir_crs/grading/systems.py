@@ -3,6 +3,10 @@ CARTOX (Neelapu 2018) / PedsCARTOX (Mahadeo 2019) and CTCAE v5.0, rule by rule f
 grading-criteria §§4-9 and the cross-system matrix of §10. Same episodes, evidence and flags as
 ASTCT (crs.py); what differs is `components()` — FiO2 instead of device, vasopressor dose and
 duration, organ toxicity — and, for the organ-toxicity systems, what delays resolution.
+
+Cost: O(n log n + output) per system, as for ASTCT (crs.py): dose states, high-dose and
+refractory intervals, concurrency and organ grades come from the shared case state (state.py);
+each query at a change point is a bisection (O(log n) plus what it returns).
 """
 
 from __future__ import annotations

@@ -1,6 +1,10 @@
 """Vasopressor arithmetic for the dose-based systems (grading-criteria §1.4): per-drug dose over
 time, norepinephrine equivalents (VASST: NE + dopamine/2 + epinephrine + phenylephrine/10,
-ug/min; dopamine in ug/kg/min), Lee 2014 high-dose intervals, and refractory hypotension."""
+ug/min; dopamine in ug/kg/min), Lee 2014 high-dose intervals, and refractory hypotension.
+
+Cost: dose states O(P log P + R) for P rate segments (one sweep); high-dose intervals O(states);
+refractory times O((L + D) log L + pairs) by bisection of the time-ordered low-SBP runs. Each is
+computed once per case (state.py)."""
 
 from __future__ import annotations
 
