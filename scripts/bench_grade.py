@@ -214,8 +214,9 @@ def generate_long_stay(days: int, courses: int, seed: int = 20261203) -> list[di
     return out
 
 
-def long_stay_cell(days: int, courses: int) -> dict[str, float]:
-    """Map + timeline + every grading system + JSON for one long-stay patient, in this process."""
+def long_stay_cell(days: int, courses: int, repeat: int = 3) -> dict[str, float]:
+    """Map, then timeline + every grading system + JSON, for one long-stay patient in this
+    process; the best of `repeat` runs of each."""
     from fhir_crs.mapping_files import load_code_map
     from fhir_crs.pipeline import grade_mapping, map_items
     from fhir_crs.settings import load_settings
@@ -224,13 +225,15 @@ def long_stay_cell(days: int, courses: int) -> dict[str, float]:
     resources = generate_long_stay(days, courses)
     code_map = load_code_map(None)
     settings = load_settings(code_map.directory)
-    t = time.perf_counter()
-    result, n = map_items((SourceResource(r, f"bench#{i}") for i, r in enumerate(resources)), code_map)
-    t_map = time.perf_counter() - t
-    t = time.perf_counter()
-    run = grade_mapping(result, settings, n)
-    orjson.dumps(run.to_json())
-    t_grade = time.perf_counter() - t
+    t_map = t_grade = float("inf")
+    for _ in range(repeat):  # best of `repeat`: the machine is shared, the minimum is the cost
+        t = time.perf_counter()
+        result, n = map_items((SourceResource(r, f"bench#{i}") for i, r in enumerate(resources)), code_map)
+        t_map = min(t_map, time.perf_counter() - t)
+        t = time.perf_counter()
+        run = grade_mapping(result, settings, n)
+        orjson.dumps(run.to_json())
+        t_grade = min(t_grade, time.perf_counter() - t)
     if len(run.cases) != 1:
         raise SystemExit(f"long stay {days} d / {courses} courses: expected 1 case, got {len(run.cases)}")
     return {"resources": n, "map_s": t_map, "grade_s": t_grade, "crs": run.cases[0].crs["astct"].grade}
@@ -238,7 +241,7 @@ def long_stay_cell(days: int, courses: int) -> dict[str, float]:
 
 def long_stay_table(timeout: float) -> None:
     """The long-stay table: each cell in its own process (so a runaway cell cannot hang the run)."""
-    print(f"long stay, one patient (q1h vitals, hourly titration; each cell a fresh process, timeout {timeout:g} s):")
+    print(f"long stay, one patient (q1h vitals, hourly titration; each cell a fresh process, best of 3, timeout {timeout:g} s):")
     print(f"{'days':>5} {'courses':>8} {'resources':>10} {'map s':>8} {'grade s':>8} {'grade ms/1k resources':>22}")
     for days in (15, 30, 60):
         for courses in (10, 30, 100):
