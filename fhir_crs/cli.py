@@ -509,23 +509,28 @@ def report(paths: tuple[Path, ...], server: str | None, config_path: Path | None
               show_default=True, help="Folder for the server data, state, report and HTML pages.")
 @click.option("--json", "as_json", is_flag=True, help="Print the cohort report object (report contract).")
 @click.option("--seed", type=int, default=None, help="Seed of the synthetic cohort (default: the committed one).")
+@click.option("--server", "server_kind", type=click.Choice(["embedded", "hapi"]), default="embedded", show_default=True,
+              help="embedded: sekmet-fhir (starts in seconds); hapi: a local HAPI FHIR JPA server "
+                   "(scripts/hapi-server; needs Java 17, and Maven for its first build; starts in about a minute).")
 @verbose_option
-def demo(out_dir: Path, as_json: bool, seed: int | None) -> None:
+def demo(out_dir: Path, as_json: bool, seed: int | None, server_kind: str) -> None:
     """The whole pipeline on a fresh machine, with no external server.
 
     \b
-    Starts the embedded FHIR server (sekmet-fhir) on 127.0.0.1, loads the synthetic 14-child
+    Starts the embedded FHIR server (sekmet-fhir; with --server hapi a local HAPI FHIR JPA
+    server) on 127.0.0.1, loads the synthetic 14-child
     PICU cohort shaped like the seed study, runs `sync` with write-back, prints the cohort
     report and the path of the HTML report (one timeline page per child), and stops the server.
     \b
     Example:
       fhir-crs demo --out fhir-crs-demo
+      fhir-crs demo --server hapi
     """
     import shutil
 
     from .config import RunConfig
     from .fhir import FhirClient, NoAuth
-    from .localserver import LocalFhirServer
+    from .localserver import HapiFhirServer, LocalFhirServer
     from .report import report_from_cases
     from .sync import StateStore, Sync, discover_cohort
     from .synthetic import DEFAULT_SEED, generate_picu_cohort
@@ -537,8 +542,12 @@ def demo(out_dir: Path, as_json: bool, seed: int | None) -> None:
         shutil.rmtree(out_dir / stale, ignore_errors=True)
     (out_dir / "state.sqlite").unlink(missing_ok=True)
     bundles, _truth = generate_picu_cohort(seed if seed is not None else DEFAULT_SEED)
-    with LocalFhirServer(out_dir / "server") as server:
-        console.print(f"Local FHIR server (sekmet-fhir) on {server.base}")
+    if server_kind == "hapi":
+        console.print("Starting a local HAPI FHIR JPA server (scripts/hapi-server; about a minute)")
+    local = HapiFhirServer(out_dir / "server") if server_kind == "hapi" else LocalFhirServer(out_dir / "server")
+    with local as server:
+        name = "HAPI FHIR JPA" if server_kind == "hapi" else "sekmet-fhir"
+        console.print(f"Local FHIR server ({name}) on {server.base}")
         client = FhirClient(server.base, auth=NoAuth(), timeout=120)
         for bundle in bundles:
             client.transaction(bundle)

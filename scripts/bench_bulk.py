@@ -14,15 +14,19 @@ from fhir_crs.settings import load_settings
 from fhir_crs.sources import SourceResource
 
 
-def bulk_bench(base: str) -> None:
+def bulk_bench(base: str) -> dict[str, float]:
+    """`$export` the server and read it back; prints and returns the numbers."""
     client = FhirClient(base, auth=NoAuth(), timeout=600)
-    exporter = BulkExport(client, poll_interval=0.5, max_poll_interval=5)
+    exporter = BulkExport(client, poll_interval=0.5, max_poll_interval=5, timeout=3600)
+    out: dict[str, float] = {}
     t = time.perf_counter()
     manifest = exporter.wait(exporter.kickoff())
-    print(f"bulk $export (kick-off to manifest): {time.perf_counter() - t:.1f} s, {len(manifest.output)} files")
+    out["export_s"] = time.perf_counter() - t
+    print(f"bulk $export (kick-off to manifest): {out['export_s']:.1f} s, {len(manifest.output)} files")
     t = time.perf_counter()
     n = sum(1 for rtype, _ in exporter.iter_resources(manifest) if rtype)
     parse_s = time.perf_counter() - t
+    out["download_parse_rps"] = n / parse_s
     print(f"bulk NDJSON download + bare parse: {n / parse_s:,.0f} resources/s ({n:,} resources, {parse_s:.1f} s)")
     code_map = load_code_map()
     settings = load_settings(code_map.directory)
@@ -32,7 +36,10 @@ def bulk_bench(base: str) -> None:
         mapper.add(SourceResource(item, "bulk") if rtype else Skipped(str(item), "unusable line"))
     run = grade_mapping(mapper.finish(), settings, mapper.count)
     grade_s = time.perf_counter() - t
+    out["download_grade_rps"] = mapper.count / grade_s
+    out["cases"] = len(run.cases)
     print(f"bulk NDJSON download + map + grade: {mapper.count / grade_s:,.0f} resources/s "
           f"({len(run.cases)} cases, {grade_s:.1f} s)")
     if manifest.status_url:
         exporter.cancel(manifest.status_url)
+    return out

@@ -109,6 +109,7 @@ def test_kickoff_202_content_location_and_headers(mock, bulk) -> None:
     assert bulk.kickoff() == STATUS
     req = mock.calls[0].request
     assert req.headers["Prefer"] == "respond-async"
+    assert req.headers["Cache-Control"] == "no-cache"  # no reuse of an earlier HAPI job
     assert req.headers["Accept"] == "application/fhir+json"
     assert req.headers["Authorization"] == f"Bearer {TOKEN}"
     assert query(mock.calls[0]) == {"_type": [",".join(DEFAULT_EXPORT_TYPES)]}

@@ -43,3 +43,36 @@ def test_demo_reproduces_the_ground_truth(tmp_path: Path):
     assert index.exists() and len(list((out / "report" / "patients").glob("*.html"))) == 14
     assert (out / "cibmtr-4100.csv").read_text().count("\n") >= 15
     assert "Local FHIR server" in r.stderr and "sync: 14 patients" in r.stderr
+
+
+class _SharedHapi:
+    """Stands in for `HapiFhirServer` in `demo --server hapi`: the session's HAPI server (emptied
+    first), so the demo's HAPI path runs without a second JVM; leaving it does not stop it."""
+
+    server = None
+
+    def __init__(self, workdir: Path) -> None:
+        self.base = self.server.base
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+
+def test_demo_on_hapi_reproduces_the_ground_truth(hapi_server, tmp_path: Path, monkeypatch):
+    from conftest import reset_hapi
+
+    import fhir_crs.localserver
+
+    reset_hapi(hapi_server)
+    _SharedHapi.server = hapi_server
+    monkeypatch.setattr(fhir_crs.localserver, "HapiFhirServer", _SharedHapi)
+    r = CliRunner().invoke(cli, ["demo", "--server", "hapi", "--out", str(tmp_path / "demo"), "--json"])
+    assert r.exit_code == 0, r.stderr
+    report = json.loads(r.stdout)
+    _, truth = generate_picu_cohort()
+    assert {k: v["n"] for k, v in report["rows"].items()} == SEED_COUNTS
+    assert report["rows"] == truth["report"]["rows"]
+    assert "Local FHIR server (HAPI FHIR JPA)" in r.stderr and "sync: 14 patients" in r.stderr

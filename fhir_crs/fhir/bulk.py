@@ -283,7 +283,9 @@ class BulkExport:
             url += "?" + urlencode(params, safe=",", quote_via=quote)
 
         try:
-            resp = self.client.get_url(url, headers={"Prefer": "respond-async"})
+            # no-cache: HAPI otherwise hands back an earlier identical job (bulk export job reuse),
+            # whose files may be gone
+            resp = self.client.get_url(url, headers={"Prefer": "respond-async", "Cache-Control": "no-cache"})
         except FhirAuthError:
             raise
         except FhirServerError as exc:
