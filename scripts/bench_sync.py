@@ -20,6 +20,7 @@ import argparse
 import json
 import os
 import resource
+import signal
 import subprocess
 import sys
 import tempfile
@@ -153,6 +154,8 @@ def main() -> None:
     ap.add_argument("--server", choices=("sekmet", "hapi"), default="sekmet",
                     help="hapi: run on a local HAPI FHIR JPA server too, side by side with sekmet")
     args = ap.parse_args()
+    # a kill of the benchmark leaves the `with` blocks, so the servers it started are stopped too
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     print(f"load average at start: {' '.join(f'{x:.1f}' for x in os.getloadavg())} (2 cores)")
     with tempfile.TemporaryDirectory() as tmp:
         tmpd = Path(tmp)
