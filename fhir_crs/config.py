@@ -60,6 +60,8 @@ class RunConfig(BaseModel):
     page_size: int = _f(200, ge=1, le=1000, unit="resources per page")
     max_retries: int = _f(5, ge=0, le=20)
     total_time_cap: float = _f(600.0, gt=0, le=86400, unit="s")
+    # longest wait between Bulk $export status polls; a longer Retry-After is capped to it (HAPI says 120)
+    bulk_max_poll: float = _f(120.0, ge=1, le=3600, unit="s")
     window_before_days: float = _f(7.0, ge=1, le=365, unit="days")
     window_after_days: float = _f(100.0, ge=30, le=730, unit="days")
     identifier_system: str = _f("urn:fhir-crs:case", allowed="a URI (urn:…, http(s)://…)")

@@ -161,7 +161,7 @@ class LocalFhirServer(_ServerProcess):
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 HAPI_SCRIPT = REPO_ROOT / "scripts" / "hapi-server"
-HAPI_JAR = REPO_ROOT / "tools" / "hapi-server" / "target" / "fhir-crs-hapi-server.jar"
+HAPI_JAR = REPO_ROOT / "tools" / "hapi-server" / "target" / "run" / "fhir-crs-hapi-server.jar"
 HAPI_STARTUP_TIMEOUT = 300.0
 
 

@@ -355,7 +355,7 @@ def run_bulk(client: Any, cfg: Any, settings: GradingSettings, state: StateStore
         if console is not None:
             console.print(f"fhir-crs sync --bulk: export {text}", highlight=False)
 
-    exporter = BulkExport(client, on_progress=progress)
+    exporter = BulkExport(client, on_progress=progress, max_poll_interval=cfg.bulk_max_poll)
     manifest, items = exporter.run(group_id=group_id, since=since)
     sync = Sync(client, cfg, settings, state, dry_run=dry_run)
     run_id, resumed = state.start_run()

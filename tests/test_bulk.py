@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import email.utils
 import re
-from pathlib import Path
+import time
+import uuid
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
@@ -544,48 +545,52 @@ def _observation(id_: str, patient: str, value: float) -> dict[str, Any]:
     }
 
 
+@pytest.fixture(scope="module")
+def real_server(any_server):
+    """sekmet-fhir and HAPI FHIR JPA in turn (tests/conftest.py `any_server`)."""
+    return any_server
+
+
 @pytest.mark.integration
-def test_export_and_incremental_export_against_local_server(tmp_path: Path) -> None:
-    from fhir_crs.localserver import LocalFhirServer
+def test_export_and_incremental_export_against_local_server(real_server) -> None:
+    """Group/<id>/$export, Patient/$export, _type, _since and the output files on a real server.
+    HAPI writes each output file as a Binary resource and always sets requiresAccessToken (even
+    without auth); sekmet serves its own NDJSON files and says false."""
+    from fhir_crs.localserver import HapiFhirServer
 
-    server = LocalFhirServer(tmp_path / "sekmet").start()
-    try:
-        with FhirClient(server.base, max_retries=1) as client:
-            entries = [
-                _observation("bk-o1", "bk-p1", 38.2),
-                _observation("bk-o2", "bk-p1", 39.1),
-                {"resourceType": "Patient", "id": "bk-p1", "gender": "female"},
-            ]
-            client.transaction(
-                {
-                    "resourceType": "Bundle",
-                    "type": "transaction",
-                    "entry": [
-                        {
-                            "resource": r,
-                            "request": {"method": "PUT", "url": f"{r['resourceType']}/{r['id']}"},
-                        }
-                        for r in entries
-                    ],
-                }
-            )
+    is_hapi = isinstance(real_server, HapiFhirServer)
+    u = f"bk{uuid.uuid4().hex[:10]}"
+    with FhirClient(real_server.base, max_retries=1) as client:
+        entries = [
+            {"resourceType": "Patient", "id": f"{u}-p1", "gender": "female"},
+            _observation(f"{u}-o1", f"{u}-p1", 38.2),
+            _observation(f"{u}-o2", f"{u}-p1", 39.1),
+            {"resourceType": "Group", "id": f"{u}-g", "type": "person", "actual": True,
+             "member": [{"entity": {"reference": f"Patient/{u}-p1"}}]},
+        ]
+        client.transaction({"resourceType": "Bundle", "type": "transaction", "entry": [
+            {"resource": r, "request": {"method": "PUT", "url": f"{r['resourceType']}/{r['id']}"}} for r in entries]})
 
-            bulk = BulkExport(client, poll_interval=0.5, min_poll_interval=0.2, timeout=60)
-            manifest, items = bulk.run()
-            got = sorted((t, r["id"]) for t, r in items)
-            assert got == [("Observation", "bk-o1"), ("Observation", "bk-o2"), ("Patient", "bk-p1")]
-            assert re.fullmatch(
-                r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?(Z|[+-]\d\d:\d\d)",
-                manifest.transaction_time,
-            )
-            assert manifest.requires_access_token is False
-            assert bulk.error_messages(manifest) == []
-            assert bulk.polls >= 1
+        # max_poll_interval caps HAPI's "Retry-After: 120" on every poll
+        bulk = BulkExport(client, poll_interval=0.5, min_poll_interval=0.2, max_poll_interval=1, timeout=120)
+        manifest, items = bulk.run(group_id=f"{u}-g", types=("Patient", "Observation"))
+        got = sorted((t, r["id"]) for t, r in items)
+        assert got == [("Observation", f"{u}-o1"), ("Observation", f"{u}-o2"), ("Patient", f"{u}-p1")]
+        assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?(Z|[+-]\d\d:\d\d)", manifest.transaction_time)
+        assert manifest.requires_access_token is is_hapi
+        if is_hapi:
+            assert all(f.url.startswith(real_server.base + "/Binary/") for f in manifest.output)
+        assert bulk.error_messages(manifest) == []
+        assert bulk.polls >= 1
 
-            client.put("Observation/bk-o3", _observation("bk-o3", "bk-p1", 39.6))
-            second, items2 = bulk.run(since=manifest.transaction_time)
-            assert [(t, r["id"]) for t, r in items2] == [("Observation", "bk-o3")]
-            assert second.transaction_time > manifest.transaction_time
-            assert bulk.cancel(second.status_url or "") is True  # release the files
-    finally:
-        server.stop()
+        client.put(f"Observation/{u}-o3", _observation(f"{u}-o3", f"{u}-p1", 39.6))
+        second, items2 = bulk.run(group_id=f"{u}-g", types=("Patient", "Observation"), since=manifest.transaction_time)
+        assert [(t, r["id"]) for t, r in items2] == [("Observation", f"{u}-o3")]
+        assert second.transaction_time > manifest.transaction_time
+        assert bulk.cancel(second.status_url or "") is True  # release the files
+
+        time.sleep(1.1)  # _since is compared with lastUpdated: keep this write clear of the last export
+        client.put(f"Observation/{u}-o4", _observation(f"{u}-o4", f"{u}-p1", 37.0))
+        third, items3 = bulk.run(types=("Observation",), since=second.transaction_time)  # Patient/$export
+        assert [(t, r["id"]) for t, r in items3] == [("Observation", f"{u}-o4")]
+        assert "/Patient/$export" in (third.request or "/Patient/$export")

@@ -9,6 +9,7 @@ import contextlib
 import json
 import threading
 import time
+import uuid
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -16,11 +17,11 @@ from typing import Any
 import jsonschema
 import pytest
 from click.testing import CliRunner
-from conftest import ROOT, load_vignette
+from conftest import ROOT, hl7_validate, load_vignette, reset_hapi
 
 from fhir_crs.cli import cli
 from fhir_crs.fhir import FhirClient, NoAuth
-from fhir_crs.localserver import LocalFhirServer
+from fhir_crs.localserver import HapiFhirServer, LocalFhirServer
 
 pytestmark = pytest.mark.integration
 VIGNETTES = ROOT / "fixtures" / "R4" / "vignettes"
@@ -28,8 +29,15 @@ COHORT = ("V01", "V06", "V25", "V04", "V11")
 
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
+@pytest.fixture(scope="module", params=["sekmet", "hapi"])
+def server(request, tmp_path_factory):
+    """An empty server per module: a fresh sekmet-fhir, or the session's HAPI JPA server emptied
+    (`reset_hapi`), since cohort discovery finds every CAR-T patient on the server."""
+    if request.param == "hapi":
+        hapi = request.getfixturevalue("hapi_server")
+        reset_hapi(hapi)
+        yield hapi
+        return
     with LocalFhirServer(tmp_path_factory.mktemp("sync-server")) as s:
         yield s
 
@@ -42,7 +50,7 @@ def cohort(server) -> dict[str, str]:
 
 def sync(server, state: Path, *extra: str, env: dict[str, str] | None = None) -> tuple[int, dict[str, Any], str]:
     r = CliRunner().invoke(cli, ["sync", "--server", server.base, "--state", str(state), "--json", *extra],
-                           env={"FHIR_CRS_LOOKBACK_DAYS": "100000", **(env or {})})
+                           env={"FHIR_CRS_LOOKBACK_DAYS": "100000", "FHIR_CRS_BULK_MAX_POLL": "1", **(env or {})})
     return r.exit_code, json.loads(r.stdout) if r.stdout.strip().startswith("{") else {}, r.stderr
 
 
@@ -62,6 +70,15 @@ def test_first_run_writes_rerun_writes_nothing_and_one_change_rewrites_one(serve
     assert first["written"] == {"Condition": with_crs + 1, "Bundle": with_crs}  # + V25's ICANS Condition
     assert count(client, "Condition") == with_crs + 1 and count(client, "Bundle") == with_crs
     assert all(isinstance(n, int) and n > 0 for n in first["skipped"].values())
+    if isinstance(server, HapiFhirServer):  # the HL7 validator on everything sync wrote: no errors
+        written = [r for rtype in ("Condition", "Bundle") for r in client.search(rtype, [("identifier", "urn:fhir-crs:case|")], no_cache=True).matches]
+        written += [e["resource"] for b in written if b["resourceType"] == "Bundle" for e in b["entry"]]
+        written += client.search("Provenance", [("target", ",".join(f"{r['resourceType']}/{r['id']}" for r in written if r.get("id")))],
+                                 no_cache=True).matches
+        assert {"Condition", "Bundle", "Observation", "List"} <= {r["resourceType"] for r in written}
+        for r in written:
+            errors, _warnings = hl7_validate(server.base, r)
+            assert errors == [], errors
 
     code, second, err = sync(server, state)
     assert code == 0, err
@@ -181,6 +198,32 @@ def test_parallel_conditional_creates_duplicate_unless_serialised():
     for t in threads:
         t.join()
     assert len([r for r in serial.store if r["resourceType"] == "Condition"]) == 1
+
+
+def test_bulk_sync_of_a_group_then_incremental_since(server, cohort, tmp_path):
+    """--bulk --group on both servers: Group/<id>/$export grades the members; the next run exports
+    only what changed since the stored transactionTime (one member here)."""
+    client = FhirClient(server.base, auth=NoAuth())
+    members = [cohort[v] for v in ("V01", "V06", "V04")]
+    gid = f"bulk-{uuid.uuid4().hex[:10]}"
+    client.put(f"Group/{gid}", {"resourceType": "Group", "id": gid, "type": "person", "actual": True,
+                                "member": [{"entity": {"reference": f"Patient/{p}"}} for p in members]})
+    state, env = tmp_path / "group.sqlite", {"FHIR_CRS_IDENTIFIER_SYSTEM": "urn:bulk-group"}
+    code, first, err = sync(server, state, "--bulk", "--group", gid, env=env)
+    assert code == 0, err
+    assert first["patients"] == 3 and first["graded"] == 3 and first["written"]["Condition"] >= 2 and not first["errors"]
+    code, second, err = sync(server, state, "--bulk", "--group", gid, env=env)
+    assert code == 0, err
+    assert second["written"] == {"Condition": 0, "Bundle": 0}
+    time.sleep(1.1)
+    client.post("Observation", {
+        "resourceType": "Observation", "status": "final", "subject": {"reference": f"Patient/{members[1]}"},
+        "code": {"coding": [{"system": "http://loinc.org", "code": "8310-5"}]}, "effectiveDateTime": "2019-01-01T00:00:00Z",
+        "valueQuantity": {"value": 37.0, "unit": "Cel", "system": "http://unitsofmeasure.org", "code": "Cel"},
+    })
+    code, third, err = sync(server, state, "--bulk", "--group", gid, env=env)
+    assert code == 0, err
+    assert third["patients"] == 1 and third["graded"] == 1 and not third["errors"]
 
 
 def test_bulk_sync_first_run_then_incremental_since(tmp_path_factory, tmp_path):

@@ -1,5 +1,6 @@
-"""Fault injection for `fhir-crs sync`: across 20 runs the sync process or the FHIR server is
-killed at a random moment (the server restarted on the same data), with the graded output forced
+"""Fault injection for `fhir-crs sync`: across 20 runs (4 on the local HAPI JPA server, whose restart
+takes about a minute) the sync process or the FHIR server is killed at a random moment (the server
+restarted on the same data: sekmet's SQLite, HAPI's H2 file), with the graded output forced
 to change every run so every run writes. Afterwards a clean run completes and every case has
 exactly one CRS Condition and one summary Bundle (ICANS Condition where graded): none lost, none
 duplicated, and the grades equal the offline ones."""
@@ -15,7 +16,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, load_vignette
+from conftest import ROOT, load_vignette, reset_hapi
 
 from fhir_crs.fhir import FhirClient, NoAuth
 from fhir_crs.localserver import LocalFhirServer, free_port
@@ -40,11 +41,23 @@ def _search_all(client: FhirClient, rtype: str) -> list[dict]:
     return out
 
 
-def test_killed_syncs_and_servers_leave_exactly_one_write_per_case(tmp_path: Path):
+@pytest.mark.parametrize(("kind", "runs"), [("sekmet", RUNS), ("hapi", 4)])
+def test_killed_syncs_and_servers_leave_exactly_one_write_per_case(kind: str, runs: int, tmp_path: Path, request):
     rng = random.Random(20261125)
-    workdir = tmp_path / "server"
-    port = free_port()
-    server = LocalFhirServer(workdir, port=port).start()
+    if kind == "hapi":  # the session's HAPI server: emptied, killed and restarted on its port and H2 data
+        shared = request.getfixturevalue("hapi_server")
+        reset_hapi(shared)
+        server = shared
+
+        def restart():
+            return shared.start()
+    else:
+        workdir = tmp_path / "server"
+        port = free_port()
+        server = LocalFhirServer(workdir, port=port).start()
+
+        def restart():
+            return LocalFhirServer(workdir, port=port).start()
     try:
         client = FhirClient(server.base, auth=NoAuth())
         patients = {v: load_vignette(client, v) for v in COHORT}
@@ -62,7 +75,7 @@ def test_killed_syncs_and_servers_leave_exactly_one_write_per_case(tmp_path: Pat
                               env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
         assert warm.returncode == 0, warm.stderr
         duration = time.monotonic() - t
-        for i in range(RUNS):
+        for i in range(runs):
             # a different convention value each run changes every graded result, so every run writes
             args = [sys.executable, "-m", "fhir_crs", "sync", "--server", server.base, "--patients", str(listing),
                     "--state", str(state), "--json", "--workers", "2", "--set", f"resolution_clear_h={24 + i % 2}"]
@@ -76,7 +89,7 @@ def test_killed_syncs_and_servers_leave_exactly_one_write_per_case(tmp_path: Pat
                 server.kill()
                 kills["server"] += 1
                 proc.wait(timeout=60)
-                server = LocalFhirServer(workdir, port=port).start()
+                server = restart()
             if i % 7 == 6:
                 state.unlink(missing_ok=True)  # lost state must not create duplicates either
         final = subprocess.run(
@@ -103,8 +116,11 @@ def test_killed_syncs_and_servers_leave_exactly_one_write_per_case(tmp_path: Pat
             assert len([b for b in bundles if (b["identifier"]["value"]).startswith(pid)]) == 1, vignette
             icans = [c for c in conditions if c["subject"]["reference"] == f"Patient/{pid}" and c["identifier"][0]["value"].endswith("-icans")]
             assert len(icans) == (1 if offline["icans"]["astct"]["grade"] > 0 else 0), vignette
-        assert kills == {"sync": RUNS // 2, "server": RUNS // 2}
+        assert kills == {"sync": runs // 2, "server": runs // 2}
         # cases were rewritten in place (new versions), never re-created
         assert max(int(c["meta"]["versionId"]) for c in conditions) >= 2
     finally:
-        server.stop()
+        if kind == "hapi" and server.proc is not None and server.proc.poll() is not None:
+            server.start()  # leave the shared server running for the rest of the session
+        elif kind != "hapi":
+            server.stop()

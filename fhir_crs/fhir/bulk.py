@@ -371,7 +371,10 @@ class BulkExport:
                 finally:
                     resp.close()
 
-                delay = max(self.min_poll_interval, backoff if retry_after is None else retry_after)
+                # A Retry-After longer than max_poll_interval is capped: HAPI answers every poll
+                # with "Retry-After: 120", even for an export that completes in a second.
+                wait = backoff if retry_after is None else min(retry_after, self.max_poll_interval)
+                delay = max(self.min_poll_interval, wait)
                 backoff = min(self.max_poll_interval, backoff * 2)
                 # `sleep` may be injected (no real wait); counting requested waits keeps the
                 # timeout honest.

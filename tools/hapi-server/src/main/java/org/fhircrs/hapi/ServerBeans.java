@@ -42,7 +42,9 @@ import org.springframework.transaction.annotation.EnableTransactionManagement;
  * except where a local test server must differ: Batch2 gated steps fast-tracked and the maintenance
  * pass every second, so a small {@code $export} finishes in seconds rather than minutes; and
  * {@code $expunge} enabled, so a test session sharing one server can empty it between test modules
- * ({@code POST [base]/$expunge} with {@code expungeEverything=true}).
+ * ({@code POST [base]/$expunge} with {@code expungeEverything=true}, which also needs multiple
+ * delete allowed: a conditional DELETE matching several resources then deletes them all instead of
+ * failing with 412; fhir-crs sends no conditional deletes).
  */
 @Configuration
 @EnableTransactionManagement
@@ -55,6 +57,7 @@ public class ServerBeans {
         // HAPI's default is off (the starter's bulk_export_enabled: false); this server offers it.
         settings.setEnableTaskBulkExportJobExecution(true);
         settings.setExpungeEnabled(true);
+        settings.setAllowMultipleDelete(true); // $expunge with expungeEverything needs it (HAPI-2081)
         return settings;
     }
 
