@@ -406,7 +406,12 @@ class Chart:
         form many EHR exports use."""
         self._n += 1
         u = uuid.uuid5(NAMESPACE, f"{self.id_prefix}/{self.seed}/{self.c.key}/{self._n}")
-        return str(u) if full else u.hex[:16]
+        if full:
+            return str(u)
+        # An all-digit id (a 16-hex-digit string is one about once in 2,000) is refused on PUT by a
+        # HAPI server with its default client id strategy (HAPI-0960): make it non-numeric.
+        short = u.hex[:16]
+        return "f" + short[1:] if short.isdigit() else short
 
     def at(self, h: float) -> str:
         t = self.c.infusion + timedelta(seconds=round(h * 3600))

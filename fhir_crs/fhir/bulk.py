@@ -67,6 +67,8 @@ X_PROGRESS_MAX = 100
 
 _INSTANT = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d{1,9})?(Z|[+-]\d{2}:\d{2})$")
 _RESOURCE_TYPE = re.compile(r"^[A-Z][A-Za-z]+$")
+# HAPI-0512: "Resource types [Medication] are invalid for this type of export, as they do not ..."
+_REFUSED_TYPES = re.compile(r"Resource types \[([A-Za-z, ]+)\] are invalid for this type of export")
 
 
 class BulkExportError(FhirServerError):
@@ -289,6 +291,17 @@ class BulkExport:
         except FhirAuthError:
             raise
         except FhirServerError as exc:
+            refused = _REFUSED_TYPES.search(exc.diagnostics or "") if exc.status == 400 and types else None
+            if refused:
+                # HAPI: a Patient/Group export takes only patient-compartment types (HAPI-0512 for
+                # Medication); export the others and let the caller read what they reference.
+                drop = {t.strip() for t in refused.group(1).split(",")}
+                keep = [t for t in types or () if t not in drop]
+                if keep and len(keep) < len(types or ()):
+                    log.info("bulk export: the server refused _type %s for this export; retrying without",
+                             ",".join(sorted(drop)))
+                    return self.kickoff(group_id=group_id, system=system, types=keep, since=since,
+                                        type_filters=type_filters)
             hint = (
                 " (the server may not support Bulk Data $export)"
                 if exc.status in (404, 405, 501)
