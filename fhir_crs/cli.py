@@ -288,6 +288,7 @@ def _report_outputs(report: dict[str, Any], cases_series: list[dict[str, Any]], 
                     html_dir: Path | None, cibmtr_path: str | None, console: Console) -> Path | None:
     """Writes the report in every format asked for; returns the HTML index if written."""
     from .cibmtr import cibmtr_csv, cibmtr_rows
+    from .private import write_private_text
     from .report import render_report, report_csv
 
     index = None
@@ -300,9 +301,9 @@ def _report_outputs(report: dict[str, Any], cases_series: list[dict[str, Any]], 
         if csv_path == "-":
             sys.stdout.write(text)
         else:
-            Path(csv_path).write_text(text, encoding="utf-8")
+            write_private_text(Path(csv_path), text)
     if cibmtr_path:
-        Path(cibmtr_path).write_text(cibmtr_csv(cibmtr_rows(cases_series)), encoding="utf-8")
+        write_private_text(Path(cibmtr_path), cibmtr_csv(cibmtr_rows(cases_series)))
     if as_json:
         sys.stdout.buffer.write(orjson.dumps(report, option=orjson.OPT_INDENT_2) + b"\n")
     elif csv_path != "-":
@@ -389,12 +390,13 @@ def demo(out_dir: Path, as_json: bool, seed: int | None) -> None:
     from .fhir import FhirClient, NoAuth
     from .localserver import LocalFhirServer
     from .mapping_files import load_code_map
+    from .private import private_dir
     from .report import report_from_cases
     from .sync import StateStore, Sync, discover_cohort
     from .synthetic import DEFAULT_SEED, generate_picu_cohort
 
     console = Console(stderr=as_json)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    private_dir(out_dir)
     for stale in ("server", "report"):
         shutil.rmtree(out_dir / stale, ignore_errors=True)
     (out_dir / "state.sqlite").unlink(missing_ok=True)

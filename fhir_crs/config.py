@@ -52,6 +52,15 @@ class RunConfig:
     lookback_days: float = 120.0
     workers: int = 4
     mappings: str | None = None
+    # --- security (docs/SECURITY.md)
+    allow_insecure_http: bool = False
+    ca_bundle: str | None = None
+    bulk_file_origins: tuple[str, ...] = ()
+    max_response_mb: float = 64.0
+    max_pages: int = 10_000
+    max_bulk_file_mb: float = 16384.0
+    max_decompression_ratio: float = 200.0
+    log_redact: bool | None = None
 
     def secret_token(self) -> str | None:
         return self.token or _read_secret(self.token_file, "token_file")
@@ -61,8 +70,12 @@ class RunConfig:
 
 
 def _read_secret(path: str | None, key: str) -> str | None:
+    """The secret in file `path`; a file other users can access is refused (private.py)."""
     if not path:
         return None
+    from .private import check_secret_file
+
+    check_secret_file(Path(path).expanduser(), key)
     try:
         return Path(path).expanduser().read_text(encoding="utf-8").strip()
     except OSError as exc:
@@ -72,9 +85,17 @@ def _read_secret(path: str | None, key: str) -> str | None:
 _FIELDS = {f.name: f for f in fields(RunConfig)}
 
 
+_KINDS: dict[str, type] = {"log_redact": bool}
+
+
 def _coerce(name: str, value: Any, where: str) -> Any:
     default = getattr(RunConfig(), name)
-    kind = type(default) if default is not None else str
+    kind = _KINDS.get(name) or (type(default) if default is not None else str)
+    if kind is tuple:
+        items = value.replace(",", " ").split() if isinstance(value, str) else value
+        if isinstance(items, list | tuple) and all(isinstance(v, str) for v in items):
+            return tuple(v.strip() for v in items if v.strip())
+        raise ConfigError(f"{where}: '{name}' expects a list of strings, got {value!r}.")
     if isinstance(value, kind) and not (kind is int and isinstance(value, bool)):
         return value
     try:
@@ -142,4 +163,7 @@ def resolve(flags: Mapping[str, Any], env: Mapping[str, str], config_path: Path 
         raise ConfigError(f"server '{cfg.server}' is not an http(s) URL.")
     if cfg.page_size < 1 or cfg.timeout <= 0:
         raise ConfigError("page_size and timeout must be positive.")
+    caps = ("max_response_mb", "max_pages", "max_bulk_file_mb", "max_decompression_ratio")
+    if any(getattr(cfg, k) <= 0 for k in caps):
+        raise ConfigError(f"{', '.join(caps)} must be positive.")
     return cfg

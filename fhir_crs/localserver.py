@@ -56,8 +56,10 @@ class LocalFhirServer:
         self._log: BinaryIO | None = None
 
     def start(self) -> LocalFhirServer:
+        from .private import create_private_file, private_dir, write_private_text
+
         exe = sekmet_executable()
-        self.workdir.mkdir(parents=True, exist_ok=True)
+        private_dir(self.workdir)
         lines = [
             f"base_url: {self.base}", "host: 127.0.0.1", f"port: {self.port}",
             f"data_dir: {self.workdir / 'data'}", "simulator:", "  enabled: false",
@@ -68,11 +70,12 @@ class LocalFhirServer:
                 lines.append(
                     f"    - {{client_id: {c['client_id']}, public_key_path: {c['public_key_path']}, scopes: \"{c['scopes']}\"}}"
                 )
-        (self.workdir / "settings.yaml").write_text("\n".join(lines) + "\n")
-        self._log = (self.workdir / "serve.log").open("ab")
+        write_private_text(self.workdir / "settings.yaml", "\n".join(lines) + "\n")
+        self._log = create_private_file(self.workdir / "serve.log").open("ab")
+        # The server's database holds the (synthetic) patients: owner-only, whatever the umask.
         self.proc = subprocess.Popen(
             [str(exe), "serve", "-c", "settings.yaml", "--host", "127.0.0.1", "--port", str(self.port)],
-            cwd=self.workdir, stdout=self._log, stderr=subprocess.STDOUT,
+            cwd=self.workdir, stdout=self._log, stderr=subprocess.STDOUT, umask=0o077,
         )
         deadline = time.monotonic() + self.startup_timeout
         while True:

@@ -61,7 +61,14 @@ class StateStore:
     """SQLite state of the nightly sync (one file; safe to delete: the next run starts over)."""
 
     def __init__(self, path: Path, server: str):
-        path.parent.mkdir(parents=True, exist_ok=True)
+        from .private import create_private_file
+
+        # Owner-only (0600 file in a 0700 folder if we create it); SQLite gives its -wal/-shm
+        # and -journal files the database file's mode.
+        try:
+            create_private_file(path)
+        except OSError as exc:
+            raise ConfigError(f"cannot create sync state store {path}: {exc.strerror or exc}") from exc
         self.server = server
         self._lock = threading.Lock()
         try:

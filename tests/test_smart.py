@@ -28,8 +28,8 @@ from fhir_crs.fhir import (
 )
 from fhir_crs.fhir import auth as auth_module
 
-BASE = "http://ehr.example.test/fhir"
-TOKEN_URL = "http://ehr.example.test/auth/token"
+BASE = "https://ehr.example.test/fhir"
+TOKEN_URL = "https://ehr.example.test/auth/token"
 DISCOVERY = f"{BASE}/.well-known/smart-configuration"
 CLIENT_ID = "crs-nightly"
 SCOPE = "system/Observation.rs system/Patient.rs system/Condition.cu"

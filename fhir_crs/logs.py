@@ -1,0 +1,199 @@
+"""Log lines without secrets or PHI (docs/SECURITY.md, "Logs").
+
+The code logs method, path, counts and reasons — never resource content, headers or query
+values. This module is the second line of defence, applied to every line the CLI emits on
+stderr (log records, the one-line error, `-v` tracebacks):
+
+* **secrets** registered at runtime (`note_secret`: the bearer token, the Basic password, each
+  SMART access token and signed assertion) and anything shaped like a JWT or an
+  ``Authorization: Bearer/Basic`` value become ``<redacted>``;
+* **PHI** seen in Patient resources (`note_patient`: names, identifier values such as the MRN,
+  the birth date, telecom and address lines) becomes ``<phi>``;
+* with redaction on (`--log-redact`, the default for `sync`), every ``Patient/<id>`` and every
+  patient id registered with `note_patient_id` becomes ``Patient/~<hash>``: HMAC-SHA256 of the
+  id under a random per-installation key (`log_key`, a 0600 file beside the sync state), first
+  12 hex digits. The same patient gets the same hash every night, so lines can be correlated;
+  `fhir-crs log-hash ID...` prints the hash of an id (the key holder can map back, nobody else).
+
+`configure` installs one stderr handler on the ``fhir_crs`` logger with `RedactingFilter`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import logging
+import re
+import secrets
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from .private import private_dir, write_private_bytes
+
+__all__ = [
+    "RedactingFilter",
+    "configure",
+    "hash_patient_id",
+    "log_key",
+    "note_patient",
+    "note_patient_id",
+    "note_secret",
+    "redact",
+    "set_patient_redaction",
+]
+
+_JWT = re.compile(r"eyJ[\w-]{4,}\.[\w-]{4,}\.[\w-]*")
+_AUTH_VALUE = re.compile(r"\b(Bearer|Basic)\s+[A-Za-z0-9._~+/=-]{6,}", re.IGNORECASE)
+_PATIENT_REF = re.compile(r"\bPatient/(?!~)([A-Za-z0-9.-]{1,64})")
+_MIN_PHI = 3  # shorter strings ("Al", initials) would blot out ordinary words
+
+
+_TOKEN = re.compile(r"[\w.@+-]+")
+
+
+class _Registry:
+    """What to scrub: secrets, PHI words and patient ids (looked up per word, so the cost of a
+    line does not grow with the size of the cohort), and the hashing key."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.secrets: set[str] = set()
+        self.phi: set[str] = set()  # lower-cased words
+        self.ids: set[str] = set()
+        self.key: bytes | None = None
+        self.redact_ids = False
+
+
+_REG = _Registry()
+
+
+def note_secret(*values: str | None) -> None:
+    """Never let these strings into a log line (tokens, passwords, assertions)."""
+    with _REG.lock:
+        _REG.secrets.update(v.strip() for v in values if isinstance(v, str) and len(v.strip()) >= 4)
+
+
+def note_patient(resource: dict[str, Any]) -> None:
+    """Register the identifying values of a Patient resource (names, identifiers, birth date,
+    telecom, address) so that no log line can carry them; and its id for hashing."""
+    if not isinstance(resource, dict) or resource.get("resourceType") != "Patient":
+        return
+    values: list[Any] = []
+    for name in resource.get("name") or ():
+        if isinstance(name, dict):
+            values += [name.get("family"), name.get("text"), *(name.get("given") or ())]
+    for ident in resource.get("identifier") or ():
+        if isinstance(ident, dict):
+            values.append(ident.get("value"))
+    for point in resource.get("telecom") or ():
+        if isinstance(point, dict):
+            values.append(point.get("value"))
+    for addr in resource.get("address") or ():
+        if isinstance(addr, dict):
+            values += [addr.get("text"), *(addr.get("line") or ())]
+    values.append(resource.get("birthDate"))
+    words = {w.lower() for v in values if isinstance(v, str) for w in _TOKEN.findall(v) if len(w) >= _MIN_PHI}
+    with _REG.lock:
+        _REG.phi.update(words)
+    if isinstance(resource.get("id"), str):
+        note_patient_id(resource["id"])
+
+
+def note_patient_id(*ids: str) -> None:
+    """Patient ids that are hashed wherever they appear (not only after ``Patient/``)."""
+    with _REG.lock:
+        _REG.ids.update(i for i in ids if isinstance(i, str) and i)
+
+
+def set_patient_redaction(on: bool, key: bytes | None = None) -> None:
+    """Turn patient-id hashing on or off; `key` is the HMAC key (see `log_key`)."""
+    with _REG.lock:
+        _REG.redact_ids = on
+        if key is not None:
+            _REG.key = key
+        elif on and _REG.key is None:
+            _REG.key = secrets.token_bytes(32)  # no key file: stable within this run only
+
+
+def hash_patient_id(patient_id: str, key: bytes | None = None) -> str:
+    key = key if key is not None else (_REG.key or b"")
+    return hmac.new(key, patient_id.encode("utf-8"), hashlib.sha256).hexdigest()[:12]
+
+
+def log_key(folder: Path) -> bytes:
+    """The installation's log-hash key: ``folder/log-key`` (32 random bytes, 0600), created on
+    first use. It sits beside the sync state, which already holds the ids it protects."""
+    path = folder / "log-key"
+    try:
+        data = path.read_bytes()
+        if len(data) >= 16:
+            return data
+    except FileNotFoundError:
+        pass
+    private_dir(folder)
+    data = secrets.token_bytes(32)
+    write_private_bytes(path, data)
+    return data
+
+
+def redact(text: str) -> str:
+    """`text` with secrets, PHI and (when on) patient ids replaced."""
+    if not text:
+        return text
+    for secret in _REG.secrets.copy():
+        if secret in text:
+            text = text.replace(secret, "<redacted>")
+    text = _JWT.sub("<jwt>", text)
+    text = _AUTH_VALUE.sub(lambda m: f"{m.group(1)} <redacted>", text)
+    if _REG.redact_ids:
+        text = _PATIENT_REF.sub(lambda m: "Patient/~" + hash_patient_id(m.group(1)), text)
+    phi, ids, hashing = _REG.phi, _REG.ids, _REG.redact_ids
+
+    def word(m: re.Match[str]) -> str:
+        w = m.group(0)
+        if hashing and w in ids:
+            return "~" + hash_patient_id(w)
+        return "<phi>" if w.lower() in phi else w
+
+    return _TOKEN.sub(word, text) if phi or (hashing and ids) else text
+
+
+class RedactingFilter(logging.Filter):
+    """Rewrites each record's message (and formatted traceback) through `redact`."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.msg = redact(record.getMessage())
+        record.args = None
+        if record.exc_info:
+            record.exc_text = redact(logging.Formatter().formatException(record.exc_info))
+            record.exc_info = None
+        return True
+
+
+class _UtcIsoFormatter(logging.Formatter):
+    converter = time.gmtime
+
+    def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
+        t = time.strftime("%Y-%m-%dT%H:%M:%S", self.converter(record.created))
+        return f"{t}.{int(record.msecs):03d}Z"
+
+
+_HANDLER: logging.Handler | None = None
+
+
+def configure(verbose: bool) -> None:
+    """One stderr handler on ``fhir_crs`` (DEBUG with `-v`, else WARNING), lines redacted."""
+    global _HANDLER
+    root = logging.getLogger("fhir_crs")
+    if _HANDLER is not None:
+        root.removeHandler(_HANDLER)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_UtcIsoFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    handler.addFilter(RedactingFilter())
+    root.addHandler(handler)
+    root.setLevel(logging.DEBUG if verbose else logging.WARNING)
+    root.propagate = False
+    _HANDLER = handler
