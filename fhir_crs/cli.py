@@ -25,9 +25,11 @@ class CrsGroup(click.Group):
         try:
             return super().invoke(ctx)
         except FhirCrsError as exc:
+            from .logs import redact
+
             if ctx.params.get("verbose"):
-                traceback.print_exc()
-            click.echo(f"fhir-crs: error: {exc}", err=True)
+                click.echo(redact(traceback.format_exc()).rstrip(), err=True)
+            click.echo(f"fhir-crs: error: {redact(str(exc))}", err=True)
             ctx.exit(exc.exit_code)
 
 
@@ -49,6 +51,9 @@ def cli(verbose: bool) -> None:
     Example:
       fhir-crs grade fixtures/R4/vignettes --json
     """
+    from .logs import configure
+
+    configure(verbose)
 
 
 @cli.command()
@@ -105,18 +110,36 @@ def server_options(f: Any) -> Any:
                      help="Authentication (secrets only from env or files: FHIR_CRS_TOKEN, --token-file …)."),
         click.option("--token-file", default=None, type=click.Path(dir_okay=False), help="File holding the bearer token."),
         click.option("--timeout", type=float, default=None, help="Seconds per request."),
+        click.option("--allow-insecure-http", is_flag=True, expose_value=False, callback=_security_flag,
+                     help="Accept a plain http:// server that is not on loopback (refused by default)."),
+        click.option("--log-redact/--no-log-redact", default=None, expose_value=False, callback=_security_flag,
+                     help="Replace patient ids in log lines with a stable keyed hash (default: on for sync)."),
     ]
     for o in reversed(opts):
         f = o(f)
     return f
 
 
+def _security_flag(ctx: click.Context, param: click.Parameter, value: Any) -> None:
+    """Security flags of every server command go straight into the run settings (ctx.meta)."""
+    if value:
+        ctx.meta.setdefault("fhir_crs_flags", {})[param.name] = True
+    elif value is False:
+        ctx.meta.setdefault("fhir_crs_flags", {})[param.name] = False
+
+
 def run_config(ctx_flags: dict[str, Any], config_path: Path | None) -> Any:
     import os
 
     from .config import resolve
+    from .logs import log_key, set_patient_redaction
 
-    return resolve({k: v for k, v in ctx_flags.items() if v is not None}, os.environ, config_path, Path.cwd())
+    ctx = click.get_current_context()
+    flags = {**{k: v for k, v in ctx_flags.items() if v is not None}, **ctx.meta.get("fhir_crs_flags", {})}
+    cfg = resolve(flags, os.environ, config_path, Path.cwd())
+    redact = cfg.log_redact if cfg.log_redact is not None else ctx.info_name == "sync"
+    set_patient_redaction(redact, log_key(Path(cfg.state_path).expanduser().parent) if redact else None)
+    return cfg
 
 
 def make_client(cfg: Any) -> Any:
@@ -136,14 +159,19 @@ def make_client(cfg: Any) -> Any:
         if not cfg.username or not password:
             raise ConfigError("auth 'basic' needs username and FHIR_CRS_PASSWORD (or password_file).")
         auth = BasicAuth(cfg.username, password)
-    elif cfg.auth == "smart":
-        from .fhir.auth import smart_auth_from_config
-
-        auth = smart_auth_from_config(cfg)
     else:
         auth = NoAuth()
-    return FhirClient(cfg.server, auth=auth, timeout=cfg.timeout, page_size=cfg.page_size,
-                      max_retries=cfg.max_retries, total_time_cap=cfg.total_time_cap)
+    client = FhirClient(cfg.server, auth=auth, timeout=cfg.timeout, page_size=cfg.page_size,
+                        max_retries=cfg.max_retries, total_time_cap=cfg.total_time_cap,
+                        max_pages=cfg.max_pages, max_response_bytes=int(cfg.max_response_mb * 1024 * 1024),
+                        allow_insecure_http=cfg.allow_insecure_http, ca_bundle=cfg.ca_bundle,
+                        credential_origins=cfg.bulk_file_origins)
+    if cfg.auth == "smart":
+        from .fhir.auth import smart_auth_from_config
+
+        # discovery and token requests go through this client (same TLS, caps and origin rules)
+        client.auth = smart_auth_from_config(cfg, client)
+    return client
 
 
 @cli.command()

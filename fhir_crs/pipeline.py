@@ -16,6 +16,7 @@ from typing import Any
 from .events import MappingResult, PatientInfo, Skipped
 from .grading import CRS_SYSTEMS, ICANS_SYSTEMS, adjacent
 from .grading.result import SystemResult, iso
+from .logs import note_patient
 from .mappers import ResourceMapper
 from .mapping_files import CodeMap, load_code_map
 from .settings import GradingSettings, load_settings
@@ -157,6 +158,7 @@ def fetch_patient(client: Any, patient_id: str, cfg: Any, code_map: CodeMap) -> 
     from .timeline import find_infusions
 
     patient = client.read("Patient", patient_id)
+    note_patient(patient)  # its names, MRN and birth date never reach a log line (logs.py)
 
     def infusions_in(resources: list[dict[str, Any]]) -> list[Any]:
         result, _ = map_items((SourceResource(r, f"server#{i}") for i, r in enumerate(resources)), code_map)

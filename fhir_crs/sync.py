@@ -32,6 +32,7 @@ from typing import Any
 
 from .errors import ConfigError, FhirCrsError
 from .grading.result import iso
+from .logs import note_patient, note_patient_id
 from .mapping_files import CodeMap, load_code_map
 from .pipeline import fetch_patient, grade_resources, write_case
 from .settings import GradingSettings
@@ -265,6 +266,7 @@ class Sync:
         if resumed:
             log.warning("the previous sync run did not finish; this run completes it")
         self.summary.patients = len(patients)
+        note_patient_id(*patients)
         done = 0
         with ThreadPoolExecutor(max_workers=max(1, self.cfg.workers)) as pool:
             futures = {pool.submit(self.sync_patient, p): p for p in patients}
@@ -359,7 +361,9 @@ def run_bulk(client: Any, cfg: Any, settings: GradingSettings, state: StateStore
         if console is not None:
             console.print(f"fhir-crs sync --bulk: export {text}", highlight=False)
 
-    exporter = BulkExport(client, on_progress=progress)
+    exporter = BulkExport(client, on_progress=progress,
+                          max_file_bytes=int(getattr(cfg, "max_bulk_file_mb", 16384.0) * 1024 * 1024),
+                          max_decompression_ratio=getattr(cfg, "max_decompression_ratio", 200.0))
     manifest, items = exporter.run(group_id=group_id, since=since)
     sync = Sync(client, cfg, settings, state, dry_run=dry_run)
     run_id, resumed = state.start_run()
@@ -372,6 +376,8 @@ def run_bulk(client: Any, cfg: Any, settings: GradingSettings, state: StateStore
             if rtype is None:
                 mapper.add(Skipped(str(item), "unusable NDJSON line"))
             else:
+                if rtype == "Patient":
+                    note_patient(item)  # its names, MRN and birth date never reach a log line
                 mapper.add(SourceResource(item, f"bulk:{rtype}"))
         for ref in mapper.missing_medications():
             try:

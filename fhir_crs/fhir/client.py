@@ -476,10 +476,13 @@ def _identifiers(resource: Resource) -> set[str]:
 
 
 def _subject(resource: Resource) -> str | None:
+    """The literal ``Type/id`` subject (or patient) reference; None for none, or for a
+    ``urn:uuid:`` reference the server resolves inside the transaction."""
     for key in ("subject", "patient"):
         ref = resource.get(key)
         if isinstance(ref, dict) and isinstance(ref.get("reference"), str):
-            return ref["reference"]
+            m = _LOCATION.search(urlsplit(ref["reference"]).path) if not ref["reference"].startswith("urn:") else None
+            return f"{m[1]}/{m[2]}" if m else None
     return None
 
 

@@ -35,6 +35,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from jwt.algorithms import ECAlgorithm, RSAAlgorithm
 
 from ..errors import ConfigError, FhirAuthError, FhirNotFound, FhirServerError
+from ..logs import note_secret
 from .client import FhirClient, ServerUnavailable, origin, require_secure_url
 
 if TYPE_CHECKING:
@@ -225,6 +226,7 @@ class SmartBackendAuth:
 
     def _mint(self) -> None:
         client_assertion = self.assertion()
+        note_secret(client_assertion)
         form = {
             "grant_type": "client_credentials",
             "client_assertion_type": ASSERTION_TYPE,
@@ -259,6 +261,7 @@ class SmartBackendAuth:
         lifetime = lifetime or DEFAULT_EXPIRES_IN
         now = self._clock()
         self._token = str(body["access_token"])
+        note_secret(self._token)
         self._expires_at = now + lifetime
         # Very short-lived tokens: refresh at half-life rather than on every request.
         self._margin = min(self.refresh_margin, lifetime / 2)
@@ -382,6 +385,7 @@ def smart_auth_from_config(
     if cfg.jwt_alg not in SUPPORTED_ALGS:
         raise ConfigError(f"jwt_alg '{cfg.jwt_alg}' is not supported; use RS384 or ES384.")
     pem = _private_key_text(cfg, env)
+    note_secret(*(line for line in pem.splitlines() if "-----" not in line))
     token_url = cfg.token_url
     if not token_url:
         if not cfg.server:
