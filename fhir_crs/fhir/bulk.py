@@ -42,7 +42,7 @@ from urllib.parse import quote, urlencode, urljoin, urlsplit
 import orjson
 
 from ..errors import FhirAuthError, FhirServerError
-from .client import FhirClient, retry_after_seconds
+from .client import CrossOriginRefused, FhirClient, retry_after_seconds
 
 __all__ = [
     "DEFAULT_EXPORT_TYPES",
@@ -448,7 +448,7 @@ class BulkExport:
                 foreign=True,
                 what=f"Bulk export file {f.name} ({f.type})",
             )
-        except FhirAuthError:
+        except (FhirAuthError, CrossOriginRefused):
             raise
         except FhirServerError as exc:
             gone = " (files expire; re-run the export)" if exc.status in (404, 410) else ""
