@@ -1,4 +1,6 @@
-"""Log lines without secrets or PHI (docs/SECURITY.md, "Logs").
+"""Log lines of the command line — `2026-12-03T07:48:00.123Z fhir-crs INFO message` on stderr
+(ISO 8601 UTC timestamps; `-v` lowers the level to DEBUG) — without secrets or PHI
+(docs/SECURITY.md, "Logs").
 
 The code logs method, path, counts and reasons — never resource content, headers or query
 values. This module is the second line of defence, applied to every line the CLI emits on
@@ -15,7 +17,7 @@ stderr (log records, the one-line error, `-v` tracebacks):
   12 hex digits. The same patient gets the same hash every night, so lines can be correlated;
   `fhir-crs log-hash ID...` prints the hash of an id (the key holder can map back, nobody else).
 
-`configure` installs one stderr handler on the ``fhir_crs`` logger with `RedactingFilter`.
+`setup_logging` installs one stderr handler on the ``fhir_crs`` logger with `RedactingFilter`.
 """
 
 from __future__ import annotations
@@ -35,7 +37,6 @@ from .private import private_dir, write_private_bytes
 
 __all__ = [
     "RedactingFilter",
-    "configure",
     "hash_patient_id",
     "log_key",
     "note_patient",
@@ -43,7 +44,10 @@ __all__ = [
     "note_secret",
     "redact",
     "set_patient_redaction",
+    "setup_logging",
 ]
+
+LOGGER = "fhir_crs"
 
 _JWT = re.compile(r"eyJ[\w-]{4,}\.[\w-]{4,}\.[\w-]*")
 _AUTH_VALUE = re.compile(r"\b(Bearer|Basic)\s+[A-Za-z0-9._~+/=-]{6,}", re.IGNORECASE)
@@ -173,27 +177,37 @@ class RedactingFilter(logging.Filter):
         return True
 
 
-class _UtcIsoFormatter(logging.Formatter):
+class IsoFormatter(logging.Formatter):
+    """ISO 8601 UTC timestamps with milliseconds and a Z."""
+
     converter = time.gmtime
 
     def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
-        t = time.strftime("%Y-%m-%dT%H:%M:%S", self.converter(record.created))
-        return f"{t}.{int(record.msecs):03d}Z"
+        return time.strftime("%Y-%m-%dT%H:%M:%S", self.converter(record.created)) + f".{int(record.msecs):03d}Z"
 
 
-_HANDLER: logging.Handler | None = None
+class _CurrentStderr(logging.StreamHandler):  # type: ignore[type-arg]
+    @property  # type: ignore[override]
+    def stream(self) -> Any:
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value: Any) -> None:  # StreamHandler.__init__ assigns it
+        pass
 
 
-def configure(verbose: bool) -> None:
-    """One stderr handler on ``fhir_crs`` (DEBUG with `-v`, else WARNING), lines redacted."""
-    global _HANDLER
-    root = logging.getLogger("fhir_crs")
-    if _HANDLER is not None:
-        root.removeHandler(_HANDLER)
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(_UtcIsoFormatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    handler.addFilter(RedactingFilter())
-    root.addHandler(handler)
-    root.setLevel(logging.DEBUG if verbose else logging.WARNING)
-    root.propagate = False
-    _HANDLER = handler
+FORMAT = "%(asctime)s fhir-crs %(levelname)s %(message)s"
+
+
+def setup_logging(verbose: bool = False) -> None:
+    """One handler on the `fhir_crs` logger (installed once, by the CLI), writing to whatever
+    `sys.stderr` is at the time of the record (so click's test runner captures it too), every
+    line through `RedactingFilter`. `-v` lowers the level to DEBUG."""
+    logger = logging.getLogger(LOGGER)
+    handler = next((h for h in logger.handlers if isinstance(h, _CurrentStderr)), None)
+    if handler is None:
+        handler = _CurrentStderr()
+        handler.setFormatter(IsoFormatter(FORMAT))
+        handler.addFilter(RedactingFilter())
+        logger.addHandler(handler)
+    logger.setLevel(logging.DEBUG if verbose else logging.INFO)

@@ -61,7 +61,7 @@ class GradeRun:
     def to_json(self, series: bool = False) -> dict[str, Any]:
         return {
             "cases": [c.to_json(self.settings, series) for c in self.cases],
-            "skipped": [{"resource": s.resource, "reason": s.reason} for s in self.skipped],
+            "skipped": [{"resource": s.resource, "reason": s.reason, "code": s.code} for s in self.skipped],
             "resources_read": self.resources,
             "settings": self.settings.as_dict(),
         }
@@ -89,7 +89,7 @@ def grade_mapping(result: MappingResult, settings: GradingSettings, resources: i
         timelines = build_timelines(patient, events, result.flags.get(patient, set()), settings)
         if not timelines:
             n = sum(1 for e in events if not isinstance(e, PatientInfo))
-            skipped.append(Skipped(patient, f"no CAR-T infusion (day 0) found; {n} mapped events for this patient not graded"))
+            skipped.append(Skipped(patient, f"no CAR-T infusion (day 0) found; {n} mapped events for this patient not graded", "no_infusion"))
         cases.extend(grade_case(tl, settings) for tl in timelines)
     return GradeRun(cases, skipped, settings, resources)
 

@@ -21,7 +21,7 @@ from fhir_crs.logs import hash_patient_id
 pytestmark = pytest.mark.integration
 
 TOKEN = "tok-77c2e0d1-bearer-secret"
-LOG_LINE = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z (DEBUG|INFO|WARNING|ERROR|CRITICAL) ")
+LOG_LINE = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z fhir-crs (DEBUG|INFO|WARNING|ERROR|CRITICAL) ")
 VIGNETTES = ("V01", "V06")
 
 
@@ -191,6 +191,7 @@ def test_demo_output_is_owner_only_and_its_log_has_no_phi(tmp_path: Path) -> Non
 
 def test_report_files_are_owner_only(tmp_path: Path) -> None:
     out = tmp_path / "out"
+    out.mkdir(mode=0o700)
     r = run("report", str(ROOT / "fixtures" / "R4" / "vignettes" / "V06.json"), "--csv", str(out / "t.csv"),
             "--html", str(out / "html"), "--cibmtr", str(out / "c.csv"))
     assert r.returncode == 0, r.stderr

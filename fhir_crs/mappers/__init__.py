@@ -58,8 +58,8 @@ class ResourceMapper:
         self.count = 0
         self.mapped = 0
 
-    def skip(self, where: str, reason: str) -> None:
-        self.result.skipped.append(Skipped(where, reason))
+    def skip(self, where: str, reason: str, code: str = "other") -> None:
+        self.result.skipped.append(Skipped(where, reason, code))
 
     def _patient_of(self, src: SourceResource, ref: str) -> str | None:
         r = src.resource
@@ -94,7 +94,7 @@ class ResourceMapper:
             self.mapped = mapped_before
             del self.result.skipped[skipped_before:]
             self.skip(resource_ref(item) if isinstance(item.resource.get("resourceType"), str) else item.origin,
-                      f"malformed resource ({type(exc).__name__}: {str(exc)[:120]})")
+                      f"malformed resource ({type(exc).__name__}: {str(exc)[:120]})", "malformed")
 
     def _add(self, src: SourceResource) -> None:
         r = src.resource
@@ -112,12 +112,12 @@ class ResourceMapper:
             self.mapped += 1
             return
         if rtype not in ("Observation", "MedicationAdministration", "Procedure", "Condition"):
-            self.skip(ref, f"resource type {rtype} is not used for grading")
+            self.skip(ref, f"resource type {rtype} is not used for grading", "unused_type")
             return
         patient = self._patient_of(src, ref)
         if patient is None:
             subj = reference_target(r.get("subject")) or "(none)"
-            self.skip(ref, f"subject {subj} is not a resolvable Patient reference")
+            self.skip(ref, f"subject {subj} is not a resolvable Patient reference", "unresolved_reference")
             return
         flags = self.result.flags.setdefault(patient, set())
         if rtype == "Observation":
@@ -160,7 +160,7 @@ class ResourceMapper:
         try:
             out = self.meds.map(src.resource, ref, flags, lambda t: self._resolve(src, t))
         except (TypeError, ValueError, AttributeError, KeyError, IndexError) as exc:
-            out = Skipped(ref, f"malformed resource ({type(exc).__name__}: {str(exc)[:120]})")
+            out = Skipped(ref, f"malformed resource ({type(exc).__name__}: {str(exc)[:120]})", "malformed")
         if isinstance(out, Skipped):
             self.result.skipped.append(out)
         else:
