@@ -5,6 +5,7 @@ reproduced on a deliberately non-atomic server and shown not to happen under syn
 
 from __future__ import annotations
 
+import contextlib
 import json
 import threading
 import time
@@ -156,10 +157,9 @@ def test_parallel_conditional_creates_duplicate_unless_serialised():
     racy = RacyServer()
 
     def unserialised() -> None:
-        try:
+        # a thread that starts after the duplicates exist sees them: the race, too
+        with contextlib.suppress(DuplicateTargetError):
             write_case(racy, case, settings, "urn:race")
-        except DuplicateTargetError:
-            pass  # a thread that starts after the duplicates exist sees them: the race, too
 
     threads = [threading.Thread(target=unserialised) for _ in range(8)]
     for t in threads:
