@@ -16,7 +16,7 @@ from rich.console import Console
 from . import __version__
 from .errors import EXIT_CODES, FhirCrsError, GradingError
 from .logs import redact, setup_logging
-from .mapping_files import default_mappings_dir
+from .mapping_files import default_mappings_dir, load_code_map
 from .render import make_console
 from .settings import load_settings
 
@@ -213,12 +213,14 @@ def run_config(ctx_flags: dict[str, Any], config_path: Path | None) -> Any:
     ctx = click.get_current_context()
     flags = {**{k: v for k, v in ctx_flags.items() if v is not None}, **ctx.meta.get("fhir_crs_flags", {})}
     cfg = resolve(flags, os.environ, config_path, Path.cwd())
-    redact = cfg.log_redact if cfg.log_redact is not None else ctx.info_name == "sync"
-    if redact:
+    hashing = cfg.log_redact if cfg.log_redact is not None else ctx.info_name == "sync"
+    if hashing:
         from .sync import default_state_path
 
         state = Path(cfg.state_path).expanduser() if cfg.state_path else default_state_path()
-        set_patient_redaction(True, log_key(state.parent))
+        # the key lives beside the state store; a dry run writes nothing, so it hashes with a
+        # key of its own when there is none yet
+        set_patient_redaction(True, log_key(state.parent, create=not ctx.params.get("dry_run")))
     else:
         set_patient_redaction(False)
     return cfg
@@ -310,6 +312,7 @@ def pull(patient_id: str, server: str | None, config_path: Path | None, auth: st
     cfg = run_config({"server": server, "auth": auth, "token_file": token_file, "timeout": timeout,
                       "write": write, "mappings": str(mappings_dir) if mappings_dir else None}, config_path)
     settings = load_settings(Path(cfg.mappings) if cfg.mappings else default_mappings_dir(), list(overrides))
+    load_code_map(Path(cfg.mappings) if cfg.mappings else None)  # bad tables: exit 2 before any request
     client = make_client(cfg)
     result = pull_patient(client, patient_id, cfg, settings, write=cfg.write and not dry_run, dry_run=dry_run)
     data = result.run.to_json()
@@ -379,6 +382,7 @@ def sync(server: str | None, config_path: Path | None, auth: str | None, token_f
                       "state_path": state_path, "workers": workers, "lookback_days": lookback_days,
                       "mappings": str(mappings_dir) if mappings_dir else None}, config_path)
     settings = load_settings(Path(cfg.mappings) if cfg.mappings else default_mappings_dir(), list(overrides))
+    load_code_map(Path(cfg.mappings) if cfg.mappings else None)  # bad tables: exit 2 before any request
     client = make_client(cfg)
     store_path = Path(cfg.state_path).expanduser() if cfg.state_path else default_state_path()
     state = StateStore(store_path, cfg.server)
@@ -554,18 +558,17 @@ def demo(out_dir: Path, as_json: bool, seed: int | None) -> None:
     from .config import RunConfig
     from .fhir import FhirClient, NoAuth
     from .localserver import LocalFhirServer
-    from .mapping_files import load_code_map
     from .private import private_dir
     from .report import report_from_cases
     from .sync import StateStore, Sync, discover_cohort
     from .synthetic import DEFAULT_SEED, generate_picu_cohort
 
     console = make_console(stderr=as_json)
+    settings = load_settings(default_mappings_dir())
     private_dir(out_dir)
     for stale in ("server", "report"):
         shutil.rmtree(out_dir / stale, ignore_errors=True)
     (out_dir / "state.sqlite").unlink(missing_ok=True)
-    settings = load_settings(default_mappings_dir())
     bundles, _truth = generate_picu_cohort(seed if seed is not None else DEFAULT_SEED)
     with LocalFhirServer(out_dir / "server") as server:
         console.print(f"Local FHIR server (sekmet-fhir) on {server.base}")

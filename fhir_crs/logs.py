@@ -127,9 +127,10 @@ def hash_patient_id(patient_id: str, key: bytes | None = None) -> str:
     return hmac.new(key, patient_id.encode("utf-8"), hashlib.sha256).hexdigest()[:12]
 
 
-def log_key(folder: Path) -> bytes:
+def log_key(folder: Path, create: bool = True) -> bytes | None:
     """The installation's log-hash key: ``folder/log-key`` (32 random bytes, 0600), created on
-    first use. It sits beside the sync state, which already holds the ids it protects."""
+    first use. It sits beside the sync state, which already holds the ids it protects. None
+    when it does not exist and `create` is False."""
     path = folder / "log-key"
     try:
         data = path.read_bytes()
@@ -137,6 +138,8 @@ def log_key(folder: Path) -> bytes:
             return data
     except FileNotFoundError:
         pass
+    if not create:
+        return None
     private_dir(folder)
     data = secrets.token_bytes(32)
     write_private_bytes(path, data)

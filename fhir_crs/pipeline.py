@@ -78,6 +78,7 @@ def grade_case(tl: CaseTimeline, settings: GradingSettings) -> GradedCase:
         # Local codes: evidence that was recognised by its text, not a configured code, is flagged.
         if tl.text_matched.intersection(result.evidence):
             result.flag("matched_by_text")
+    tl.derived.clear()  # the systems' shared state (grading/state.py) is not kept with the case
     return case
 
 
