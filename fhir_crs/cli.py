@@ -208,7 +208,7 @@ def run_config(ctx_flags: dict[str, Any], config_path: Path | None) -> Any:
     import os
 
     from .config import resolve
-    from .logs import log_key, set_patient_redaction
+    from .logs import set_patient_redaction
 
     ctx = click.get_current_context()
     flags = {**{k: v for k, v in ctx_flags.items() if v is not None}, **ctx.meta.get("fhir_crs_flags", {})}
@@ -220,7 +220,7 @@ def run_config(ctx_flags: dict[str, Any], config_path: Path | None) -> Any:
         state = Path(cfg.state_path).expanduser() if cfg.state_path else default_state_path()
         # the key lives beside the state store; a dry run writes nothing, so it hashes with a
         # key of its own when there is none yet
-        set_patient_redaction(True, log_key(state.parent, create=not ctx.params.get("dry_run")))
+        set_patient_redaction(True, key_folder=state.parent, create_key=not ctx.params.get("dry_run"))
     else:
         set_patient_redaction(False)
     return cfg

@@ -68,6 +68,8 @@ class _Registry:
         self.phi: set[str] = set()  # lower-cased words
         self.ids: set[str] = set()
         self.key: bytes | None = None
+        self.key_folder: Path | None = None
+        self.create_key = True
         self.redact_ids = False
 
 
@@ -112,18 +114,33 @@ def note_patient_id(*ids: str) -> None:
         _REG.ids.update(i for i in ids if isinstance(i, str) and i)
 
 
-def set_patient_redaction(on: bool, key: bytes | None = None) -> None:
-    """Turn patient-id hashing on or off; `key` is the HMAC key (see `log_key`)."""
+def set_patient_redaction(on: bool, key: bytes | None = None, key_folder: Path | None = None,
+                          create_key: bool = True) -> None:
+    """Turn patient-id hashing on or off. The HMAC key is `key`, else the `log_key` of
+    `key_folder` — read or created when the first id is hashed, so that nothing is written
+    before the run has started — else a random key for this run only."""
     with _REG.lock:
         _REG.redact_ids = on
-        if key is not None:
-            _REG.key = key
-        elif on and _REG.key is None:
-            _REG.key = secrets.token_bytes(32)  # no key file: stable within this run only
+        _REG.key = key
+        _REG.key_folder = key_folder
+        _REG.create_key = create_key
+
+
+def _current_key() -> bytes:
+    with _REG.lock:
+        if _REG.key is None:
+            found = None
+            if _REG.key_folder is not None:
+                try:
+                    found = log_key(_REG.key_folder, create=_REG.create_key)
+                except OSError:
+                    found = None
+            _REG.key = found or secrets.token_bytes(32)
+        return _REG.key
 
 
 def hash_patient_id(patient_id: str, key: bytes | None = None) -> str:
-    key = key if key is not None else (_REG.key or b"")
+    key = key if key is not None else _current_key()
     return hmac.new(key, patient_id.encode("utf-8"), hashlib.sha256).hexdigest()[:12]
 
 
@@ -214,3 +231,4 @@ def setup_logging(verbose: bool = False) -> None:
         handler.addFilter(RedactingFilter())
         logger.addHandler(handler)
     logger.setLevel(logging.DEBUG if verbose else logging.INFO)
+    set_patient_redaction(False)  # each command decides (run_config); off until then
