@@ -75,8 +75,8 @@ class RunConfig(BaseModel):
     ca_bundle: str | None = _f(None, allowed="a CA certificate file (PEM) or folder")
     bulk_file_origins: tuple[str, ...] = _f((), allowed="a list of origins (https://host[:port], no path)")
     max_response_mb: float = _f(64.0, gt=0, le=4096, unit="MB")
-    max_pages: int = _f(10_000, ge=1, le=1_000_000, unit="pages")
-    max_bulk_file_mb: float = _f(16384.0, gt=0, le=1_048_576, unit="MB")
+    max_pages: int = _f(10_000, ge=1, le=500_000, unit="pages")
+    max_bulk_file_mb: float = _f(16384.0, gt=0, le=100_000, unit="MB")
     max_decompression_ratio: float = _f(200.0, ge=10, le=100_000)
     log_redact: bool | None = None
 
