@@ -156,12 +156,12 @@ def test_parallel_conditional_creates_duplicate_unless_serialised():
     case, settings = run.cases[0], run.settings
     racy = RacyServer()
 
-    def unserialised() -> None:
-        # a thread that starts after the duplicates exist sees them: the race, too
+    def racing() -> None:
+        # a thread that starts late (a loaded machine) finds the duplicates the race made: reported
         with contextlib.suppress(DuplicateTargetError):
             write_case(racy, case, settings, "urn:race")
 
-    threads = [threading.Thread(target=unserialised) for _ in range(8)]
+    threads = [threading.Thread(target=racing) for _ in range(8)]
     for t in threads:
         t.start()
     for t in threads:
@@ -221,7 +221,6 @@ def test_sync_with_smart_backend_services_end_to_end(tmp_path_factory, tmp_path)
     key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
     priv, pub = tmp_path / "client.pem", tmp_path / "client.pub.pem"
     priv.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
-    priv.chmod(0o600)
     pub.write_bytes(key.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))
     workdir = tmp_path_factory.mktemp("smart-server")
     from fhir_crs.localserver import free_port
