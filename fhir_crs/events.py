@@ -118,6 +118,7 @@ class MappingResult:
     events: dict[str, list[Event]] = field(default_factory=dict)
     skipped: list[Skipped] = field(default_factory=list)
     flags: dict[str, set[str]] = field(default_factory=dict)
+    sources: dict[str, list[str]] = field(default_factory=dict)  # patient -> refs of the resources used
 
     def add(self, patient: str, event: Event) -> None:
         self.events.setdefault(patient, []).append(event)

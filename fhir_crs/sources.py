@@ -2,8 +2,11 @@
 NDJSON, yielding each resource with where it came from. No server involved.
 
 A path that does not exist or cannot be opened raises `InputError` (one clear message, non-zero
-exit). Content that is not usable (invalid JSON, a JSON value that is not a resource) becomes a
-`Skipped` entry naming the file (and line), so nothing is dropped silently.
+exit). Content that is not usable becomes a `Skipped` entry, so nothing is dropped silently, and
+always at the smallest level that holds the problem: a file that is not JSON at all is one skip
+naming the file; an NDJSON line, one naming the line; a Bundle entry without a resource, one
+naming its fullUrl or index; a resource holding a number no double can hold (`1e309`, NaN),
+one naming the resource (`jsonread`). A byte-order mark is read and ignored.
 """
 
 from __future__ import annotations
@@ -13,10 +16,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import orjson
-
 from .errors import InputError
 from .events import Skipped
+from .jsonread import first_bad_number, loads
 
 SUFFIXES_JSON = {".json"}
 SUFFIXES_NDJSON = {".ndjson", ".jsonl"}
@@ -51,40 +53,70 @@ def _read_bytes(path: Path) -> bytes:
         raise InputError(f"Cannot read {path}: {exc.strerror or exc}.") from exc
 
 
-def _entries(value: Any, origin: str) -> Iterator[SourceResource | Skipped]:
+def _where(r: dict[str, Any], origin: str) -> str:
+    rid = r.get("id")
+    return f"{r['resourceType']}/{rid}" if isinstance(rid, str) and rid else origin
+
+
+def _resource(r: dict[str, Any], origin: str, tolerant: bool, full_url: str | None = None,
+              urls: dict[str, tuple[str, str]] | None = None) -> SourceResource | Skipped:
+    if tolerant:
+        bad = first_bad_number(r)
+        if bad:
+            return Skipped(_where(r, origin), f"unreadable number (overflow, NaN or Infinity): {bad}")
+    return SourceResource(r, origin, full_url, urls)
+
+
+def _entries(value: Any, origin: str, tolerant: bool = False) -> Iterator[SourceResource | Skipped]:
     if isinstance(value, list):
         for i, item in enumerate(value):
-            yield from _entries(item, f"{origin}[{i}]")
+            yield from _entries(item, f"{origin}[{i}]", tolerant)
         return
     if not isinstance(value, dict) or not isinstance(value.get("resourceType"), str):
         yield Skipped(origin, "JSON value is not a FHIR resource (no resourceType)")
         return
     if value["resourceType"] != "Bundle":
-        yield SourceResource(value, origin)
+        yield _resource(value, origin, tolerant)
         return
-    entries = [e for e in value.get("entry") or [] if isinstance(e, dict)]
+    raw = value.get("entry") or []
+    if not isinstance(raw, list):
+        yield Skipped(origin, "Bundle.entry is not a list")
+        return
     urls: dict[str, tuple[str, str]] = {}
-    for e in entries:
+    for e in raw:
+        if not isinstance(e, dict):
+            continue
         r, fu = e.get("resource"), e.get("fullUrl")
         if isinstance(r, dict) and isinstance(fu, str):
             rid = r.get("id") or fu.rsplit(":", 1)[-1].rsplit("/", 1)[-1]
             urls[fu] = (str(r.get("resourceType")), str(rid))
-    for i, e in enumerate(entries):
-        r = e.get("resource")
+    for i, e in enumerate(raw):
         where = f"{origin}#entry[{i}]"
+        if not isinstance(e, dict):
+            yield Skipped(where, "Bundle entry is not a JSON object")
+            continue
+        fu = e.get("fullUrl") if isinstance(e.get("fullUrl"), str) and e.get("fullUrl") else None
+        r = e.get("resource")
         if r is None:
-            continue  # transaction-response / deleted entries carry no resource
+            request = e.get("request") if isinstance(e.get("request"), dict) else {}
+            what = "resource is null" if "resource" in e else "no resource"
+            if request.get("method") == "DELETE":
+                what += " (a DELETE entry)"
+            elif isinstance(e.get("response"), dict):
+                what += " (a response entry)"
+            yield Skipped(fu or where, f"Bundle entry without a resource: {what}")
+            continue
         search = e.get("search")
         if isinstance(search, dict) and search.get("mode") == "outcome":
             yield Skipped(where, "search.mode=outcome entry (server OperationOutcome)")
             continue
         if isinstance(r, dict) and r.get("resourceType") == "Bundle":
-            yield from _entries(r, where)
+            yield from _entries(r, where, tolerant)
             continue
         if not isinstance(r, dict) or not isinstance(r.get("resourceType"), str):
-            yield Skipped(where, "Bundle entry is not a FHIR resource")
+            yield Skipped(fu or where, "Bundle entry is not a FHIR resource")
             continue
-        yield SourceResource(r, where, e.get("fullUrl") if isinstance(e.get("fullUrl"), str) else None, urls)
+        yield _resource(r, where, tolerant, fu, urls)
 
 
 def iter_path(path: Path) -> Iterator[SourceResource | Skipped]:
@@ -100,19 +132,19 @@ def iter_path(path: Path) -> Iterator[SourceResource | Skipped]:
                     if not line.strip():
                         continue
                     try:
-                        value = orjson.loads(line)
-                    except orjson.JSONDecodeError as exc:
+                        value, tolerant = loads(line)
+                    except ValueError as exc:
                         yield Skipped(f"{f}:{lineno}", f"not valid JSON ({exc})")
                         continue
-                    yield from _entries(value, f"{f}:{lineno}")
+                    yield from _entries(value, f"{f}:{lineno}", tolerant)
         else:
             data = _read_bytes(f)
             try:
-                value = orjson.loads(data)
-            except orjson.JSONDecodeError as exc:
+                value, tolerant = loads(data)
+            except ValueError as exc:
                 yield Skipped(str(f), f"not valid JSON ({exc})")
                 continue
-            yield from _entries(value, str(f))
+            yield from _entries(value, str(f), tolerant)
 
 
 def iter_paths(paths: Iterable[Path]) -> Iterator[SourceResource | Skipped]:

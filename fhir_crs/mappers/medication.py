@@ -16,8 +16,8 @@ from typing import Any
 from ..events import DrugGiven, Skipped
 from ..mapping_files import CodeMap
 from .common import codings, label, parse_datetime, quantity, texts
+from .status import status_decision
 
-EXCLUDED_STATUS = {"entered-in-error", "not-done"}
 _IV = re.compile(r"\b(IV|intravenous|i\.v\.|intra-?venous|infusion|central line|peripheral line)\b", re.IGNORECASE)
 _BOLUS = re.compile(r"\bbolus\b|\bpush\b|\bstat dose\b|\bfluid challenge\b", re.IGNORECASE)
 
@@ -74,9 +74,11 @@ class MedicationMapper:
         self, res: dict[str, Any], ref: str, flags: set[str],
         resolve: Callable[[str], dict[str, Any] | None],
     ) -> DrugGiven | Skipped:
-        status = res.get("status")
-        if status in EXCLUDED_STATUS:
-            return Skipped(ref, f"status {status}")
+        why, flag = status_decision(res)
+        if why:
+            return Skipped(ref, why)
+        if flag:
+            flags.add(flag)
         med: dict[str, Any] | None = None
         concepts: list[Any] = []
         extra: list[str] = []

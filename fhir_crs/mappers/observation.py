@@ -14,9 +14,9 @@ from typing import Any
 from ..events import Event, Finding, Measurement, Skipped
 from ..mapping_files import CodeMap, ObservationKind
 from .common import When, codings, label, parse_datetime, quantity, quantity_units, texts
+from .status import status_decision
 from .units import CELSIUS, FAHRENHEIT, f_to_c, to_canonical
 
-EXCLUDED_STATUS = {"entered-in-error", "cancelled"}
 _NEGATIVE = re.compile(
     r"^\s*(no|none|absent|negative|not (seen|present|detected|observed)|nil|normal|resolved|no growth)\b",
     re.IGNORECASE,
@@ -148,9 +148,11 @@ class ObservationMapper:
         return (self.code_map.observations[name] if name else None), by_text
 
     def map(self, res: dict[str, Any], ref: str, flags: set[str]) -> list[Event] | Skipped:
-        status = res.get("status")
-        if status in EXCLUDED_STATUS:
-            return Skipped(ref, f"status {status}")
+        why, flag = status_decision(res)
+        if why:
+            return Skipped(ref, why)
+        if flag:
+            flags.add(flag)
         kind, by_text = self.match_kind(res.get("code"))
         components = [c for c in res.get("component") or [] if isinstance(c, dict)]
         if kind is None and not components:

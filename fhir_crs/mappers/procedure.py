@@ -11,8 +11,8 @@ from typing import Any
 from ..events import ProcedureDone, Skipped
 from ..mapping_files import CodeMap
 from .common import codings, label, parse_datetime, texts
+from .status import status_decision
 
-EXCLUDED_STATUS = {"entered-in-error", "not-done", "preparation"}
 _DEVICE_TO_KIND = {
     "nasal_cannula": "nasal_cannula", "high_flow_nasal_cannula": "high_flow_nasal_cannula",
     "face_mask": "face_mask", "non_rebreather": "non_rebreather", "venturi_mask": "venturi_mask",
@@ -26,9 +26,11 @@ class ProcedureMapper:
         self.code_map = code_map
 
     def map(self, res: dict[str, Any], ref: str, flags: set[str]) -> ProcedureDone | Skipped:
-        status = res.get("status")
-        if status in EXCLUDED_STATUS:
-            return Skipped(ref, f"status {status}")
+        why, flag = status_decision(res)
+        if why:
+            return Skipped(ref, why)
+        if flag:
+            flags.add(flag)
         kind, by_text = self.code_map.procedures.match(codings(res.get("code")), texts(res.get("code")))
         for used in res.get("usedCode") or []:
             dev, _ = self.code_map.devices.match(codings(used), texts(used))
