@@ -56,6 +56,7 @@ class Finding:
     text: str = ""
     end: datetime | None = None
     matched_by_text: bool = False
+    indications: frozenset[str] = frozenset()  # O2 device rows: mappings/reasons.toml classes of the text
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,6 +97,8 @@ class ProcedureDone:
     reason: str = ""
     text: str = ""
     matched_by_text: bool = False
+    indications: frozenset[str] = frozenset()  # mappings/reasons.toml classes of reasonCode / text
+    indication_by_text: bool = False
 
 
 @dataclass(frozen=True, slots=True)

@@ -6,8 +6,9 @@ library so that one odd value cannot lose its neighbours:
 
 * a UTF-8 byte-order mark at the start of the text is ignored (RFC 8259 §8.1 allows it);
 * numbers that overflow a double (`1e309`), integers longer than a double can hold and the
-  non-standard `NaN` / `Infinity` literals become a `BadNumber` marker: the *resource* that
-  holds one is skipped by the caller (`first_bad_number`), never the whole file;
+  non-standard `NaN` / `Infinity` literals are read as null and the innermost *resource* that
+  held one is marked (`UNREADABLE`): the mappers skip that resource, never the whole file or
+  page (`unreadable()` gives the reason);
 * lone surrogate escapes (`"\\ud800"`) become U+FFFD, so the value can always be printed and
   serialised again; invalid UTF-8 bytes are read as U+FFFD too.
 
@@ -49,47 +50,53 @@ def _int(text: str) -> int | BadNumber:
     return BadNumber(text) if len(text.lstrip("-")) > _MAX_INT_DIGITS else int(text)
 
 
-def _clean(value: Any) -> Any:
-    """Lone surrogates -> U+FFFD in every string (keys included)."""
+UNREADABLE = "_fhir_crs_unreadable"  # set on a resource that held a BadNumber; the mappers skip it
+
+
+def _clean(value: Any, path: str, found: list[str]) -> Any:
+    """Lone surrogates -> U+FFFD in every string (keys included); BadNumber -> None, noted in
+    `found` as 'path = text' and set as UNREADABLE on the innermost enclosing resource."""
     if isinstance(value, str):
         return _SURROGATE.sub("\ufffd", value) if _SURROGATE.search(value) else value
+    if isinstance(value, BadNumber):
+        found.append(f"{path or '(value)'} = {value.text}")
+        return None
     if isinstance(value, list):
-        return [_clean(v) for v in value]
+        return [_clean(v, f"{path}[{i}]", found) for i, v in enumerate(value)]
     if isinstance(value, dict):
-        return {_clean(k): _clean(v) for k, v in value.items()}
+        is_resource = isinstance(value.get("resourceType"), str)
+        inner: list[str] = [] if is_resource else found
+        out = {_clean(k, "", inner): _clean(v, (k if is_resource or not path else f"{path}.{k}"), inner) for k, v in value.items()}
+        if is_resource and inner and out["resourceType"] != "Bundle":
+            out[UNREADABLE] = inner[0]
+        if is_resource and inner:
+            found.extend(inner)  # a contained resource's problem is its container's too
+        return out
     return value
 
 
-def loads(data: bytes | str) -> tuple[Any, bool]:
-    """(value, tolerant): tolerant is True when the slow path was needed, i.e. the value may hold
-    `BadNumber` markers. Raises ValueError when the text is not JSON."""
+def loads(data: bytes | str) -> Any:
+    """The JSON value of `data`. Raises ValueError when the text is not JSON."""
     if isinstance(data, str):
         data = data.encode("utf-8", "surrogatepass")
     if data.startswith(BOM):
         data = data[len(BOM):]
     try:
-        return orjson.loads(data), False
+        return orjson.loads(data)
     except orjson.JSONDecodeError as first:
         text = data.decode("utf-8", "replace")
         try:
             value = json.loads(text, parse_constant=BadNumber, parse_float=_float, parse_int=_int)
         except (json.JSONDecodeError, RecursionError, ValueError):
             raise ValueError(str(first)) from None
-        return _clean(value), True
+        found: list[str] = []
+        value = _clean(value, "", found)
+        if found and isinstance(value, dict) and UNREADABLE not in value and value.get("resourceType") != "Bundle":
+            value[UNREADABLE] = found[0]  # not a resource: the caller skips it as such
+        return value
 
 
-def first_bad_number(value: Any, path: str = "") -> str | None:
-    """`path = text` of the first `BadNumber` inside value, or None."""
-    if isinstance(value, BadNumber):
-        return f"{path or '(value)'} = {value.text}"
-    if isinstance(value, dict):
-        for k, v in value.items():
-            found = first_bad_number(v, f"{path}.{k}" if path else str(k))
-            if found:
-                return found
-    elif isinstance(value, list):
-        for i, v in enumerate(value):
-            found = first_bad_number(v, f"{path}[{i}]")
-            if found:
-                return found
-    return None
+def unreadable(resource: dict[str, Any]) -> str | None:
+    """Why a resource cannot be used because of a number no double holds, or None."""
+    why = resource.get(UNREADABLE)
+    return f"unreadable number (overflow, NaN or Infinity): {why}" if why else None

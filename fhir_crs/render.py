@@ -55,6 +55,9 @@ def render_run(data: dict[str, Any], console: Console, show_skips: bool = False)
             console.print(f"  CRS grade {c['grade']} at +{c['hour']:g} h: {c['criterion']}  [{', '.join(c['evidence'][:3])}]")
         console.print()
     skipped = data["skipped"]
+    if "resources_read" in data:
+        n = data["resources_read"]
+        console.print(f"{n:,} resource(s) read: {n - len(skipped):,} used, {len(skipped):,} skipped", highlight=False)
     if skipped:
         reasons = Counter(s["reason"].split(":")[0] for s in skipped)
         console.print(f"[bold]{len(skipped)} resource(s) skipped[/bold] (use --show-skips for the list):" if not show_skips else f"[bold]{len(skipped)} resource(s) skipped:[/bold]")

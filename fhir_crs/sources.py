@@ -6,7 +6,7 @@ exit). Content that is not usable becomes a `Skipped` entry, so nothing is dropp
 always at the smallest level that holds the problem: a file that is not JSON at all is one skip
 naming the file; an NDJSON line, one naming the line; a Bundle entry without a resource, one
 naming its fullUrl or index; a resource holding a number no double can hold (`1e309`, NaN),
-one naming the resource (`jsonread`). A byte-order mark is read and ignored.
+one naming the resource (`jsonread`, skipped by the mappers). A byte-order mark is read and ignored.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from typing import Any
 
 from .errors import InputError
 from .events import Skipped
-from .jsonread import first_bad_number, loads
+from .jsonread import loads
 
 SUFFIXES_JSON = {".json"}
 SUFFIXES_NDJSON = {".ndjson", ".jsonl"}
@@ -53,30 +53,16 @@ def _read_bytes(path: Path) -> bytes:
         raise InputError(f"Cannot read {path}: {exc.strerror or exc}.") from exc
 
 
-def _where(r: dict[str, Any], origin: str) -> str:
-    rid = r.get("id")
-    return f"{r['resourceType']}/{rid}" if isinstance(rid, str) and rid else origin
-
-
-def _resource(r: dict[str, Any], origin: str, tolerant: bool, full_url: str | None = None,
-              urls: dict[str, tuple[str, str]] | None = None) -> SourceResource | Skipped:
-    if tolerant:
-        bad = first_bad_number(r)
-        if bad:
-            return Skipped(_where(r, origin), f"unreadable number (overflow, NaN or Infinity): {bad}")
-    return SourceResource(r, origin, full_url, urls)
-
-
-def _entries(value: Any, origin: str, tolerant: bool = False) -> Iterator[SourceResource | Skipped]:
+def _entries(value: Any, origin: str) -> Iterator[SourceResource | Skipped]:
     if isinstance(value, list):
         for i, item in enumerate(value):
-            yield from _entries(item, f"{origin}[{i}]", tolerant)
+            yield from _entries(item, f"{origin}[{i}]")
         return
     if not isinstance(value, dict) or not isinstance(value.get("resourceType"), str):
         yield Skipped(origin, "JSON value is not a FHIR resource (no resourceType)")
         return
     if value["resourceType"] != "Bundle":
-        yield _resource(value, origin, tolerant)
+        yield SourceResource(value, origin)
         return
     raw = value.get("entry") or []
     if not isinstance(raw, list):
@@ -111,12 +97,12 @@ def _entries(value: Any, origin: str, tolerant: bool = False) -> Iterator[Source
             yield Skipped(where, "search.mode=outcome entry (server OperationOutcome)")
             continue
         if isinstance(r, dict) and r.get("resourceType") == "Bundle":
-            yield from _entries(r, where, tolerant)
+            yield from _entries(r, where)
             continue
         if not isinstance(r, dict) or not isinstance(r.get("resourceType"), str):
             yield Skipped(fu or where, "Bundle entry is not a FHIR resource")
             continue
-        yield _resource(r, where, tolerant, fu, urls)
+        yield SourceResource(r, where, fu, urls)
 
 
 def iter_path(path: Path) -> Iterator[SourceResource | Skipped]:
@@ -132,19 +118,19 @@ def iter_path(path: Path) -> Iterator[SourceResource | Skipped]:
                     if not line.strip():
                         continue
                     try:
-                        value, tolerant = loads(line)
+                        value = loads(line)
                     except ValueError as exc:
                         yield Skipped(f"{f}:{lineno}", f"not valid JSON ({exc})")
                         continue
-                    yield from _entries(value, f"{f}:{lineno}", tolerant)
+                    yield from _entries(value, f"{f}:{lineno}")
         else:
             data = _read_bytes(f)
             try:
-                value, tolerant = loads(data)
+                value = loads(data)
             except ValueError as exc:
                 yield Skipped(str(f), f"not valid JSON ({exc})")
                 continue
-            yield from _entries(value, str(f), tolerant)
+            yield from _entries(value, str(f))
 
 
 def iter_paths(paths: Iterable[Path]) -> Iterator[SourceResource | Skipped]:

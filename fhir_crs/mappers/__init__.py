@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..events import Event, MappingResult, Skipped
+from ..jsonread import UNREADABLE, unreadable
 from ..mapping_files import CodeMap
 from ..sources import SourceResource
 from .common import SAFE_ID, datetime_problem, parse_datetime, reference_target, split_reference
@@ -183,8 +184,8 @@ class ResourceMapper:
         r = src.resource
         rtype = r["resourceType"]
         ref = kept.ref
-        bad = bad_datetime(r)
-        if bad is not None and rtype in _GRADED_TYPES:
+        bad = unreadable(r) or bad_datetime(r)
+        if bad is not None and (rtype in _GRADED_TYPES or rtype == "Medication" or UNREADABLE in r):
             kept.skipped = Skipped(ref, bad)
             return
         if rtype == "Medication":
@@ -281,7 +282,7 @@ class ResourceMapper:
             result.skipped.append(Skipped(cited if version is not None else ref, why))
         self._superseded = []
         self.mapped += sum(1 for k in self._kept.values() if k.skipped is None)
-        for kept in sorted(self._kept.values(), key=lambda k: k.ref):  # input order does not matter
+        for kept in sorted(self._kept.values(), key=lambda k: k.key[2]):  # input order of the winning copies
             if kept.patient is not None and kept.flags:
                 result.flags.setdefault(kept.patient, set()).update(kept.flags)  # e.g. unit_error on a quarantined value
             if kept.skipped is not None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 from ..events import DrugGiven, Skipped
@@ -51,9 +51,27 @@ def _ingredient_strength(med: dict[str, Any] | None, code_map: CodeMap) -> tuple
     return None
 
 
+_LIMIT_UNITS = {"max_ug_min": "ug/min", "max_ug_kg_min": "ug/kg/min", "max_u_min": "U/min", "max_ml": "mL"}
+
+
 class MedicationMapper:
     def __init__(self, code_map: CodeMap):
         self.code_map = code_map
+
+    def _implausible(self, drug_class: str, dose: float | None, rate: float | None, rate_unit: str,
+                     start: datetime, end: datetime | None, derived: dict[str, float | None]) -> str | None:
+        """Why a dose or rate cannot be real (mappings/plausibility.toml [medications.*]), or None."""
+        if dose is not None and dose < 0:
+            return f"negative dose {dose:g}"
+        if rate is not None and rate < 0:
+            return f"negative rate {rate:g} {rate_unit}".rstrip()
+        if rate is not None and rate > 0 and end is not None and end == start and rate_unit not in ("min", "h", "s"):
+            return "infusion rate charted over a zero-length effectivePeriod"
+        for key, limit in self.code_map.dose_limits.get(drug_class, {}).items():
+            v = derived.get(key)
+            if v is not None and v > limit:
+                return f"{v:g} {_LIMIT_UNITS[key]} is above the plausible {limit:g} {_LIMIT_UNITS[key]} (plausibility.toml)"
+        return None
 
     def identify(self, concept_sets: list[Any], extra_texts: list[str]) -> tuple[str | None, bool]:
         """Drug name from several CodeableConcepts (medication code, ingredient items)."""
@@ -187,6 +205,10 @@ class MedicationMapper:
             volume_ml = dose_value * (1000.0 if dose_unit == "L" else 1.0)
         elif rate_unit == "mL/h" and rate_value is not None and end is not None and spec.drug_class == "fluid":
             volume_ml = rate_value * (end - start).total_seconds() / 3600
+        problem = self._implausible(spec.drug_class, dose_value, rate_value, rate_unit, start, end,
+                                    {"max_ug_min": rate_ug_min, "max_ug_kg_min": rate_ug_kg_min, "max_u_min": rate_u_min, "max_ml": volume_ml})
+        if problem:
+            return Skipped(ref, f"{drug}: {problem} (quarantined, never evidence)")
         bolus = bool(_BOLUS.search(dtext))
         if spec.drug_class == "vasopressor" and point and rate_value is None:
             bolus = True  # a push dose, not an infusion (grading-criteria §1.4)

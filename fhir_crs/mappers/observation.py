@@ -14,6 +14,7 @@ from typing import Any
 from ..events import Event, Finding, Measurement, Skipped
 from ..mapping_files import CodeMap, ObservationKind
 from .common import When, codings, label, parse_datetime, quantity, quantity_units, texts
+from .reasons import classify
 from .status import status_decision
 from .units import CELSIUS, FAHRENHEIT, f_to_c, to_canonical
 
@@ -282,7 +283,8 @@ class ObservationMapper:
             cls, dev_text = self.code_map.devices.match(v_codes, v_texts)
             if cls is None:
                 return Skipped(ref, f"O2 device value not in mappings/devices.toml: {(v_texts or ['(empty)'])[0]!r}")
-            return [Finding(name, start.time, cls, ref, (v_texts or [""])[0], t_end, by_text or dev_text)]
+            indications, _ = classify(self.code_map.reasons, [], v_texts + note_texts)  # "home CPAP", "for airway protection"
+            return [Finding(name, start.time, cls, ref, (v_texts or [""])[0], t_end, by_text or dev_text, indications)]
         if name == "consciousness":
             level = None
             for t in v_texts:

@@ -11,6 +11,7 @@ from typing import Any
 from ..events import ProcedureDone, Skipped
 from ..mapping_files import CodeMap
 from .common import codings, label, parse_datetime, texts
+from .reasons import classify
 from .status import status_decision
 
 _DEVICE_TO_KIND = {
@@ -58,7 +59,9 @@ class ProcedureMapper:
         if end is not None and end < start_w.time:
             return Skipped(ref, "performedPeriod ends before it starts")
         reason_parts: list[str] = []
+        reason_codes: list[tuple[str, str]] = []
         for rc in res.get("reasonCode") or []:
+            reason_codes.extend(codings(rc))
             reason_parts.extend(texts(rc) or [c for _, c in codings(rc)])
         for rr in res.get("reasonReference") or []:
             if isinstance(rr, dict) and isinstance(rr.get("display"), str):
@@ -66,7 +69,10 @@ class ProcedureMapper:
         for n in res.get("note") or []:
             if isinstance(n, dict) and isinstance(n.get("text"), str):
                 reason_parts.append(n["text"])
+        # coded indication first, then text (negation-aware, flagged): mappings/reasons.toml
+        indications, indication_by_text = classify(self.code_map.reasons, reason_codes, reason_parts)
         return ProcedureDone(
             kind=kind, start=start_w.time, end=end, ref=ref, reason="; ".join(reason_parts),
             text=label(res.get("code")), matched_by_text=by_text,
+            indications=indications, indication_by_text=indication_by_text,
         )
