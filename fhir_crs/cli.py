@@ -3,6 +3,7 @@ maps the `FhirCrsError` tree to one-line messages and exit codes (errors.py)."""
 
 from __future__ import annotations
 
+import logging
 import sys
 import traceback
 from pathlib import Path
@@ -13,35 +14,86 @@ import orjson
 from rich.console import Console
 
 from . import __version__
-from .errors import FhirCrsError
+from .errors import EXIT_CODES, FhirCrsError, GradingError
+from .logs import setup_logging
 from .mapping_files import default_mappings_dir
+from .render import make_console
 from .settings import load_settings
+
+log = logging.getLogger("fhir_crs.cli")
+
+
+def _exit_code_help() -> str:
+    return "\b\nExit codes:\n" + "\n".join(f"  {code}  {meaning}" for code, meaning in EXIT_CODES)
+
+
+def _wants(argv: list[str], *names: str) -> bool:
+    """Whether a flag was given anywhere on the command line (before a `--`)."""
+    args = argv[:argv.index("--")] if "--" in argv else argv
+    return any(a in names for a in args)
+
+
+def _json_error(code: str, message: str, exit_code: int) -> None:
+    """With --json, the error is also one JSON object on stdout, for automation."""
+    sys.stdout.buffer.write(orjson.dumps({"error": {"code": code, "message": message, "exit": exit_code}}) + b"\n")
+    sys.stdout.flush()
 
 
 class CrsGroup(click.Group):
-    """Click group with one central error handler."""
+    """Click group with one central error handler: one line on stderr (a traceback only with -v,
+    given before or after the subcommand), and with --json also `{"error": {...}}` on stdout."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        ctx.meta["fhir_crs.argv"] = list(args)
+        return super().parse_args(ctx, args)
 
     def invoke(self, ctx: click.Context) -> Any:
+        argv = ctx.meta.get("fhir_crs.argv", [])
+        verbose = bool(ctx.params.get("verbose")) or _wants(argv, "-v", "--verbose")
+        as_json = _wants(argv, "--json")
+        setup_logging(verbose)
         try:
             return super().invoke(ctx)
         except FhirCrsError as exc:
-            if ctx.params.get("verbose"):
+            if verbose:
                 traceback.print_exc()
             click.echo(f"fhir-crs: error: {exc}", err=True)
+            if as_json:
+                _json_error(exc.code, str(exc), exc.exit_code)
             ctx.exit(exc.exit_code)
+        except click.UsageError as exc:
+            if as_json:
+                _json_error("usage", exc.format_message(), exc.exit_code)
+            raise
+        except (click.exceptions.Exit, click.Abort, KeyboardInterrupt, SystemExit):
+            raise
+        except Exception as exc:  # a bug: one line, the traceback only with -v
+            if verbose:
+                traceback.print_exc()
+            message = f"internal error: {type(exc).__name__}: {exc} (a bug: please report it; -v shows the traceback)"
+            click.echo(f"fhir-crs: error: {message}", err=True)
+            if as_json:
+                _json_error(GradingError.code, message, GradingError.exit_code)
+            ctx.exit(GradingError.exit_code)
+
+
+def verbose_option(f: Any) -> Any:
+    """`-v` after the subcommand too (the group's handler reads it from the command line)."""
+    return click.option("-v", "--verbose", is_flag=True, expose_value=False,
+                        help="Show tracebacks on errors and debug log lines.")(f)
 
 
 def mapping_options(f: Any) -> Any:
     f = click.option("--set", "overrides", multiple=True, metavar="NAME=VALUE",
                      help="Override a grading convention (see mappings/grading.toml).")(f)
     f = click.option("--mappings", "mappings_dir", type=click.Path(file_okay=False, path_type=Path),
-                     default=None, help="Folder of site mapping tables (default: ./mappings of this install or $FHIR_CRS_MAPPINGS).")(f)
-    return f
+                     default=None, help="Folder of site mapping tables (default: the tables shipped with fhir-crs, or $FHIR_CRS_MAPPINGS).")(f)
+    return verbose_option(f)
 
 
-@click.group(cls=CrsGroup, context_settings={"help_option_names": ["-h", "--help"]})
-@click.version_option(__version__, prog_name="fhir-crs")
-@click.option("-v", "--verbose", is_flag=True, help="Show tracebacks on errors.")
+@click.group(cls=CrsGroup, context_settings={"help_option_names": ["-h", "--help"]}, epilog=_exit_code_help())
+@click.version_option(__version__, "-V", "--version", prog_name="fhir-crs")
+@click.option("-v", "--verbose", is_flag=True, help="Show tracebacks on errors and debug log lines.")
 def cli(verbose: bool) -> None:
     """fhir-crs: grade CAR-T cytokine release syndrome (CRS) and ICANS from FHIR R4 data.
 
@@ -51,11 +103,33 @@ def cli(verbose: bool) -> None:
     """
 
 
+def check_output(path: str | Path, what: str) -> None:
+    """An output file path that cannot be written is one clear error (exit 3), found before any work."""
+    from .errors import OutputError
+
+    target = Path(path)
+    if str(path).endswith(("/", "\\")) or target.is_dir():
+        example = "report.csv" if what == "--csv" else "cibmtr-4100.csv"
+        raise OutputError(f"{what} {path} is a folder: give a file name (e.g. {target / example}).")
+    if not target.parent.is_dir():
+        raise OutputError(f"{what} {path}: folder {target.parent} does not exist.")
+
+
+def write_output(path: str | Path, text: str, what: str) -> None:
+    from .errors import OutputError
+
+    check_output(path, what)
+    try:
+        Path(path).write_text(text, encoding="utf-8")
+    except OSError as exc:
+        raise OutputError(f"{what} {path}: cannot write: {exc.strerror or exc}.") from exc
+
+
 @cli.command()
 @click.argument("paths", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object (the grade contract).")
 @click.option("--show-skips", is_flag=True, help="List every skipped resource with its reason.")
-@click.option("--strict", is_flag=True, help="Exit non-zero (7) if any resource was skipped.")
+@click.option("--strict", is_flag=True, help="Exit 7 if a resource of a type fhir-crs grades was skipped (an Encounter or a Claim does not count).")
 @click.option("--series", is_flag=True, help="With --json: add the plotted time series of each case.")
 @mapping_options
 def grade(paths: tuple[Path, ...], as_json: bool, show_skips: bool, strict: bool, series: bool,
@@ -73,6 +147,8 @@ def grade(paths: tuple[Path, ...], as_json: bool, show_skips: bool, strict: bool
     """
     from .pipeline import run_paths
 
+    if series and not as_json:
+        raise click.UsageError("--series needs --json (the plotted series are part of the JSON output).")
     settings = load_settings(mappings_dir or default_mappings_dir(), list(overrides))
     run = run_paths(list(paths), settings, mappings_dir)
     data = run.to_json(series=series)
@@ -80,15 +156,19 @@ def grade(paths: tuple[Path, ...], as_json: bool, show_skips: bool, strict: bool
         sys.stdout.buffer.write(orjson.dumps(data, option=orjson.OPT_INDENT_2) + b"\n")
     else:
         render_out(data, show_skips)
-    if strict and data["skipped"]:
-        click.echo(f"fhir-crs: {len(data['skipped'])} resource(s) skipped (--strict)", err=True)
-        sys.exit(7)
+    if strict:
+        from .events import NOT_A_DATA_PROBLEM
+
+        counted = [s for s in data["skipped"] if s["code"] not in NOT_A_DATA_PROBLEM]
+        if counted:
+            click.echo(f"fhir-crs: {len(counted)} resource(s) of types fhir-crs grades skipped (--strict)", err=True)
+            sys.exit(7)
 
 
 def render_out(data: dict[str, Any], show_skips: bool) -> None:
     from .render import render_run
 
-    render_run(data, Console(), show_skips)
+    render_run(data, make_console(), show_skips)
 
 
 def main() -> None:
@@ -117,6 +197,32 @@ def run_config(ctx_flags: dict[str, Any], config_path: Path | None) -> Any:
     from .config import resolve
 
     return resolve({k: v for k, v in ctx_flags.items() if v is not None}, os.environ, config_path, Path.cwd())
+
+
+def valid_patient_id(value: str) -> str:
+    """A FHIR logical id (`Patient/` prefix tolerated), checked before any request is sent."""
+    from .mappers.common import SAFE_ID
+
+    pid = value.strip().removeprefix("Patient/")
+    if not pid:
+        raise click.BadParameter("is empty: give the logical id of the Patient on the server (e.g. --patient 123).",
+                                 param_hint="'--patient'")
+    if not SAFE_ID.match(pid):
+        raise click.BadParameter(f"{value!r} is not a FHIR logical id (1-64 of A-Z a-z 0-9 - .).", param_hint="'--patient'")
+    return pid
+
+
+def valid_instant(value: str | None, flag: str) -> str | None:
+    """An ISO 8601 date/time for a server search parameter, checked locally (no request sent)."""
+    from .mappers.common import parse_datetime
+
+    if value is None:
+        return None
+    when = parse_datetime(value)
+    if when is None:
+        raise click.BadParameter(f"{value!r} is not an ISO 8601 date or date-time (e.g. 2026-12-02 or 2026-12-02T22:00:00Z).",
+                                 param_hint=f"'{flag}'")
+    return value.strip()
 
 
 def make_client(cfg: Any) -> Any:
@@ -170,6 +276,7 @@ def pull(patient_id: str, server: str | None, config_path: Path | None, auth: st
     """
     from .pipeline import pull_patient
 
+    patient_id = valid_patient_id(patient_id)
     cfg = run_config({"server": server, "auth": auth, "token_file": token_file, "timeout": timeout,
                       "write": write, "mappings": str(mappings_dir) if mappings_dir else None}, config_path)
     settings = load_settings(Path(cfg.mappings) if cfg.mappings else default_mappings_dir(), list(overrides))
@@ -187,7 +294,7 @@ def pull(patient_id: str, server: str | None, config_path: Path | None, auth: st
         return
     from .render import render_timeline
 
-    console = Console()
+    console = make_console()
     for case in data["cases"]:
         render_timeline(case, console)
     render_out(data, show_skips)
@@ -211,12 +318,16 @@ def pull(patient_id: str, server: str | None, config_path: Path | None, auth: st
 @click.option("--bulk", is_flag=True, help="Use Bulk Data $export (Patient or Group level) instead of per-patient searches.")
 @click.option("--json", "as_json", is_flag=True, help="Print the run summary as one JSON object.")
 @click.option("--dry-run", is_flag=True, help="Grade and report, but write nothing (server or state).")
-@click.option("--state", "state_path", default=None, type=click.Path(dir_okay=False), help="SQLite state file (default .fhir-crs/state.sqlite).")
+@click.option("--state", "state_path", default=None, type=click.Path(dir_okay=False),
+              help="SQLite state file (default: state.sqlite in the per-user data folder; the path is printed).")
+@click.option("--lookback-days", type=float, default=None, metavar="DAYS",
+              help="Cohort discovery: CAR-T administrations in the last DAYS days (default 120).")
 @click.option("--workers", type=int, default=None, help="Concurrent patients (reads); writes stay serial per patient.")
 @mapping_options
 def sync(server: str | None, config_path: Path | None, auth: str | None, token_file: str | None, timeout: float | None,
          patients_file: Path | None, group_id: str | None, since: str | None, bulk: bool, as_json: bool, dry_run: bool,
-         state_path: str | None, workers: int | None, mappings_dir: Path | None, overrides: tuple[str, ...]) -> None:
+         state_path: str | None, lookback_days: float | None, workers: int | None, mappings_dir: Path | None,
+         overrides: tuple[str, ...]) -> None:
     """Nightly job: grade the CAR-T cohort of a FHIR server and write back what changed.
 
     \b
@@ -229,17 +340,20 @@ def sync(server: str | None, config_path: Path | None, auth: str | None, token_f
     Example:
       fhir-crs sync --server http://127.0.0.1:8080/fhir --json
     """
-    from .sync import StateStore, select_patients
+    from .sync import StateStore, default_state_path, select_patients
 
     if patients_file and group_id:
         raise click.UsageError("--patients and --group are alternatives; give one.")
+    since = valid_instant(since, "--since")
     cfg = run_config({"server": server, "auth": auth, "token_file": token_file, "timeout": timeout,
-                      "state_path": state_path, "workers": workers,
+                      "state_path": state_path, "workers": workers, "lookback_days": lookback_days,
                       "mappings": str(mappings_dir) if mappings_dir else None}, config_path)
     settings = load_settings(Path(cfg.mappings) if cfg.mappings else default_mappings_dir(), list(overrides))
     client = make_client(cfg)
-    state = StateStore(Path(cfg.state_path), cfg.server)
-    console = Console(stderr=True)
+    store_path = Path(cfg.state_path).expanduser() if cfg.state_path else default_state_path()
+    state = StateStore(store_path, cfg.server)
+    log.info("sync state: %s", store_path)
+    console = make_console(stderr=True)
     try:
         if bulk:
             from .sync import run_bulk
@@ -247,6 +361,8 @@ def sync(server: str | None, config_path: Path | None, auth: str | None, token_f
             summary = run_bulk(client, cfg, settings, state, group_id=group_id, dry_run=dry_run, console=console)
         else:
             patients = select_patients(client, cfg, patients_file, group_id)
+            if not patients:
+                log.warning("%s", empty_cohort_reason(cfg, patients_file, group_id))
             summary = _run_with_progress(client, cfg, settings, state, patients, dry_run, since, console)
     finally:
         state.close()
@@ -256,9 +372,24 @@ def sync(server: str | None, config_path: Path | None, auth: str | None, token_f
     else:
         from .render import render_sync_summary
 
-        render_sync_summary(data, Console())
+        out = make_console()
+        render_sync_summary(data, out)
+        if not data["patients"]:
+            out.print(empty_cohort_reason(cfg, patients_file, group_id), markup=False, highlight=False)
+        out.print(f"State file: {store_path}", markup=False, highlight=False)
     if summary.errors:
         sys.exit(1)
+
+
+def empty_cohort_reason(cfg: Any, patients_file: Path | None, group_id: str | None) -> str:
+    """Why a sync found no patient, and what to change."""
+    if patients_file:
+        return f"0 patients: {patients_file} lists no Patient id."
+    if group_id:
+        return f"0 patients: Group/{group_id} has no Patient members."
+    return (f"0 patients: no CAR-T administration in the last {cfg.lookback_days:g} days on {cfg.server} "
+            "(a Procedure or product MedicationAdministration coded as in the site tables): see --lookback-days, "
+            "or give --patients FILE / --group ID.")
 
 
 def _run_with_progress(client: Any, cfg: Any, settings: Any, state: Any, patients: list[str], dry_run: bool,
@@ -279,7 +410,7 @@ def _run_with_progress(client: Any, cfg: Any, settings: Any, state: Any, patient
             return Sync(client, cfg, settings, state, dry_run=dry_run, since=since, progress=tick).run(patients)
 
     def line(patient: str, done: int, total: int, errors: int) -> None:
-        click.echo(f"fhir-crs sync: {done}/{total} patients done, {errors} error(s)", err=True)
+        log.info("sync: %d/%d patients done, %d error(s)", done, total, errors)
 
     return Sync(client, cfg, settings, state, dry_run=dry_run, since=since, progress=line).run(patients)
 
@@ -300,9 +431,9 @@ def _report_outputs(report: dict[str, Any], cases_series: list[dict[str, Any]], 
         if csv_path == "-":
             sys.stdout.write(text)
         else:
-            Path(csv_path).write_text(text, encoding="utf-8")
+            write_output(csv_path, text, "--csv")
     if cibmtr_path:
-        Path(cibmtr_path).write_text(cibmtr_csv(cibmtr_rows(cases_series)), encoding="utf-8")
+        write_output(cibmtr_path, cibmtr_csv(cibmtr_rows(cases_series)), "--cibmtr")
     if as_json:
         sys.stdout.buffer.write(orjson.dumps(report, option=orjson.OPT_INDENT_2) + b"\n")
     elif csv_path != "-":
@@ -347,6 +478,10 @@ def report(paths: tuple[Path, ...], server: str | None, config_path: Path | None
     """
     from .report import report_from_cases
 
+    if csv_path and csv_path != "-":
+        check_output(csv_path, "--csv")
+    if cibmtr_path:
+        check_output(cibmtr_path, "--cibmtr")
     settings = load_settings(mappings_dir or default_mappings_dir(), list(overrides))
     if paths:
         from .pipeline import run_paths
@@ -364,7 +499,7 @@ def report(paths: tuple[Path, ...], server: str | None, config_path: Path | None
         cases = []
         for pid in patients:
             cases.extend(pull_patient(client, pid, cfg, settings).run.to_json(series=True)["cases"])
-    _report_outputs(report_from_cases(cases, system), cases, as_json, csv_path, html_dir, cibmtr_path, Console())
+    _report_outputs(report_from_cases(cases, system), cases, as_json, csv_path, html_dir, cibmtr_path, make_console())
 
 
 @cli.command()
@@ -372,6 +507,7 @@ def report(paths: tuple[Path, ...], server: str | None, config_path: Path | None
               show_default=True, help="Folder for the server data, state, report and HTML pages.")
 @click.option("--json", "as_json", is_flag=True, help="Print the cohort report object (report contract).")
 @click.option("--seed", type=int, default=None, help="Seed of the synthetic cohort (default: the committed one).")
+@verbose_option
 def demo(out_dir: Path, as_json: bool, seed: int | None) -> None:
     """The whole pipeline on a fresh machine, with no external server.
 
@@ -393,7 +529,7 @@ def demo(out_dir: Path, as_json: bool, seed: int | None) -> None:
     from .sync import StateStore, Sync, discover_cohort
     from .synthetic import DEFAULT_SEED, generate_picu_cohort
 
-    console = Console(stderr=as_json)
+    console = make_console(stderr=as_json)
     out_dir.mkdir(parents=True, exist_ok=True)
     for stale in ("server", "report"):
         shutil.rmtree(out_dir / stale, ignore_errors=True)

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError
+from .textfile import TextFileError, read_text
 
 ENV_PREFIX = "FHIR_CRS_"
 SECRET_KEYS = ("token", "password", "client_secret", "private_key")
@@ -48,7 +49,7 @@ class RunConfig:
     window_after_days: float = 100.0
     identifier_system: str = "urn:fhir-crs:case"
     write: bool = False
-    state_path: str = ".fhir-crs/state.sqlite"
+    state_path: str | None = None  # None: the per-user data directory (sync.default_state_path)
     lookback_days: float = 120.0
     workers: int = 4
     mappings: str | None = None
@@ -93,9 +94,11 @@ def _coerce(name: str, value: Any, where: str) -> Any:
 
 def load_config_file(path: Path) -> dict[str, Any]:
     try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
+        data = tomllib.loads(read_text(path))
     except OSError as exc:
         raise ConfigError(f"Cannot read config file {path}: {exc.strerror or exc}.") from exc
+    except TextFileError as exc:
+        raise ConfigError(f"Config file {exc}") from exc
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"Config file {path} is not valid TOML: {exc}.") from exc
     table = data.get("fhir-crs", data)

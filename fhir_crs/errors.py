@@ -6,12 +6,16 @@
     ├── ConfigError              exit 2   bad settings file / flag / environment value
     ├── MappingFileError         exit 2   a mappings/*.toml file is malformed (names file and key)
     ├── InputError               exit 3   an input path cannot be read (missing, unreadable, empty)
+    ├── OutputError              exit 3   an output path cannot be written (a folder, a missing folder)
     ├── FhirServerError          exit 4   the FHIR server answered with an error
     │   ├── FhirNotFound         exit 4   404 / 410 on a read
     │   ├── FhirAuthError        exit 5   401 / 403
     │   ├── FhirOperationOutcome exit 4   any other 4xx/5xx; keeps the OperationOutcome diagnostics
     │   └── DuplicateTargetError exit 8   >1 server resource carries an identifier fhir-crs writes to
     └── GradingError             exit 6   an internal inconsistency while grading (a bug)
+
+`code` is the stable key of the `{"error": {"code", "message", "exit"}}` object printed with
+`--json`; `EXIT_CODES` is the table `fhir-crs --help` and the README show.
 """
 
 from __future__ import annotations
@@ -21,30 +25,42 @@ class FhirCrsError(Exception):
     """Base class: a failure the user should see as one clear line."""
 
     exit_code = 1
+    code = "error"
 
 
 class ConfigError(FhirCrsError):
     """A setting (flag, environment variable or settings file) is invalid."""
 
     exit_code = 2
+    code = "config"
 
 
 class MappingFileError(FhirCrsError):
     """A mapping table under mappings/ is malformed; the message names file and key."""
 
     exit_code = 2
+    code = "mapping"
 
 
 class InputError(FhirCrsError):
     """An input path cannot be read at all."""
 
     exit_code = 3
+    code = "input"
+
+
+class OutputError(FhirCrsError):
+    """An output path (--csv, --cibmtr, --html, --out) cannot be written."""
+
+    exit_code = 3
+    code = "output"
 
 
 class FhirServerError(FhirCrsError):
     """The FHIR server answered with an error status."""
 
     exit_code = 4
+    code = "server"
 
     def __init__(self, message: str, status: int | None = None, diagnostics: str | None = None):
         super().__init__(message)
@@ -55,11 +71,14 @@ class FhirServerError(FhirCrsError):
 class FhirNotFound(FhirServerError):
     """The resource or search page does not exist (404/410)."""
 
+    code = "not_found"
+
 
 class FhirAuthError(FhirServerError):
     """Authentication or authorisation failed (401/403)."""
 
     exit_code = 5
+    code = "auth"
 
 
 class FhirOperationOutcome(FhirServerError):
@@ -70,6 +89,7 @@ class GradingError(FhirCrsError):
     """Internal inconsistency while grading (should never happen; please report)."""
 
     exit_code = 6
+    code = "internal"
 
 
 class DuplicateTargetError(FhirServerError):
@@ -77,3 +97,18 @@ class DuplicateTargetError(FhirServerError):
     problem on the server, reported and never retried."""
 
     exit_code = 8
+    code = "duplicate_target"
+
+
+# (exit code, meaning): printed by `fhir-crs --help` and copied into the README (a test compares them).
+EXIT_CODES: tuple[tuple[int, str], ...] = (
+    (0, "success"),
+    (1, "sync / demo: at least one patient failed (the summary lists them)"),
+    (2, "bad usage, settings, config or mapping tables"),
+    (3, "an input path yields nothing usable, or an output path cannot be written"),
+    (4, "FHIR server error (unknown patient, unreachable server)"),
+    (5, "authentication failed"),
+    (6, "internal error (a bug: please report it; -v shows the traceback)"),
+    (7, "--strict: a resource of a type fhir-crs grades was skipped"),
+    (8, "two server resources carry one write-back identifier (data quality)"),
+)

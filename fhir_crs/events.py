@@ -13,10 +13,53 @@ from datetime import date, datetime
 
 @dataclass(frozen=True, slots=True)
 class Skipped:
-    """A resource (or file/line) that could not be used, and why."""
+    """A resource (or file/line) that could not be used, and why.
+
+    `reason` is the human text (it may name codes, values, files); `code` is a stable, short
+    machine key that summaries group by (one of `SKIP_CODES`; "other" when none fits).
+    """
 
     resource: str
     reason: str
+    code: str = "other"
+
+
+SKIP_CODES: dict[str, str] = {
+    # input level (sources.py)
+    "empty_file": "empty file",
+    "binary_file": "binary content, not JSON text",
+    "bad_gzip": "gzip data corrupt or truncated",
+    "not_utf8": "text not in UTF-8",
+    "invalid_json": "not valid JSON",
+    "not_a_resource": "JSON value or Bundle entry is not a FHIR resource",
+    "bundle_outcome": "search.mode=outcome Bundle entry (server OperationOutcome)",
+    "no_resource": "Bundle entry without a resource (or resource null)",
+    "unreadable_number": "a number no double can hold (1e309, NaN, Infinity): the resource is unreadable",
+    # resource level (mappers)
+    "unused_type": "resource type not used for grading",
+    "malformed": "structurally malformed resource",
+    "status": "status excludes the resource (entered-in-error, cancelled, …)",
+    "unmapped_code": "code not in the site mapping tables",
+    "unmapped_value": "coded value not in the site mapping tables",
+    "unresolved_reference": "a reference (subject, medication) cannot be resolved",
+    "superseded": "an older version (or copy) of a resource graded in its latest version",
+    "no_time": "no usable date/time",
+    "impossible_time": "an impossible date/time (month 13, day 32, :60, offset beyond 14:00)",
+    "imprecise_time": "date/time too imprecise to place on the timeline",
+    "bad_period": "period ends before it starts",
+    "no_value": "no usable value",
+    "implausible_value": "value outside the plausible range (quarantined)",
+    "unit_error": "unit missing, unknown or inconsistent with the value (quarantined)",
+    "condition_not_used": "Condition not used for grading",
+    "verification_status": "Condition verificationStatus excludes it",
+    # case level (pipeline)
+    "no_infusion": "patient without a CAR-T infusion (day 0): not graded",
+    "other": "other",
+}
+
+# Skips that say nothing about data quality: fhir-crs simply does not read these resources
+# (`--strict` does not count them).
+NOT_A_DATA_PROBLEM = frozenset({"unused_type"})
 
 
 @dataclass(frozen=True, slots=True)

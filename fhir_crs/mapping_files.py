@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import MappingFileError
+from .textfile import TextFileError, read_text
 
 OBSERVATION_KINDS = frozenset(
     {
@@ -167,10 +168,13 @@ class CodeMap:
 
 def _read_toml(path: Path) -> dict[str, Any]:
     try:
-        with path.open("rb") as fh:
-            return tomllib.load(fh)
+        return tomllib.loads(read_text(path))
     except FileNotFoundError as exc:
         raise MappingFileError(f"Mapping file {path} is missing.") from exc
+    except OSError as exc:
+        raise MappingFileError(f"Cannot read mapping file {path}: {exc.strerror or exc}.") from exc
+    except TextFileError as exc:
+        raise MappingFileError(f"Mapping file {exc}") from exc
     except tomllib.TOMLDecodeError as exc:
         raise MappingFileError(f"Could not read {path}: {exc}") from exc
 

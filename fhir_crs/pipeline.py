@@ -60,7 +60,7 @@ class GradeRun:
     def to_json(self, series: bool = False) -> dict[str, Any]:
         return {
             "cases": [c.to_json(self.settings, series) for c in self.cases],
-            "skipped": [{"resource": s.resource, "reason": s.reason} for s in self.skipped],
+            "skipped": [{"resource": s.resource, "reason": s.reason, "code": s.code} for s in self.skipped],
             "resources_read": self.resources,
             "resources_used": self.resources - len(self.skipped),
             "settings": self.settings.as_dict(),
@@ -92,7 +92,7 @@ def grade_mapping(result: MappingResult, settings: GradingSettings, resources: i
             refs = result.sources.get(patient, [])
             n = sum(1 for e in events if not isinstance(e, PatientInfo))
             for ref in refs:
-                skipped.append(Skipped(ref, f"no CAR-T infusion (day 0) found for its patient: {patient}, {n} mapped events not graded"))
+                skipped.append(Skipped(ref, f"no CAR-T infusion (day 0) found for its patient: {patient}, {n} mapped events not graded", "no_infusion"))
         cases.extend(grade_case(tl, settings) for tl in timelines)
     return GradeRun(cases, skipped, settings, resources)
 

@@ -2,11 +2,23 @@
 
 from __future__ import annotations
 
-from collections import Counter
 from typing import Any
 
 from rich.console import Console
 from rich.table import Table
+
+from .events import SKIP_CODES
+
+PIPE_WIDTH = 400  # piped/redirected output: wide enough that no table folds an id or a flag mid-word
+
+
+def make_console(stderr: bool = False) -> Console:
+    """A terminal gets rich's layout at its width; a pipe or file gets long lines that are never
+    wrapped, so ids, references and flags stay whole for grep and for the reader."""
+    console = Console(stderr=stderr)
+    if console.is_terminal:
+        return console
+    return Console(stderr=stderr, width=PIPE_WIDTH, soft_wrap=True)
 
 
 def _when(v: dict[str, Any], key: str) -> str:
@@ -59,15 +71,26 @@ def render_run(data: dict[str, Any], console: Console, show_skips: bool = False)
         n = data["resources_read"]
         console.print(f"{n:,} resource(s) read: {n - len(skipped):,} used, {len(skipped):,} skipped", highlight=False)
     if skipped:
-        reasons = Counter(s["reason"].split(":")[0] for s in skipped)
-        console.print(f"[bold]{len(skipped)} resource(s) skipped[/bold] (use --show-skips for the list):" if not show_skips else f"[bold]{len(skipped)} resource(s) skipped:[/bold]")
-        for reason, n in reasons.most_common(12):
-            console.print(f"  {n:6d}  {reason}")
-        if len(reasons) > 12:
-            console.print(f"  … and {len(reasons) - 12} other reasons")
-        if show_skips:
-            for s in skipped:
-                console.print(f"  {s['resource']}: {s['reason']}", markup=False, highlight=False)
+        render_skip_summary(skipped, console, show_skips)
+
+
+def render_skip_summary(skipped: list[dict[str, Any]], console: Console, show_skips: bool = False) -> None:
+    """Skips grouped by their stable reason code, with what the code means and one example."""
+    by_code: dict[str, list[dict[str, Any]]] = {}
+    for s in skipped:
+        by_code.setdefault(s.get("code") or "other", []).append(s)
+    head = f"{len(skipped)} resource(s) skipped" + (":" if show_skips else " (use --show-skips for the list):")
+    console.print(head, style="bold", markup=False, highlight=False)
+    ranked = sorted(by_code.items(), key=lambda kv: (-len(kv[1]), kv[0]))
+    for code, items in ranked[:12]:
+        example = items[0]["reason"]
+        console.print(f"  {len(items):6d}  {code}: {SKIP_CODES.get(code, code)} (e.g. {example})",
+                      markup=False, highlight=False)
+    if len(ranked) > 12:
+        console.print(f"  … and {len(ranked) - 12} other reason codes", markup=False, highlight=False)
+    if show_skips:
+        for s in skipped:
+            console.print(f"  {s['resource']}: {s['reason']}", markup=False, highlight=False)
 
 
 def render_timeline(case: dict[str, Any], console: Console, limit: int = 80) -> None:
@@ -97,7 +120,7 @@ def render_sync_summary(data: dict[str, Any], console: Console) -> None:
     console.print(table)
     if data["skipped"]:
         console.print("Skipped resources by reason:")
-        for reason, n in sorted(data["skipped"].items(), key=lambda kv: -kv[1])[:15]:
-            console.print(f"  {n:6d}  {reason}", markup=False, highlight=False)
+        for code, n in sorted(data["skipped"].items(), key=lambda kv: (-kv[1], kv[0]))[:15]:
+            console.print(f"  {n:6d}  {code}: {SKIP_CODES.get(code, code)}", markup=False, highlight=False)
     for e in data["errors"]:
         console.print(f"[red]error[/red] {e['patient']}: {e['error']}", highlight=False)

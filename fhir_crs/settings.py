@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError
+from .textfile import TextFileError, read_text
 
 
 def _s(default: Any, tag: str, doc: str) -> Any:
@@ -163,8 +164,8 @@ def load_settings(mappings_dir: Path | None, overrides: list[str] | None = None)
         path = mappings_dir / "grading.toml"
         if path.exists():
             try:
-                data = tomllib.loads(path.read_text(encoding="utf-8"))
-            except (tomllib.TOMLDecodeError, OSError) as exc:
+                data = tomllib.loads(read_text(path))
+            except (tomllib.TOMLDecodeError, OSError, TextFileError) as exc:
                 raise ConfigError(f"Could not read {path}: {exc}") from exc
             unknown = sorted(set(data) - {"conventions"})
             if unknown:

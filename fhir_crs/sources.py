@@ -11,17 +11,21 @@ one naming the resource (`jsonread`, skipped by the mappers). A byte-order mark 
 
 from __future__ import annotations
 
+import gzip
+import zlib
+from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from .errors import InputError
-from .events import Skipped
+from .events import SKIP_CODES, Skipped
 from .jsonread import loads
 
-SUFFIXES_JSON = {".json"}
-SUFFIXES_NDJSON = {".ndjson", ".jsonl"}
+SUFFIXES_JSON = (".json", ".json.gz")
+SUFFIXES_NDJSON = (".ndjson", ".jsonl", ".ndjson.gz", ".jsonl.gz")
+GZIP_MAGIC = b"\x1f\x8b"
 
 
 @dataclass(frozen=True, slots=True)
@@ -34,13 +38,17 @@ class SourceResource:
     bundle_urls: dict[str, tuple[str, str]] | None = None
 
 
+def _is_ndjson(path: Path) -> bool:
+    return path.name.lower().endswith(SUFFIXES_NDJSON)
+
+
 def _files(path: Path) -> list[Path]:
     if not path.exists():
         raise InputError(f"Input path {path} does not exist.")
     if path.is_dir():
         found = sorted(
             p for p in path.rglob("*")
-            if p.is_file() and p.suffix.lower() in SUFFIXES_JSON | SUFFIXES_NDJSON
+            if p.is_file() and p.name.lower().endswith(SUFFIXES_JSON + SUFFIXES_NDJSON)
         )
         return found
     return [path]
@@ -53,20 +61,57 @@ def _read_bytes(path: Path) -> bytes:
         raise InputError(f"Cannot read {path}: {exc.strerror or exc}.") from exc
 
 
+def _decompress(path: Path, data: bytes) -> bytes | Skipped:
+    """The content of a file, gunzipped when it is gzip (by magic bytes, whatever its name)."""
+    if not data.startswith(GZIP_MAGIC):
+        return data
+    try:
+        return gzip.decompress(data)
+    except (OSError, EOFError, zlib.error) as exc:
+        return Skipped(str(path), f"gzip data is corrupt or truncated ({exc})", "bad_gzip")
+
+
+def _not_json_text(path: Path, data: bytes) -> Skipped | None:
+    """An empty or binary file, named as such (not as thousands of 'invalid JSON' lines)."""
+    if not data.strip():
+        return Skipped(str(path), "empty file", "empty_file")
+    head = data[:4096]
+    if head.startswith((b"\xff\xfe", b"\xfe\xff")):
+        return None  # UTF-16 with a byte order mark: decoded by _json_text
+    if b"\x00" in head:
+        return Skipped(str(path), "binary content, not JSON text", "binary_file")
+    return None
+
+
+def _json_text(data: bytes) -> bytes:
+    """FHIR JSON is UTF-8; a byte order mark (UTF-8 or UTF-16, as some editors write) is accepted."""
+    if data.startswith(b"\xef\xbb\xbf"):
+        return data[3:]
+    if data.startswith((b"\xff\xfe", b"\xfe\xff")):
+        return data.decode("utf-16").encode("utf-8")
+    return data
+
+
+def _invalid_json(where: str, exc: Exception) -> Skipped:
+    text = str(exc)
+    hint = " (truncated?)" if "unexpected end" in text.lower() or "eof" in text.lower() else ""
+    return Skipped(where, f"not valid JSON{hint} ({text})", "invalid_json")
+
+
 def _entries(value: Any, origin: str) -> Iterator[SourceResource | Skipped]:
     if isinstance(value, list):
         for i, item in enumerate(value):
             yield from _entries(item, f"{origin}[{i}]")
         return
     if not isinstance(value, dict) or not isinstance(value.get("resourceType"), str):
-        yield Skipped(origin, "JSON value is not a FHIR resource (no resourceType)")
+        yield Skipped(origin, "JSON value is not a FHIR resource (no resourceType)", "not_a_resource")
         return
     if value["resourceType"] != "Bundle":
         yield SourceResource(value, origin)
         return
     raw = value.get("entry") or []
     if not isinstance(raw, list):
-        yield Skipped(origin, "Bundle.entry is not a list")
+        yield Skipped(origin, "Bundle.entry is not a list", "not_a_resource")
         return
     urls: dict[str, tuple[str, str]] = {}
     for e in raw:
@@ -79,7 +124,7 @@ def _entries(value: Any, origin: str) -> Iterator[SourceResource | Skipped]:
     for i, e in enumerate(raw):
         where = f"{origin}#entry[{i}]"
         if not isinstance(e, dict):
-            yield Skipped(where, "Bundle entry is not a JSON object")
+            yield Skipped(where, "Bundle entry is not a JSON object", "not_a_resource")
             continue
         fu = e.get("fullUrl") if isinstance(e.get("fullUrl"), str) and e.get("fullUrl") else None
         r = e.get("resource")
@@ -90,47 +135,103 @@ def _entries(value: Any, origin: str) -> Iterator[SourceResource | Skipped]:
                 what += " (a DELETE entry)"
             elif isinstance(e.get("response"), dict):
                 what += " (a response entry)"
-            yield Skipped(fu or where, f"Bundle entry without a resource: {what}")
+            yield Skipped(fu or where, f"Bundle entry without a resource: {what}", "no_resource")
             continue
         search = e.get("search")
         if isinstance(search, dict) and search.get("mode") == "outcome":
-            yield Skipped(where, "search.mode=outcome entry (server OperationOutcome)")
+            yield Skipped(where, "search.mode=outcome entry (server OperationOutcome)", "bundle_outcome")
             continue
         if isinstance(r, dict) and r.get("resourceType") == "Bundle":
             yield from _entries(r, where)
             continue
         if not isinstance(r, dict) or not isinstance(r.get("resourceType"), str):
-            yield Skipped(fu or where, "Bundle entry is not a FHIR resource")
+            yield Skipped(fu or where, "Bundle entry is not a FHIR resource", "not_a_resource")
             continue
         yield SourceResource(r, where, fu, urls)
 
 
+def _iter_ndjson(f: Path) -> Iterator[SourceResource | Skipped]:
+    """NDJSON streamed line by line (memory stays flat), gunzipped on the fly when gzip."""
+    try:
+        raw = f.open("rb")
+    except OSError as exc:
+        raise InputError(f"Cannot read {f}: {exc.strerror or exc}.") from exc
+    with raw:
+        gzipped = raw.read(2) == GZIP_MAGIC
+
+        def stream() -> Any:
+            raw.seek(0)
+            return gzip.GzipFile(fileobj=raw) if gzipped else raw
+
+        lineno = 0
+        try:
+            head = stream().read(4096)
+            bad = _not_json_text(f, head)
+            if bad is None and head.startswith((b"\xff\xfe", b"\xfe\xff")):
+                bad = Skipped(str(f), "UTF-16 text: NDJSON must be UTF-8", "not_utf8")
+            if bad is not None:
+                yield bad
+                return
+            for lineno, line in enumerate(stream(), 1):
+                if not line.strip():
+                    continue
+                try:
+                    value = loads(line)  # tolerant: BOM on any line, 1e309/NaN mark their resource, lone surrogates
+                except (ValueError, UnicodeDecodeError) as exc:
+                    yield _invalid_json(f"{f}:{lineno}", exc)
+                    continue
+                yield from _entries(value, f"{f}:{lineno}")
+        except (OSError, EOFError, zlib.error) as exc:
+            yield Skipped(f"{f}:{lineno + 1}" if lineno else str(f), f"gzip data is corrupt or truncated ({exc})", "bad_gzip")
+
+
+def _iter_file(f: Path) -> Iterator[SourceResource | Skipped]:
+    if _is_ndjson(f):
+        yield from _iter_ndjson(f)
+        return
+    data = _decompress(f, _read_bytes(f))
+    if isinstance(data, Skipped):
+        yield data
+        return
+    bad = _not_json_text(f, data)
+    if bad is not None:
+        yield bad
+        return
+    try:
+        value = loads(_json_text(data))
+    except (ValueError, UnicodeDecodeError) as exc:
+        yield _invalid_json(str(f), exc)
+        return
+    yield from _entries(value, str(f))
+
+
 def iter_path(path: Path) -> Iterator[SourceResource | Skipped]:
-    """Every resource in one file or directory tree."""
-    for f in _files(path):
-        if f.suffix.lower() in SUFFIXES_NDJSON:
-            try:
-                fh = f.open("rb")
-            except OSError as exc:
-                raise InputError(f"Cannot read {f}: {exc.strerror or exc}.") from exc
-            with fh:
-                for lineno, line in enumerate(fh, 1):
-                    if not line.strip():
-                        continue
-                    try:
-                        value = loads(line)
-                    except ValueError as exc:
-                        yield Skipped(f"{f}:{lineno}", f"not valid JSON ({exc})")
-                        continue
-                    yield from _entries(value, f"{f}:{lineno}")
-        else:
-            data = _read_bytes(f)
-            try:
-                value = loads(data)
-            except ValueError as exc:
-                yield Skipped(str(f), f"not valid JSON ({exc})")
-                continue
-            yield from _entries(value, str(f))
+    """Every resource in one file or directory tree.
+
+    A path that yields no resource at all (an empty or binary file, truncated or corrupt JSON or
+    gzip, a folder with no FHIR files or only unusable ones) raises `InputError` naming the path
+    and the reason, after its skips were yielded."""
+    files = _files(path)
+    resources = 0
+    problems: list[Skipped] = []
+    for f in files:
+        for item in _iter_file(f):
+            if isinstance(item, Skipped):
+                problems.append(item)
+            else:
+                resources += 1
+            yield item
+    if resources:
+        return
+    if not files:
+        raise InputError(f"{path}: no FHIR files in this folder (*.json, *.ndjson, *.jsonl, optionally .gz).")
+    if len(problems) == 1 and len(files) == 1:
+        raise InputError(f"{path}: no usable FHIR resource: {problems[0].reason}.")
+    if not problems:
+        raise InputError(f"{path}: no FHIR resource in " + ("this file." if path.is_file() else f"any of its {len(files)} files."))
+    counts = Counter(p.code for p in problems)
+    what = ", ".join(f"{n} {SKIP_CODES.get(c, c)}" for c, n in counts.most_common())
+    raise InputError(f"{path}: no usable FHIR resource in {len(files)} file(s): {what}.")
 
 
 def iter_paths(paths: Iterable[Path]) -> Iterator[SourceResource | Skipped]:

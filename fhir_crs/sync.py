@@ -57,6 +57,14 @@ CREATE TABLE IF NOT EXISTS bulk_state (
 """
 
 
+def default_state_path() -> Path:
+    """`state.sqlite` in the per-user data folder (e.g. ~/.local/share/fhir-crs on Linux), not the
+    current folder, so that runs from different folders share one state."""
+    import platformdirs
+
+    return platformdirs.user_data_path("fhir-crs", appauthor=False) / "state.sqlite"
+
+
 class StateStore:
     """SQLite state of the nightly sync (one file; safe to delete: the next run starts over)."""
 
@@ -149,11 +157,6 @@ class SyncSummary:
             "errors": self.errors, "requests": self.requests, "seconds": round(self.seconds, 3),
             "resumed_after_interruption": self.resumed,
         }
-
-
-def _reason_key(reason: str) -> str:
-    """Group skip reasons ('code not in mappings/observations.toml: Body Height' -> before ':')."""
-    return reason.split(":", 1)[0].strip()
 
 
 def cart_codes(code_map: CodeMap) -> tuple[list[str], list[str]]:
@@ -302,7 +305,7 @@ class Sync:
             self.summary.cases.extend(case_json)
             self.summary.graded_cases.extend(cases)
             for s in skipped:
-                self.summary.skipped[_reason_key(s.reason)] += 1
+                self.summary.skipped[s.code] += 1
         new_hash = _result_hash(case_json)
         if prior is not None and prior.get("result_hash") == new_hash:
             self._count(unchanged=1)
@@ -363,7 +366,7 @@ def run_bulk(client: Any, cfg: Any, settings: GradingSettings, state: StateStore
         mapper = ResourceMapper(sync.code_map)
         for rtype, item in items:
             if rtype is None:
-                mapper.add(Skipped(str(item), "unusable NDJSON line"))
+                mapper.add(Skipped(str(item), "unusable NDJSON line", "invalid_json"))
             else:
                 mapper.add(SourceResource(item, f"bulk:{rtype}"))
         for ref in mapper.missing_medications():
@@ -373,7 +376,7 @@ def run_bulk(client: Any, cfg: Any, settings: GradingSettings, state: StateStore
                 log.warning("%s referenced by a MedicationAdministration could not be read: %s", ref, exc)
         graded = grade_mapping(mapper.finish(), settings, mapper.count)
         for s in graded.skipped:
-            sync.summary.skipped[_reason_key(s.reason)] += 1
+            sync.summary.skipped[s.code] += 1
         by_patient: dict[str, list[Any]] = {}
         for case in graded.cases:
             by_patient.setdefault(case.timeline.patient.split("/", 1)[1], []).append(case)

@@ -154,3 +154,8 @@ def vitals_baseline(until_h: float = 120, every: float = 4, start: float = -12, 
             out += [temp(h, t, pid=pid), bp(h, sbp, pid=pid)]
         h += every
     return out
+
+
+def unused(rtype: str, pid: str = "p1") -> dict[str, Any]:
+    """A resource of a type fhir-crs does not read (Encounter, Claim, …)."""
+    return {"resourceType": rtype, "id": _id(rtype.lower()), "status": "finished", "subject": {"reference": f"Patient/{pid}"}}

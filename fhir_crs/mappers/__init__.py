@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..events import Event, MappingResult, Skipped
-from ..jsonread import UNREADABLE, unreadable
+from ..jsonread import unreadable
 from ..mapping_files import CodeMap
 from ..sources import SourceResource
 from .common import SAFE_ID, datetime_problem, parse_datetime, reference_target, split_reference
@@ -118,8 +118,8 @@ class ResourceMapper:
         self.count = 0  # items read: resources and unreadable files/lines/entries
         self.mapped = 0  # after finish(): resources used (count == mapped + len(result.skipped))
 
-    def skip(self, where: str, reason: str) -> None:
-        self._source_skips.append(Skipped(where, reason))
+    def skip(self, where: str, reason: str, code: str = "other") -> None:
+        self._source_skips.append(Skipped(where, reason, code))
 
     def _patient_of(self, src: SourceResource) -> tuple[str | None, str]:
         """(Patient/id, or None with the reason)."""
@@ -164,7 +164,7 @@ class ResourceMapper:
         except (TypeError, ValueError, AttributeError, KeyError, IndexError, OverflowError, RecursionError) as exc:
             # Structurally invalid FHIR (a list where a string belongs, …): a named skip, never a crash.
             kept = _Kept(key, version, cited)
-            kept.skipped = Skipped(ref, f"malformed resource ({type(exc).__name__}: {str(exc)[:120]})")
+            kept.skipped = Skipped(ref, f"malformed resource ({type(exc).__name__}: {str(exc)[:120]})", "malformed")
         if old is not None:
             self._superseded.append((ref, old.version, old.ref))
             if old.medication is not None:
@@ -184,14 +184,18 @@ class ResourceMapper:
         r = src.resource
         rtype = r["resourceType"]
         ref = kept.ref
-        bad = unreadable(r) or bad_datetime(r)
-        if bad is not None and (rtype in _GRADED_TYPES or rtype == "Medication" or UNREADABLE in r):
-            kept.skipped = Skipped(ref, bad)
+        number = unreadable(r)
+        if number is not None:
+            kept.skipped = Skipped(ref, number, "unreadable_number")
+            return
+        bad = bad_datetime(r)
+        if bad is not None and (rtype in _GRADED_TYPES or rtype == "Medication"):
+            kept.skipped = Skipped(ref, bad, "impossible_time")
             return
         if rtype == "Medication":
-            why, _ = status_decision(r)
+            why, _, code = status_decision(r)
             if why:
-                kept.skipped = Skipped(ref, why)
+                kept.skipped = Skipped(ref, why, code)
                 return
             kept.medication = (src.full_url, r)  # consumed by the MedicationAdministrations that reference it
             return
@@ -200,11 +204,11 @@ class ResourceMapper:
             kept.events.append(map_patient(r, ref, kept.flags))
             return
         if rtype not in _GRADED_TYPES:
-            kept.skipped = Skipped(ref, f"resource type {rtype} is not used for grading")
+            kept.skipped = Skipped(ref, f"resource type {rtype} is not used for grading", "unused_type")
             return
         patient, why = self._patient_of(src)
         if patient is None:
-            kept.skipped = Skipped(ref, why)
+            kept.skipped = Skipped(ref, why, "unresolved_reference")
             return
         kept.patient = patient
         if rtype == "Observation":
@@ -243,7 +247,7 @@ class ResourceMapper:
         try:
             out = self.meds.map(src.resource, kept.ref, kept.flags, lambda t: self._resolve(src, t))
         except (TypeError, ValueError, AttributeError, KeyError, IndexError, OverflowError) as exc:
-            out = Skipped(kept.ref, f"malformed resource ({type(exc).__name__}: {str(exc)[:120]})")
+            out = Skipped(kept.ref, f"malformed resource ({type(exc).__name__}: {str(exc)[:120]})", "malformed")
         if isinstance(out, Skipped):
             kept.skipped = out
         else:
@@ -279,7 +283,7 @@ class ResourceMapper:
                 why = f"superseded by version {winner.version}"
             else:
                 why = "superseded by a later copy of the same resource in the input"
-            result.skipped.append(Skipped(cited if version is not None else ref, why))
+            result.skipped.append(Skipped(cited if version is not None else ref, why, "superseded"))
         self._superseded = []
         self.mapped += sum(1 for k in self._kept.values() if k.skipped is None)
         for kept in sorted(self._kept.values(), key=lambda k: k.key[2]):  # input order of the winning copies

@@ -26,10 +26,10 @@ class ConditionMapper:
     def map(self, res: dict[str, Any], ref: str, flags: set[str]) -> Finding | Skipped:
         name, by_text = self.code_map.observation_table.match(codings(res.get("code")), texts(res.get("code")))
         if name not in CONDITION_KINDS:
-            return Skipped(ref, f"Condition not used for grading: {label(res.get('code'))}")
-        why, _ = status_decision(res)
+            return Skipped(ref, f"Condition not used for grading: {label(res.get('code'))}", "condition_not_used")
+        why, _, code = status_decision(res)
         if why:
-            return Skipped(ref, why)
+            return Skipped(ref, why, code)
         when = None
         for key in ("onsetDateTime", "recordedDate"):
             if key in res:
@@ -38,9 +38,9 @@ class ConditionMapper:
         if when is None and isinstance(res.get("onsetPeriod"), dict):
             when = parse_datetime(res["onsetPeriod"].get("start"))
         if when is None:
-            return Skipped(ref, "no onset or recorded date/time")
+            return Skipped(ref, "no onset or recorded date/time", "no_time")
         if when.precision != "time":
-            return Skipped(ref, f"{name}: onset has {when.precision} precision only")
+            return Skipped(ref, f"{name}: onset has {when.precision} precision only", "imprecise_time")
         if when.tz_assumed:
             flags.add("timezone_assumed")
         text = " ".join(texts(res.get("code")) + [n.get("text", "") for n in res.get("note") or [] if isinstance(n, dict)])

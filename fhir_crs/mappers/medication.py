@@ -92,9 +92,9 @@ class MedicationMapper:
         self, res: dict[str, Any], ref: str, flags: set[str],
         resolve: Callable[[str], dict[str, Any] | None],
     ) -> DrugGiven | Skipped:
-        why, flag = status_decision(res)
+        why, flag, code = status_decision(res)
         if why:
-            return Skipped(ref, why)
+            return Skipped(ref, why, code)
         if flag:
             flags.add(flag)
         med: dict[str, Any] | None = None
@@ -108,11 +108,11 @@ class MedicationMapper:
             if isinstance(target, str):
                 med = resolve(target)
                 if med is None and not mref.get("display"):
-                    return Skipped(ref, f"medicationReference {target} cannot be resolved (not contained, not in the input)")
+                    return Skipped(ref, f"medicationReference {target} cannot be resolved (not contained, not in the input)", "unresolved_reference")
             if isinstance(mref.get("display"), str):
                 extra.append(mref["display"])
         else:
-            return Skipped(ref, "no medication[x]")
+            return Skipped(ref, "no medication[x]", "unmapped_code")
         if med:
             concepts.append(med.get("code"))
             for ing in med.get("ingredient") or []:
@@ -124,7 +124,7 @@ class MedicationMapper:
         drug, by_text = self.identify(concepts, extra)
         if drug is None:
             what = label(concepts[0]) if concepts and concepts[0] else (extra[0] if extra else "(no code)")
-            return Skipped(ref, f"medication not in mappings/medications.toml: {what}")
+            return Skipped(ref, f"medication not in mappings/medications.toml: {what}", "unmapped_code")
         spec = self.code_map.drugs[drug]
 
         if "effectiveDateTime" in res:
@@ -133,16 +133,16 @@ class MedicationMapper:
             p = res["effectivePeriod"]
             start_w, end_w, point = parse_datetime(p.get("start")), parse_datetime(p.get("end")), False
         else:
-            return Skipped(ref, "no effective[x]")
+            return Skipped(ref, "no effective[x]", "no_time")
         if start_w is None:
-            return Skipped(ref, "effective time missing or unreadable")
+            return Skipped(ref, "effective time missing or unreadable", "no_time")
         if start_w.precision != "time":
-            return Skipped(ref, f"effective time has {start_w.precision} precision only")
+            return Skipped(ref, f"effective time has {start_w.precision} precision only", "imprecise_time")
         if start_w.tz_assumed:
             flags.add("timezone_assumed")
         start, end = start_w.time, end_w.time if end_w else None
         if end is not None and end < start:
-            return Skipped(ref, "effectivePeriod ends before it starts")
+            return Skipped(ref, "effectivePeriod ends before it starts", "bad_period")
         if end is None:
             # Cerner: infusions are charted at one instant with the duration in an extension.
             for ext in res.get("extension") or []:
@@ -208,7 +208,7 @@ class MedicationMapper:
         problem = self._implausible(spec.drug_class, dose_value, rate_value, rate_unit, start, end,
                                     {"max_ug_min": rate_ug_min, "max_ug_kg_min": rate_ug_kg_min, "max_u_min": rate_u_min, "max_ml": volume_ml})
         if problem:
-            return Skipped(ref, f"{drug}: {problem} (quarantined, never evidence)")
+            return Skipped(ref, f"{drug}: {problem} (quarantined, never evidence)", "implausible_value")
         bolus = bool(_BOLUS.search(dtext))
         if spec.drug_class == "vasopressor" and point and rate_value is None:
             bolus = True  # a push dose, not an infusion (grading-criteria §1.4)

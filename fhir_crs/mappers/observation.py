@@ -149,26 +149,28 @@ class ObservationMapper:
         return (self.code_map.observations[name] if name else None), by_text
 
     def map(self, res: dict[str, Any], ref: str, flags: set[str]) -> list[Event] | Skipped:
-        why, flag = status_decision(res)
+        why, flag, code = status_decision(res)
         if why:
-            return Skipped(ref, why)
+            return Skipped(ref, why, code)
         if flag:
             flags.add(flag)
         kind, by_text = self.match_kind(res.get("code"))
         components = [c for c in res.get("component") or [] if isinstance(c, dict)]
         if kind is None and not components:
-            return Skipped(ref, f"code not in mappings/observations.toml: {label(res.get('code'))}")
+            return Skipped(ref, f"code not in mappings/observations.toml: {label(res.get('code'))}", "unmapped_code")
         start, end = effective_time(res)
         if start is None:
-            return Skipped(ref, "no effective time (effective[x] missing or unreadable)")
+            return Skipped(ref, "no effective time (effective[x] missing or unreadable)", "no_time")
         if start.tz_assumed:
             flags.add("timezone_assumed")
         events: list[Event] = []
         reasons: list[str] = []
+        codes: list[str] = []
         if kind is not None and kind.value != "components":
             out = self._one(kind, res, ref, start, end, by_text, flags)
             if isinstance(out, Skipped):
                 reasons.append(out.reason)
+                codes.append(out.code)
             else:
                 events.extend(out)
         for comp in components:
@@ -178,15 +180,16 @@ class ObservationMapper:
             out = self._one(ck, comp, ref, start, end, by_text or c_text, flags)
             if isinstance(out, Skipped):
                 reasons.append(f"component {ck.name}: {out.reason}")
+                codes.append(out.code)
             else:
                 events.extend(out)
         if events:
             return events
         if reasons:
-            return Skipped(ref, "; ".join(reasons))
+            return Skipped(ref, "; ".join(reasons), codes[0])
         if kind is not None and kind.value == "components":
-            return Skipped(ref, f"{kind.name} without usable components")
-        return Skipped(ref, f"code not in mappings/observations.toml: {label(res.get('code'))}")
+            return Skipped(ref, f"{kind.name} without usable components", "no_value")
+        return Skipped(ref, f"code not in mappings/observations.toml: {label(res.get('code'))}", "unmapped_code")
 
     def _one(
         self, kind: ObservationKind, res: dict[str, Any], ref: str, start: When, end: When | None,
@@ -198,17 +201,17 @@ class ObservationMapper:
             if kind.name in ("ice_score", "capd_score", "cartox10_score"):
                 # "unable to perform" the assessment is itself an ICANS finding.
                 return [Finding("unable_" + kind.name, start.time, "unable", ref, label(res["dataAbsentReason"]), matched_by_text=by_text)]
-            return Skipped(ref, f"no value (dataAbsentReason: {label(res['dataAbsentReason'])})")
+            return Skipped(ref, f"no value (dataAbsentReason: {label(res['dataAbsentReason'])})", "no_value")
         num = _numeric_value(res)
         if num is None:
             if kind.name in ("ice_score", "capd_score", "cartox10_score"):
                 _, ts = _value_texts(res)
                 if ts and re.search(r"unable|not (able|possible)|cannot", " ".join(ts), re.IGNORECASE):
                     return [Finding("unable_" + kind.name, start.time, "unable", ref, ts[0], matched_by_text=by_text)]
-            return Skipped(ref, f"{kind.name}: no numeric value")
+            return Skipped(ref, f"{kind.name}: no numeric value", "no_value")
         value, spellings = num
         if start.precision != "time" and kind.group != "lab":
-            return Skipped(ref, f"{kind.name}: effective time has {start.precision} precision only")
+            return Skipped(ref, f"{kind.name}: effective time has {start.precision} precision only", "imprecise_time")
         raw_value, raw_unit = value, None
         if kind.name == "temperature":
             out = self._temperature(value, spellings, ref, flags)
@@ -229,13 +232,13 @@ class ObservationMapper:
                 spellings = ["/uL"]
             conv, raw_unit, note = to_canonical(kind, value, spellings, self.code_map)
             if conv is None:
-                return Skipped(ref, f"{kind.name}: {note}")
+                return Skipped(ref, f"{kind.name}: {note}", "unit_error")
             if note:
                 flags.add(note)
             factor = conv / value if value else 1.0
             value = conv
         if (kind.min is not None and value < kind.min) or (kind.max is not None and value > kind.max):
-            return Skipped(ref, f"{kind.name}: implausible value {raw_value:g} {raw_unit or ''}".rstrip() + " (quarantined)")
+            return Skipped(ref, f"{kind.name}: implausible value {raw_value:g} {raw_unit or ''}".rstrip() + " (quarantined)", "implausible_value")
         lln = uln = None
         if kind.group == "lab":
             f = factor if kind.name != "temperature" else 1.0
@@ -254,26 +257,26 @@ class ObservationMapper:
         if unit == FAHRENHEIT:
             if value < 50:
                 flags.add("unit_error")
-                return Skipped(ref, f"temperature {value:g} in a °F field is implausible (< 50 °F): unit error, quarantined")
+                return Skipped(ref, f"temperature {value:g} in a °F field is implausible (< 50 °F): unit error, quarantined", "unit_error")
             if not 77 <= value <= 113:
-                return Skipped(ref, f"temperature {value:g} °F outside 77–113 °F: quarantined")
+                return Skipped(ref, f"temperature {value:g} °F outside 77–113 °F: quarantined", "implausible_value")
             return f_to_c(value), FAHRENHEIT, None
         if unit == CELSIUS:
             if 77 <= value <= 113:
                 flags.add("unit_error")
-                return Skipped(ref, f"temperature {value:g} in a °C field looks like °F: unit error, quarantined")
+                return Skipped(ref, f"temperature {value:g} in a °C field looks like °F: unit error, quarantined", "unit_error")
             return value, CELSIUS, None
         if not unit:
             if 25 <= value <= 45:
                 return value, CELSIUS, "unit_assumed"
-            return Skipped(ref, f"temperature {value:g} without a unit is not plausible as °C: quarantined")
-        return Skipped(ref, f"temperature unit '{spellings[0]}' is not °C or °F")
+            return Skipped(ref, f"temperature {value:g} without a unit is not plausible as °C: quarantined", "unit_error")
+        return Skipped(ref, f"temperature unit '{spellings[0]}' is not °C or °F", "unit_error")
 
     def _finding(
         self, kind: ObservationKind, res: dict[str, Any], ref: str, start: When, end: When | None, by_text: bool
     ) -> list[Event] | Skipped:
         if start.precision != "time" and kind.name not in ("cause_of_death", "hemophagocytosis", "blood_culture"):
-            return Skipped(ref, f"{kind.name}: effective time has {start.precision} precision only")
+            return Skipped(ref, f"{kind.name}: effective time has {start.precision} precision only", "imprecise_time")
         v_codes, v_texts = _value_texts(res)
         code_texts = texts(res.get("code"))
         note_texts = [n.get("text", "") for n in res.get("note") or [] if isinstance(n, dict)]
@@ -282,7 +285,7 @@ class ObservationMapper:
         if name == "o2_device":
             cls, dev_text = self.code_map.devices.match(v_codes, v_texts)
             if cls is None:
-                return Skipped(ref, f"O2 device value not in mappings/devices.toml: {(v_texts or ['(empty)'])[0]!r}")
+                return Skipped(ref, f"O2 device value not in mappings/devices.toml: {(v_texts or ['(empty)'])[0]!r}", "unmapped_value")
             indications, _ = classify(self.code_map.reasons, [], v_texts + note_texts)  # "home CPAP", "for airway protection"
             return [Finding(name, start.time, cls, ref, (v_texts or [""])[0], t_end, by_text or dev_text, indications)]
         if name == "consciousness":
@@ -292,7 +295,7 @@ class ObservationMapper:
                 if level:
                     break
             if level is None:
-                return Skipped(ref, f"level of consciousness value not recognised: {(v_texts or ['(empty)'])[0]!r}")
+                return Skipped(ref, f"level of consciousness value not recognised: {(v_texts or ['(empty)'])[0]!r}", "unmapped_value")
             return [Finding(name, start.time, level, ref, v_texts[0], t_end, by_text)]
         all_text = " ".join(v_texts + note_texts)
         if name == "seizure":

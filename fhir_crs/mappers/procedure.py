@@ -27,9 +27,9 @@ class ProcedureMapper:
         self.code_map = code_map
 
     def map(self, res: dict[str, Any], ref: str, flags: set[str]) -> ProcedureDone | Skipped:
-        why, flag = status_decision(res)
+        why, flag, code = status_decision(res)
         if why:
-            return Skipped(ref, why)
+            return Skipped(ref, why, code)
         if flag:
             flags.add(flag)
         kind, by_text = self.code_map.procedures.match(codings(res.get("code")), texts(res.get("code")))
@@ -38,7 +38,7 @@ class ProcedureMapper:
             if dev in _DEVICE_TO_KIND and kind in (None, "nasal_cannula", "face_mask"):
                 kind, by_text = _DEVICE_TO_KIND[dev], by_text
         if kind is None:
-            return Skipped(ref, f"code not in mappings/procedures.toml: {label(res.get('code'))}")
+            return Skipped(ref, f"code not in mappings/procedures.toml: {label(res.get('code'))}", "unmapped_code")
         if "performedDateTime" in res:
             start_w, end_w = parse_datetime(res["performedDateTime"]), None
         elif isinstance(res.get("performedPeriod"), dict):
@@ -46,18 +46,18 @@ class ProcedureMapper:
             start_w, end_w = parse_datetime(p.get("start")), parse_datetime(p.get("end"))
         elif any(k.startswith("performed") for k in res):
             key = next(k for k in res if k.startswith("performed"))
-            return Skipped(ref, f"{key} is not a date/time (cannot place it on the timeline)")
+            return Skipped(ref, f"{key} is not a date/time (cannot place it on the timeline)", "no_time")
         else:
-            return Skipped(ref, "no performed[x]")
+            return Skipped(ref, "no performed[x]", "no_time")
         if start_w is None:
-            return Skipped(ref, "performed time missing or unreadable")
+            return Skipped(ref, "performed time missing or unreadable", "no_time")
         if start_w.precision != "time":
-            return Skipped(ref, f"performed time has {start_w.precision} precision only")
+            return Skipped(ref, f"performed time has {start_w.precision} precision only", "imprecise_time")
         if start_w.tz_assumed:
             flags.add("timezone_assumed")
         end = end_w.time if end_w else None
         if end is not None and end < start_w.time:
-            return Skipped(ref, "performedPeriod ends before it starts")
+            return Skipped(ref, "performedPeriod ends before it starts", "bad_period")
         reason_parts: list[str] = []
         reason_codes: list[tuple[str, str]] = []
         for rc in res.get("reasonCode") or []:

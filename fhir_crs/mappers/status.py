@@ -63,6 +63,7 @@ def normalise(code: str) -> str:
 
 
 def _decide(table: dict[str, str], raw: Any, field: str) -> tuple[str | None, str | None]:
+    """(skip reason, flag)."""
     if raw is None:
         return None, None
     if not isinstance(raw, str):
@@ -79,8 +80,8 @@ def _decide(table: dict[str, str], raw: Any, field: str) -> tuple[str | None, st
     return None, None
 
 
-def status_decision(res: dict[str, Any]) -> tuple[str | None, str | None]:
-    """(skip reason, flag) for a resource's status; both None when it is simply used."""
+def status_decision(res: dict[str, Any]) -> tuple[str | None, str | None, str]:
+    """(skip reason, flag, skip code) for a resource's status; reason and flag None when it is used."""
     rtype = res.get("resourceType")
     if rtype == "Condition":
         for field, table in (("verificationStatus", _CONDITION_VERIFICATION), ("clinicalStatus", _CONDITION_CLINICAL)):
@@ -92,9 +93,9 @@ def status_decision(res: dict[str, Any]) -> tuple[str | None, str | None]:
                 continue
             why, _ = _decide(table, codes[0], field)
             if why:
-                return why, None
-        return None, None
+                return why, None, "verification_status" if field == "verificationStatus" else "status"
+        return None, None, "status"
     table = _RULES.get(str(rtype))
     if table is None:
-        return None, None
-    return _decide(table, res.get("status"), "status")
+        return None, None, "status"
+    return (*_decide(table, res.get("status"), "status"), "status")
