@@ -59,7 +59,7 @@ SKIP_CODES: dict[str, str] = {
 
 # Skips that say nothing about data quality: fhir-crs simply does not read these resources
 # (`--strict` does not count them).
-NOT_A_DATA_PROBLEM = frozenset({"unused_type"})
+NOT_A_DATA_PROBLEM = frozenset({"unused_type", "superseded"})  # an older copy is normal in incremental pulls
 
 
 @dataclass(frozen=True, slots=True)

@@ -229,7 +229,9 @@ def _build(
         t = e.time if isinstance(e, Measurement | Finding) else e.start
         if not keep(t):
             continue
-        if e.matched_by_text or (isinstance(e, ProcedureDone) and e.indication_by_text):
+        if e.matched_by_text or (isinstance(e, ProcedureDone) and e.indication_by_text) or (
+            isinstance(e, DrugGiven) and "bolus_by_indication_text" in e.notes
+        ):
             tl.text_matched.add(e.ref)  # recognised (or its indication decided) by text, not a code
         last = max(last, t)
         if isinstance(e, Measurement):

@@ -160,7 +160,7 @@ def test_evidence_names_the_version_used_and_fits_the_contract():
     jsonschema.validate(out, SCHEMA)
     astct = out["cases"][0]["crs"]["astct"]
     assert f"Observation/{t['id']}/_history/2" in astct["evidence"]
-    assert {"resource": f"Observation/{t['id']}/_history/1", "reason": "superseded by version 2"} in out["skipped"]
+    assert {"resource": f"Observation/{t['id']}/_history/1", "reason": "superseded by version 2", "code": "superseded"} in out["skipped"]
 
 
 def _bundle(resources: list[dict[str, Any]]) -> dict[str, Any]:
@@ -243,6 +243,34 @@ def test_home_baseline_reason_is_negation_aware(text, home):
             obs("59408-5", 29, 86, "%"), cpap]
     astct = grade_resources(rows).to_json()["cases"][0]["crs"]["astct"]
     assert astct["grade"] == (1 if home else 4)
+
+
+def _fluid_case(reason: dict[str, Any] | None, dosage_text: str | None = None) -> dict[str, Any]:
+    fluid = med("313002", 30.2, 30.5, dose=100, dose_unit="mL", dosage_text=dosage_text)  # below the 250 mL bolus volume
+    if reason is not None:
+        fluid["reasonCode"] = [reason]
+    rows = [patient(), cart(0), obs("29463-7", -12, 70, "kg"), *vitals_baseline(120, skip=set(map(float, FEVER_H))),
+            *[temp(h, 39.0) for h in FEVER_H], bp(30, 82), fluid]
+    return grade_resources(rows).to_json()["cases"][0]["crs"]["astct"]
+
+
+@pytest.mark.parametrize(("reason", "dosage_text", "treated", "by_text"), [
+    ({"coding": [{"system": "http://hl7.org/fhir/sid/icd-10-cm", "code": "I95.9"}]}, None, True, False),
+    ({"coding": [{"system": "http://hl7.org/fhir/sid/icd-10-cm", "code": "I95.9"}], "text": "maintenance"}, None, True, False),
+    ({"text": "fluid resuscitation for hypotension"}, None, True, True),
+    ({"text": "not for hypotension, maintenance"}, None, False, False),
+    ({"text": "no shock"}, None, False, False),
+    (None, "500 mL bolus", True, False),
+    (None, "not a bolus: carrier fluid", False, False),
+    (None, None, False, False),
+])
+def test_fluids_for_hypotension_coded_first_negation_aware(reason, dosage_text, treated, by_text):
+    """One low SBP counts as hypotension only when treated (§1.3): a fluid treats it when it is a
+    bolus — by volume, by an affirmed 'bolus', or given FOR hypotension (coded reason first)."""
+    astct = _fluid_case(reason, dosage_text)
+    assert astct["grade"] == (2 if treated else 1), astct["criteria"][-2:]
+    if treated:
+        assert ("matched_by_text" in astct["flags"]) is by_text
 
 
 # ---- 4. a severe second episode counts by default ---------------------------------------------
@@ -415,13 +443,16 @@ def test_bundle_entries_without_a_resource_are_counted_skips(tmp_path, entry, wh
 
 
 def test_a_file_that_cannot_be_parsed_is_one_skip_naming_the_file(tmp_path):
+    """In a folder, an unparsable file is one skip; named alone on the command line it is exit 3
+    (issue 14: an input path that yields nothing)."""
     good = tmp_path / "good.json"
     good.write_text(json.dumps(_bundle(base())))
     bad = tmp_path / "broken.json"
     bad.write_text(json.dumps(_bundle(base()))[:-200])
-    out = grade_paths([good, bad])
+    out = grade_paths([tmp_path])
     accounted(out)
-    assert [s for s in out["skipped"] if s["resource"] == str(bad)] == [{"resource": str(bad), "reason": out["skipped"][-1]["reason"]}]
+    (s,) = [s for s in out["skipped"] if s["resource"] == str(bad)]
+    assert s["code"] == "invalid_json" and len(out["skipped"]) == len(grade_paths([good])["skipped"]) + 1
     assert grades(out) == grades(grade_paths([good]))
 
 

@@ -16,6 +16,7 @@ from typing import Any
 from ..events import DrugGiven, Skipped
 from ..mapping_files import CodeMap
 from .common import codings, label, parse_datetime, quantity, texts
+from .reasons import affirmed, classify
 from .status import status_decision
 
 _IV = re.compile(r"\b(IV|intravenous|i\.v\.|intra-?venous|infusion|central line|peripheral line)\b", re.IGNORECASE)
@@ -209,7 +210,16 @@ class MedicationMapper:
                                     {"max_ug_min": rate_ug_min, "max_ug_kg_min": rate_ug_kg_min, "max_u_min": rate_u_min, "max_ml": volume_ml})
         if problem:
             return Skipped(ref, f"{drug}: {problem} (quarantined, never evidence)", "implausible_value")
-        bolus = bool(_BOLUS.search(dtext))
+        bolus = affirmed(_BOLUS, dtext)  # "not a bolus" / "no bolus" is not one
+        if spec.drug_class == "fluid":
+            # a fluid given FOR hypotension is a bolus: coded reasonCode first, then text (flagged)
+            codes_ = [c for rc in res.get("reasonCode") or [] for c in codings(rc)]
+            words = [t for rc in res.get("reasonCode") or [] for t in texts(rc)] + [
+                rr["display"] for rr in res.get("reasonReference") or [] if isinstance(rr, dict) and isinstance(rr.get("display"), str)]
+            indications, ind_text = classify(self.code_map.reasons, codes_, words)
+            if "hypotension" in indications and not bolus:
+                bolus = True
+                notes.append("bolus_by_indication_text" if ind_text else "bolus_by_indication")
         if spec.drug_class == "vasopressor" and point and rate_value is None:
             bolus = True  # a push dose, not an infusion (grading-criteria §1.4)
         if point and rate_value is not None and spec.drug_class in ("vasopressor", "inotrope", "sedative"):
