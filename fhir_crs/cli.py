@@ -16,7 +16,7 @@ from rich.console import Console
 from . import __version__
 from .errors import EXIT_CODES, FhirCrsError, GradingError
 from .logs import setup_logging
-from .mapping_files import default_mappings_dir
+from .mapping_files import default_mappings_dir, load_code_map
 from .render import make_console
 from .settings import load_settings
 
@@ -280,6 +280,7 @@ def pull(patient_id: str, server: str | None, config_path: Path | None, auth: st
     cfg = run_config({"server": server, "auth": auth, "token_file": token_file, "timeout": timeout,
                       "write": write, "mappings": str(mappings_dir) if mappings_dir else None}, config_path)
     settings = load_settings(Path(cfg.mappings) if cfg.mappings else default_mappings_dir(), list(overrides))
+    load_code_map(Path(cfg.mappings) if cfg.mappings else None)  # bad tables: exit 2 before any request
     client = make_client(cfg)
     result = pull_patient(client, patient_id, cfg, settings, write=cfg.write and not dry_run, dry_run=dry_run)
     data = result.run.to_json()
@@ -349,6 +350,7 @@ def sync(server: str | None, config_path: Path | None, auth: str | None, token_f
                       "state_path": state_path, "workers": workers, "lookback_days": lookback_days,
                       "mappings": str(mappings_dir) if mappings_dir else None}, config_path)
     settings = load_settings(Path(cfg.mappings) if cfg.mappings else default_mappings_dir(), list(overrides))
+    load_code_map(Path(cfg.mappings) if cfg.mappings else None)  # bad tables: exit 2 before any request
     client = make_client(cfg)
     store_path = Path(cfg.state_path).expanduser() if cfg.state_path else default_state_path()
     state = StateStore(store_path, cfg.server)
@@ -524,17 +526,16 @@ def demo(out_dir: Path, as_json: bool, seed: int | None) -> None:
     from .config import RunConfig
     from .fhir import FhirClient, NoAuth
     from .localserver import LocalFhirServer
-    from .mapping_files import load_code_map
     from .report import report_from_cases
     from .sync import StateStore, Sync, discover_cohort
     from .synthetic import DEFAULT_SEED, generate_picu_cohort
 
     console = make_console(stderr=as_json)
+    settings = load_settings(default_mappings_dir())
     out_dir.mkdir(parents=True, exist_ok=True)
     for stale in ("server", "report"):
         shutil.rmtree(out_dir / stale, ignore_errors=True)
     (out_dir / "state.sqlite").unlink(missing_ok=True)
-    settings = load_settings(default_mappings_dir())
     bundles, _truth = generate_picu_cohort(seed if seed is not None else DEFAULT_SEED)
     with LocalFhirServer(out_dir / "server") as server:
         console.print(f"Local FHIR server (sekmet-fhir) on {server.base}")

@@ -14,45 +14,95 @@ from __future__ import annotations
 
 import tomllib
 from collections.abc import Mapping
-from dataclasses import dataclass, field, fields
+from contextvars import ContextVar
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
 from .errors import ConfigError
 from .textfile import TextFileError, read_text
+from .validation import check_typed, one_line
 
 ENV_PREFIX = "FHIR_CRS_"
 SECRET_KEYS = ("token", "password", "client_secret", "private_key")
 AUTH_MODES = ("none", "bearer", "basic", "smart")
 
 
-@dataclass(frozen=True)
-class RunConfig:
-    server: str | None = None
-    auth: str = "none"
-    token: str | None = field(default=None, repr=False)
+# (where each key came from, whether the values are typed TOML) while `resolve` builds a RunConfig
+_SOURCE: ContextVar[tuple[Mapping[str, str], bool]] = ContextVar("fhir_crs_config_source", default=({}, False))
+
+
+def _f(default: Any, *, ge: float | None = None, gt: float | None = None, le: float | None = None,
+       unit: str = "", allowed: str = "", repr: bool = True) -> Any:
+    return Field(default, ge=ge, gt=gt, le=le, repr=repr, json_schema_extra={"unit": unit, "allowed": allowed})
+
+
+class RunConfig(BaseModel):
+    """Every run setting, typed and range-checked (see README "Run settings")."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False, validate_default=True)
+
+    server: str | None = _f(None, allowed="an http(s) URL")
+    auth: Literal["none", "bearer", "basic", "smart"] = "none"
+    token: str | None = _f(None, repr=False)
     token_file: str | None = None
     username: str | None = None
-    password: str | None = field(default=None, repr=False)
+    password: str | None = _f(None, repr=False)
     password_file: str | None = None
     client_id: str | None = None
     private_key_file: str | None = None
     key_id: str | None = None
-    jwt_alg: str = "RS384"
+    jwt_alg: Literal["RS384", "ES384"] = "RS384"
     scope: str = "system/Observation.rs system/MedicationAdministration.rs system/Procedure.rs system/Patient.rs system/Medication.rs system/Condition.cu system/Bundle.cu"
-    token_url: str | None = None
-    timeout: float = 30.0
-    page_size: int = 200
-    max_retries: int = 5
-    total_time_cap: float = 600.0
-    window_before_days: float = 7.0
-    window_after_days: float = 100.0
-    identifier_system: str = "urn:fhir-crs:case"
+    token_url: str | None = _f(None, allowed="an http(s) URL")
+    timeout: float = _f(30.0, gt=0, le=600, unit="s")
+    page_size: int = _f(200, ge=1, le=1000, unit="resources per page")
+    max_retries: int = _f(5, ge=0, le=20)
+    total_time_cap: float = _f(600.0, gt=0, le=86400, unit="s")
+    window_before_days: float = _f(7.0, ge=1, le=365, unit="days")
+    window_after_days: float = _f(100.0, ge=30, le=730, unit="days")
+    identifier_system: str = _f("urn:fhir-crs:case", allowed="a URI (urn:…, http(s)://…)")
     write: bool = False
-    state_path: str | None = None  # None: the per-user data directory (sync.default_state_path)
-    lookback_days: float = 120.0
-    workers: int = 4
+    # None: the per-user data directory (sync.default_state_path)
+    state_path: str | None = _f(None, allowed="a file path")
+    lookback_days: float = _f(120.0, ge=1, le=100000, unit="days")
+    workers: int = _f(4, ge=1, le=32)
     mappings: str | None = None
+
+    def __init__(self, **data: Any) -> None:
+        """Constructed directly or by `resolve`: a bad value is one ConfigError line naming its source."""
+        origin, _typed = _SOURCE.get()
+        try:
+            super().__init__(**data)
+        except ValidationError as exc:
+            raise one_line(exc, RunConfig, data, lambda key: origin.get(key, "run config")) from None
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _typed(cls, value: Any, info: ValidationInfo) -> Any:
+        return check_typed(value, info, cls.model_fields, typed=_SOURCE.get()[1])
+
+    @field_validator("server", "token_url")
+    @classmethod
+    def _http_url(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith(("http://", "https://")):
+            raise ValueError("not an http(s) URL")
+        return value
+
+    @field_validator("identifier_system")
+    @classmethod
+    def _uri(cls, value: str) -> str:
+        if not value or any(c.isspace() for c in value) or ":" not in value:
+            raise ValueError("not a URI")
+        return value
+
+    @field_validator("state_path")
+    @classmethod
+    def _path(cls, value: str | None) -> str | None:
+        if value is not None and not value.strip():
+            raise ValueError("empty path")
+        return value
 
     def secret_token(self) -> str | None:
         return self.token or _read_secret(self.token_file, "token_file")
@@ -70,26 +120,7 @@ def _read_secret(path: str | None, key: str) -> str | None:
         raise ConfigError(f"Cannot read {key} {path}: {exc.strerror or exc}.") from exc
 
 
-_FIELDS = {f.name: f for f in fields(RunConfig)}
-
-
-def _coerce(name: str, value: Any, where: str) -> Any:
-    default = getattr(RunConfig(), name)
-    kind = type(default) if default is not None else str
-    if isinstance(value, kind) and not (kind is int and isinstance(value, bool)):
-        return value
-    try:
-        if kind is bool:
-            if isinstance(value, str) and value.strip().lower() in ("1", "true", "yes", "on", "0", "false", "no", "off"):
-                return value.strip().lower() in ("1", "true", "yes", "on")
-            raise ValueError
-        if kind is int:
-            return int(str(value))
-        if kind is float:
-            return float(str(value))
-        return str(value)
-    except ValueError as exc:
-        raise ConfigError(f"{where}: '{name}' expects {kind.__name__}, got {value!r}.") from exc
+_FIELDS = RunConfig.model_fields
 
 
 def load_config_file(path: Path) -> dict[str, Any]:
@@ -111,10 +142,18 @@ def load_config_file(path: Path) -> dict[str, Any]:
                 f"Config file {path}: '{k}' must not be written in a config file; "
                 f"set {ENV_PREFIX}{k.upper()} or name a file with '{k}_file'."
             )
-        if k not in _FIELDS:
-            raise ConfigError(f"Config file {path}: unknown key '{k}'. Known keys: {', '.join(sorted(_FIELDS))}.")
-        out[k] = _coerce(k, v, str(path))
+        out[k] = v
+    _validate(out, {k: f"Config file {path}" for k in out}, typed=True)
     return out
+
+
+def _validate(values: dict[str, Any], origin: Mapping[str, str], typed: bool) -> RunConfig:
+    """RunConfig from `values`, or ONE ConfigError line naming where the bad key came from."""
+    token = _SOURCE.set((origin, typed))
+    try:
+        return RunConfig(**values)
+    finally:
+        _SOURCE.reset(token)
 
 
 def resolve(flags: Mapping[str, Any], env: Mapping[str, str], config_path: Path | None = None,
@@ -128,21 +167,15 @@ def resolve(flags: Mapping[str, Any], env: Mapping[str, str], config_path: Path 
         if not path.is_file():
             raise ConfigError(f"Config file {path} does not exist.")
         values.update(load_config_file(path))
+    origin = {k: f"Config file {path}" for k in values}
     for name in _FIELDS:
         key = ENV_PREFIX + name.upper()
         if key in env and env[key] != "":
-            values[name] = _coerce(name, env[key], f"environment {key}")
+            values[name], origin[name] = env[key], f"environment {key}"
     for name, v in flags.items():
         if v is None:
             continue
         if name not in _FIELDS:
             raise ConfigError(f"unknown option '{name}'.")
-        values[name] = _coerce(name, v, f"--{name.replace('_', '-')}")
-    cfg = RunConfig(**values)
-    if cfg.auth not in AUTH_MODES:
-        raise ConfigError(f"auth '{cfg.auth}' is not one of {', '.join(AUTH_MODES)}.")
-    if cfg.server is not None and not cfg.server.startswith(("http://", "https://")):
-        raise ConfigError(f"server '{cfg.server}' is not an http(s) URL.")
-    if cfg.page_size < 1 or cfg.timeout <= 0:
-        raise ConfigError("page_size and timeout must be positive.")
-    return cfg
+        values[name], origin[name] = v, f"--{name.replace('_', '-')}"
+    return _validate(values, origin, typed=False)

@@ -68,10 +68,10 @@ def test_token_from_env_or_file(tmp_path: Path):
     ("content", "message"),
     [
         ('[fhir-crs]\nservr = "x"\n', "unknown key 'servr'"),
-        ('[fhir-crs]\ntimeout = "soon"\n', "'timeout' expects float"),
+        ('[fhir-crs]\ntimeout = "soon"\n', "'timeout' = 'soon' is not allowed: expected a finite number above 0, up to 600 s"),
         ("[fhir-crs\n", "not valid TOML"),
-        ('[fhir-crs]\nserver = "ftp://x"\n', "is not an http(s) URL"),
-        ('[fhir-crs]\nauth = "kerberos"\n', "auth 'kerberos'"),
+        ('[fhir-crs]\nserver = "ftp://x"\n', "'server' = 'ftp://x' is not allowed: expected an http(s) URL"),
+        ('[fhir-crs]\nauth = "kerberos"\n', "'auth' = 'kerberos' is not allowed: expected one of: none, bearer, basic, smart"),
     ],
 )
 def test_bad_config_is_one_clear_error(tmp_path: Path, content, message):

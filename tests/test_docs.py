@@ -29,3 +29,24 @@ def test_readme_names_the_test_command_ci_runs():
     readme = (ROOT / "README.md").read_text()
     ci = (ROOT / ".ci" / "run").read_text()
     assert "./scripts/test" in readme and "scripts/test" in ci
+
+
+def test_readme_lists_every_run_setting_with_its_range():
+    from fhir_crs.config import RunConfig
+    from fhir_crs.validation import allowed
+
+    readme = (ROOT / "README.md").read_text()
+    for name, info in RunConfig.model_fields.items():
+        assert f"`{name}`" in readme, name
+        if info.annotation not in (str, "str", "str | None"):
+            text = allowed(info).removesuffix(" (or unset)")
+            assert text in readme, (name, text)
+
+
+def test_grading_toml_prints_every_settings_allowed_range():
+    from fhir_crs.settings import GradingSettings
+    from fhir_crs.validation import allowed
+
+    text = (ROOT / "mappings" / "grading.toml").read_text()
+    for name, info in GradingSettings.model_fields.items():
+        assert f"#     allowed: {allowed(info)}\n{name} = " in text, name

@@ -490,7 +490,7 @@ def test_from_config_env_key_with_escaped_newlines_and_no_client(mock, keys, clo
             id="bad-file",
         ),
         pytest.param(
-            {"jwt_alg": "HS256"}, {"FHIR_CRS_PRIVATE_KEY": "x"}, "not supported", id="bad-alg"
+            {"jwt_alg": "HS256"}, {"FHIR_CRS_PRIVATE_KEY": "x"}, "'jwt_alg' = 'HS256' is not allowed", id="bad-alg"
         ),
         pytest.param(
             {"token_url": None, "server": None},
