@@ -79,6 +79,9 @@ def version_of(r: dict[str, Any]) -> tuple[str | None, tuple[int, float, int]]:
     return vid, (num, lu.time.timestamp() if lu else float("-inf"), 0)
 
 
+_NO_FLAGS: frozenset[str] = frozenset()
+
+
 @dataclass(slots=True)
 class _Kept:
     """What one Type/id produced, kept so a later version of it can replace it."""
@@ -89,7 +92,7 @@ class _Kept:
     patient: str | None = None
     events: list[Event] = field(default_factory=list)
     skipped: Skipped | None = None
-    flags: set[str] = field(default_factory=set)
+    flags: set[str] | frozenset[str] = field(default_factory=set)  # frozenset() once mapped with none (memory)
     deferred: SourceResource | None = None  # a MedicationAdministration waiting for its Medication
     medication: tuple[str | None, dict[str, Any]] | None = None  # (fullUrl, resource)
 
@@ -173,6 +176,8 @@ class ResourceMapper:
             self.medications[ref] = kept.medication[1]
             if kept.medication[0]:
                 self.medications[kept.medication[0]] = kept.medication[1]
+        if not kept.flags and kept.deferred is None:
+            kept.flags = _NO_FLAGS  # most resources raise no flag: share one empty set
         self._kept[ref] = kept
 
     def _forget_medication(self, ref: str, full_url: str | None) -> None:
@@ -184,6 +189,8 @@ class ResourceMapper:
         r = src.resource
         rtype = r["resourceType"]
         ref = kept.ref
+        flags: set[str] = set()
+        kept.flags = flags
         number = unreadable(r)
         if number is not None:
             kept.skipped = Skipped(ref, number, "unreadable_number")
@@ -201,7 +208,7 @@ class ResourceMapper:
             return
         if rtype == "Patient":
             kept.patient = resource_ref(src)
-            kept.events.append(map_patient(r, ref, kept.flags))
+            kept.events.append(map_patient(r, ref, flags))
             return
         if rtype not in _GRADED_TYPES:
             kept.skipped = Skipped(ref, f"resource type {rtype} is not used for grading", "unused_type")
@@ -212,13 +219,13 @@ class ResourceMapper:
             return
         kept.patient = patient
         if rtype == "Observation":
-            out = self.obs.map(r, ref, kept.flags)
+            out = self.obs.map(r, ref, flags)
             if isinstance(out, Skipped):
                 kept.skipped = out
             else:
                 kept.events.extend(out)
         elif rtype == "Procedure" or rtype == "Condition":
-            p = (self.procs if rtype == "Procedure" else self.conditions).map(r, ref, kept.flags)
+            p = (self.procs if rtype == "Procedure" else self.conditions).map(r, ref, flags)
             if isinstance(p, Skipped):
                 kept.skipped = p
             else:
@@ -245,7 +252,9 @@ class ResourceMapper:
 
     def _map_med(self, src: SourceResource, kept: _Kept) -> None:
         try:
-            out = self.meds.map(src.resource, kept.ref, kept.flags, lambda t: self._resolve(src, t))
+            flags = kept.flags if isinstance(kept.flags, set) else set()
+            kept.flags = flags
+            out = self.meds.map(src.resource, kept.ref, flags, lambda t: self._resolve(src, t))
         except (TypeError, ValueError, AttributeError, KeyError, IndexError, OverflowError) as exc:
             out = Skipped(kept.ref, f"malformed resource ({type(exc).__name__}: {str(exc)[:120]})", "malformed")
         if isinstance(out, Skipped):
