@@ -76,7 +76,8 @@ def test_write_back_is_idempotent_and_reads_back(server, client, loaded):
         path, _, version = ev["reference"].partition("/_history/")
         rtype, rid = path.split("/")
         stored = client.read(rtype, rid)
-        assert stored["id"] == rid and version == stored["meta"]["versionId"]
+        assert stored["id"] == rid
+        assert not version or version == stored["meta"]["versionId"]  # the version graded, when the search carried one
     (summary,) = client.search("Bundle", [("identifier", f"{SYSTEM}|{key}-summary")], no_cache=True).matches
     assert summary["type"] == "collection"
     kinds = {e["resource"]["resourceType"] for e in summary["entry"]}
