@@ -15,7 +15,7 @@ from rich.console import Console
 
 from . import __version__
 from .errors import EXIT_CODES, FhirCrsError, GradingError
-from .logs import setup_logging
+from .logs import redact, setup_logging
 from .mapping_files import default_mappings_dir, load_code_map
 from .render import make_console
 from .settings import load_settings
@@ -56,10 +56,10 @@ class CrsGroup(click.Group):
             return super().invoke(ctx)
         except FhirCrsError as exc:
             if verbose:
-                traceback.print_exc()
-            click.echo(f"fhir-crs: error: {exc}", err=True)
+                click.echo(redact(traceback.format_exc()).rstrip(), err=True)
+            click.echo(f"fhir-crs: error: {redact(str(exc))}", err=True)
             if as_json:
-                _json_error(exc.code, str(exc), exc.exit_code)
+                _json_error(exc.code, redact(str(exc)), exc.exit_code)
             ctx.exit(exc.exit_code)
         except click.UsageError as exc:
             if as_json:
@@ -69,8 +69,8 @@ class CrsGroup(click.Group):
             raise
         except Exception as exc:  # a bug: one line, the traceback only with -v
             if verbose:
-                traceback.print_exc()
-            message = f"internal error: {type(exc).__name__}: {exc} (a bug: please report it; -v shows the traceback)"
+                click.echo(redact(traceback.format_exc()).rstrip(), err=True)
+            message = redact(f"internal error: {type(exc).__name__}: {exc} (a bug: please report it; -v shows the traceback)")
             click.echo(f"fhir-crs: error: {message}", err=True)
             if as_json:
                 _json_error(GradingError.code, message, GradingError.exit_code)
@@ -117,10 +117,11 @@ def check_output(path: str | Path, what: str) -> None:
 
 def write_output(path: str | Path, text: str, what: str) -> None:
     from .errors import OutputError
+    from .private import write_private_text
 
     check_output(path, what)
     try:
-        Path(path).write_text(text, encoding="utf-8")
+        write_private_text(Path(path), text)  # owner-only: the report names patients
     except OSError as exc:
         raise OutputError(f"{what} {path}: cannot write: {exc.strerror or exc}.") from exc
 
@@ -185,18 +186,44 @@ def server_options(f: Any) -> Any:
                      help="Authentication (secrets only from env or files: FHIR_CRS_TOKEN, --token-file …)."),
         click.option("--token-file", default=None, type=click.Path(dir_okay=False), help="File holding the bearer token."),
         click.option("--timeout", type=float, default=None, help="Seconds per request."),
+        click.option("--allow-insecure-http", is_flag=True, expose_value=False, callback=_security_flag,
+                     help="Accept a plain http:// server that is not on loopback (refused by default)."),
+        click.option("--log-redact/--no-log-redact", default=None, expose_value=False, callback=_security_flag,
+                     help="Replace patient ids in log lines with a stable keyed hash (default: on for sync)."),
     ]
     for o in reversed(opts):
         f = o(f)
     return f
 
 
+def _security_flag(ctx: click.Context, param: click.Parameter, value: Any) -> None:
+    """Security flags of every server command go straight into the run settings (ctx.meta)."""
+    if value:
+        ctx.meta.setdefault("fhir_crs_flags", {})[param.name] = True
+    elif value is False:
+        ctx.meta.setdefault("fhir_crs_flags", {})[param.name] = False
+
+
 def run_config(ctx_flags: dict[str, Any], config_path: Path | None) -> Any:
     import os
 
     from .config import resolve
+    from .logs import set_patient_redaction
 
-    return resolve({k: v for k, v in ctx_flags.items() if v is not None}, os.environ, config_path, Path.cwd())
+    ctx = click.get_current_context()
+    flags = {**{k: v for k, v in ctx_flags.items() if v is not None}, **ctx.meta.get("fhir_crs_flags", {})}
+    cfg = resolve(flags, os.environ, config_path, Path.cwd())
+    hashing = cfg.log_redact if cfg.log_redact is not None else ctx.info_name == "sync"
+    if hashing:
+        from .sync import default_state_path
+
+        state = Path(cfg.state_path).expanduser() if cfg.state_path else default_state_path()
+        # the key lives beside the state store; a dry run writes nothing, so it hashes with a
+        # key of its own when there is none yet
+        set_patient_redaction(True, key_folder=state.parent, create_key=not ctx.params.get("dry_run"))
+    else:
+        set_patient_redaction(False)
+    return cfg
 
 
 def valid_patient_id(value: str) -> str:
@@ -242,14 +269,19 @@ def make_client(cfg: Any) -> Any:
         if not cfg.username or not password:
             raise ConfigError("auth 'basic' needs username and FHIR_CRS_PASSWORD (or password_file).")
         auth = BasicAuth(cfg.username, password)
-    elif cfg.auth == "smart":
-        from .fhir.auth import smart_auth_from_config
-
-        auth = smart_auth_from_config(cfg)
     else:
         auth = NoAuth()
-    return FhirClient(cfg.server, auth=auth, timeout=cfg.timeout, page_size=cfg.page_size,
-                      max_retries=cfg.max_retries, total_time_cap=cfg.total_time_cap)
+    client = FhirClient(cfg.server, auth=auth, timeout=cfg.timeout, page_size=cfg.page_size,
+                        max_retries=cfg.max_retries, total_time_cap=cfg.total_time_cap,
+                        max_pages=cfg.max_pages, max_response_bytes=int(cfg.max_response_mb * 1024 * 1024),
+                        allow_insecure_http=cfg.allow_insecure_http, ca_bundle=cfg.ca_bundle,
+                        credential_origins=cfg.bulk_file_origins)
+    if cfg.auth == "smart":
+        from .fhir.auth import smart_auth_from_config
+
+        # discovery and token requests go through this client (same TLS, caps and origin rules)
+        client.auth = smart_auth_from_config(cfg, client)
+    return client
 
 
 @cli.command()
@@ -531,13 +563,14 @@ def demo(out_dir: Path, as_json: bool, seed: int | None, server_kind: str) -> No
     from .config import RunConfig
     from .fhir import FhirClient, NoAuth
     from .localserver import HapiFhirServer, LocalFhirServer
+    from .private import private_dir
     from .report import report_from_cases
     from .sync import StateStore, Sync, discover_cohort
     from .synthetic import DEFAULT_SEED, generate_picu_cohort
 
     console = make_console(stderr=as_json)
     settings = load_settings(default_mappings_dir())
-    out_dir.mkdir(parents=True, exist_ok=True)
+    private_dir(out_dir)
     for stale in ("server", "report"):
         shutil.rmtree(out_dir / stale, ignore_errors=True)
     (out_dir / "state.sqlite").unlink(missing_ok=True)

@@ -17,6 +17,7 @@ from collections.abc import Mapping
 from contextvars import ContextVar
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
@@ -71,6 +72,15 @@ class RunConfig(BaseModel):
     lookback_days: float = _f(120.0, ge=1, le=100000, unit="days")
     workers: int = _f(4, ge=1, le=32)
     mappings: str | None = None
+    # --- security (docs/SECURITY.md)
+    allow_insecure_http: bool = False
+    ca_bundle: str | None = _f(None, allowed="a CA certificate file (PEM) or folder")
+    bulk_file_origins: tuple[str, ...] = _f((), allowed="a list of origins (https://host[:port], no path)")
+    max_response_mb: float = _f(64.0, gt=0, le=4096, unit="MB")
+    max_pages: int = _f(10_000, ge=1, le=500_000, unit="pages")
+    max_bulk_file_mb: float = _f(16384.0, gt=0, le=100_000, unit="MB")
+    max_decompression_ratio: float = _f(200.0, ge=10, le=100_000)
+    log_redact: bool | None = None
 
     def __init__(self, **data: Any) -> None:
         """Constructed directly or by `resolve`: a bad value is one ConfigError line naming its source."""
@@ -99,6 +109,15 @@ class RunConfig(BaseModel):
             raise ValueError("not a URI")
         return value
 
+    @field_validator("bulk_file_origins")
+    @classmethod
+    def _origins(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        for item in value:
+            parts = urlsplit(item.strip())
+            if parts.scheme not in ("http", "https") or not parts.hostname or parts.path.strip("/") or parts.query:
+                raise ValueError(f"{item!r} is not an origin")
+        return tuple(item.strip() for item in value)
+
     @field_validator("state_path")
     @classmethod
     def _path(cls, value: str | None) -> str | None:
@@ -114,8 +133,12 @@ class RunConfig(BaseModel):
 
 
 def _read_secret(path: str | None, key: str) -> str | None:
+    """The secret in file `path`; a file other users can access is refused (private.py)."""
     if not path:
         return None
+    from .private import check_secret_file
+
+    check_secret_file(Path(path).expanduser(), key)
     try:
         return Path(path).expanduser().read_text(encoding="utf-8").strip()
     except OSError as exc:

@@ -27,6 +27,8 @@ from html import escape
 from pathlib import Path
 from typing import Any
 
+from .private import private_dir, write_private_text
+
 __all__ = ["GRADE_COLOURS", "patient_file_name", "render_case_html", "render_patient_html", "render_report_html"]
 
 GRADE_COLOURS = {0: "#f1f3f4", 1: "#ffe58a", 2: "#ffb347", 3: "#f0653a", 4: "#b3202a", 5: "#2b0a0d"}
@@ -710,19 +712,19 @@ def _scatter(report: dict[str, Any], cases: Sequence[dict[str, Any]], key: str, 
 
 def render_report_html(report: dict[str, Any], cases: Sequence[dict[str, Any]] | dict[str, Any], out_dir: Path | str,
                        title: str = "CAR-T cytokine release syndrome — cohort report") -> Path:
-    """Write `out_dir/index.html` (the cohort table) and `out_dir/patients/<id>.html`; returns index.html."""
+    """Write `out_dir/index.html` (the cohort table) and `out_dir/patients/<id>.html`; returns index.html.
+    Files are 0600 and folders fhir-crs creates 0700 (PHI at rest, private.py)."""
     from .report import CORRELATION_LABELS, ROW_LABELS, format_p
 
     if isinstance(cases, dict):
         cases = list(cases.get("cases") or [])
     out = Path(out_dir)
-    (out / "patients").mkdir(parents=True, exist_ok=True)
+    private_dir(out / "patients")
     by_patient: dict[str, list[dict[str, Any]]] = {}
     for c in cases:
         by_patient.setdefault(str(c.get("patient")), []).append(c)
     for patient, pcases in by_patient.items():
-        (out / "patients" / patient_file_name(patient)).write_text(
-            render_patient_html(pcases, back="../index.html"), encoding="utf-8")
+        write_private_text(out / "patients" / patient_file_name(patient), render_patient_html(pcases, back="../index.html"))
 
     short = {p: f"P{i + 1:02d}" for i, p in enumerate(sorted(by_patient))}
 
@@ -783,7 +785,7 @@ def render_report_html(report: dict[str, Any], cases: Sequence[dict[str, Any]] |
             "<p class=\"note\">Definitions: fhir_crs/report.py. Recovered within 14 days = alive and CRS resolved "
             "(24 h free of fever, hypotension and oxygen) within 14 days of its onset; patients without CRS who are alive count as recovered.</p>")
     index = out / "index.html"
-    index.write_text(_page(title, body), encoding="utf-8")
+    write_private_text(index, _page(title, body))
     return index
 
 

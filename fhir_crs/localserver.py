@@ -23,6 +23,7 @@ from types import TracebackType
 from typing import BinaryIO
 
 from .errors import FhirCrsError
+from .private import create_private_file, private_dir, write_private_text
 
 
 class LocalServerError(FhirCrsError):
@@ -58,10 +59,12 @@ class _ServerProcess:
         self.startup_seconds: float | None = None
 
     def _spawn(self, args: list[str], env: dict[str, str] | None = None) -> None:
-        self.workdir.mkdir(parents=True, exist_ok=True)
-        self._log = (self.workdir / "serve.log").open("ab")
+        private_dir(self.workdir)
+        self._log = create_private_file(self.workdir / "serve.log").open("ab")
         started = time.monotonic()
-        self.proc = subprocess.Popen(args, cwd=self.workdir, stdout=self._log, stderr=subprocess.STDOUT, env=env)
+        # The server's database holds (synthetic) patients: owner-only files whatever the umask.
+        self.proc = subprocess.Popen(args, cwd=self.workdir, stdout=self._log, stderr=subprocess.STDOUT, env=env,
+                                     umask=0o077)
         deadline = started + self.startup_timeout
         while True:
             try:
@@ -135,7 +138,7 @@ class LocalFhirServer(_ServerProcess):
 
     def start(self) -> LocalFhirServer:
         exe = sekmet_executable()
-        self.workdir.mkdir(parents=True, exist_ok=True)
+        private_dir(self.workdir)
         lines = [
             f"base_url: {self.base}", "host: 127.0.0.1", f"port: {self.port}",
             f"data_dir: {self.workdir / 'data'}", "simulator:", "  enabled: false",
@@ -146,7 +149,7 @@ class LocalFhirServer(_ServerProcess):
                 lines.append(
                     f"    - {{client_id: {c['client_id']}, public_key_path: {c['public_key_path']}, scopes: \"{c['scopes']}\"}}"
                 )
-        (self.workdir / "settings.yaml").write_text("\n".join(lines) + "\n")
+        write_private_text(self.workdir / "settings.yaml", "\n".join(lines) + "\n")
         self._spawn([str(exe), "serve", "-c", "settings.yaml", "--host", "127.0.0.1", "--port", str(self.port)])
         return self
 

@@ -16,6 +16,7 @@ from typing import Any
 from .events import MappingResult, PatientInfo, Skipped
 from .grading import CRS_SYSTEMS, ICANS_SYSTEMS, adjacent
 from .grading.result import SystemResult, iso
+from .logs import note_patient
 from .mappers import ResourceMapper
 from .mapping_files import CodeMap, load_code_map
 from .settings import GradingSettings, load_settings
@@ -62,6 +63,7 @@ class GradeRun:
             "cases": [c.to_json(self.settings, series) for c in self.cases],
             "skipped": [{"resource": s.resource, "reason": s.reason, "code": s.code} for s in self.skipped],
             "resources_read": self.resources,
+            "resources_used": self.resources - len(self.skipped),
             "settings": self.settings.as_dict(),
         }
 
@@ -88,8 +90,11 @@ def grade_mapping(result: MappingResult, settings: GradingSettings, resources: i
         events = result.events[patient]
         timelines = build_timelines(patient, events, result.flags.get(patient, set()), settings)
         if not timelines:
+            # every resource of this patient is read but not graded: one skip each, so counts add up
+            refs = result.sources.get(patient, [])
             n = sum(1 for e in events if not isinstance(e, PatientInfo))
-            skipped.append(Skipped(patient, f"no CAR-T infusion (day 0) found; {n} mapped events for this patient not graded", "no_infusion"))
+            for ref in refs:
+                skipped.append(Skipped(ref, f"no CAR-T infusion (day 0) found for its patient: {patient}, {n} mapped events not graded", "no_infusion"))
         cases.extend(grade_case(tl, settings) for tl in timelines)
     return GradeRun(cases, skipped, settings, resources)
 
@@ -161,6 +166,7 @@ def fetch_patient(client: Any, patient_id: str, cfg: Any, code_map: CodeMap) -> 
     from .timeline import find_infusions
 
     patient = client.read("Patient", patient_id)
+    note_patient(patient)  # its names, MRN and birth date never reach a log line (logs.py)
 
     def infusions_in(resources: list[dict[str, Any]]) -> list[Any]:
         result, _ = map_items((SourceResource(r, f"server#{i}") for i, r in enumerate(resources)), code_map)

@@ -32,6 +32,7 @@ from typing import Any
 
 from .errors import ConfigError, FhirCrsError
 from .grading.result import iso
+from .logs import note_patient, note_patient_id
 from .mapping_files import CodeMap, load_code_map
 from .pipeline import fetch_patient, grade_resources, write_case
 from .settings import GradingSettings
@@ -69,7 +70,14 @@ class StateStore:
     """SQLite state of the nightly sync (one file; safe to delete: the next run starts over)."""
 
     def __init__(self, path: Path, server: str):
-        path.parent.mkdir(parents=True, exist_ok=True)
+        from .private import create_private_file
+
+        # Owner-only (0600 file in a 0700 folder if we create it); SQLite gives its -wal/-shm
+        # and -journal files the database file's mode.
+        try:
+            create_private_file(path)
+        except OSError as exc:
+            raise ConfigError(f"cannot create sync state store {path}: {exc.strerror or exc}") from exc
         self.server = server
         self._lock = threading.Lock()
         try:
@@ -261,6 +269,7 @@ class Sync:
         if resumed:
             log.warning("the previous sync run did not finish; this run completes it")
         self.summary.patients = len(patients)
+        note_patient_id(*patients)
         done = 0
         with ThreadPoolExecutor(max_workers=max(1, self.cfg.workers)) as pool:
             futures = {pool.submit(self.sync_patient, p): p for p in patients}
@@ -355,7 +364,9 @@ def run_bulk(client: Any, cfg: Any, settings: GradingSettings, state: StateStore
         if console is not None:
             console.print(f"fhir-crs sync --bulk: export {text}", highlight=False)
 
-    exporter = BulkExport(client, on_progress=progress, max_poll_interval=cfg.bulk_max_poll)
+    exporter = BulkExport(client, on_progress=progress, max_poll_interval=cfg.bulk_max_poll,
+                          max_file_bytes=int(getattr(cfg, "max_bulk_file_mb", 16384.0) * 1024 * 1024),
+                          max_decompression_ratio=getattr(cfg, "max_decompression_ratio", 200.0))
     manifest, items = exporter.run(group_id=group_id, since=since)
     sync = Sync(client, cfg, settings, state, dry_run=dry_run)
     run_id, resumed = state.start_run()
@@ -368,6 +379,8 @@ def run_bulk(client: Any, cfg: Any, settings: GradingSettings, state: StateStore
             if rtype is None:
                 mapper.add(Skipped(str(item), "unusable NDJSON line", "invalid_json"))
             else:
+                if rtype == "Patient":
+                    note_patient(item)  # its names, MRN and birth date never reach a log line
                 mapper.add(SourceResource(item, f"bulk:{rtype}"))
         for ref in mapper.missing_medications():
             try:

@@ -64,7 +64,7 @@ def allowed(info: FieldInfo) -> str:
             min_len = m.min_length
     values = literal_values(info.annotation)
     if typing.get_origin(base) is tuple:
-        text = f"a list of: {', '.join(map(str, values))}" if values else "a list of names"
+        text = f"a list of: {', '.join(map(str, values))}" if values else (extra.get("allowed") or "a list of names")
     elif values is not None:
         text = "one of: " + ", ".join(map(str, values))
     elif base is bool:

@@ -26,6 +26,7 @@ from fhir_crs.fhir import (
     FhirClient,
     NoAuth,
     PreconditionFailed,
+    ResponseTooLarge,
     SearchIterator,
     ServerUnavailable,
     VersionConflict,
@@ -120,7 +121,7 @@ def test_two_page_search_follows_next_link_verbatim(mock, client, next_link: str
     mock.get(second_url, json=page(*matches("c")))
     result = client.search("Observation", [("patient", "p1")])
     assert ids(result.matches) == ["a", "b", "c"]
-    assert (result.pages, result.restarted, result.truncated, result.total) == (2, False, False, 3)
+    assert (result.pages, result.restarted, result.total) == (2, False, 3)
     assert query(mock.calls[0]) == [("patient", "p1"), ("_count", "200")]
     assert mock.calls[1].request.url == second_url
     assert client.requests_made == 2
@@ -154,13 +155,14 @@ def test_count_clamped_by_server_is_tolerated(mock, sleeps) -> None:
     assert ("_count", "1000") in query(mock.calls[0])
 
 
-def test_max_pages_stops_and_flags_truncation(mock, sleeps) -> None:
+def test_max_pages_is_an_error_not_a_truncated_result(mock, sleeps) -> None:
     client = FhirClient(BASE, max_pages=3, sleep=sleeps.append)
     mock.get(OBS, json=page(*matches("a"), next_=f"{OBS}?p=2"))
     mock.get(f"{OBS}?p=2", json=page(*matches("b"), next_=f"{OBS}?p=3"))
     mock.get(f"{OBS}?p=3", json=page(*matches("c"), next_=f"{OBS}?p=4"))
-    result = client.search("Observation", {})
-    assert (ids(result.matches), result.pages, result.truncated) == (["a", "b", "c"], 3, True)
+    with pytest.raises(ResponseTooLarge, match="more than 3 pages"):
+        client.search("Observation", {})
+    assert len(mock.calls) == 3
 
 
 def test_search_mode_partition_and_include_dedup(mock, client) -> None:
@@ -319,7 +321,7 @@ def test_get_url_and_delete_url(mock, client) -> None:
     mock.get("http://127.0.0.1:9000/files/obs.ndjson", body='{"resourceType":"Observation"}\n')
     mock.delete(status_url, status=202)
     assert client.get_url(status_url, accept="application/json").status_code == 202
-    ndjson = client.get_url("http://127.0.0.1:9000/files/obs.ndjson", stream=True, with_auth=False)
+    ndjson = client.get_url("http://127.0.0.1:9000/files/obs.ndjson", stream=True, with_auth=False, foreign=True)
     assert list(ndjson.iter_lines()) == [b'{"resourceType":"Observation"}']
     assert client.delete_url(status_url) == 202
 

@@ -59,6 +59,7 @@ def test_secret_in_config_file_is_refused(tmp_path: Path, key):
 def test_token_from_env_or_file(tmp_path: Path):
     tok = tmp_path / "token"
     tok.write_text("from-file\n")
+    tok.chmod(0o600)
     assert resolve({}, {"FHIR_CRS_TOKEN": "from-env"}, None, tmp_path).secret_token() == "from-env"
     assert resolve({"token_file": str(tok)}, {}, None, tmp_path).secret_token() == "from-file"
     assert "from-env" not in repr(resolve({}, {"FHIR_CRS_TOKEN": "from-env"}, None, tmp_path))

@@ -28,8 +28,8 @@ from fhir_crs.fhir import (
 )
 from fhir_crs.fhir import auth as auth_module
 
-BASE = "http://ehr.example.test/fhir"
-TOKEN_URL = "http://ehr.example.test/auth/token"
+BASE = "https://ehr.example.test/fhir"
+TOKEN_URL = "https://ehr.example.test/auth/token"
 DISCOVERY = f"{BASE}/.well-known/smart-configuration"
 CLIENT_ID = "crs-nightly"
 SCOPE = "system/Observation.rs system/Patient.rs system/Condition.cu"
@@ -447,6 +447,7 @@ def smart_cfg(**kw: Any) -> RunConfig:
 def test_from_config_key_file_and_discovery(mock, keys, tmp_path: Path, clock) -> None:
     key_file = tmp_path / "client.pem"
     key_file.write_bytes(pem_private(keys["ES384"]))
+    key_file.chmod(0o600)
     mock.get(DISCOVERY, json=SMART_CONFIG)
     mock.post(TOKEN_URL, json=token_json("tok-1"))
     client = FhirClient(BASE)
@@ -527,6 +528,7 @@ def test_smart_against_local_server(tmp_path: Path, rsa_key) -> None:
 
     priv, pub = tmp_path / "client_rsa.pem", tmp_path / "client_rsa.pub.pem"
     priv.write_bytes(pem_private(rsa_key))
+    priv.chmod(0o600)
     pub.write_bytes(pem_public(rsa_key))
     server = LocalFhirServer(
         tmp_path / "sekmet",

@@ -264,6 +264,7 @@ def test_sync_with_smart_backend_services_end_to_end(tmp_path_factory, tmp_path)
     key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
     priv, pub = tmp_path / "client.pem", tmp_path / "client.pub.pem"
     priv.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+    priv.chmod(0o600)  # a key file others can read is refused
     pub.write_bytes(key.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))
     workdir = tmp_path_factory.mktemp("smart-server")
     from fhir_crs.localserver import free_port

@@ -19,7 +19,7 @@ from fhir_crs.fhir import FhirClient, NoAuth
 from fhir_crs.pipeline import run_paths, write_case
 from fhir_crs.writeback import build_case_write, stored_hash, transaction_for
 
-BASE = "http://fhir.test/r4"
+BASE = "https://fhir.test/r4"
 SYSTEM = "urn:fhir-crs:case"
 
 
@@ -69,9 +69,13 @@ def _searchset(*resources):
     return {"resourceType": "Bundle", "type": "searchset", "entry": [{"resource": r, "search": {"mode": "match"}} for r in resources]}
 
 
-def _tx_response(n, status="201 Created"):
+def _tx_response(n, status="201 Created", ids=()):
+    """The answer to the case transaction: its Condition(s), then the summary Bundle (`ids`: the
+    ids of the first entries, when they were updated in place)."""
+    types = ["Condition"] * (n - 1) + ["Bundle"]
+    names = [*ids, *(f"new{i}" for i in range(len(ids), n))]
     return {"resourceType": "Bundle", "type": "transaction-response",
-            "entry": [{"response": {"status": status, "location": f"{BASE}/Condition/new{i}/_history/1"}} for i in range(n)]}
+            "entry": [{"response": {"status": status, "location": f"{BASE}/{t}/{i}/_history/1"}} for i, t in zip(names, types, strict=True)]}
 
 
 def client():
@@ -115,7 +119,7 @@ def test_version_conflict_rereads_and_reapplies(case):
     conflict = {"resourceType": "OperationOutcome", "issue": [{"severity": "error", "code": "processing",
                 "diagnostics": "HAPI-0989: Trying to update Condition/c1/_history/4 but this is not the current version"}]}
     responses.post(BASE, status=409, json=conflict)
-    responses.post(BASE, json=_tx_response(3, "200 OK"))
+    responses.post(BASE, json=_tx_response(3, "200 OK", ids=["c1"]))
     out = write_case(client(), c, settings, SYSTEM)
     assert out.status == "updated"
     posts = [call for call in responses.calls if call.request.method == "POST"]

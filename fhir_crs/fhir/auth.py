@@ -8,7 +8,9 @@ token there); static credentials return False and the 401 becomes `FhirAuthError
 SMART Backend Services (`SmartBackendAuth`) lives in `fhir.smart`; `smart_auth_from_config` is
 re-exported here for the CLI.
 
-Secrets never appear in `repr()`/`str()`, exception messages or logs.
+Secrets never appear in `repr()`/`str()`, exception messages or logs (each one is also
+registered with `fhir_crs.logs.note_secret`, which scrubs it from any log line). Which origins
+receive the `Authorization` header is decided by `FhirClient._hop`, not here.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from collections.abc import Callable, Mapping, MutableMapping
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 from ..errors import ConfigError
+from ..logs import note_secret
 
 if TYPE_CHECKING:
     from ..config import RunConfig
@@ -68,6 +71,7 @@ class BearerAuth:
         token = token.strip() if isinstance(token, str) else ""
         if not token:
             raise ConfigError("Bearer token is empty; set a token or use no authentication.")
+        note_secret(token)
         self._token = token
 
     def apply(self, headers: MutableMapping[str, str]) -> None:
@@ -92,6 +96,7 @@ class BasicAuth:
             raise ConfigError("Basic auth user name is empty.")
         self.user = user
         self._password = password
+        note_secret(password, base64.b64encode(f"{user}:{password}".encode()).decode("ascii"))
 
     def apply(self, headers: MutableMapping[str, str]) -> None:
         raw = f"{self.user}:{self._password}".encode()

@@ -13,9 +13,14 @@ token refresh (401 → re-mint → resend) come from the client:
    KeyboardInterrupt the job is cancelled (``DELETE`` status URL) before the exception
    propagates.
 3. `BulkExport.iter_resources` — streams each ``output[]`` NDJSON file line by line (memory
-   stays flat) and yields ``(resource_type, resource)``, or ``(None, "file:line: reason")``
+   stays flat; gzip decompressed within caps against decompression bombs) and yields ``(resource_type, resource)``, or ``(None, "file:line: reason")``
    for a line that cannot be used. `BulkExport.error_messages` turns the ``error[]``
    OperationOutcome files into messages; `BulkExport.iter_deleted` reads ``deleted[]``.
+
+Origins (docs/SECURITY.md): the status URL must be on the server's origin; an output file on
+another origin is fetched without credentials when the manifest says
+``requiresAccessToken: false``, and refused when it says ``true`` unless its origin is listed in
+``bulk_file_origins`` (the client's `credential_origins`).
 
 `Manifest.transaction_time` is the next run's ``_since``. Results of consecutive exports may
 overlap, and ``_typeFilter`` is advisory (servers may ignore it), so callers must filter and
@@ -27,6 +32,7 @@ from __future__ import annotations
 import logging
 import re
 import time
+import zlib
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -35,8 +41,9 @@ from urllib.parse import quote, urlencode, urljoin, urlsplit
 
 import orjson
 
+from .. import jsonread
 from ..errors import FhirAuthError, FhirServerError
-from .client import FhirClient, retry_after_seconds
+from .client import CrossOriginRefused, FhirClient, retry_after_seconds
 
 __all__ = [
     "DEFAULT_EXPORT_TYPES",
@@ -64,6 +71,11 @@ DEFAULT_EXPORT_TYPES = (
 )
 NDJSON = "application/fhir+ndjson"
 X_PROGRESS_MAX = 100
+DEFAULT_MAX_FILE_BYTES = 16 * 1024**3
+DEFAULT_MAX_DECOMPRESSION_RATIO = 200.0
+# The ratio is judged only past this much output (tiny files compress oddly).
+BOMB_FLOOR = 1024 * 1024
+GZIP_MAGIC = b"\x1f\x8b"
 
 _INSTANT = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d{1,9})?(Z|[+-]\d{2}:\d{2})$")
 _RESOURCE_TYPE = re.compile(r"^[A-Z][A-Za-z]+$")
@@ -197,6 +209,9 @@ class BulkExport:
         min_poll_interval: floor for any wait (also a ``Retry-After: 0``).
         on_progress: called with each new ``X-Progress`` text.
         chunk_size: bytes read at a time from NDJSON files.
+        max_file_bytes: cap on one output file's uncompressed size.
+        max_decompression_ratio: cap on uncompressed / transferred bytes of a gzipped file.
+        max_line_bytes: cap on one NDJSON line (default: the client's `max_response_bytes`).
         sleep, clock, now: injectable for tests (`clock` monotonic; `now` epoch seconds, for
             ``Retry-After`` HTTP-dates).
 
@@ -215,6 +230,9 @@ class BulkExport:
         min_poll_interval: float = 1.0,
         on_progress: Callable[[str], None] | None = None,
         chunk_size: int = 64 * 1024,
+        max_file_bytes: int = DEFAULT_MAX_FILE_BYTES,
+        max_decompression_ratio: float = DEFAULT_MAX_DECOMPRESSION_RATIO,
+        max_line_bytes: int | None = None,
         sleep: Callable[[float], None] = time.sleep,
         clock: Callable[[], float] = time.monotonic,
         now: Callable[[], float] = time.time,
@@ -226,6 +244,9 @@ class BulkExport:
         self.min_poll_interval = min_poll_interval
         self.on_progress = on_progress
         self.chunk_size = chunk_size
+        self.max_file_bytes = max_file_bytes
+        self.max_decompression_ratio = max_decompression_ratio
+        self.max_line_bytes = max_line_bytes or client.max_response_bytes
         self._sleep = sleep
         self._clock = clock
         self._now = now
@@ -327,6 +348,9 @@ class BulkExport:
                 status,
             )
         status_url = urljoin(resolved_from, location.strip())
+        # The status URL is polled (and DELETEd) with the client's credentials: it must be the
+        # server's own, or a hostile answer could collect the token or aim us at internal hosts.
+        self.client.check_origin(status_url, "the Bulk export's Content-Location (status URL)")
         log.info("bulk export started: %s", urlsplit(status_url).path)
         return status_url
 
@@ -428,10 +452,22 @@ class BulkExport:
     # ----------------------------------------------------------------- files
 
     def _lines(self, f: ManifestFile, with_auth: bool) -> Iterator[tuple[int, bytes]]:
-        """(line number, raw line) of one NDJSON file, read in `chunk_size` pieces."""
+        """(line number, raw line) of one NDJSON file, read in `chunk_size` pieces.
+
+        The file may be on another origin (pre-signed storage): the client's origin policy
+        decides whether it gets credentials (`FhirClient._hop`). gzip — as Content-Encoding or
+        as the file itself — is decompressed within `max_file_bytes` and
+        `max_decompression_ratio`; a line longer than `max_line_bytes` stops the file."""
         try:
-            resp = self.client.get_url(f.url, accept=NDJSON, stream=True, with_auth=with_auth)
-        except FhirAuthError:
+            resp = self.client.get_url(
+                f.url,
+                accept=NDJSON,
+                stream=True,
+                with_auth=with_auth,
+                foreign=True,
+                what=f"Bulk export file {f.name} ({f.type})",
+            )
+        except (FhirAuthError, CrossOriginRefused):
             raise
         except FhirServerError as exc:
             gone = " (files expire; re-run the export)" if exc.status in (404, 410) else ""
@@ -444,35 +480,93 @@ class BulkExport:
             # Split on b"\n" ourselves: line numbers stay exact whatever the chunk boundaries
             # (requests' iter_lines can emit spurious empty lines at them).
             pending: list[bytes] = []
+            held = 0
             number = 0
-            for chunk in resp.iter_content(chunk_size=self.chunk_size):
+            for chunk in self._decoded(resp, f):
                 if b"\n" not in chunk:
                     pending.append(chunk)
+                    held += len(chunk)
+                    if held > self.max_line_bytes:
+                        raise BulkExportError(
+                            f"Bulk export file {f.name} ({f.type}): line {number + 1} is longer than "
+                            f"{self.max_line_bytes:,} bytes (max_response_mb); the file is refused."
+                        )
                     continue
                 head, *middle, tail = chunk.split(b"\n")
                 pending.append(head)
                 for line in (b"".join(pending), *middle):
                     number += 1
                     yield number, line
-                pending = [tail]
+                pending, held = [tail], len(tail)
             last = b"".join(pending)
             if last:
                 yield number + 1, last
         finally:
             resp.close()
 
+    def _decoded(self, resp: Any, f: ManifestFile) -> Iterator[bytes]:
+        """The file's bytes after Content-Encoding and (a gzip body) decompression, refusing a
+        decompression bomb: more than `max_file_bytes` out, or more than
+        `max_decompression_ratio` times the bytes that came over the wire."""
+        what = f"Bulk export file {f.name} ({f.type})"
+        out = 0
+        gunzip: Any = None
+        raw = getattr(resp, "raw", None)
+
+        def wire() -> int:
+            try:
+                return int(raw.tell()) if raw is not None else 0
+            except (AttributeError, OSError, ValueError):
+                return 0
+
+        def checked(piece: bytes, compressed: int) -> bytes:
+            nonlocal out
+            out += len(piece)
+            if out > self.max_file_bytes:
+                raise BulkExportError(
+                    f"{what} is larger than {self.max_file_bytes:,} bytes uncompressed "
+                    "(max_bulk_file_mb); refused."
+                )
+            if out > BOMB_FLOOR and compressed and out > compressed * self.max_decompression_ratio:
+                raise BulkExportError(
+                    f"{what} expands more than {self.max_decompression_ratio:g}-fold "
+                    "(max_decompression_ratio): a decompression bomb; refused."
+                )
+            return piece
+
+        taken = 0
+        for chunk in resp.iter_content(chunk_size=self.chunk_size):
+            taken += len(chunk)
+            if gunzip is None and out == 0 and chunk[:2] == GZIP_MAGIC:
+                gunzip = zlib.decompressobj(16 + zlib.MAX_WBITS)
+            if gunzip is None:
+                yield checked(chunk, wire())
+                continue
+            data = chunk
+            while data:
+                piece = gunzip.decompress(data, self.chunk_size)
+                if piece:
+                    yield checked(piece, taken)
+                if gunzip.eof:  # multi-member gzip: the next member starts in unused_data
+                    data = gunzip.unused_data
+                    gunzip = zlib.decompressobj(16 + zlib.MAX_WBITS)
+                else:
+                    data = gunzip.unconsumed_tail
+        if gunzip is not None:
+            tail = gunzip.flush()
+            if tail:
+                yield checked(tail, taken)
+
     def _records(self, f: ManifestFile, with_auth: bool) -> Iterator[tuple[Resource | None, str]]:
         """(resource, "") or (None, "file:line: reason") for each non-blank line."""
         for number, raw in self._lines(f, with_auth):
             line = raw.strip()
-            if number == 1:
-                line = line.removeprefix(b"\xef\xbb\xbf")
             if not line:
                 continue
             where = f"{f.name}:{number}"
-            try:
-                data = orjson.loads(line)
-            except orjson.JSONDecodeError as exc:
+            try:  # tolerant: BOM, 1e309/NaN (the resource is marked and skipped), lone surrogates
+                data = jsonread.loads(line)
+            except ValueError as exc:
                 yield None, f"{where}: invalid JSON ({exc})"
                 continue
             if not isinstance(data, dict):

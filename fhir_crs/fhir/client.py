@@ -6,7 +6,8 @@ What it handles (see docs/fhir-ecosystem.md §1):
 
 * Paging follows `Bundle.link[relation=next].url` as an opaque URL resolved against the request
   that returned it (HAPI answers `[base]?_getpages=<uuid>&_getpagesoffset=..`; other servers give
-  host-relative links). It stops on a missing or repeated next link and after `max_pages`.
+  host-relative links). It stops on a missing or repeated next link; more than `max_pages`
+  pages is an error (never a silently truncated result).
 * A 410 while paging (HAPI: `Search ID[..] does not exist and may have expired`) restarts the
   search once from page 1; results are de-duplicated on `resourceType/id`, highest
   `meta.versionId` wins.
@@ -16,6 +17,18 @@ What it handles (see docs/fhir-ecosystem.md §1):
   OperationOutcome diagnostics (`HAPI-NNNN: ...`), plus `PreconditionFailed`, `VersionConflict`
   and `ServerUnavailable` defined below.
 
+* Origin policy (docs/SECURITY.md): every request goes through ONE check, `FhirClient._hop`.
+  Requests to the FHIR server (searches, reads, writes, next links, Bulk kick-off and status)
+  must stay on the base URL's origin (scheme, host, port) — also across redirects — or they are
+  refused with `CrossOriginRefused`. `Authorization` is attached only on the base origin and on
+  origins the user listed (`credential_origins`, the `bulk_file_origins` setting); Bulk files
+  elsewhere are fetched without credentials, and a redirect to another origin drops them.
+  Writes are never redirected. A non-loopback ``http://`` base is refused unless
+  ``allow_insecure_http``; TLS is always verified (`ca_bundle`, else ``REQUESTS_CA_BUNDLE``).
+* Caps: a response body larger than `max_response_bytes` (counted after Content-Encoding
+  decoding) raises `ResponseTooLarge`, as does a search longer than `max_pages`; a transaction
+  answered with entries that do not match what was sent raises `TransactionMismatch`.
+
 Logging (`fhir_crs.fhir`, DEBUG) records method, URL path and query parameter *names* only:
 query values can carry patient identifiers, and headers carry credentials.
 """
@@ -24,11 +37,13 @@ from __future__ import annotations
 
 import email.utils
 import html
+import ipaddress
 import logging
+import os
 import random
 import re
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC
 from http import HTTPStatus
@@ -39,6 +54,7 @@ import orjson
 import requests
 import urllib3.exceptions
 
+from .. import jsonread
 from ..errors import (
     ConfigError,
     FhirAuthError,
@@ -49,14 +65,20 @@ from ..errors import (
 from .auth import Auth
 
 __all__ = [
+    "CrossOriginRefused",
     "FhirClient",
     "Params",
     "PreconditionFailed",
+    "ResponseTooLarge",
     "SearchIterator",
     "SearchResult",
     "ServerUnavailable",
+    "TransactionMismatch",
     "VersionConflict",
     "WriteResult",
+    "is_loopback",
+    "origin",
+    "require_secure_url",
 ]
 
 log = logging.getLogger("fhir_crs.fhir")
@@ -73,6 +95,12 @@ RETRY_GET_ONLY = frozenset({500})
 IDEMPOTENT_TRANSPORT = frozenset({"GET", "HEAD", "DELETE"})
 MESSAGE_DIAGNOSTICS_MAX = 500
 HTML_DIAGNOSTICS_MAX = 200
+REDIRECT_STATUSES = frozenset({301, 302, 303, 307, 308})
+MAX_REDIRECTS = 5
+DEFAULT_MAX_RESPONSE_BYTES = 64 * 1024 * 1024
+DEFAULT_MAX_PAGES = 10_000
+READ_CHUNK = 64 * 1024
+DEFAULT_PORTS = {"http": 80, "https": 443}
 
 _MULTIPLE_MATCHES = re.compile(
     r"multiple[\s-]+(resources?\s+)?match|matched\s+\d+\s+resources|more than one (resource|match)",
@@ -117,6 +145,20 @@ class ServerUnavailable(FhirServerError):
     time cap ran out."""
 
 
+class CrossOriginRefused(FhirServerError):
+    """A URL handed over by the server (next link, Content-Location, redirect, Bulk file) is on
+    another origin than the one fhir-crs is allowed to call there; nothing was sent to it."""
+
+
+class ResponseTooLarge(FhirServerError):
+    """A response body or a search exceeded its cap (`max_response_bytes`, `max_pages`)."""
+
+
+class TransactionMismatch(FhirServerError):
+    """The server answered a transaction/batch with entries that do not match what was sent
+    (count, resource type, id, identifier or subject): the answer is not trusted."""
+
+
 # --------------------------------------------------------------------------- search results
 
 
@@ -129,7 +171,6 @@ class SearchResult:
     outcomes: list[Resource] = field(default_factory=list)
     pages: int = 0
     restarted: bool = False
-    truncated: bool = False
     total: int | None = None
 
 
@@ -187,8 +228,10 @@ class SearchIterator(Iterator[Resource]):
 
     Included resources (`search.mode == "include"`, de-duplicated across pages) and outcome
     entries (`search.mode == "outcome"`, e.g. Epic warnings) are collected on the iterator as
-    `includes` and `outcomes`; `pages`, `restarted`, `truncated` and `total` are filled in as
-    pages arrive. Read them after (or during) iteration.
+    `includes` and `outcomes`; `pages`, `restarted` and `total` are filled in as pages arrive.
+    Read them after (or during) iteration. A next link on another origin raises
+    `CrossOriginRefused`; more than `max_pages` pages raise `ResponseTooLarge` (never a silently
+    truncated result).
 
     A match is yielded once per `resourceType/id`. After a 410 restart a resource already yielded
     is yielded again only if its `meta.versionId` is newer, so callers keying on
@@ -202,7 +245,6 @@ class SearchIterator(Iterator[Resource]):
         self.outcomes: list[Resource] = []
         self.pages = 0
         self.restarted = False
-        self.truncated = False
         self.total: int | None = None
         self._client = client
         self._url = url
@@ -250,12 +292,13 @@ class SearchIterator(Iterator[Resource]):
                 log.debug("search stopped: next link repeats %s", _path(next_url))
                 return
             if self.pages >= client.max_pages:
-                self.truncated = True
-                log.warning(
-                    "search stopped after %d pages (max_pages); results are incomplete", self.pages
+                raise ResponseTooLarge(
+                    f"GET {_path(self._url)}: the search has more than {client.max_pages} pages "
+                    "(max_pages); its results would be incomplete, so none are used — raise "
+                    "max_pages if this search is expected to be that long."
                 )
-                return
             followed.add(next_url)
+            client.check_origin(next_url, "the search's next link")
             try:
                 resp = client._send("GET", next_url)
             except FhirNotFound as exc:
@@ -314,11 +357,52 @@ def _path(url: str) -> str:
     return urlsplit(url).path or "/"
 
 
-def _origin(url: str) -> str:
-    parts = urlsplit(url)
-    host = parts.hostname or ""
-    port = f":{parts.port}" if parts.port else ""
-    return f"{parts.scheme}://{host}{port}"
+def origin(url: str) -> str:
+    """``scheme://host:port`` of `url`, lower-cased, with the scheme's default port made explicit
+    (so ``https://a`` and ``https://A:443/x`` are one origin). Unparseable → ``""``."""
+    try:
+        parts = urlsplit(url.strip())
+        port = parts.port
+    except ValueError:
+        return ""
+    scheme = parts.scheme.lower()
+    host = (parts.hostname or "").lower()
+    if not scheme or not host:
+        return ""
+    port = port or DEFAULT_PORTS.get(scheme)
+    shown = f"[{host}]" if ":" in host else host
+    return f"{scheme}://{shown}:{port}" if port else f"{scheme}://{shown}"
+
+
+def is_loopback(url: str) -> bool:
+    """True when `url`'s host is ``localhost`` or a loopback address (127.0.0.0/8, ::1)."""
+    try:
+        host = (urlsplit(url.strip()).hostname or "").lower()
+    except ValueError:
+        return False
+    if host == "localhost" or host.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def require_secure_url(url: str, what: str, *, allow_insecure_http: bool = False) -> None:
+    """Refuse a non-loopback ``http://`` URL (credentials and PHI would travel in clear text)
+    unless the user allowed it; refuse user:password@ in a URL (secrets come from env/files)."""
+    parts = urlsplit(url.strip())
+    if parts.username is not None or parts.password is not None:
+        raise ConfigError(
+            f"{what} must not carry user:password@ (credentials come from FHIR_CRS_TOKEN/"
+            "FHIR_CRS_PASSWORD or a token/password file)."
+        )
+    if parts.scheme == "http" and not is_loopback(url) and not allow_insecure_http:
+        raise ConfigError(
+            f"{what} {origin(url)} uses http:// on a non-loopback address: tokens and patient data "
+            "would cross the network unencrypted. Use https://, or pass --allow-insecure-http "
+            "(allow_insecure_http = true) for a network you trust."
+        )
 
 
 def _param_names(url: str, params: list[tuple[str, str]] | None) -> str:
@@ -382,6 +466,95 @@ def _diagnostics(resp: requests.Response) -> tuple[str | None, tuple[str, ...]]:
     return (text[:HTML_DIAGNOSTICS_MAX] or None), ()
 
 
+_LOCATION = re.compile(r"(?:^|/)([A-Z][A-Za-z]+)/([A-Za-z0-9.-]{1,64})(?:/_history/[^/]+)?/?$")
+
+
+def _identifiers(resource: Resource) -> set[str]:
+    out = set()
+    for ident in resource.get("identifier") or ():
+        if isinstance(ident, dict) and isinstance(ident.get("value"), str):
+            out.add(f"{ident.get('system') or ''}|{ident['value']}")
+    return out
+
+
+def _subject(resource: Resource) -> str | None:
+    """The literal ``Type/id`` subject (or patient) reference; None for none, or for a
+    ``urn:uuid:`` reference the server resolves inside the transaction."""
+    for key in ("subject", "patient"):
+        ref = resource.get(key)
+        if isinstance(ref, dict) and isinstance(ref.get("reference"), str):
+            m = _LOCATION.search(urlsplit(ref["reference"]).path) if not ref["reference"].startswith("urn:") else None
+            return f"{m[1]}/{m[2]}" if m else None
+    return None
+
+
+def _check_transaction_response(sent: Resource, got: Resource, base_origin: str) -> None:
+    """Raise `TransactionMismatch` unless `got` answers `sent` entry by entry: same count, the
+    right Bundle type, each entry's location/resource of the type (and id, identifiers, subject)
+    that was sent, locations on the server's own origin. Batch entries may fail individually."""
+    kind = sent.get("type")
+
+    def mismatch(detail: str) -> TransactionMismatch:
+        return TransactionMismatch(
+            f"POST {kind}: the server's answer does not match what was sent ({detail}); it is not "
+            "trusted and nothing is recorded as written — check the server (the write may or may "
+            "not have been applied)."
+        )
+
+    if got.get("resourceType") != "Bundle" or got.get("type") != f"{kind}-response":
+        raise mismatch(f"expected a {kind}-response Bundle, got {got.get('resourceType')} {got.get('type')}")
+    sent_entries = [e for e in sent.get("entry") or () if isinstance(e, dict)]
+    got_entries = got.get("entry") or []
+    if len(got_entries) != len(sent_entries):
+        raise mismatch(f"{len(sent_entries)} entries sent, {len(got_entries)} answered")
+    for n, (out, back) in enumerate(zip(sent_entries, got_entries, strict=True), 1):
+        request = out.get("request") if isinstance(out.get("request"), dict) else {}
+        method = str(request.get("method", "")).upper()
+        url = str(request.get("url", ""))
+        path = url.split("?", 1)[0].strip("/")
+        mine = out.get("resource") if isinstance(out.get("resource"), dict) else None
+        rtype = mine.get("resourceType") if mine and method in ("POST", "PUT") else path.split("/", 1)[0]
+        named_id = path.split("/", 1)[1] if "?" not in url and path.count("/") == 1 else None
+        response = back.get("response") if isinstance(back, dict) else None
+        if not isinstance(response, dict) or not isinstance(response.get("status"), str):
+            raise mismatch(f"entry {n} has no response.status")
+        if not response["status"].strip().startswith("2"):
+            if kind == "transaction":
+                raise mismatch(f"entry {n} answered {response['status']} in a committed transaction")
+            continue
+        loc_type = loc_id = None
+        location = response.get("location")
+        if isinstance(location, str) and location.strip():
+            location = location.strip()
+            if "://" in location and origin(location) != base_origin:
+                raise mismatch(f"entry {n} location is on another origin ({origin(location)})")
+            m = _LOCATION.search(urlsplit(location).path)
+            if m is None:
+                raise mismatch(f"entry {n} location {_path(location)} is not Type/id")
+            loc_type, loc_id = m[1], m[2]
+        theirs = back.get("resource") if isinstance(back.get("resource"), dict) else None
+        if method in ("GET", "HEAD"):
+            if theirs is not None:
+                want = rtype if named_id else "Bundle"
+                if theirs.get("resourceType") != want or (named_id and theirs.get("id") != named_id):
+                    raise mismatch(f"entry {n}: asked for {path}, answered {_key(theirs) or theirs.get('resourceType')}")
+            continue
+        if loc_type is not None and loc_type != rtype:
+            raise mismatch(f"entry {n}: sent {rtype}, answered {loc_type}/{loc_id}")
+        if named_id is not None and loc_id is not None and loc_id != named_id:
+            raise mismatch(f"entry {n}: sent {rtype}/{named_id}, answered {loc_type}/{loc_id}")
+        if theirs is not None:
+            if theirs.get("resourceType") != rtype or (loc_id and theirs.get("id") not in (None, loc_id)):
+                raise mismatch(f"entry {n}: sent {rtype}, answered {_key(theirs) or theirs.get('resourceType')}")
+            if mine is not None:
+                if not _identifiers(mine) <= _identifiers(theirs):
+                    raise mismatch(f"entry {n}: the answered {rtype} does not carry the identifier sent")
+                if _subject(mine) and _subject(theirs) and _subject(mine) != _subject(theirs):
+                    raise mismatch(f"entry {n}: the answered {rtype} belongs to another subject")
+        elif method in ("POST", "PUT") and loc_id is None:
+            raise mismatch(f"entry {n} ({rtype}) answered without a location or resource")
+
+
 def retry_after_seconds(value: str | None, now: Callable[[], float] = time.time) -> float | None:
     """`Retry-After` in seconds, from delta-seconds or an HTTP-date (RFC 9110), else None."""
     if not value:
@@ -400,6 +573,14 @@ def retry_after_seconds(value: str | None, now: Callable[[], float] = time.time)
     return max(0.0, when.timestamp() - now())
 
 
+_TRANSPORT_ERRORS = (
+    requests.ConnectionError,
+    requests.Timeout,
+    requests.exceptions.ChunkedEncodingError,
+    requests.exceptions.ContentDecodingError,
+)
+
+
 def _connected_never(exc: requests.RequestException) -> bool:
     """True when the request never reached the server (safe to resend whatever the method)."""
     if isinstance(exc, requests.ConnectTimeout):
@@ -414,6 +595,17 @@ def _transport_reason(exc: requests.RequestException) -> str:
     inner = getattr(inner, "reason", None) or inner
     text = _OBJECT_REPR.sub("", str(inner)) or type(exc).__name__
     return _one_line(_QUERY_IN_TEXT.sub("", text))
+
+
+def _verify_setting(ca_bundle: str | None) -> str | bool:
+    """requests' `verify`: the configured CA bundle, else True (certifi, or REQUESTS_CA_BUNDLE /
+    CURL_CA_BUNDLE from the environment). Never False."""
+    if not ca_bundle:
+        return True
+    path = os.path.expanduser(ca_bundle)
+    if not os.path.exists(path):
+        raise ConfigError(f"ca_bundle {ca_bundle} does not exist (a PEM file or a c_rehash folder).")
+    return path
 
 
 def _no_netrc(r: requests.PreparedRequest) -> requests.PreparedRequest:
@@ -436,7 +628,13 @@ class FhirClient:
         max_retries: retries after the first attempt for retryable failures.
         backoff_base, backoff_cap: full-jitter backoff, ``uniform(0, min(cap, base * 2**n))``.
         total_time_cap: seconds one call may spend including waits; beyond it `ServerUnavailable`.
-        max_pages: a search stops (``truncated=True``) after this many pages.
+        max_pages: a search longer than this raises `ResponseTooLarge`.
+        max_response_bytes: cap on one (non-streamed) response body, after decoding.
+        allow_insecure_http: accept a non-loopback ``http://`` base URL (refused by default).
+        ca_bundle: CA certificate file or folder for a private CA (default: certifi, or
+            ``REQUESTS_CA_BUNDLE``). TLS verification cannot be turned off.
+        credential_origins: further origins (``https://host[:port]``) that may receive this
+            client's `Authorization` header, e.g. the Bulk file storage (`bulk_file_origins`).
         sleep: injectable for tests.
 
     Attributes:
@@ -454,7 +652,11 @@ class FhirClient:
         backoff_base: float = 0.5,
         backoff_cap: float = 30.0,
         total_time_cap: float = 600.0,
-        max_pages: int = 10_000,
+        max_pages: int = DEFAULT_MAX_PAGES,
+        max_response_bytes: int = DEFAULT_MAX_RESPONSE_BYTES,
+        allow_insecure_http: bool = False,
+        ca_bundle: str | None = None,
+        credential_origins: Iterable[str] = (),
         user_agent: str = "fhir-crs/0.1",
         session: requests.Session | None = None,
         sleep: Callable[[float], None] = time.sleep,
@@ -464,7 +666,22 @@ class FhirClient:
             raise ConfigError(
                 "FHIR base URL must be an absolute http(s) URL such as http://127.0.0.1:8080/fhir."
             )
+        require_secure_url(base_url, "FHIR server", allow_insecure_http=allow_insecure_http)
         self.base_url = base_url.strip().rstrip("/")
+        self.origin = origin(self.base_url)
+        self.allow_insecure_http = allow_insecure_http
+        extra = set()
+        for item in credential_origins:
+            o = origin(item)
+            if not o or urlsplit(item.strip()).path.strip("/"):
+                raise ConfigError(
+                    f"bulk_file_origins: {item!r} is not an origin (scheme://host[:port], no path)."
+                )
+            require_secure_url(item, "bulk_file_origins entry", allow_insecure_http=allow_insecure_http)
+            extra.add(o)
+        self.credential_origins = frozenset({self.origin, *extra})
+        self.verify: str | bool = _verify_setting(ca_bundle)
+        self.max_response_bytes = max(1, int(max_response_bytes))
         self.auth = auth
         self.timeout = timeout
         self.page_size = page_size
@@ -540,12 +757,14 @@ class FhirClient:
             outcomes=it.outcomes,
             pages=it.pages,
             restarted=it.restarted,
-            truncated=it.truncated,
             total=it.total,
         )
 
     def transaction(self, bundle: Resource) -> Resource:
-        """POST [base] with a transaction (or batch) Bundle; returns the response Bundle."""
+        """POST [base] with a transaction (or batch) Bundle; returns the response Bundle.
+
+        The answer must match what was sent, entry by entry (`TransactionMismatch` otherwise):
+        a server that answers with someone else's resources is not believed."""
         if bundle.get("resourceType") != "Bundle" or bundle.get("type") not in ("transaction", "batch"):
             raise ValueError("transaction() needs a Bundle of type 'transaction' or 'batch'")
         status, body, _ = self._write("POST", "", bundle, {})
@@ -553,6 +772,7 @@ class FhirClient:
             raise FhirOperationOutcome(
                 f"POST {_path(self.base_url)} returned HTTP {status} with no Bundle.", status
             )
+        _check_transaction_response(bundle, body, self.origin)
         return body
 
     def put(self, path: str, resource: Resource, *, if_match: str | None = None) -> WriteResult:
@@ -579,16 +799,28 @@ class FhirClient:
         stream: bool = False,
         headers: Mapping[str, str] | None = None,
         with_auth: bool = True,
+        foreign: bool = False,
+        what: str | None = None,
     ) -> requests.Response:
         """GET an absolute URL (or one relative to the base), with retries and error mapping.
 
         For Bulk Data: kick-off (pass ``headers={"Prefer": "respond-async"}``), status polling
         (202 is returned, not raised) and NDJSON files (``stream=True``,
-        ``accept="application/fhir+ndjson"``). ``with_auth=False`` for files whose manifest says
+        ``accept="application/fhir+ndjson"``, ``foreign=True``: they may live on another origin,
+        see `_hop`). ``with_auth=False`` for files whose manifest says
         ``requiresAccessToken: false`` (pre-signed storage URLs reject a second credential).
+        `what` names the URL in a refusal message.
         """
         hdrs = {"Accept": accept, **(headers or {})}
-        return self._send("GET", self._absolute(url), headers=hdrs, stream=stream, with_auth=with_auth)
+        return self._send(
+            "GET",
+            self._absolute(url),
+            headers=hdrs,
+            stream=stream,
+            with_auth=with_auth,
+            foreign=foreign,
+            what=what,
+        )
 
     def delete_url(self, url: str) -> int:
         """DELETE an absolute (or base-relative) URL, e.g. a Bulk status URL; returns the status."""
@@ -609,14 +841,25 @@ class FhirClient:
         returned, not raised. Returns (status, the JSON object body or None).
         """
         target = self._absolute(url)
+        require_secure_url(target, "SMART token endpoint", allow_insecure_http=self.allow_insecure_http)
         hdrs = {"Accept": "application/json", "User-Agent": self.user_agent}
         log.debug("POST %s (form) params=%s", _path(target), ",".join(data))
         self.requests_made += 1
         try:
+            # Never redirected: a 307 would resend the signed assertion to wherever it points.
             resp = self.session.request(
-                "POST", target, data=dict(data), headers=hdrs, timeout=self.timeout, auth=_no_netrc
+                "POST",
+                target,
+                data=dict(data),
+                headers=hdrs,
+                timeout=self.timeout,
+                auth=_no_netrc,
+                stream=True,
+                allow_redirects=False,
+                verify=self.verify,
             )
-        except (requests.ConnectionError, requests.Timeout) as exc:
+            self._read_capped(resp, "POST", target)
+        except _TRANSPORT_ERRORS as exc:
             raise ServerUnavailable(
                 f"cannot reach token endpoint at {self._where(target)}: POST {_path(target)}: "
                 f"{_transport_reason(exc)}."
@@ -625,8 +868,6 @@ class FhirClient:
             body = orjson.loads(resp.content) if resp.content.strip() else None
         except orjson.JSONDecodeError:
             body = None
-        finally:
-            resp.close()
         return resp.status_code, body if isinstance(body, dict) else None
 
     # ----------------------------------------------------------------- internals
@@ -645,9 +886,9 @@ class FhirClient:
         return resp.status_code, body, resp.headers.get("ETag")
 
     def _json(self, resp: requests.Response, method: str) -> Resource:
-        try:
-            data = orjson.loads(resp.content)
-        except orjson.JSONDecodeError:
+        try:  # tolerant: one resource with 1e309 or a lone surrogate must not lose its page
+            data = jsonread.loads(resp.content)
+        except ValueError:
             data = None
         if not isinstance(data, dict):
             ctype = resp.headers.get("Content-Type", "no content type")
@@ -659,10 +900,76 @@ class FhirClient:
         return data
 
     def _where(self, url: str) -> str:
-        return self._base_display if url.startswith(self.base_url) else _origin(url)
+        return self._base_display if url.startswith(self.base_url) else origin(url)
 
     def _backoff(self, retry: int) -> float:
         return self._rng.uniform(0.0, min(self.backoff_cap, self.backoff_base * (2**retry)))
+
+    def check_origin(self, url: str, what: str) -> None:
+        """Raise `CrossOriginRefused` unless `url` is on the FHIR base URL's origin (for URLs the
+        server hands over: next links, Bulk status URLs)."""
+        self._hop(url, with_auth=False, foreign=False, redirected=False, what=what)
+
+    def _hop(self, url: str, *, with_auth: bool, foreign: bool, redirected: bool, what: str) -> bool:
+        """THE origin policy, applied to every request and to every redirect hop; returns whether
+        this hop carries the client's credentials.
+
+        * ``foreign=False`` (the FHIR API: searches, next links, reads, writes, Bulk kick-off and
+          status): the hop must be on the base origin, else `CrossOriginRefused` — nothing is
+          sent to another origin, so a hostile page cannot point the client at internal hosts.
+        * ``foreign=True`` (Bulk output files, which may live on storage elsewhere): any origin,
+          but credentials only on the base origin and the listed `credential_origins`; a file
+          that needs them on an unlisted origin is refused, a redirect elsewhere drops them,
+          and plain http is refused off loopback (unless ``allow_insecure_http``).
+        """
+        where = origin(url)
+        if not foreign:
+            if where != self.origin:
+                raise CrossOriginRefused(
+                    f"{what} points at another origin ({where or 'an unparseable URL'}) than the FHIR "
+                    f"server ({self.origin}); refused, nothing was sent there: a FHIR server's own "
+                    "pages, status URLs and redirects stay on its origin (if the server is reachable "
+                    "under that address, configure that as the server URL)."
+                )
+            return with_auth
+        if urlsplit(url).scheme != "https" and not is_loopback(url) and not self.allow_insecure_http:
+            raise CrossOriginRefused(
+                f"{what} is on plain http ({where}) off loopback; refused (--allow-insecure-http "
+                "to accept)."
+            )
+        trusted = where in self.credential_origins
+        if with_auth and not trusted and not redirected:
+            raise CrossOriginRefused(
+                f"{what} is on another origin ({where}) and needs the access token "
+                "(requiresAccessToken: true); refused, the token is sent only to the FHIR server "
+                f"({self.origin}) and the origins listed in bulk_file_origins."
+            )
+        return with_auth and trusted
+
+    def _read_capped(self, resp: requests.Response, method: str, url: str) -> None:
+        """Load the body of a streamed response, refusing more than `max_response_bytes` (counted
+        after Content-Encoding decoding, so a gzip bomb stops at the cap too)."""
+        cap = self.max_response_bytes
+        declared = resp.headers.get("Content-Length", "")
+        too_big = ResponseTooLarge(
+            f"{method} {_path(url)}: the response is larger than {cap:,} bytes "
+            "(max_response_mb); refused."
+        )
+        if declared.isdigit() and int(declared) > cap:
+            resp.close()
+            raise too_big
+        chunks: list[bytes] = []
+        size = 0
+        try:
+            for chunk in resp.iter_content(READ_CHUNK):
+                size += len(chunk)
+                if size > cap:
+                    raise too_big
+                chunks.append(chunk)
+        finally:
+            resp.close()
+        resp._content = b"".join(chunks)
+        resp._content_consumed = True
 
     def _send(
         self,
@@ -674,13 +981,18 @@ class FhirClient:
         headers: Mapping[str, str] | None = None,
         stream: bool = False,
         with_auth: bool = True,
+        foreign: bool = False,
+        what: str | None = None,
     ) -> requests.Response:
-        """Send one logical request: retries, Retry-After, 401 refresh, status → exception."""
+        """Send one logical request: origin policy, redirects, retries, Retry-After, 401 refresh,
+        body cap, status → exception."""
         start = time.monotonic()
         slept = 0.0
         retry = 0
         refreshed = False
         names = _param_names(url, params)
+        current, current_params, hops = url, params, 0
+        label = what or f"{method} {_path(url)}"
 
         def wait_or_give_up(delay: float, failure: str, status: int | None, diag: str | None) -> None:
             nonlocal slept, retry
@@ -704,30 +1016,37 @@ class FhirClient:
             if body is not None:
                 hdrs["Content-Type"] = FHIR_JSON
             hdrs.update(headers or {})
-            if with_auth and self.auth is not None:
+            credentials = self._hop(
+                current, with_auth=with_auth, foreign=foreign, redirected=hops > 0, what=label
+            )
+            if credentials and self.auth is not None:
                 self.auth.apply(hdrs)
             else:
                 hdrs.pop("Authorization", None)
-            log.debug("%s %s params=%s", method, _path(url), names)
+            log.debug("%s %s params=%s", method, _path(current), names)
             remaining = self.total_time_cap - max(time.monotonic() - start, slept)
             self.requests_made += 1
             try:
                 resp = self.session.request(
                     method,
-                    url,
-                    params=params,
+                    current,
+                    params=current_params,
                     data=body,
                     headers=hdrs,
                     timeout=min(self.timeout, max(remaining, 1.0)),
-                    stream=stream,
+                    stream=True,
+                    allow_redirects=False,
+                    verify=self.verify,
                     auth=_no_netrc,
                 )
-            except (requests.ConnectionError, requests.Timeout) as exc:
+                if resp.status_code not in REDIRECT_STATUSES and (not stream or resp.status_code >= 400):
+                    self._read_capped(resp, method, current)
+            except _TRANSPORT_ERRORS as exc:
                 reason = _transport_reason(exc)
                 if isinstance(exc, requests.Timeout) and not isinstance(exc, requests.ConnectTimeout):
                     reason = f"no answer within {self.timeout:g}s"
-                where = self._where(url)
-                failure = f"cannot reach FHIR server at {where}: {method} {_path(url)}: {reason}"
+                where = self._where(current)
+                failure = f"cannot reach FHIR server at {where}: {method} {_path(current)}: {reason}"
                 if method not in IDEMPOTENT_TRANSPORT and not _connected_never(exc):
                     # The write may have reached the server; leave the decision to the caller.
                     raise ServerUnavailable(failure + ".") from exc
@@ -735,10 +1054,28 @@ class FhirClient:
                 continue
 
             status = resp.status_code
-            if status == 401 and with_auth and self.auth is not None and not refreshed:
+            location = resp.headers.get("Location")
+            if status in REDIRECT_STATUSES and location:
+                resp.close()
+                target = urljoin(resp.url or current, location.strip())
+                if body is not None:
+                    raise CrossOriginRefused(
+                        f"{method} {_path(current)} answered HTTP {status} (redirect to "
+                        f"{origin(target)}{_path(target)}); writes are never redirected (the body "
+                        "holds patient data) — configure the server URL it points at."
+                    )
+                if hops >= MAX_REDIRECTS:
+                    raise FhirOperationOutcome(
+                        f"{method} {_path(url)}: more than {MAX_REDIRECTS} redirects.", status
+                    )
+                log.debug("%s %s: HTTP %d redirect to %s", method, _path(current), status, _path(target))
+                current, current_params, hops = target, None, hops + 1
+                label = f"a redirect of {what or f'{method} {_path(url)}'}"
+                continue
+            if status == 401 and credentials and self.auth is not None and not refreshed:
                 refreshed = True
                 if self.auth.on_unauthorized():
-                    log.info("%s %s: 401, credentials refreshed; resending once", method, _path(url))
+                    log.info("%s %s: 401, credentials refreshed; resending once", method, _path(current))
                     resp.close()
                     continue
             if status < 400:
@@ -746,9 +1083,9 @@ class FhirClient:
 
             retryable = status in RETRY_ANY_METHOD or (status in RETRY_GET_ONLY and method == "GET")
             if not retryable:
-                raise self._error(method, url, resp)
+                raise self._error(method, current, resp)
             diag, _ = _diagnostics(resp)
-            failure = _message(method, url, resp, diag)
+            failure = _message(method, current, resp, diag)
             resp.close()
             delay = retry_after_seconds(resp.headers.get("Retry-After"))
             wait_or_give_up(self._backoff(retry) if delay is None else delay, failure, status, diag)

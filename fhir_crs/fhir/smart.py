@@ -35,7 +35,8 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from jwt.algorithms import ECAlgorithm, RSAAlgorithm
 
 from ..errors import ConfigError, FhirAuthError, FhirNotFound, FhirServerError
-from .client import FhirClient, ServerUnavailable
+from ..logs import note_secret
+from .client import FhirClient, ServerUnavailable, origin, require_secure_url
 
 if TYPE_CHECKING:
     from ..config import RunConfig
@@ -125,6 +126,7 @@ class SmartBackendAuth:
             normally `FhirClient.post_form` of a client whose auth is *not* this object.
         clock: seconds since the epoch (injectable for tests).
         refresh_margin: re-mint when less than this many seconds of the token are left.
+        allow_insecure_http: accept a non-loopback ``http://`` token URL (refused by default).
 
     Thread-safe: one token is shared by all threads; minting is serialised.
 
@@ -144,6 +146,7 @@ class SmartBackendAuth:
         post_form: PostForm,
         clock: Callable[[], float] = time.time,
         refresh_margin: float = 30.0,
+        allow_insecure_http: bool = False,
     ) -> None:
         if not client_id or not client_id.strip():
             raise ConfigError("SMART client_id is empty.")
@@ -154,6 +157,8 @@ class SmartBackendAuth:
         parts = urlsplit(token_url or "")
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ConfigError("SMART token URL must be an absolute http(s) URL.")
+        # The signed assertion (and the token coming back) must not cross a network in clear.
+        require_secure_url(token_url, "SMART token endpoint", allow_insecure_http=allow_insecure_http)
         if not scope or not scope.strip():
             raise ConfigError("SMART scope is empty; name the system/... scopes to request.")
         self.client_id = client_id.strip()
@@ -221,6 +226,7 @@ class SmartBackendAuth:
 
     def _mint(self) -> None:
         client_assertion = self.assertion()
+        note_secret(client_assertion)
         form = {
             "grant_type": "client_credentials",
             "client_assertion_type": ASSERTION_TYPE,
@@ -255,6 +261,7 @@ class SmartBackendAuth:
         lifetime = lifetime or DEFAULT_EXPIRES_IN
         now = self._clock()
         self._token = str(body["access_token"])
+        note_secret(self._token)
         self._expires_at = now + lifetime
         # Very short-lived tokens: refresh at half-life rather than on every request.
         self._margin = min(self.refresh_margin, lifetime / 2)
@@ -271,7 +278,8 @@ def discover_token_url(
     client: FhirClient, base: str | None = None, *, alg: str | None = None
 ) -> str:
     """``token_endpoint`` from ``[base]/.well-known/smart-configuration`` (fetched without
-    credentials).
+    credentials, on the FHIR server's own origin only — also across redirects; the endpoint it
+    names must be https unless loopback, checked by `SmartBackendAuth`).
 
     When the document lists ``token_endpoint_auth_methods_supported`` it must include
     ``private_key_jwt``; when it lists ``token_endpoint_auth_signing_alg_values_supported`` and
@@ -282,6 +290,11 @@ def discover_token_url(
     """
     root = (base or client.base_url).rstrip("/")
     url = f"{root}/.well-known/smart-configuration"
+    if origin(url) != client.origin:
+        raise ConfigError(
+            f"SMART discovery at {origin(url)} is not on the FHIR server's origin ({client.origin}); "
+            "the token endpoint is only discovered from the server itself — set token_url."
+        )
     try:
         doc = client.get_json_url(url, with_auth=False)
     except FhirNotFound as exc:
@@ -330,11 +343,13 @@ def _private_key_text(cfg: RunConfig, env: Mapping[str, str]) -> str:
     return text
 
 
-def _oneshot_post_form(timeout: float) -> PostForm:
+def _oneshot_post_form(timeout: float, allow_insecure_http: bool, ca_bundle: str | None) -> PostForm:
     """Token requests on a short-lived connection of their own (no shared client at hand)."""
 
     def post(url: str, data: dict[str, str]) -> tuple[int, dict[str, Any] | None]:
-        with FhirClient(url, auth=None, timeout=timeout) as token_client:
+        with FhirClient(
+            url, auth=None, timeout=timeout, allow_insecure_http=allow_insecure_http, ca_bundle=ca_bundle
+        ) as token_client:
             return token_client.post_form(url, data)
 
     return post
@@ -370,6 +385,7 @@ def smart_auth_from_config(
     if cfg.jwt_alg not in SUPPORTED_ALGS:
         raise ConfigError(f"jwt_alg '{cfg.jwt_alg}' is not supported; use RS384 or ES384.")
     pem = _private_key_text(cfg, env)
+    note_secret(*(line for line in pem.splitlines() if "-----" not in line))
     token_url = cfg.token_url
     if not token_url:
         if not cfg.server:
@@ -386,10 +402,14 @@ def smart_auth_from_config(
                 timeout=cfg.timeout,
                 max_retries=cfg.max_retries,
                 total_time_cap=cfg.total_time_cap,
+                allow_insecure_http=cfg.allow_insecure_http,
+                ca_bundle=cfg.ca_bundle,
             ) as probe:
                 token_url = discover_token_url(probe, cfg.server, alg=cfg.jwt_alg)
     post_form: PostForm = (
-        client.post_form if client is not None else _oneshot_post_form(cfg.timeout)
+        client.post_form
+        if client is not None
+        else _oneshot_post_form(cfg.timeout, cfg.allow_insecure_http, cfg.ca_bundle)
     )
     return SmartBackendAuth(
         cfg.client_id,
@@ -400,4 +420,5 @@ def smart_auth_from_config(
         scope=cfg.scope,
         post_form=post_form,
         clock=clock,
+        allow_insecure_http=cfg.allow_insecure_http,
     )
