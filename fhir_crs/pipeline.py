@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .events import MappingResult, PatientInfo, Skipped
+from .events import Event, MappingResult, PatientInfo, Skipped
 from .grading import CRS_SYSTEMS, ICANS_SYSTEMS, adjacent
 from .grading.result import SystemResult, iso
 from .mappers import ResourceMapper
@@ -60,7 +60,7 @@ class GradeRun:
     def to_json(self, series: bool = False) -> dict[str, Any]:
         return {
             "cases": [c.to_json(self.settings, series) for c in self.cases],
-            "skipped": [{"resource": s.resource, "reason": s.reason, "code": s.code} for s in self.skipped],
+            "skipped": [skip_json(s) for s in self.skipped],
             "resources_read": self.resources,
             "settings": self.settings.as_dict(),
         }
@@ -81,16 +81,27 @@ def grade_case(tl: CaseTimeline, settings: GradingSettings) -> GradedCase:
     return case
 
 
+def grade_patient(patient: str, events: list[Event], flags: set[str], settings: GradingSettings) -> tuple[list[GradedCase], Skipped | None]:
+    """Every case of one patient, or the named skip when no CAR-T infusion was found."""
+    timelines = build_timelines(patient, events, flags, settings)
+    if not timelines:
+        n = sum(1 for e in events if not isinstance(e, PatientInfo))
+        return [], Skipped(patient, f"no CAR-T infusion (day 0) found; {n} mapped events for this patient not graded", "no_infusion")
+    return [grade_case(tl, settings) for tl in timelines], None
+
+
+def skip_json(s: Skipped) -> dict[str, str]:
+    return {"resource": s.resource, "reason": s.reason, "code": s.code}
+
+
 def grade_mapping(result: MappingResult, settings: GradingSettings, resources: int) -> GradeRun:
     cases: list[GradedCase] = []
     skipped = list(result.skipped)
     for patient in sorted(result.events):
-        events = result.events[patient]
-        timelines = build_timelines(patient, events, result.flags.get(patient, set()), settings)
-        if not timelines:
-            n = sum(1 for e in events if not isinstance(e, PatientInfo))
-            skipped.append(Skipped(patient, f"no CAR-T infusion (day 0) found; {n} mapped events for this patient not graded", "no_infusion"))
-        cases.extend(grade_case(tl, settings) for tl in timelines)
+        graded, skip = grade_patient(patient, result.events[patient], result.flags.get(patient, set()), settings)
+        if skip is not None:
+            skipped.append(skip)
+        cases.extend(graded)
     return GradeRun(cases, skipped, settings, resources)
 
 
@@ -271,3 +282,97 @@ def pull_patient(client: Any, patient_id: str, cfg: Any, settings: GradingSettin
         for case in run.cases:
             writes.append(write_case(client, case, settings, cfg.identifier_system, dry_run=dry_run))
     return PullResult(run, writes, client.requests_made)
+
+
+# ---- flat-memory offline path: map -> patient-hash partitions on disk -> grade each -> stream JSON
+
+@dataclass(slots=True)
+class StreamSummary:
+    """What `stream_grade` wrote, for the CLI's --strict check."""
+
+    cases: int
+    skip_codes: list[str]
+    resources: int
+
+
+def _grade_partition(paths: list[Path], flags: dict[str, set[str]], settings: GradingSettings, series: bool,
+                     out_path: Path) -> tuple[dict[str, tuple[int, int]], list[Skipped], int]:
+    """Grade one partition's patients; their cases go to `out_path` as JSON rendered for the
+    `cases` list. Returns ({patient: (offset, length)}, no-infusion skips, cases)."""
+    from .spill import load_partition, nested_json
+
+    events = load_partition(paths)
+    index: dict[str, tuple[int, int]] = {}
+    skips: list[Skipped] = []
+    n = 0
+    with out_path.open("wb") as fh:
+        for patient, evs in events.items():
+            graded, skip = grade_patient(patient, evs, flags.get(patient, set()), settings)
+            if skip is not None:
+                skips.append(skip)
+            chunk = b",\n    ".join(nested_json(c.to_json(settings, series), 2) for c in graded)
+            index[patient] = (fh.tell(), len(chunk))
+            fh.write(chunk)
+            n += len(graded)
+    for p in paths:
+        p.unlink(missing_ok=True)
+    return index, skips, n
+
+
+def stream_grade(paths: list[Path], out: Any, settings: GradingSettings | None = None, mappings_dir: Path | None = None,
+                 series: bool = False) -> StreamSummary:
+    """`fhir-crs grade PATH... --json` in flat memory: byte for byte the output of
+    `run_paths(...).to_json()`, written to the binary stream `out`.
+
+    Mapping streams the input once; events spill to patient-hash partitions in a private
+    temporary directory (spill.py); each partition (a bounded number of patients) is then
+    loaded, graded and rendered, and the JSON is streamed in patient order. Nothing is written
+    to `out` before the whole input was read, so an input error leaves no partial output."""
+    import tempfile
+
+    from .sources import input_bytes
+    from .spill import SpillingResult, partitions_for, write_grade_json
+
+    code_map = load_code_map(mappings_dir)
+    settings = settings or load_settings(code_map.directory)
+    with tempfile.TemporaryDirectory(prefix="fhir-crs-grade-") as tmp:
+        work = Path(tmp)
+        result = SpillingResult(work, partitions_for(input_bytes(paths)))
+        mapper = ResourceMapper(code_map, result)
+        for item in iter_paths(paths):
+            mapper.add(item)
+            result.maybe_spill()
+        mapper.finish()
+        result.spill()
+        where: dict[str, tuple[Path, int, int]] = {}
+        no_infusion: list[Skipped] = []
+        cases = 0
+        by_part: dict[int, list[str]] = {}
+        for patient in result.patients:
+            by_part.setdefault(result.partition_of(patient), []).append(patient)
+        for part in sorted(by_part):
+            out_path = work / f"cases-{part:04d}.json"
+            flags = {p: result.flags.get(p, set()) for p in by_part[part]}
+            index, skips, n = _grade_partition([result.partition_path(part)], flags, settings, series, out_path)
+            where.update((p, (out_path, off, length)) for p, (off, length) in index.items())
+            no_infusion += skips
+            cases += n
+        no_infusion.sort(key=lambda s: s.resource)
+
+        def rendered() -> Iterable[bytes]:
+            for patient in sorted(where):
+                path, off, length = where[patient]
+                if length:
+                    with path.open("rb") as fh:
+                        fh.seek(off)
+                        yield fh.read(length)
+
+        codes: list[str] = []
+
+        def skipped() -> Iterable[dict[str, str]]:
+            for s in (*result.skipped, *no_infusion):
+                codes.append(s.code)
+                yield skip_json(s)
+
+        write_grade_json(out, rendered(), skipped(), mapper.count, settings.as_dict())
+    return StreamSummary(cases, codes, mapper.count)

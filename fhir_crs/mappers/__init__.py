@@ -46,13 +46,15 @@ def resource_ref(src: SourceResource) -> str:
 
 
 class ResourceMapper:
-    def __init__(self, code_map: CodeMap):
+    def __init__(self, code_map: CodeMap, result: Any = None):
+        """`result` receives the events and skips (a `MappingResult` unless given, e.g. the
+        spilling store of the flat-memory path)."""
         self.code_map = code_map
         self.obs = ObservationMapper(code_map)
         self.meds = MedicationMapper(code_map)
         self.procs = ProcedureMapper(code_map)
         self.conditions = ConditionMapper(code_map)
-        self.result = MappingResult()
+        self.result = MappingResult() if result is None else result
         self.medications: dict[str, dict[str, Any]] = {}
         self._deferred: list[tuple[SourceResource, str, str]] = []
         self.count = 0
