@@ -295,13 +295,13 @@ class StreamSummary:
     resources: int
 
 
-def _grade_partition(paths: list[Path], flags: dict[str, set[str]], settings: GradingSettings, series: bool,
-                     out_path: Path) -> tuple[dict[str, tuple[int, int]], list[Skipped], int]:
+def _grade_partition(paths: list[Path], types: list[type], flags: dict[str, set[str]], settings: GradingSettings,
+                     series: bool, out_path: Path) -> tuple[dict[str, tuple[int, int]], list[Skipped], int]:
     """Grade one partition's patients; their cases go to `out_path` as JSON rendered for the
     `cases` list. Returns ({patient: (offset, length)}, no-infusion skips, cases)."""
     from .spill import load_partition, nested_json
 
-    events = load_partition(paths)
+    events = load_partition(paths, types)
     index: dict[str, tuple[int, int]] = {}
     skips: list[Skipped] = []
     n = 0
@@ -353,7 +353,7 @@ def stream_grade(paths: list[Path], out: Any, settings: GradingSettings | None =
         for part in sorted(by_part):
             out_path = work / f"cases-{part:04d}.json"
             flags = {p: result.flags.get(p, set()) for p in by_part[part]}
-            index, skips, n = _grade_partition([result.partition_path(part)], flags, settings, series, out_path)
+            index, skips, n = _grade_partition([result.partition_path(part)], result.codec.types, flags, settings, series, out_path)
             where.update((p, (out_path, off, length)) for p, (off, length) in index.items())
             no_infusion += skips
             cases += n

@@ -13,6 +13,8 @@ private temporary directory, read back only by it (or its worker processes) and 
 
 from __future__ import annotations
 
+import dataclasses
+import operator
 import pickle
 import zlib
 from collections.abc import Iterable, Iterator
@@ -29,6 +31,29 @@ SPILL_SKIPS = 5_000
 # input bytes per partition: about 25-40 patients of a full ICU course each
 PARTITION_INPUT_BYTES = 12_000_000
 MAX_PARTITIONS = 4096
+
+
+class _Codec:
+    """Events as (type number, field values) for the partition files: pickling a frozen slots
+    dataclass goes through dataclasses' generic __getstate__ (a fields() walk per object),
+    several times slower than taking the values with one attrgetter and calling the class."""
+
+    def __init__(self) -> None:
+        self.types: list[type] = []
+        self._get: dict[type, tuple[int, Any]] = {}
+
+    def encode(self, e: Any) -> tuple[int, tuple[Any, ...]]:
+        entry = self._get.get(type(e))
+        if entry is None:
+            cls = type(e)
+            names = [f.name for f in dataclasses.fields(cls)]
+            entry = self._get[cls] = (len(self.types), operator.attrgetter(*names))
+            self.types.append(cls)
+        code, getter = entry
+        return code, getter(e)
+
+    def decode(self, code: int, values: tuple[Any, ...]) -> Any:
+        return self.types[code](*values)
 
 
 def partition_of(patient: str, partitions: int) -> int:
@@ -105,6 +130,7 @@ class SpillingResult:
         self._buffers: dict[int, list[tuple[str, Event]]] = {}
         self._buffered = 0
         self._part_cache: dict[str, int] = {}
+        self.codec = _Codec()
 
     def partition_path(self, part: int, tag: str | None = None) -> Path:
         return self.directory / f"events-{part:04d}{self.tag if tag is None else tag}.pickle"
@@ -132,8 +158,9 @@ class SpillingResult:
             self.skipped.spill()
 
     def spill_events(self) -> None:
+        enc = self.codec.encode
         for part, items in self._buffers.items():
-            _append_pickle(self.partition_path(part), items)
+            _append_pickle(self.partition_path(part), [(patient, *enc(e)) for patient, e in items])
         self._buffers.clear()
         self._buffered = 0
 
@@ -142,14 +169,17 @@ class SpillingResult:
         self.skipped.spill()
 
 
-def load_partition(paths: Iterable[Path]) -> dict[str, list[Event]]:
+def load_partition(paths: Iterable[Path], types: list[type]) -> dict[str, list[Event]]:
     """The events of one partition grouped by patient, each patient's in input order (the files
-    are given in input order)."""
+    are given in input order); `types` is the writer's codec table (`SpillingResult.codec.types`)."""
     out: dict[str, list[Event]] = {}
     for path in paths:
         for batch in _read_pickles(path):
-            for patient, event in batch:
-                out.setdefault(patient, []).append(event)
+            for patient, code, values in batch:
+                events = out.get(patient)
+                if events is None:
+                    events = out[patient] = []
+                events.append(types[code](*values))
     return out
 
 

@@ -78,18 +78,26 @@ def test_events_are_not_held_in_memory(tmp_path: Path, monkeypatch: pytest.Monke
         mapper.add(item)
         result.maybe_spill()
         peak = max(peak, result._buffered)
+    streamed_before_finish = sum(1 for part in range(5) for _ in _records(result.partition_path(part))) + result._buffered
     mapper.finish()
     result.spill()
+    total = sum(1 for part in range(5) for _ in _records(result.partition_path(part)))
     assert peak < 50 + 20  # one resource yields a handful of events at most
+    # the mapper hands events over as it reads (it does not hold them back until the end)
+    assert streamed_before_finish >= 0.95 * total
     reference = run_paths([PICU])
     loaded: dict[str, list[object]] = {}
     for part in range(5):
-        loaded.update(spill.load_partition([result.partition_path(part)]))
+        loaded.update(spill.load_partition([result.partition_path(part)], result.codec.types))
     from fhir_crs.pipeline import map_items
 
     expected, _ = map_items(iter_paths([PICU]), load_code_map(None))
     assert loaded == expected.events
     assert {c.timeline.patient for c in reference.cases} <= set(loaded)
+
+
+def _records(path: Path) -> list[object]:
+    return [r for batch in spill._read_pickles(path) for r in batch]
 
 
 def test_skip_log_spills_and_rolls_back_only_unspilled_entries(tmp_path: Path) -> None:
