@@ -62,6 +62,7 @@ class GradeRun:
             "cases": [c.to_json(self.settings, series) for c in self.cases],
             "skipped": [skip_json(s) for s in self.skipped],
             "resources_read": self.resources,
+            "resources_used": self.resources - len(self.skipped),
             "settings": self.settings.as_dict(),
         }
 
@@ -81,13 +82,16 @@ def grade_case(tl: CaseTimeline, settings: GradingSettings) -> GradedCase:
     return case
 
 
-def grade_patient(patient: str, events: list[Event], flags: set[str], settings: GradingSettings) -> tuple[list[GradedCase], Skipped | None]:
-    """Every case of one patient, or the named skip when no CAR-T infusion was found."""
+def grade_patient(patient: str, events: list[Event], flags: set[str], refs: list[str],
+                  settings: GradingSettings) -> tuple[list[GradedCase], list[Skipped]]:
+    """Every case of one patient; when no CAR-T infusion was found, one skip per resource of the
+    patient that was read but not graded (`refs`), so counts add up."""
     timelines = build_timelines(patient, events, flags, settings)
     if not timelines:
         n = sum(1 for e in events if not isinstance(e, PatientInfo))
-        return [], Skipped(patient, f"no CAR-T infusion (day 0) found; {n} mapped events for this patient not graded", "no_infusion")
-    return [grade_case(tl, settings) for tl in timelines], None
+        return [], [Skipped(ref, f"no CAR-T infusion (day 0) found for its patient: {patient}, {n} mapped events not graded", "no_infusion")
+                    for ref in refs]
+    return [grade_case(tl, settings) for tl in timelines], []
 
 
 def skip_json(s: Skipped) -> dict[str, str]:
@@ -98,9 +102,9 @@ def grade_mapping(result: MappingResult, settings: GradingSettings, resources: i
     cases: list[GradedCase] = []
     skipped = list(result.skipped)
     for patient in sorted(result.events):
-        graded, skip = grade_patient(patient, result.events[patient], result.flags.get(patient, set()), settings)
-        if skip is not None:
-            skipped.append(skip)
+        graded, skips = grade_patient(patient, result.events[patient], result.flags.get(patient, set()),
+                                      result.sources.get(patient, []), settings)
+        skipped.extend(skips)
         cases.extend(graded)
     return GradeRun(cases, skipped, settings, resources)
 
@@ -298,27 +302,26 @@ class StreamSummary:
     resources: int
 
 
-def _grade_partition(paths: list[Path], types: list[type], flags: dict[str, set[str]], settings: GradingSettings,
-                     series: bool, out_path: Path) -> tuple[dict[str, tuple[int, int]], list[Skipped], int]:
-    """Grade one partition's patients; their cases go to `out_path` as JSON rendered for the
-    `cases` list. Returns ({patient: (offset, length)}, no-infusion skips, cases)."""
-    from .spill import load_partition, nested_json
+def _grade_partition(store: Any, part: int, settings: GradingSettings, series: bool,
+                     out_path: Path) -> tuple[dict[str, tuple[int, int]], list[tuple[str, list[Skipped]]], int]:
+    """Grade one patient partition; its cases go to `out_path` as JSON rendered for the `cases`
+    list. Returns ({patient: (offset, length)}, [(patient, no-infusion skips)], cases)."""
+    from .spill import nested_json
 
-    events = load_partition(paths, types)
+    events, sources = store.load_patients(part)
     index: dict[str, tuple[int, int]] = {}
-    skips: list[Skipped] = []
+    skips: list[tuple[str, list[Skipped]]] = []
     n = 0
     with out_path.open("wb") as fh:
         for patient, evs in events.items():
-            graded, skip = grade_patient(patient, evs, flags.get(patient, set()), settings)
-            if skip is not None:
-                skips.append(skip)
+            graded, none_found = grade_patient(patient, evs, store.flags.get(patient, set()), sources.get(patient, []), settings)
+            if none_found:
+                skips.append((patient, none_found))
             chunk = b",\n    ".join(nested_json(c.to_json(settings, series), 2) for c in graded)
             index[patient] = (fh.tell(), len(chunk))
             fh.write(chunk)
             n += len(graded)
-    for p in paths:
-        p.unlink(missing_ok=True)
+    store.drop_patients(part)
     return index, skips, n
 
 
@@ -327,40 +330,38 @@ def stream_grade(paths: list[Path], out: Any, settings: GradingSettings | None =
     """`fhir-crs grade PATH... --json` in flat memory: byte for byte the output of
     `run_paths(...).to_json()`, written to the binary stream `out`.
 
-    Mapping streams the input once; events spill to patient-hash partitions in a private
-    temporary directory (spill.py); each partition (a bounded number of patients) is then
-    loaded, graded and rendered, and the JSON is streamed in patient order. Nothing is written
-    to `out` before the whole input was read, so an input error leaves no partial output."""
+    1. map: every mapped copy of every resource goes to a Type/id-hash partition on disk;
+    2. settle: per Type/id partition, each resource's winning version (spill.py,
+       `ResourceMapper.settle`) goes to a patient-hash partition, skips to sorted runs;
+    3. grade: per patient partition (a bounded number of patients), then stream the JSON in
+       patient order. Nothing is written to `out` before the whole input was read, so an input
+       error leaves no partial output."""
     import tempfile
 
     from .sources import input_bytes
-    from .spill import SpillingResult, partitions_for, write_grade_json
+    from .spill import SpillStore, partitions_for, write_grade_json
 
     code_map = load_code_map(mappings_dir)
     settings = settings or load_settings(code_map.directory)
     with tempfile.TemporaryDirectory(prefix="fhir-crs-grade-") as tmp:
         work = Path(tmp)
-        result = SpillingResult(work, partitions_for(input_bytes(paths)))
-        mapper = ResourceMapper(code_map, result)
+        store = SpillStore(work, partitions_for(input_bytes(paths)))
+        mapper = ResourceMapper(code_map, store, spill=store.spill_kept)
         for item in iter_paths(paths):
             mapper.add(item)
-            result.maybe_spill()
+            store.maybe_spill()
         mapper.finish()
-        result.spill()
+        store.settle(mapper)
         where: dict[str, tuple[Path, int, int]] = {}
-        no_infusion: list[Skipped] = []
+        no_infusion: list[tuple[str, list[Skipped]]] = []
         cases = 0
-        by_part: dict[int, list[str]] = {}
-        for patient in result.patients:
-            by_part.setdefault(result.partition_of(patient), []).append(patient)
-        for part in sorted(by_part):
+        for part in store.patient_partitions():
             out_path = work / f"cases-{part:04d}.json"
-            flags = {p: result.flags.get(p, set()) for p in by_part[part]}
-            index, skips, n = _grade_partition([result.partition_path(part)], result.codec.types, flags, settings, series, out_path)
+            index, skips, n = _grade_partition(store, part, settings, series, out_path)
             where.update((p, (out_path, off, length)) for p, (off, length) in index.items())
             no_infusion += skips
             cases += n
-        no_infusion.sort(key=lambda s: s.resource)
+        no_infusion.sort(key=lambda x: x[0])
 
         def rendered() -> Iterable[bytes]:
             for patient in sorted(where):
@@ -373,9 +374,10 @@ def stream_grade(paths: list[Path], out: Any, settings: GradingSettings | None =
         codes: list[str] = []
 
         def skipped() -> Iterable[dict[str, str]]:
-            for s in (*result.skipped, *no_infusion):
+            for s in store.skips(s for _, group in no_infusion for s in group):
                 codes.append(s.code)
                 yield skip_json(s)
 
-        write_grade_json(out, rendered(), skipped(), mapper.count, settings.as_dict())
+        write_grade_json(out, rendered(), skipped(), lambda n_skipped: {
+            "resources_read": mapper.count, "resources_used": mapper.count - n_skipped, "settings": settings.as_dict()})
     return StreamSummary(cases, codes, mapper.count)

@@ -1,11 +1,12 @@
 """Flat-memory grading of large inputs (a Bulk export of thousands of patients).
 
-The mappers' events go to patient-hash partitions on disk instead of one in-memory dict
-(`SpillingResult`); the skip list goes to a log on disk as it grows (`SkipLog`). Grading then
-reads one partition at a time — a bounded number of patients' events — and writes each patient's
-cases as finished JSON to a per-partition file; `write_grade_json` streams the grade contract
-from those files in patient order. What stays in memory for the whole run is per patient a few
-bytes of index (file, offset, length) and its flag set, never its events.
+The mappers' output goes to partitions on disk instead of memory (`SpillStore`): first by
+Type/id (so that the latest version of each resource can be picked one partition at a time),
+then by patient. Grading reads one patient partition at a time — a bounded number of patients'
+events — and writes each patient's cases as finished JSON to a per-partition file;
+`write_grade_json` streams the grade contract from those files in patient order. What stays in
+memory for the whole run is per patient a few bytes of index (file, offset, length) and its
+flag set, never its events.
 
 Partition files are pickles of (patient, event) batches written by this process for itself in a
 private temporary directory, read back only by it (or its worker processes) and deleted at exit.
@@ -14,10 +15,11 @@ private temporary directory, read back only by it (or its worker processes) and 
 from __future__ import annotations
 
 import dataclasses
+import heapq
 import operator
 import pickle
 import zlib
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import IO, Any
 
@@ -105,6 +107,9 @@ class SkipLog:
             raise IndexError("entries already written to disk")
         del self._tail[start - self._on_disk:]
 
+    def extend(self, items: Iterable[Skipped]) -> None:
+        self._tail.extend(items)
+
     def spill(self) -> None:
         if self._tail:
             _append_pickle(self.path, self._tail)
@@ -117,70 +122,134 @@ class SkipLog:
         yield from self._tail
 
 
-class SpillingResult:
-    """A `MappingResult` whose events live in patient-hash partition files."""
+class SpillStore:
+    """The flat-memory path's mapping result: every mapped copy of every resource goes to a
+    Type/id-hash partition as the mapper hands it over (`spill_kept`); `settle()` then reads one
+    Type/id partition at a time, lets the mapper pick each resource's winning version, and moves
+    the winners' events to patient-hash partitions, the skips to runs sorted by input position.
+    Only the patients' flag sets, and the source-level skips up to `SPILL_SKIPS`, stay in memory."""
 
-    def __init__(self, directory: Path, partitions: int, tag: str = ""):
+    def __init__(self, directory: Path, partitions: int):
         self.directory = directory
         self.partitions = partitions
-        self.tag = tag
-        self.skipped = SkipLog(directory / f"skipped{tag}.pickle")
+        self.skipped = SkipLog(directory / "source-skips.pickle")  # what ResourceMapper.finish() extends
         self.flags: dict[str, set[str]] = {}
-        self.patients: set[str] = set()  # patients with at least one event
-        self._buffers: dict[int, list[tuple[str, Event]]] = {}
-        self._buffered = 0
-        self._part_cache: dict[str, int] = {}
         self.codec = _Codec()
+        self._copies: dict[int, list[tuple[str, Any]]] = {}
+        self._buffered = 0
+        self._patients: dict[int, list[tuple[Any, ...]]] = {}
+        self._patient_parts: set[int] = set()
+        self._runs: dict[str, list[Path]] = {"superseded": [], "winners": []}
 
-    def partition_path(self, part: int, tag: str | None = None) -> Path:
-        return self.directory / f"events-{part:04d}{self.tag if tag is None else tag}.pickle"
+    def _path(self, kind: str, part: int) -> Path:
+        return self.directory / f"{kind}-{part:04d}.pickle"
 
-    def partition_of(self, patient: str) -> int:
-        part = self._part_cache.get(patient)
-        return partition_of(patient, self.partitions) if part is None else part
-
-    def add(self, patient: str, event: Event) -> None:
-        part = self._part_cache.get(patient)
-        if part is None:
-            part = self._part_cache[patient] = partition_of(patient, self.partitions)
-            self.patients.add(patient)
-        self._buffers.setdefault(part, []).append((patient, event))
-        self._buffered += 1
-
-    def flag(self, patient: str, name: str) -> None:
-        self.flags.setdefault(patient, set()).add(name)
+    # -- 1. map ---------------------------------------------------------------------------------
+    def spill_kept(self, ref: str, kept: Any) -> None:
+        self._copies.setdefault(partition_of(ref, self.partitions), []).append((ref, kept))
+        self._buffered += 1 + len(kept.events)
 
     def maybe_spill(self) -> None:
-        """Between resources: write buffered events / skips once the buffers are full."""
+        """Between resources: write buffered copies / skips once the buffers are full."""
         if self._buffered >= SPILL_EVENTS:
-            self.spill_events()
+            self._spill_copies()
         if len(self.skipped._tail) >= SPILL_SKIPS:
             self.skipped.spill()
 
-    def spill_events(self) -> None:
+    def _spill_copies(self) -> None:
         enc = self.codec.encode
-        for part, items in self._buffers.items():
-            _append_pickle(self.partition_path(part), [(patient, *enc(e)) for patient, e in items])
-        self._buffers.clear()
+        for part, items in self._copies.items():
+            _append_pickle(self._path("copies", part), [
+                (ref, k.key, k.version, k.ref, k.patient, [enc(e) for e in k.events], k.skipped,
+                 k.flags or None, k.deferred) for ref, k in items])
+        self._copies.clear()
         self._buffered = 0
 
-    def spill(self) -> None:
-        self.spill_events()
+    # -- 2. settle ------------------------------------------------------------------------------
+    def settle(self, mapper: Any) -> None:
+        """Each Type/id's winner (`mapper.settle`), one Type/id partition at a time."""
+        from .mappers import _Kept
+
+        self._spill_copies()
         self.skipped.spill()
+        types = self.codec.types
+        for part in range(self.partitions):
+            path = self._path("copies", part)
+            groups: dict[str, list[Any]] = {}
+            for batch in _read_pickles(path):
+                for ref, key, version, cited, patient, events, skipped, flags, deferred in batch:
+                    k = _Kept(key, version, cited, patient, [types[c](*v) for c, v in events], skipped,
+                              set(flags) if flags else set(), deferred)
+                    groups.setdefault(ref, []).append(k)
+            path.unlink(missing_ok=True)
+            superseded: list[tuple[int, Skipped]] = []
+            winners: list[tuple[int, Skipped]] = []
+            for ref, copies in groups.items():
+                w, lost = mapper.settle(ref, copies)
+                superseded += lost
+                if w.patient is not None and w.flags:
+                    self.flags.setdefault(w.patient, set()).update(w.flags)
+                if w.skipped is not None:
+                    winners.append((w.key[2], w.skipped))
+                elif w.patient is not None:
+                    self._add_patient(w)
+            self._write_run("superseded", part, superseded)
+            self._write_run("winners", part, winners)
+            if self._buffered >= SPILL_EVENTS:
+                self._spill_patients()
+        self._spill_patients()
 
+    def _add_patient(self, w: Any) -> None:
+        enc = self.codec.encode
+        part = partition_of(w.patient, self.partitions)
+        self._patients.setdefault(part, []).append((w.key[2], w.patient, w.ref, [enc(e) for e in w.events]))
+        self._buffered += 1 + len(w.events)
 
-def load_partition(paths: Iterable[Path], types: list[type]) -> dict[str, list[Event]]:
-    """The events of one partition grouped by patient, each patient's in input order (the files
-    are given in input order); `types` is the writer's codec table (`SpillingResult.codec.types`)."""
-    out: dict[str, list[Event]] = {}
-    for path in paths:
-        for batch in _read_pickles(path):
-            for patient, code, values in batch:
-                events = out.get(patient)
-                if events is None:
-                    events = out[patient] = []
-                events.append(types[code](*values))
-    return out
+    def _spill_patients(self) -> None:
+        for part, items in self._patients.items():
+            _append_pickle(self._path("patients", part), items)
+            self._patient_parts.add(part)
+        self._patients.clear()
+        self._buffered = 0
+
+    def _write_run(self, kind: str, part: int, items: list[tuple[int, Skipped]]) -> None:
+        if not items:
+            return
+        items.sort(key=lambda x: x[0])
+        path = self._path(kind, part)
+        for i in range(0, len(items), SPILL_SKIPS):
+            _append_pickle(path, items[i:i + SPILL_SKIPS])
+        self._runs[kind].append(path)
+
+    # -- 3. grade -------------------------------------------------------------------------------
+    def patient_partitions(self) -> list[int]:
+        return sorted(self._patient_parts)
+
+    def load_patients(self, part: int) -> tuple[dict[str, list[Event]], dict[str, list[str]]]:
+        """The events and resource refs of one patient partition, each patient's in input order."""
+        types = self.codec.types
+        records = [r for batch in _read_pickles(self._path("patients", part)) for r in batch]
+        records.sort(key=lambda r: r[0])
+        events: dict[str, list[Event]] = {}
+        sources: dict[str, list[str]] = {}
+        for _seq, patient, ref, evs in records:
+            if evs:  # a patient is graded when it has events (as in MappingResult.events)
+                events.setdefault(patient, []).extend(types[c](*v) for c, v in evs)
+            sources.setdefault(patient, []).append(ref)
+        return events, sources
+
+    def drop_patients(self, part: int) -> None:
+        self._path("patients", part).unlink(missing_ok=True)
+
+    def skips(self, tail: Iterable[Skipped]) -> Iterator[Skipped]:
+        """Every skip in the order ResourceMapper.finish() + grade_mapping() list them: source
+        level, superseded copies, the winners' own skips (each by input position), then `tail`."""
+        yield from self.skipped
+        for kind in ("superseded", "winners"):
+            runs = [(s for batch in _read_pickles(p) for s in batch) for p in self._runs[kind]]
+            for _, s in heapq.merge(*runs, key=lambda x: x[0]):
+                yield s
+        yield from tail
 
 
 def nested_json(value: Any, level: int) -> bytes:
@@ -201,11 +270,22 @@ def _write_list(out: IO[bytes], key: str, chunks: Iterable[bytes], last: bool = 
 
 
 def write_grade_json(out: IO[bytes], cases: Iterable[bytes], skipped: Iterable[dict[str, Any]],
-                     resources: int, settings: dict[str, Any]) -> None:
+                     rest: Callable[[int], dict[str, Any]]) -> None:
     """The grade contract, byte for byte what `orjson.dumps(run.to_json(), OPT_INDENT_2)` + a
-    newline prints, written piece by piece: `cases` are cases rendered by `nested_json(c, 2)`."""
+    newline prints, written piece by piece: `cases` are cases rendered by `nested_json(c, 2)`;
+    `rest(number of skips)` gives the keys that follow the skip list, in order."""
     out.write(b"{\n")
     _write_list(out, "cases", cases)
-    _write_list(out, "skipped", (nested_json(s, 2) for s in skipped))
-    out.write(b'  "resources_read": ' + orjson.dumps(resources) + b",\n")
-    out.write(b'  "settings": ' + nested_json(settings, 1) + b"\n}\n")
+    n = 0
+
+    def counted() -> Iterator[bytes]:
+        nonlocal n
+        for s in skipped:
+            n += 1
+            yield nested_json(s, 2)
+
+    _write_list(out, "skipped", counted())
+    tail = rest(n)
+    for i, (key, value) in enumerate(tail.items()):
+        out.write(b'  "' + key.encode() + b'": ' + nested_json(value, 1) + (b"\n" if i == len(tail) - 1 else b",\n"))
+    out.write(b"}\n")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import jsonschema
 import pytest
@@ -100,4 +101,19 @@ def test_contract_copies_match_shared():
     if not shared.is_dir():
         pytest.skip("../shared/contracts is absent: cannot compare the project's copy of the schemas")
     for f in CONTRACTS.glob("*.json"):
-        assert json.loads(f.read_text()) == json.loads((shared / f.name).read_text()), f.name
+        problems = _extension_problems(json.loads((shared / f.name).read_text()), json.loads(f.read_text()))
+        assert not problems, f"{f.name}: {problems}"
+
+
+def _extension_problems(shared: Any, local: Any, path: str = "$") -> list[str]:
+    """The project's copy may only EXTEND the shared contract (an issue adds an optional key):
+    every shared key is kept with the same meaning; new keys only under `properties` / `$defs`."""
+    if isinstance(shared, dict) and isinstance(local, dict):
+        out = [f"{path}.{k} removed" for k in shared if k not in local]
+        for k in shared:
+            if k in local:
+                out += _extension_problems(shared[k], local[k], f"{path}.{k}")
+        if not path.endswith((".properties", ".$defs")):
+            out += [f"{path}.{k} added outside properties" for k in local if k not in shared]
+        return out
+    return [] if shared == local else [f"{path} changed"]

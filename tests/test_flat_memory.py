@@ -55,45 +55,59 @@ def test_cli_json_streams_the_same_bytes(tiny_buffers: None) -> None:
     assert res.stdout_bytes == in_memory([VIGNETTES])
 
 
-def test_no_cases_and_no_skips_render_like_orjson(tmp_path: Path) -> None:
+def test_no_cases_and_no_skips_render_like_orjson() -> None:
     """Empty lists are printed `[]`, as orjson prints them."""
     out = io.BytesIO()
-    spill.write_grade_json(out, iter(()), iter(()), 0, {"a": [1, {"b": None}], "c": {}})
-    assert out.getvalue() == orjson.dumps({"cases": [], "skipped": [], "resources_read": 0, "settings": {"a": [1, {"b": None}], "c": {}}},
-                                          option=orjson.OPT_INDENT_2) + b"\n"
+    spill.write_grade_json(out, iter(()), iter(()), lambda n: {"resources_read": 0, "resources_used": -n,
+                                                               "settings": {"a": [1, {"b": None}], "c": {}}})
+    assert out.getvalue() == orjson.dumps({"cases": [], "skipped": [], "resources_read": 0, "resources_used": 0,
+                                           "settings": {"a": [1, {"b": None}], "c": {}}}, option=orjson.OPT_INDENT_2) + b"\n"
+
+
+def test_every_copy_twice_settles_like_the_in_memory_mapper(tiny_buffers: None, tmp_path: Path) -> None:
+    """The same export read twice, and a resource in two versions in different files: the
+    flat-memory path picks the same winners and names the same superseded copies, in order."""
+    newer = tmp_path / "z-newer.json"
+    obs = orjson.loads((VIGNETTES / "V01.json").read_bytes())
+    entry = next(e for e in obs["entry"] if e["resource"]["resourceType"] == "Observation")
+    r = dict(entry["resource"], meta={"versionId": "7"})
+    newer.write_bytes(orjson.dumps(r))
+    paths = [VIGNETTES, PICU, VIGNETTES, newer]
+    got = streamed(paths)
+    assert got == in_memory(paths)
+    assert b'"code": "superseded"' in got
 
 
 def test_events_are_not_held_in_memory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The store keeps at most SPILL_EVENTS events buffered between resources; the rest is on disk
-    in partition files, from which each partition reads back in input order."""
+    """While reading, the store keeps at most SPILL_EVENTS events buffered; everything the mapper
+    produced is on disk before the input ends (the mapper does not hold copies back)."""
     from fhir_crs.mappers import ResourceMapper
     from fhir_crs.mapping_files import load_code_map
     from fhir_crs.sources import iter_paths
 
     monkeypatch.setattr(spill, "SPILL_EVENTS", 50)
-    result = spill.SpillingResult(tmp_path, 5)
-    mapper = ResourceMapper(load_code_map(None), result)
+    store = spill.SpillStore(tmp_path, 5)
+    mapper = ResourceMapper(load_code_map(None), store, spill=store.spill_kept)
     peak = 0
+    items = 0
     for item in iter_paths([PICU]):
         mapper.add(item)
-        result.maybe_spill()
-        peak = max(peak, result._buffered)
-    streamed_before_finish = sum(1 for part in range(5) for _ in _records(result.partition_path(part))) + result._buffered
-    mapper.finish()
-    result.spill()
-    total = sum(1 for part in range(5) for _ in _records(result.partition_path(part)))
+        store.maybe_spill()
+        peak = max(peak, store._buffered)
+        items += 1
+    on_disk = sum(1 for part in range(5) for _ in _records(store._path("copies", part))) + sum(len(v) for v in store._copies.values())
     assert peak < 50 + 20  # one resource yields a handful of events at most
-    # the mapper hands events over as it reads (it does not hold them back until the end)
-    assert streamed_before_finish >= 0.95 * total
-    reference = run_paths([PICU])
-    loaded: dict[str, list[object]] = {}
-    for part in range(5):
-        loaded.update(spill.load_partition([result.partition_path(part)], result.codec.types))
+    assert not mapper._kept or all(ref.startswith("Medication/") for ref in mapper._kept)
+    assert on_disk >= 0.9 * items
+    mapper.finish()
+    store.settle(mapper)
     from fhir_crs.pipeline import map_items
 
     expected, _ = map_items(iter_paths([PICU]), load_code_map(None))
+    loaded: dict[str, list[object]] = {}
+    for part in store.patient_partitions():
+        loaded.update(store.load_patients(part)[0])
     assert loaded == expected.events
-    assert {c.timeline.patient for c in reference.cases} <= set(loaded)
 
 
 def _records(path: Path) -> list[object]:
