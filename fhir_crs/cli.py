@@ -146,21 +146,22 @@ def grade(paths: tuple[Path, ...], as_json: bool, show_skips: bool, strict: bool
       fhir-crs grade fixtures/R4/vignettes/V06.json
       fhir-crs grade export/ --json > grades.json
     """
-    from .pipeline import run_paths
+    from .pipeline import run_paths, stream_grade
 
     if series and not as_json:
         raise click.UsageError("--series needs --json (the plotted series are part of the JSON output).")
     settings = load_settings(mappings_dir or default_mappings_dir(), list(overrides))
-    run = run_paths(list(paths), settings, mappings_dir)
-    data = run.to_json(series=series)
     if as_json:
-        sys.stdout.buffer.write(orjson.dumps(data, option=orjson.OPT_INDENT_2) + b"\n")
+        # flat memory: events spill to patient partitions on disk, the JSON is streamed
+        codes = stream_grade(list(paths), sys.stdout.buffer, settings, mappings_dir, series).skip_codes
     else:
+        data = run_paths(list(paths), settings, mappings_dir).to_json(series=series)
         render_out(data, show_skips)
+        codes = [s["code"] for s in data["skipped"]]
     if strict:
         from .events import NOT_A_DATA_PROBLEM
 
-        counted = [s for s in data["skipped"] if s["code"] not in NOT_A_DATA_PROBLEM]
+        counted = [c for c in codes if c not in NOT_A_DATA_PROBLEM]
         if counted:
             click.echo(f"fhir-crs: {len(counted)} resource(s) of types fhir-crs grades skipped (--strict)", err=True)
             sys.exit(7)

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .events import MappingResult, PatientInfo, Skipped
+from .events import Event, MappingResult, PatientInfo, Skipped
 from .grading import CRS_SYSTEMS, ICANS_SYSTEMS, adjacent
 from .grading.result import SystemResult, iso
 from .logs import note_patient
@@ -61,7 +61,7 @@ class GradeRun:
     def to_json(self, series: bool = False) -> dict[str, Any]:
         return {
             "cases": [c.to_json(self.settings, series) for c in self.cases],
-            "skipped": [{"resource": s.resource, "reason": s.reason, "code": s.code} for s in self.skipped],
+            "skipped": [skip_json(s) for s in self.skipped],
             "resources_read": self.resources,
             "resources_used": self.resources - len(self.skipped),
             "settings": self.settings.as_dict(),
@@ -83,19 +83,30 @@ def grade_case(tl: CaseTimeline, settings: GradingSettings) -> GradedCase:
     return case
 
 
+def grade_patient(patient: str, events: list[Event], flags: set[str], refs: list[str],
+                  settings: GradingSettings) -> tuple[list[GradedCase], list[Skipped]]:
+    """Every case of one patient; when no CAR-T infusion was found, one skip per resource of the
+    patient that was read but not graded (`refs`), so counts add up."""
+    timelines = build_timelines(patient, events, flags, settings)
+    if not timelines:
+        n = sum(1 for e in events if not isinstance(e, PatientInfo))
+        return [], [Skipped(ref, f"no CAR-T infusion (day 0) found for its patient: {patient}, {n} mapped events not graded", "no_infusion")
+                    for ref in refs]
+    return [grade_case(tl, settings) for tl in timelines], []
+
+
+def skip_json(s: Skipped) -> dict[str, str]:
+    return {"resource": s.resource, "reason": s.reason, "code": s.code}
+
+
 def grade_mapping(result: MappingResult, settings: GradingSettings, resources: int) -> GradeRun:
     cases: list[GradedCase] = []
     skipped = list(result.skipped)
     for patient in sorted(result.events):
-        events = result.events[patient]
-        timelines = build_timelines(patient, events, result.flags.get(patient, set()), settings)
-        if not timelines:
-            # every resource of this patient is read but not graded: one skip each, so counts add up
-            refs = result.sources.get(patient, [])
-            n = sum(1 for e in events if not isinstance(e, PatientInfo))
-            for ref in refs:
-                skipped.append(Skipped(ref, f"no CAR-T infusion (day 0) found for its patient: {patient}, {n} mapped events not graded", "no_infusion"))
-        cases.extend(grade_case(tl, settings) for tl in timelines)
+        graded, skips = grade_patient(patient, result.events[patient], result.flags.get(patient, set()),
+                                      result.sources.get(patient, []), settings)
+        skipped.extend(skips)
+        cases.extend(graded)
     return GradeRun(cases, skipped, settings, resources)
 
 
@@ -280,3 +291,95 @@ def pull_patient(client: Any, patient_id: str, cfg: Any, settings: GradingSettin
         for case in run.cases:
             writes.append(write_case(client, case, settings, cfg.identifier_system, dry_run=dry_run))
     return PullResult(run, writes, client.requests_made)
+
+
+# ---- flat-memory offline path: map -> patient-hash partitions on disk -> grade each -> stream JSON
+
+@dataclass(slots=True)
+class StreamSummary:
+    """What `stream_grade` wrote, for the CLI's --strict check."""
+
+    cases: int
+    skip_codes: list[str]
+    resources: int
+
+
+def _grade_partition(store: Any, part: int, settings: GradingSettings, series: bool,
+                     out_path: Path) -> tuple[dict[str, tuple[int, int]], list[tuple[str, list[Skipped]]], int]:
+    """Grade one patient partition; its cases go to `out_path` as JSON rendered for the `cases`
+    list. Returns ({patient: (offset, length)}, [(patient, no-infusion skips)], cases)."""
+    from .spill import nested_json
+
+    events, sources = store.load_patients(part)
+    index: dict[str, tuple[int, int]] = {}
+    skips: list[tuple[str, list[Skipped]]] = []
+    n = 0
+    with out_path.open("wb") as fh:
+        for patient, evs in events.items():
+            graded, none_found = grade_patient(patient, evs, store.flags.get(patient, set()), sources.get(patient, []), settings)
+            if none_found:
+                skips.append((patient, none_found))
+            chunk = b",\n    ".join(nested_json(c.to_json(settings, series), 2) for c in graded)
+            index[patient] = (fh.tell(), len(chunk))
+            fh.write(chunk)
+            n += len(graded)
+    store.drop_patients(part)
+    return index, skips, n
+
+
+def stream_grade(paths: list[Path], out: Any, settings: GradingSettings | None = None, mappings_dir: Path | None = None,
+                 series: bool = False) -> StreamSummary:
+    """`fhir-crs grade PATH... --json` in flat memory: byte for byte the output of
+    `run_paths(...).to_json()`, written to the binary stream `out`.
+
+    1. map: every mapped copy of every resource goes to a Type/id-hash partition on disk;
+    2. settle: per Type/id partition, each resource's winning version (spill.py,
+       `ResourceMapper.settle`) goes to a patient-hash partition, skips to sorted runs;
+    3. grade: per patient partition (a bounded number of patients), then stream the JSON in
+       patient order. Nothing is written to `out` before the whole input was read, so an input
+       error leaves no partial output."""
+    import tempfile
+
+    from .sources import input_bytes
+    from .spill import SpillStore, partitions_for, write_grade_json
+
+    code_map = load_code_map(mappings_dir)
+    settings = settings or load_settings(code_map.directory)
+    with tempfile.TemporaryDirectory(prefix="fhir-crs-grade-") as tmp:
+        work = Path(tmp)
+        store = SpillStore(work, partitions_for(input_bytes(paths)))
+        mapper = ResourceMapper(code_map, store, spill=store.spill_kept)
+        for item in iter_paths(paths):
+            mapper.add(item)
+            store.maybe_spill()
+        mapper.finish()
+        store.settle(mapper)
+        where: dict[str, tuple[Path, int, int]] = {}
+        no_infusion: list[tuple[str, list[Skipped]]] = []
+        cases = 0
+        for part in store.patient_partitions():
+            out_path = work / f"cases-{part:04d}.json"
+            index, skips, n = _grade_partition(store, part, settings, series, out_path)
+            where.update((p, (out_path, off, length)) for p, (off, length) in index.items())
+            no_infusion += skips
+            cases += n
+        no_infusion.sort(key=lambda x: x[0])
+
+        def rendered() -> Iterable[bytes]:
+            for patient in sorted(where):
+                path, off, length = where[patient]
+                if length:
+                    with path.open("rb") as fh:
+                        fh.seek(off)
+                        yield fh.read(length)
+
+        codes: list[str] = []
+
+        def skipped() -> Iterable[dict[str, str]]:
+            for s in store.skips(s for _, group in no_infusion for s in group):
+                codes.append(s.code)
+                yield skip_json(s)
+
+        write_grade_json(out, rendered(), skipped(), lambda n_skipped: {
+            "resources_read": mapper.count, "resources_used": mapper.count - n_skipped, "settings": settings.as_dict()})
+    return StreamSummary(cases, codes, mapper.count)

@@ -241,3 +241,12 @@ def iter_paths(paths: Iterable[Path]) -> Iterator[SourceResource | Skipped]:
             raise InputError(f"Input path {p} does not exist.")
     for p in paths:
         yield from iter_path(p)
+
+
+def input_bytes(paths: Iterable[Path]) -> int:
+    """Total size on disk of the files `iter_paths(paths)` reads (compressed size for .gz)."""
+    total = 0
+    for p in paths:
+        if p.exists():
+            total += sum(f.stat().st_size for f in _files(p))
+    return total

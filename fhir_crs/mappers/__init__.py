@@ -8,6 +8,7 @@ Every resource ends up either as events or as a `Skipped(resource, reason)`.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -106,13 +107,18 @@ class ResourceMapper:
     ends as either used or exactly one skip, so `read == used + len(skipped)`.
     """
 
-    def __init__(self, code_map: CodeMap):
+    def __init__(self, code_map: CodeMap, result: Any = None, spill: Callable[[str, _Kept], None] | None = None):
+        """`result` receives the events and skips (a `MappingResult` unless given). With `spill`
+        (the flat-memory path, spill.py) every copy of every resource is handed to it as soon
+        as it is mapped instead of being kept here: only Medications stay in memory, for look-ups;
+        `settle()` then picks each Type/id's winner from its copies."""
+        self.spill = spill
         self.code_map = code_map
         self.obs = ObservationMapper(code_map)
         self.meds = MedicationMapper(code_map)
         self.procs = ProcedureMapper(code_map)
         self.conditions = ConditionMapper(code_map)
-        self.result = MappingResult()
+        self.result = MappingResult() if result is None else result
         self.medications: dict[str, dict[str, Any]] = {}
         self._kept: dict[str, _Kept] = {}
         self._superseded: list[tuple[str, str | None, str]] = []  # (Type/id, its version, where)
@@ -161,6 +167,8 @@ class ResourceMapper:
         old = self._kept.get(ref)
         if old is not None and old.key > key:
             self._superseded.append((ref, version, cited))
+            if self.spill is not None:
+                self.spill(ref, kept)  # an older Medication copy: settle() names it superseded
             return
         try:
             self._add(item, kept)
@@ -168,6 +176,10 @@ class ResourceMapper:
             # Structurally invalid FHIR (a list where a string belongs, …): a named skip, never a crash.
             kept = _Kept(key, version, cited)
             kept.skipped = Skipped(ref, f"malformed resource ({type(exc).__name__}: {str(exc)[:120]})", "malformed")
+        if self.spill is not None:
+            self.spill(ref, kept)
+            if item.resource.get("resourceType") != "Medication":
+                return
         if old is not None:
             self._superseded.append((ref, old.version, old.ref))
             if old.medication is not None:
@@ -276,12 +288,35 @@ class ResourceMapper:
                     out.append(f"Medication/{parts[1]}")
         return out
 
+    def settle(self, ref: str, copies: list[_Kept]) -> tuple[_Kept, list[tuple[int, Skipped]]]:
+        """The flat-memory path's finish() for one Type/id: its winning copy (deferred medication
+        mapped) and the (input position, skip) of every superseded copy — what finish() yields
+        for it, given all its copies in input order."""
+        cur = copies[0]
+        losers: list[tuple[int, str | None, str]] = []
+        for k in copies[1:]:
+            if cur.key > k.key:
+                losers.append((k.key[2], k.version, k.ref))
+            else:
+                losers.append((k.key[2], cur.version, cur.ref))
+                cur = k
+        if cur.deferred is not None:
+            src, cur.deferred = cur.deferred, None
+            self._map_med(src, cur)
+        why = f"superseded by version {cur.version}" if cur.version is not None else "superseded by a later copy of the same resource in the input"
+        if cur.skipped is None:
+            self.mapped += 1
+        return cur, [(seq, Skipped(cited if version is not None else ref, why, "superseded")) for seq, version, cited in losers]
+
     def finish(self) -> MappingResult:
         """The result: events of the winning version of every Type/id, and one skip for every
-        other item read (superseded copies named with their version)."""
+        other item read (superseded copies named with their version). With `spill`, only the
+        source-level skips: the rest comes from `settle()`."""
         result = self.result
         result.skipped.extend(self._source_skips)
         self._source_skips = []
+        if self.spill is not None:
+            return result
         for kept in self._kept.values():
             if kept.deferred is not None:
                 src, kept.deferred = kept.deferred, None

@@ -1,0 +1,291 @@
+"""Flat-memory grading of large inputs (a Bulk export of thousands of patients).
+
+The mappers' output goes to partitions on disk instead of memory (`SpillStore`): first by
+Type/id (so that the latest version of each resource can be picked one partition at a time),
+then by patient. Grading reads one patient partition at a time — a bounded number of patients'
+events — and writes each patient's cases as finished JSON to a per-partition file;
+`write_grade_json` streams the grade contract from those files in patient order. What stays in
+memory for the whole run is per patient a few bytes of index (file, offset, length) and its
+flag set, never its events.
+
+Partition files are pickles of (patient, event) batches written by this process for itself in a
+private temporary directory, read back only by it (or its worker processes) and deleted at exit.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import heapq
+import operator
+import pickle
+import zlib
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+from typing import IO, Any
+
+import orjson
+
+from .events import Event, Skipped
+
+# events buffered in memory before a spill; ~0.4 KiB each
+SPILL_EVENTS = 20_000
+SPILL_SKIPS = 5_000
+# input bytes per partition: about 25-40 patients of a full ICU course each
+PARTITION_INPUT_BYTES = 12_000_000
+MAX_PARTITIONS = 4096
+
+
+class _Codec:
+    """Events as (type number, field values) for the partition files: pickling a frozen slots
+    dataclass goes through dataclasses' generic __getstate__ (a fields() walk per object),
+    several times slower than taking the values with one attrgetter and calling the class."""
+
+    def __init__(self) -> None:
+        self.types: list[type] = []
+        self._get: dict[type, tuple[int, Any]] = {}
+
+    def encode(self, e: Any) -> tuple[int, tuple[Any, ...]]:
+        entry = self._get.get(type(e))
+        if entry is None:
+            cls = type(e)
+            names = [f.name for f in dataclasses.fields(cls)]
+            entry = self._get[cls] = (len(self.types), operator.attrgetter(*names))
+            self.types.append(cls)
+        code, getter = entry
+        return code, getter(e)
+
+    def decode(self, code: int, values: tuple[Any, ...]) -> Any:
+        return self.types[code](*values)
+
+
+def partition_of(patient: str, partitions: int) -> int:
+    """Stable across processes and runs (unlike hash())."""
+    return zlib.crc32(patient.encode()) % partitions
+
+
+def partitions_for(input_bytes: int) -> int:
+    return max(1, min(MAX_PARTITIONS, input_bytes // PARTITION_INPUT_BYTES + 1))
+
+
+def _append_pickle(path: Path, value: Any) -> None:
+    with path.open("ab") as fh:
+        pickle.dump(value, fh, protocol=pickle.HIGHEST_PROTOCOL)
+
+
+def _read_pickles(path: Path) -> Iterator[Any]:
+    if not path.exists():
+        return
+    with path.open("rb") as fh:
+        while True:
+            try:
+                yield pickle.load(fh)
+            except EOFError:
+                return
+
+
+class SkipLog:
+    """The list of skips, kept on disk past `SPILL_SKIPS` entries. Supports what the mappers do
+    with a list (append, len, dropping the entries of the resource being mapped) and iteration
+    in order. `spill()` is called between resources only, so a rollback never reaches the disk."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self._tail: list[Skipped] = []
+        self._on_disk = 0
+
+    def append(self, s: Skipped) -> None:
+        self._tail.append(s)
+
+    def __len__(self) -> int:
+        return self._on_disk + len(self._tail)
+
+    def __delitem__(self, key: slice) -> None:
+        if not isinstance(key, slice) or key.step is not None or (key.stop is not None and key.stop < len(self)):
+            raise TypeError("SkipLog only drops its newest entries")
+        start = key.start or 0
+        if start < self._on_disk:
+            raise IndexError("entries already written to disk")
+        del self._tail[start - self._on_disk:]
+
+    def extend(self, items: Iterable[Skipped]) -> None:
+        self._tail.extend(items)
+
+    def spill(self) -> None:
+        if self._tail:
+            _append_pickle(self.path, self._tail)
+            self._on_disk += len(self._tail)
+            self._tail = []
+
+    def __iter__(self) -> Iterator[Skipped]:
+        for batch in _read_pickles(self.path):
+            yield from batch
+        yield from self._tail
+
+
+class SpillStore:
+    """The flat-memory path's mapping result: every mapped copy of every resource goes to a
+    Type/id-hash partition as the mapper hands it over (`spill_kept`); `settle()` then reads one
+    Type/id partition at a time, lets the mapper pick each resource's winning version, and moves
+    the winners' events to patient-hash partitions, the skips to runs sorted by input position.
+    Only the patients' flag sets, and the source-level skips up to `SPILL_SKIPS`, stay in memory."""
+
+    def __init__(self, directory: Path, partitions: int):
+        self.directory = directory
+        self.partitions = partitions
+        self.skipped = SkipLog(directory / "source-skips.pickle")  # what ResourceMapper.finish() extends
+        self.flags: dict[str, set[str]] = {}
+        self.codec = _Codec()
+        self._copies: dict[int, list[tuple[str, Any]]] = {}
+        self._buffered = 0
+        self._patients: dict[int, list[tuple[Any, ...]]] = {}
+        self._patient_parts: set[int] = set()
+        self._runs: dict[str, list[Path]] = {"superseded": [], "winners": []}
+
+    def _path(self, kind: str, part: int) -> Path:
+        return self.directory / f"{kind}-{part:04d}.pickle"
+
+    # -- 1. map ---------------------------------------------------------------------------------
+    def spill_kept(self, ref: str, kept: Any) -> None:
+        self._copies.setdefault(partition_of(ref, self.partitions), []).append((ref, kept))
+        self._buffered += 1 + len(kept.events)
+
+    def maybe_spill(self) -> None:
+        """Between resources: write buffered copies / skips once the buffers are full."""
+        if self._buffered >= SPILL_EVENTS:
+            self._spill_copies()
+        if len(self.skipped._tail) >= SPILL_SKIPS:
+            self.skipped.spill()
+
+    def _spill_copies(self) -> None:
+        enc = self.codec.encode
+        for part, items in self._copies.items():
+            _append_pickle(self._path("copies", part), [
+                (ref, k.key, k.version, k.ref, k.patient, [enc(e) for e in k.events], k.skipped,
+                 k.flags or None, k.deferred) for ref, k in items])
+        self._copies.clear()
+        self._buffered = 0
+
+    # -- 2. settle ------------------------------------------------------------------------------
+    def settle(self, mapper: Any) -> None:
+        """Each Type/id's winner (`mapper.settle`), one Type/id partition at a time."""
+        from .mappers import _Kept
+
+        self._spill_copies()
+        self.skipped.spill()
+        types = self.codec.types
+        for part in range(self.partitions):
+            path = self._path("copies", part)
+            groups: dict[str, list[Any]] = {}
+            for batch in _read_pickles(path):
+                for ref, key, version, cited, patient, events, skipped, flags, deferred in batch:
+                    k = _Kept(key, version, cited, patient, [types[c](*v) for c, v in events], skipped,
+                              set(flags) if flags else set(), deferred)
+                    groups.setdefault(ref, []).append(k)
+            path.unlink(missing_ok=True)
+            superseded: list[tuple[int, Skipped]] = []
+            winners: list[tuple[int, Skipped]] = []
+            for ref, copies in groups.items():
+                w, lost = mapper.settle(ref, copies)
+                superseded += lost
+                if w.patient is not None and w.flags:
+                    self.flags.setdefault(w.patient, set()).update(w.flags)
+                if w.skipped is not None:
+                    winners.append((w.key[2], w.skipped))
+                elif w.patient is not None:
+                    self._add_patient(w)
+            self._write_run("superseded", part, superseded)
+            self._write_run("winners", part, winners)
+            if self._buffered >= SPILL_EVENTS:
+                self._spill_patients()
+        self._spill_patients()
+
+    def _add_patient(self, w: Any) -> None:
+        enc = self.codec.encode
+        part = partition_of(w.patient, self.partitions)
+        self._patients.setdefault(part, []).append((w.key[2], w.patient, w.ref, [enc(e) for e in w.events]))
+        self._buffered += 1 + len(w.events)
+
+    def _spill_patients(self) -> None:
+        for part, items in self._patients.items():
+            _append_pickle(self._path("patients", part), items)
+            self._patient_parts.add(part)
+        self._patients.clear()
+        self._buffered = 0
+
+    def _write_run(self, kind: str, part: int, items: list[tuple[int, Skipped]]) -> None:
+        if not items:
+            return
+        items.sort(key=lambda x: x[0])
+        path = self._path(kind, part)
+        for i in range(0, len(items), SPILL_SKIPS):
+            _append_pickle(path, items[i:i + SPILL_SKIPS])
+        self._runs[kind].append(path)
+
+    # -- 3. grade -------------------------------------------------------------------------------
+    def patient_partitions(self) -> list[int]:
+        return sorted(self._patient_parts)
+
+    def load_patients(self, part: int) -> tuple[dict[str, list[Event]], dict[str, list[str]]]:
+        """The events and resource refs of one patient partition, each patient's in input order."""
+        types = self.codec.types
+        records = [r for batch in _read_pickles(self._path("patients", part)) for r in batch]
+        records.sort(key=lambda r: r[0])
+        events: dict[str, list[Event]] = {}
+        sources: dict[str, list[str]] = {}
+        for _seq, patient, ref, evs in records:
+            if evs:  # a patient is graded when it has events (as in MappingResult.events)
+                events.setdefault(patient, []).extend(types[c](*v) for c, v in evs)
+            sources.setdefault(patient, []).append(ref)
+        return events, sources
+
+    def drop_patients(self, part: int) -> None:
+        self._path("patients", part).unlink(missing_ok=True)
+
+    def skips(self, tail: Iterable[Skipped]) -> Iterator[Skipped]:
+        """Every skip in the order ResourceMapper.finish() + grade_mapping() list them: source
+        level, superseded copies, the winners' own skips (each by input position), then `tail`."""
+        yield from self.skipped
+        for kind in ("superseded", "winners"):
+            runs = [(s for batch in _read_pickles(p) for s in batch) for p in self._runs[kind]]
+            for _, s in heapq.merge(*runs, key=lambda x: x[0]):
+                yield s
+        yield from tail
+
+
+def nested_json(value: Any, level: int) -> bytes:
+    """`value` as orjson OPT_INDENT_2 prints it `level` levels deep inside a larger document."""
+    return orjson.dumps(value, option=orjson.OPT_INDENT_2).replace(b"\n", b"\n" + b"  " * level)
+
+
+def _write_list(out: IO[bytes], key: str, chunks: Iterable[bytes], last: bool = False) -> None:
+    """`"key": [...]` of an indent-2 object, from items already rendered at level 2."""
+    out.write(b'  "' + key.encode() + b'": [')
+    empty = True
+    for chunk in chunks:
+        out.write(b"\n    " if empty else b",\n    ")
+        out.write(chunk)
+        empty = False
+    out.write(b"]" if empty else b"\n  ]")
+    out.write(b"\n" if last else b",\n")
+
+
+def write_grade_json(out: IO[bytes], cases: Iterable[bytes], skipped: Iterable[dict[str, Any]],
+                     rest: Callable[[int], dict[str, Any]]) -> None:
+    """The grade contract, byte for byte what `orjson.dumps(run.to_json(), OPT_INDENT_2)` + a
+    newline prints, written piece by piece: `cases` are cases rendered by `nested_json(c, 2)`;
+    `rest(number of skips)` gives the keys that follow the skip list, in order."""
+    out.write(b"{\n")
+    _write_list(out, "cases", cases)
+    n = 0
+
+    def counted() -> Iterator[bytes]:
+        nonlocal n
+        for s in skipped:
+            n += 1
+            yield nested_json(s, 2)
+
+    _write_list(out, "skipped", counted())
+    tail = rest(n)
+    for i, (key, value) in enumerate(tail.items()):
+        out.write(b'  "' + key.encode() + b'": ' + nested_json(value, 1) + (b"\n" if i == len(tail) - 1 else b",\n"))
+    out.write(b"}\n")
