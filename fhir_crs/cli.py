@@ -506,7 +506,8 @@ def report(paths: tuple[Path, ...], server: str | None, config_path: Path | None
 
 @cli.command()
 @click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=Path("fhir-crs-demo"),
-              show_default=True, help="Folder for the server data, state, report and HTML pages.")
+              show_default=True, help="Folder for the server data, state, report and HTML pages: new, empty, or one "
+                                      "an earlier demo created (marker .fhir-crs-demo); a rerun replaces only what demo wrote.")
 @click.option("--json", "as_json", is_flag=True, help="Print the cohort report object (report contract).")
 @click.option("--seed", type=int, default=None, help="Seed of the synthetic cohort (default: the committed one).")
 @verbose_option
@@ -521,21 +522,17 @@ def demo(out_dir: Path, as_json: bool, seed: int | None) -> None:
     Example:
       fhir-crs demo --out fhir-crs-demo
     """
-    import shutil
-
     from .config import RunConfig
     from .fhir import FhirClient, NoAuth
     from .localserver import LocalFhirServer
+    from .outdir import prepare_demo_dir
     from .report import report_from_cases
     from .sync import StateStore, Sync, discover_cohort
     from .synthetic import DEFAULT_SEED, generate_picu_cohort
 
     console = make_console(stderr=as_json)
     settings = load_settings(default_mappings_dir())
-    out_dir.mkdir(parents=True, exist_ok=True)
-    for stale in ("server", "report"):
-        shutil.rmtree(out_dir / stale, ignore_errors=True)
-    (out_dir / "state.sqlite").unlink(missing_ok=True)
+    prepare_demo_dir(out_dir)  # refuses a foreign non-empty folder; clears only what demo created
     bundles, _truth = generate_picu_cohort(seed if seed is not None else DEFAULT_SEED)
     with LocalFhirServer(out_dir / "server") as server:
         console.print(f"Local FHIR server (sekmet-fhir) on {server.base}")
