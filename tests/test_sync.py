@@ -5,6 +5,7 @@ reproduced on a deliberately non-atomic server and shown not to happen under syn
 
 from __future__ import annotations
 
+import contextlib
 import json
 import threading
 import time
@@ -148,12 +149,19 @@ class RacyServer:
 
 
 def test_parallel_conditional_creates_duplicate_unless_serialised():
+    from fhir_crs.errors import DuplicateTargetError
     from fhir_crs.pipeline import run_paths, write_case
 
     run = run_paths([VIGNETTES / "V11.json"])
     case, settings = run.cases[0], run.settings
     racy = RacyServer()
-    threads = [threading.Thread(target=write_case, args=(racy, case, settings, "urn:race")) for _ in range(8)]
+
+    def unserialised() -> None:
+        # a late thread may see the duplicates the race already made: reported, never retried
+        with contextlib.suppress(DuplicateTargetError):
+            write_case(racy, case, settings, "urn:race")
+
+    threads = [threading.Thread(target=unserialised) for _ in range(8)]
     for t in threads:
         t.start()
     for t in threads:
