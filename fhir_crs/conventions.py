@@ -24,20 +24,15 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__
-from .errors import FhirCrsError
+from .errors import ConventionChangeError
 from .settings import GradingSettings
+
+__all__ = ["EXTENSION", "ConventionChangeError", "Conventions", "current_conventions", "table_hashes"]
 
 EXTENSION = "urn:fhir-crs:StructureDefinition:conventions"
 # files of a mappings folder that are not code tables: grading.toml is covered by the settings
 # (its values, after --set), site.example.toml is a run-config example
 NOT_TABLES = frozenset({"grading.toml", "site.example.toml"})
-
-
-class ConventionChangeError(FhirCrsError):
-    """A stored write-back was graded with other settings or mapping tables; not overwritten."""
-
-    exit_code = 9
-    code = "convention_change"
 
 
 def _sha(data: Any) -> str:
