@@ -77,6 +77,7 @@ def grade_case(tl: CaseTimeline, settings: GradingSettings) -> GradedCase:
         # Local codes: evidence that was recognised by its text, not a configured code, is flagged.
         if tl.text_matched.intersection(result.evidence):
             result.flag("matched_by_text")
+    tl.derived.clear()  # the systems' shared state (grading/state.py) is not kept with the case
     return case
 
 
@@ -153,6 +154,9 @@ def fetch_patient(client: Any, patient_id: str, cfg: Any, code_map: CodeMap) -> 
     read once instead; 3. within [first infusion - window_before_days, last infusion +
     window_after_days]: Procedures (`date`), MedicationAdministrations (`effective-time`, with
     `_include` of their Medications) and Observations (`date`).
+
+    Every search sends `Cache-Control: no-cache`: HAPI otherwise answers an identical search
+    within 60 s from its stored result, which would miss data charted since (seen on a real HAPI).
     """
     from datetime import timedelta
 
@@ -169,22 +173,22 @@ def fetch_patient(client: Any, patient_id: str, cfg: Any, code_map: CodeMap) -> 
     found: list[dict[str, Any]] = []
     for rtype, codes in (("Procedure", proc_codes), ("MedicationAdministration", drug_codes)):
         for chunk in range(0, len(codes), 20):
-            res = client.search(rtype, [("patient", patient_id), ("code", ",".join(codes[chunk:chunk + 20]))])
+            res = client.search(rtype, [("patient", patient_id), ("code", ",".join(codes[chunk:chunk + 20]))], no_cache=True)
             found += res.matches
     infusions = infusions_in([patient, *found])
     if not infusions:  # CAR-T charted only with local codes or a contained product: read everything once
-        procs = client.search("Procedure", [("patient", patient_id)])
-        meds = client.search("MedicationAdministration", [("patient", patient_id), ("_include", "MedicationAdministration:medication")])
+        procs = client.search("Procedure", [("patient", patient_id)], no_cache=True)
+        meds = client.search("MedicationAdministration", [("patient", patient_id), ("_include", "MedicationAdministration:medication")], no_cache=True)
         everything = [patient, *procs.matches, *meds.matches, *meds.includes]
         if not infusions_in(everything):
             return everything  # graded as "no CAR-T infusion found" (a named skip)
         infusions = infusions_in(everything)
     lo = iso(infusions[0][0] - timedelta(days=cfg.window_before_days))
     hi = iso(infusions[-1][0] + timedelta(days=cfg.window_after_days))
-    procs = client.search("Procedure", [("patient", patient_id), ("date", f"ge{lo}"), ("date", f"le{hi}")])
+    procs = client.search("Procedure", [("patient", patient_id), ("date", f"ge{lo}"), ("date", f"le{hi}")], no_cache=True)
     meds = client.search("MedicationAdministration", [("patient", patient_id), ("effective-time", f"ge{lo}"),
-                                                      ("effective-time", f"le{hi}"), ("_include", "MedicationAdministration:medication")])
-    obs = client.search("Observation", [("patient", patient_id), ("date", f"ge{lo}"), ("date", f"le{hi}")])
+                                                      ("effective-time", f"le{hi}"), ("_include", "MedicationAdministration:medication")], no_cache=True)
+    obs = client.search("Observation", [("patient", patient_id), ("date", f"ge{lo}"), ("date", f"le{hi}")], no_cache=True)
     resources = [patient, *procs.matches, *meds.matches, *meds.includes, *obs.matches]
     seen = {f"{r.get('resourceType')}/{r.get('id')}" for r in resources}
     # the infusion record itself is kept even if a server's date search misses it

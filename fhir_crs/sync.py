@@ -203,7 +203,7 @@ def discover_cohort(client: Any, code_map: CodeMap, lookback_days: float, now: d
         if not codes:
             continue
         for chunk in range(0, len(codes), 20):  # keep URLs short
-            result = client.search(rtype, [("code", ",".join(codes[chunk:chunk + 20])), (date_param, since)])
+            result = client.search(rtype, [("code", ",".join(codes[chunk:chunk + 20])), (date_param, since)], no_cache=True)
             for r in result.matches:
                 ref = (r.get("subject") or {}).get("reference", "")
                 if ref.startswith("Patient/"):

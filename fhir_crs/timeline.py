@@ -6,14 +6,21 @@ Builds the derived series every grading system reads: temperatures, hypotension 
 respiratory-support segments (device rows carried forward, procedures, home baseline,
 positive-pressure attribution, FiO2 documented or estimated), masking drugs, labs, neuro
 assessments. Pure: events in, timeline out.
+
+Cost: O(n log n) for n events (one pass to sort them into series, one sort per series, bisection
+for the hypotension partner / treatment look-ups), plus O(S x P) to carry procedure reasons onto
+the S observation-charted support rows (P procedure segments, a handful per case) and O(n x W)
+for procedure windows (W, likewise a handful).
 """
 
 from __future__ import annotations
 
 import re
+from bisect import bisect_left, bisect_right
 from collections import defaultdict
 from dataclasses import dataclass, field
 from datetime import date, datetime, timedelta
+from typing import Any
 
 from .events import DrugGiven, Event, Finding, Measurement, PatientInfo, ProcedureDone
 from .settings import GradingSettings
@@ -142,6 +149,8 @@ class CaseTimeline:
     flags: set[str] = field(default_factory=set)
     last_time: datetime | None = None
     text_matched: set[str] = field(default_factory=set)
+    # per-settings state shared by the grading systems (grading/state.py); not part of the case
+    derived: dict[int, Any] = field(default_factory=dict, repr=False, compare=False)
 
     def hours(self, t: datetime | None) -> float | None:
         return None if t is None else (t - self.infusion).total_seconds() / 3600
@@ -401,12 +410,14 @@ def _pressor_courses(tl: CaseTimeline, s: GradingSettings) -> None:
 def _hypotension(tl: CaseTimeline, s: GradingSettings) -> None:
     thr = tl.sbp_threshold(s)
     nibp = [m for m in tl.sbp if m.kind == "sbp"]
+    nibp_times = [m.time for m in nibp]
+    quarter = timedelta(seconds=900)
     readings = []
     for m in tl.sbp:
         if tl.in_window(m.time):
             continue
         if m.kind == "sbp_arterial" and m.value < s.arterial_artifact_sbp and any(
-            abs((n.time - m.time).total_seconds()) <= 900 and n.value >= thr for n in nibp
+            n.value >= thr for n in nibp[bisect_left(nibp_times, m.time - quarter):bisect_right(nibp_times, m.time + quarter)]
         ):
             tl.flags.add("arterial_artifact_excluded")
             continue
@@ -416,18 +427,27 @@ def _hypotension(tl: CaseTimeline, s: GradingSettings) -> None:
     window = timedelta(minutes=s.hypotension_confirm_window_min)
     treat = timedelta(minutes=s.hypotension_treatment_window_min)
     used: set[int] = set()
+    # readings, boluses and courses are time-ordered: each look-up is a bisection or a scan that
+    # stops at the end of its window, so the whole pass is O(n log n).
+    bolus_starts = [b.start for b in tl.boluses]
+    course_starts = [c.start for c in tl.pressors]
     for i, m in enumerate(low):
         if i in used:
             continue
-        partner = next(
-            (j for j in range(i + 1, len(low)) if gap_min <= low[j].time - m.time <= window), None
-        )
+        partner = None
+        for j in range(i + 1, len(low)):
+            dt = low[j].time - m.time
+            if dt > window:
+                break
+            if gap_min <= dt:
+                partner = j
+                break
         if partner is not None:
             used.add(partner)
             tl.hypotension.append(Hypotension(m.time, m.value, thr, [m.ref, low[partner].ref], "confirmed"))
             continue
-        treated = [b.ref for b in tl.boluses if m.time <= b.start <= m.time + treat] + [
-            c.refs[0] for c in tl.pressors if m.time <= c.start <= m.time + treat
+        treated = [b.ref for b in tl.boluses[bisect_left(bolus_starts, m.time):bisect_right(bolus_starts, m.time + treat)]] + [
+            c.refs[0] for c in tl.pressors[bisect_left(course_starts, m.time):bisect_right(course_starts, m.time + treat)]
         ]
         if treated:
             tl.hypotension.append(Hypotension(m.time, m.value, thr, [m.ref, *treated], "treated"))
@@ -509,10 +529,12 @@ def _support(tl: CaseTimeline, device_rows: list[Finding], flow_rows: list[Measu
             segments.append(Support(kind, p.start, end, [p.ref], source="procedure", reason=p.reason))
     segments.sort(key=lambda g: g.start)
     # Procedure reasons (indication, home use) apply to overlapping observation rows of the same device.
+    # O(S x P) for S segments and P procedure segments (procedures are few; rows are many).
+    from_procedures = [q for q in segments if q.source == "procedure"]
     for g in segments:
         if g.source == "observation":
-            for q in segments:
-                if q.source == "procedure" and q.device == g.device and q.start - H <= g.start < q.end + H and q.reason:
+            for q in from_procedures:
+                if q.device == g.device and q.start - H <= g.start < q.end + H and q.reason:
                     g.reason = (g.reason + "; " + q.reason).strip("; ")
         g.home = bool(_HOME.search(g.reason))
     tl.baseline_support = [g for g in segments if g.start < tl.infusion]
@@ -532,11 +554,14 @@ def _attribute_ppv(tl: CaseTimeline, segs: list[Support], s: GradingSettings) ->
     """Positive pressure counts for CRS only after hypoxia or for respiratory failure (§2.3)."""
     look = timedelta(hours=s.ppv_hypoxia_lookback_h)
     runs: list[list[Support]] = []
+    run_end = None  # the furthest end in the current run (kept, not recomputed: O(n log n))
     for g in sorted((g for g in segs if g.ppv and not g.home), key=lambda g: g.start):
-        if runs and g.start <= max(x.end for x in runs[-1]) + MIN:
+        if runs and run_end is not None and g.start <= run_end + MIN:
             runs[-1].append(g)
+            run_end = max(run_end, g.end)
         else:
             runs.append([g])
+            run_end = g.end
     for run in runs:
         start = run[0].start
         reason = "; ".join(g.reason for g in run if g.reason)

@@ -139,6 +139,125 @@ def generate(out: Path, patients: int, seed: int = 20261125) -> int:
     return n
 
 
+PRESSOR_CYCLE = (("norepinephrine", "7512", 4.0, 30.0), ("epinephrine", "3992", 2.0, 20.0),
+                 ("phenylephrine", "8163", 40.0, 200.0))  # (drug, RxNorm, lowest, highest ug/min)
+
+
+def generate_long_stay(days: int, courses: int, seed: int = 20261203) -> list[dict]:
+    """One adult patient with a long febrile ICU stay: `days` of hourly vitals (temperature, HR,
+    SpO2, RR, BP panel), a saw-tooth fever that never stays clear for 24 h (one long episode),
+    `courses` vasopressor infusions (norepinephrine / epinephrine / phenylephrine in turn, each
+    overlapping the next by 90 min, every one titrated hourly: one MedicationAdministration per
+    hour), O2 rows every 2 h, labs every 12 h and an ICE score every 8 h."""
+    rng = random.Random(seed)
+    pid = f"long-{days}d-{courses}c"
+    subj = {"reference": f"Patient/{pid}"}
+    t0 = datetime(2025, 3, 1, 8, tzinfo=UTC)
+    out: list[dict] = []
+    k = 0
+
+    def obs(t: datetime, code: str, value: dict, system: str = LOINC) -> None:
+        nonlocal k
+        k += 1
+        out.append({"resourceType": "Observation", "id": f"{pid}-o{k}", "status": "final", "subject": subj,
+                    "code": {"coding": [{"system": system, "code": code}]}, "effectiveDateTime": iso(t), **value})
+
+    def q(v: float, unit: str) -> dict:
+        return {"valueQuantity": {"value": v, "unit": unit, "system": UCUM, "code": unit}}
+
+    out.append({"resourceType": "Patient", "id": pid, "birthDate": "1968-06-15"})
+    out.append({"resourceType": "Procedure", "id": f"{pid}-cart", "status": "completed", "subject": subj,
+                "code": {"coding": [{"system": SCT, "code": "1156961008"}]},
+                "performedPeriod": {"start": iso(t0), "end": iso(t0 + timedelta(minutes=30))}})
+    obs(t0 - timedelta(hours=12), "29463-7", q(78.0, "kg"))
+    hours = days * 24
+    span = hours - 48
+    period = span / courses
+    for c in range(courses):
+        _drug, rx, lo, hi = PRESSOR_CYCLE[c % len(PRESSOR_CYCLE)]
+        start = 24 + c * period
+        end = start + period + 1.5
+        h = start
+        seg = 0
+        while h < end:
+            stop = min(h + 1, end)
+            seg += 1
+            out.append({"resourceType": "MedicationAdministration", "id": f"{pid}-p{c}-{seg}", "status": "completed",
+                        "subject": subj, "medicationCodeableConcept": {"coding": [{"system": RXN, "code": rx}]},
+                        "effectivePeriod": {"start": iso(t0 + timedelta(hours=h)), "end": iso(t0 + timedelta(hours=stop))},
+                        "dosage": {"rateQuantity": {"value": round(rng.uniform(lo, hi), 1), "unit": "ug/min", "system": UCUM, "code": "ug/min"}}})
+            h = stop
+    for h in range(-12, hours):
+        t = t0 + timedelta(hours=h)
+        febrile = h >= 20 and h % 30 < 8
+        obs(t, "8310-5", q(round(rng.uniform(38.1, 39.6) if febrile else rng.uniform(36.5, 37.6), 1), "Cel"))
+        obs(t, "8867-4", q(rng.randrange(70, 130), "/min"))
+        obs(t, "9279-1", q(rng.randrange(12, 28), "/min"))
+        obs(t, "59408-5", q(rng.randrange(88, 99), "%"))
+        sbp = rng.randrange(78, 89) if h >= 24 and h % 6 == 0 else rng.randrange(95, 130)
+        k += 1
+        out.append({"resourceType": "Observation", "id": f"{pid}-o{k}", "status": "final", "subject": subj,
+                    "code": {"coding": [{"system": LOINC, "code": "85354-9"}]}, "effectiveDateTime": iso(t),
+                    "component": [{"code": {"coding": [{"system": LOINC, "code": "8480-6"}]}, **q(sbp, "mm[Hg]")},
+                                  {"code": {"coding": [{"system": LOINC, "code": "8462-4"}]}, **q(round(sbp * 0.6), "mm[Hg]")}]})
+        if h >= 20 and h % 2 == 0:
+            flow = rng.choice((2, 3, 4, 6, 8))
+            obs(t, "O2-DEVICE", {"valueCodeableConcept": {"coding": [{"system": SCT, "code": "336623009"}]}}, LOCAL)
+            obs(t, "3151-8", q(flow, "L/min"))
+        if h % 12 == 0:
+            for code, a, b, unit in (("26881-3", 5, 5000, "pg/mL"), ("1988-5", 1, 300, "mg/L"), ("2276-4", 200, 20000, "ng/mL"),
+                                     ("1742-6", 10, 400, "U/L"), ("1920-8", 10, 400, "U/L"), ("2160-0", 0.5, 4.0, "mg/dL"),
+                                     ("1975-2", 0.3, 5.0, "mg/dL"), ("3255-7", 80, 400, "mg/dL"), ("751-8", 0.1, 3.0, "10*3/uL")):
+                obs(t, code, q(round(rng.uniform(a, b), 2), unit))
+        if h % 8 == 0:
+            obs(t, "ICE-SCORE", {"valueInteger": rng.choice((10, 10, 9, 8, 6))}, LOCAL)
+    return out
+
+
+def long_stay_cell(days: int, courses: int, repeat: int = 3) -> dict[str, float]:
+    """Map, then timeline + every grading system + JSON, for one long-stay patient in this
+    process; the best of `repeat` runs of each."""
+    from fhir_crs.mapping_files import load_code_map
+    from fhir_crs.pipeline import grade_mapping, map_items
+    from fhir_crs.settings import load_settings
+    from fhir_crs.sources import SourceResource
+
+    resources = generate_long_stay(days, courses)
+    code_map = load_code_map(None)
+    settings = load_settings(code_map.directory)
+    t_map = t_grade = float("inf")
+    for _ in range(repeat):  # best of `repeat`: the machine is shared, the minimum is the cost
+        t = time.perf_counter()
+        result, n = map_items((SourceResource(r, f"bench#{i}") for i, r in enumerate(resources)), code_map)
+        t_map = min(t_map, time.perf_counter() - t)
+        t = time.perf_counter()
+        run = grade_mapping(result, settings, n)
+        orjson.dumps(run.to_json())
+        t_grade = min(t_grade, time.perf_counter() - t)
+    if len(run.cases) != 1:
+        raise SystemExit(f"long stay {days} d / {courses} courses: expected 1 case, got {len(run.cases)}")
+    return {"resources": n, "map_s": t_map, "grade_s": t_grade, "crs": run.cases[0].crs["astct"].grade}
+
+
+def long_stay_table(timeout: float) -> None:
+    """The long-stay table: each cell in its own process (so a runaway cell cannot hang the run)."""
+    print(f"long stay, one patient (q1h vitals, hourly titration; each cell a fresh process, best of 3, timeout {timeout:g} s):")
+    print(f"{'days':>5} {'courses':>8} {'resources':>10} {'map s':>8} {'grade s':>8} {'grade ms/1k resources':>22}")
+    for days in (15, 30, 60):
+        for courses in (10, 30, 100):
+            cmd = [sys.executable, __file__, "--long-stay-cell", str(days), str(courses)]
+            try:
+                proc = subprocess.run(cmd, capture_output=True, timeout=timeout, check=False)
+            except subprocess.TimeoutExpired:
+                print(f"{days:>5} {courses:>8} {'':>10} {'':>8} {'> ' + format(timeout, 'g'):>8}  (did not finish)")
+                continue
+            if proc.returncode != 0:
+                sys.exit(f"long-stay cell failed: {proc.stderr.decode()[-2000:]}")
+            r = orjson.loads(proc.stdout)
+            print(f"{days:>5} {courses:>8} {r['resources']:>10,} {r['map_s']:>8.2f} {r['grade_s']:>8.2f} "
+                  f"{1e6 * r['grade_s'] / r['resources']:>22.2f}")
+
+
 def bare_parse(folder: Path) -> tuple[int, float]:
     start = time.perf_counter()
     n = 0
@@ -155,7 +274,17 @@ def main() -> None:
     ap.add_argument("--patients", type=int, default=1000)
     ap.add_argument("--keep", type=Path, default=None, help="write the NDJSON here and keep it")
     ap.add_argument("--light", action="store_true", help="use the light generator instead of fhir_crs.synthetic")
+    ap.add_argument("--long-stay", action="store_true", help="only the long-stay table")
+    ap.add_argument("--no-long-stay", action="store_true", help="skip the long-stay table")
+    ap.add_argument("--long-stay-timeout", type=float, default=120.0)
+    ap.add_argument("--long-stay-cell", nargs=2, type=int, metavar=("DAYS", "COURSES"), help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.long_stay_cell:
+        sys.stdout.buffer.write(orjson.dumps(long_stay_cell(*args.long_stay_cell)))
+        return
+    if args.long_stay:
+        long_stay_table(args.long_stay_timeout)
+        return
     tmp = None
     if args.keep:
         folder = args.keep
@@ -182,6 +311,8 @@ def main() -> None:
     print(f"peak RSS of fhir-crs grade: {rss_mb:,.0f} MB")
     if tmp:
         tmp.cleanup()
+    if not args.no_long_stay:
+        long_stay_table(args.long_stay_timeout)
 
 
 if __name__ == "__main__":

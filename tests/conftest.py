@@ -1,6 +1,9 @@
 from __future__ import annotations
 
+import os
+import re
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -15,13 +18,63 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addoption("--run-sandbox", action="store_true", help="run tests against the public HAPI sandbox")
 
 
+def _uses_hapi(item: pytest.Item) -> bool:
+    callspec = getattr(item, "callspec", None)
+    params = callspec.params.values() if callspec is not None else ()
+    return "hapi_server" in getattr(item, "fixturenames", ()) or "hapi" in params
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        if _uses_hapi(item):
+            item.add_marker(pytest.mark.hapi)
     if config.getoption("--run-sandbox"):
         return
     skip = pytest.mark.skip(reason="public HAPI sandbox tests are opt-in (--run-sandbox)")
     for item in items:
         if "sandbox" in item.keywords:
             item.add_marker(skip)
+
+
+# --------------------------------------------------------------------------- HAPI bookkeeping
+
+_HAPI: dict[str, object] = {"outcomes": {}, "seconds": 0.0}
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None):
+    start = time.monotonic()
+    yield
+    if _uses_hapi(item):
+        _HAPI["seconds"] = float(_HAPI["seconds"]) + time.monotonic() - start  # type: ignore[arg-type]
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    if "hapi" not in report.keywords:
+        return
+    outcomes: dict[str, str] = _HAPI["outcomes"]  # type: ignore[assignment]
+    if report.failed:
+        outcomes[report.nodeid] = "failed"
+    elif report.skipped:
+        outcomes.setdefault(report.nodeid, "skipped")
+    elif report.when == "call":
+        outcomes.setdefault(report.nodeid, "passed")
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Config) -> None:
+    outcomes: dict[str, str] = _HAPI["outcomes"]  # type: ignore[assignment]
+    if not outcomes:
+        return
+    counts = {k: sum(1 for v in outcomes.values() if v == k) for k in ("passed", "failed", "skipped")}
+    line = (f"HAPI FHIR JPA integration tests: {len(outcomes)} run (passed {counts['passed']}, failed "
+            f"{counts['failed']}, skipped {counts['skipped']}) in {float(_HAPI['seconds']):.0f} s")  # type: ignore[arg-type]
+    if "startup" in _HAPI:
+        line += f"; server startup {_HAPI['startup']:.1f} s, RSS {_HAPI['rss_mb']} MB"
+    terminalreporter.write_line(line)
+    if _VALIDATOR_WARNINGS:
+        terminalreporter.write_line(f"HL7 validator warnings on what fhir-crs writes ({len(_VALIDATOR_WARNINGS)} distinct):")
+        for text, n in sorted(_VALIDATOR_WARNINGS.items()):
+            terminalreporter.write_line(f"  {n:4d} x {text}")
 
 
 @pytest.fixture(scope="session")
@@ -39,7 +92,7 @@ def settings():
 
 
 @pytest.fixture(scope="session")
-def fhir_server(tmp_path_factory: pytest.TempPathFactory):
+def sekmet_server(tmp_path_factory: pytest.TempPathFactory):
     """A real FHIR server (sekmet-fhir, pinned) on a free 127.0.0.1 port, killed by PID afterwards."""
     from fhir_crs.localserver import LocalFhirServer
 
@@ -48,6 +101,54 @@ def fhir_server(tmp_path_factory: pytest.TempPathFactory):
         yield server
     finally:
         server.stop()
+
+
+@pytest.fixture(scope="session")
+def fhir_server(sekmet_server):
+    """The embedded server (sekmet-fhir); `any_server` runs a test on it and on HAPI."""
+    return sekmet_server
+
+
+@pytest.fixture(scope="session")
+def hapi_server(tmp_path_factory: pytest.TempPathFactory):
+    """A real HAPI FHIR JPA server (tools/hapi-server: R4, H2, Bulk $export, $validate) on a free
+    127.0.0.1 port, shared by the whole session and killed by PID afterwards. Test modules that need
+    an empty server call `reset_hapi`. Skipped with the reason when Java 17 or Maven is missing,
+    except in CI (CI=true), where the HAPI tests must run: there the missing tool is a failure."""
+    from fhir_crs.localserver import HapiFhirServer, hapi_unavailable_reason
+
+    reason = hapi_unavailable_reason()
+    if reason:
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"CI=true: the HAPI integration tests must run, but {reason}", pytrace=False)
+        pytest.skip(reason)
+    server = HapiFhirServer(tmp_path_factory.mktemp("hapi")).start()
+    _HAPI["startup"] = server.startup_seconds or 0.0
+    rss = server.rss_bytes()
+    _HAPI["rss_mb"] = round(rss / 2**20) if rss else "?"
+    try:
+        yield server
+    finally:
+        rss = server.rss_bytes()
+        if rss:
+            _HAPI["rss_mb"] = f"{_HAPI['rss_mb']} at start, {round(rss / 2**20)} at end"
+        server.stop()
+
+
+def reset_hapi(server) -> None:
+    """Empty the shared HAPI server (`$expunge` everything: resources, history, stored searches)."""
+    from fhir_crs.fhir import FhirClient, NoAuth
+
+    with FhirClient(server.base, auth=NoAuth(), timeout=300) as client:
+        client.post("$expunge", {"resourceType": "Parameters",
+                                 "parameter": [{"name": "expungeEverything", "valueBoolean": True}]})
+
+
+@pytest.fixture(scope="session", params=["sekmet", "hapi"])
+def any_server(request: pytest.FixtureRequest):
+    """Each server-facing test runs on both: the embedded sekmet-fhir and a real HAPI JPA server.
+    Session-scoped and shared: tests must not assume an empty server (see `reset_hapi`)."""
+    return request.getfixturevalue("sekmet_server" if request.param == "sekmet" else "hapi_server")
 
 
 @pytest.fixture
@@ -72,3 +173,36 @@ def load_vignette(client, vignette: str) -> str:
         if entry["resource"]["resourceType"] == "Patient":
             return out["response"]["location"].split("/_history")[0].rsplit("/", 1)[1]
     raise AssertionError(f"no Patient in {vignette}")
+
+
+# --------------------------------------------------------------------------- HL7 validator
+
+_VALIDATOR_WARNINGS: dict[str, int] = {}
+
+
+def hl7_validate(hapi_base: str, resource: dict) -> tuple[list[str], list[str]]:
+    """Validate one resource with the HL7 FHIR validator inside the local HAPI server
+    (`[base]/Type/$validate`: HAPI's FhirInstanceValidator with the R4 core definitions shipped in
+    hapi-fhir-validation-resources-r4, offline). Returns (errors, warnings) as readable lines;
+    warnings are also collected for the end-of-session list."""
+    import requests
+
+    rtype = resource["resourceType"]
+    resp = requests.post(f"{hapi_base}/{rtype}/$validate", json=resource, timeout=120,
+                         headers={"Content-Type": "application/fhir+json", "Accept": "application/fhir+json"})
+    outcome = resp.json()
+    assert outcome.get("resourceType") == "OperationOutcome", (resp.status_code, outcome)
+    errors, warnings = [], []
+    for issue in outcome.get("issue", []):
+        where = ", ".join(issue.get("expression") or issue.get("location") or [])
+        text = f"{rtype}: {issue.get('severity')}: {where}: {issue.get('diagnostics')}"
+        if issue.get("severity") in ("error", "fatal"):
+            errors.append(text)
+        elif issue.get("severity") == "warning":
+            warnings.append(text)
+            # one line per kind of warning: without entry/element indexes and the code looked up
+            kind = re.sub(r"\[\d+\]", "[n]", text.replace("/*", "(").replace("*/", ")"))
+            kind = re.sub(r" for '[^']*'$", "", re.sub(r"\((\w+)/[^)]*\)", r"(\1)", kind))
+            _VALIDATOR_WARNINGS[kind] = _VALIDATOR_WARNINGS.get(kind, 0) + 1
+    assert resp.status_code in (200, 412), (resp.status_code, outcome)  # 412: the resource has errors
+    return errors, warnings

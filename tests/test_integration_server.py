@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 from click.testing import CliRunner
-from conftest import ROOT, load_vignette
+from conftest import ROOT, hl7_validate, load_vignette
 
 from fhir_crs.cli import cli
 from fhir_crs.fhir import FhirClient, NoAuth
@@ -29,8 +29,14 @@ def pull(server: str, pid: str, *extra: str) -> tuple[int, dict[str, Any] | None
 
 
 @pytest.fixture(scope="module")
-def client(fhir_server) -> FhirClient:
-    return FhirClient(fhir_server.base, auth=NoAuth())
+def server(any_server):
+    """sekmet-fhir and HAPI FHIR JPA in turn (tests/conftest.py `any_server`)."""
+    return any_server
+
+
+@pytest.fixture(scope="module")
+def client(server) -> FhirClient:
+    return FhirClient(server.base, auth=NoAuth())
 
 
 @pytest.fixture(scope="module")
@@ -42,8 +48,8 @@ def conditions(client: FhirClient, value: str) -> list[dict[str, Any]]:
     return client.search("Condition", [("identifier", f"{SYSTEM}|{value}")], no_cache=True).matches
 
 
-def test_pull_grades_like_the_offline_path(fhir_server, loaded):
-    code, data, err = pull(fhir_server.base, loaded["V06"])
+def test_pull_grades_like_the_offline_path(server, loaded):
+    code, data, err = pull(server.base, loaded["V06"])
     assert code == 0, err
     (case,) = data["cases"]
     offline = grade_paths([VIGNETTES / "V06.json"])["cases"][0]
@@ -53,9 +59,9 @@ def test_pull_grades_like_the_offline_path(fhir_server, loaded):
     assert data["written"] == []  # no --write
 
 
-def test_write_back_is_idempotent_and_reads_back(fhir_server, client, loaded):
+def test_write_back_is_idempotent_and_reads_back(server, client, loaded):
     pid = loaded["V06"]
-    code, data, err = pull(fhir_server.base, pid, "--write")
+    code, data, err = pull(server.base, pid, "--write")
     assert code == 0, err
     (w,) = data["written"]
     assert w["status"] == "created"
@@ -74,15 +80,15 @@ def test_write_back_is_idempotent_and_reads_back(fhir_server, client, loaded):
     kinds = {e["resource"]["resourceType"] for e in summary["entry"]}
     assert {"Condition", "Observation", "List"} <= kinds
     # replay: nothing written, nothing duplicated
-    code, again, _ = pull(fhir_server.base, pid, "--write")
+    code, again, _ = pull(server.base, pid, "--write")
     assert code == 0 and again["written"][0]["status"] == "unchanged"
     assert len(conditions(client, key + "-crs")) == 1
     assert len(client.search("Bundle", [("identifier", f"{SYSTEM}|{key}-summary")], no_cache=True).matches) == 1
 
 
-def test_new_data_updates_in_place(fhir_server, client, loaded):
+def test_new_data_updates_in_place(server, client, loaded):
     pid = loaded["V04"]  # afebrile hypotension: no CRS -> nothing written
-    code, data, _ = pull(fhir_server.base, pid, "--write")
+    code, data, _ = pull(server.base, pid, "--write")
     assert code == 0 and data["written"][0]["status"] == "unchanged" and data["cases"][0]["crs"]["astct"]["grade"] == 0
     infusion = data["cases"][0]["infusion"]
     from datetime import datetime, timedelta
@@ -96,35 +102,72 @@ def test_new_data_updates_in_place(fhir_server, client, loaded):
             "effectiveDateTime": (t0 + timedelta(hours=h)).isoformat().replace("+00:00", "Z"),
             "valueQuantity": {"value": v, "unit": "Cel", "system": "http://unitsofmeasure.org", "code": "Cel"},
         })
-    code, data, err = pull(fhir_server.base, pid, "--write")
+    code, data, err = pull(server.base, pid, "--write")
     assert code == 0, err
     assert data["cases"][0]["crs"]["astct"]["grade"] == 2  # fever now accompanies the hypotension at +60
     assert data["written"][0]["status"] == "created"
 
 
-def test_icans_condition_written_when_graded(fhir_server, client, loaded):
+def test_icans_condition_written_when_graded(server, client, loaded):
     pid = loaded["V25"]
-    code, data, err = pull(fhir_server.base, pid, "--write")
+    code, data, err = pull(server.base, pid, "--write")
     assert code == 0, err
     key = f"{pid}-" + data["cases"][0]["infusion"].replace("-", "").replace(":", "")
     (icans,) = conditions(client, key + "-icans")
     assert icans["code"]["coding"][0]["code"] == "G92.03"
 
 
-def test_dry_run_writes_nothing(fhir_server, client, loaded):
+def test_dry_run_writes_nothing(server, client, loaded):
     pid = loaded["V25"]
     before = client.search("Condition", [("subject", f"Patient/{pid}")], no_cache=True).matches
     # a different convention changes the grade, so a real run would have to write
-    r = CliRunner().invoke(cli, ["pull", "--patient", pid, "--server", fhir_server.base, "--dry-run", "--set", "capd_delirium=12"])
+    r = CliRunner().invoke(cli, ["pull", "--patient", pid, "--server", server.base, "--dry-run", "--set", "capd_delirium=12"])
     assert r.exit_code == 0, r.stderr
     assert "Dry run" in r.stdout and "Condition?identifier=" not in r.stdout.split("Dry run")[0]
     after = client.search("Condition", [("subject", f"Patient/{pid}")], no_cache=True).matches
     assert [(c["id"], c["meta"]["versionId"]) for c in after] == [(c["id"], c["meta"]["versionId"]) for c in before]
 
 
-def test_unknown_patient_is_one_clear_error(fhir_server):
-    code, _, err = pull(fhir_server.base, "no-such-patient")
+def test_unknown_patient_is_one_clear_error(server):
+    code, _, err = pull(server.base, "no-such-patient")
     assert code == 4 and "not found" in err.lower() and "Traceback" not in err
+
+
+def written_resources(client: FhirClient, key: str) -> list[dict[str, Any]]:
+    """Everything a write-back for case `key` left on the server: Conditions, the summary Bundle
+    and each of its entries (Condition, Observations, List), and any Provenance of those."""
+    found: list[dict[str, Any]] = []
+    for suffix in ("-crs", "-icans"):
+        found += conditions(client, key + suffix)
+    bundles = client.search("Bundle", [("identifier", f"{SYSTEM}|{key}-summary")], no_cache=True).matches
+    found += bundles
+    found += [e["resource"] for b in bundles for e in b.get("entry", [])]
+    targets = ",".join(f"{r['resourceType']}/{r['id']}" for r in found if r.get("id"))
+    found += client.search("Provenance", [("target", targets)], no_cache=True).matches
+    return found
+
+
+def test_everything_written_passes_the_hl7_validator(hapi_server):
+    """`pull --write` on the local HAPI, then each written resource through the HL7 validator
+    (HAPI's FhirInstanceValidator, R4 core definitions, offline): zero errors; warnings listed at
+    the end of the test session. fhir.resources.R4B validation stays the first check (writeback)."""
+    client = FhirClient(hapi_server.base, auth=NoAuth())
+    checked: dict[str, int] = {}
+    for vignette in ("V06", "V25"):  # CRS only; CRS + ICANS
+        pid = load_vignette(client, vignette)
+        code, data, err = pull(hapi_server.base, pid, "--write")
+        assert code == 0, err
+        key = f"{pid}-" + data["cases"][0]["infusion"].replace("-", "").replace(":", "")
+        resources = written_resources(client, key)
+        for resource in resources:
+            errors, warnings = hl7_validate(hapi_server.base, resource)
+            assert errors == [], errors
+            for w in warnings:
+                print(w)
+            checked[resource["resourceType"]] = checked.get(resource["resourceType"], 0) + 1
+    print("validated:", checked)
+    assert {"Condition", "Bundle", "Observation", "List"} <= set(checked)
+    assert checked["Condition"] >= 3 * 2  # CRS x2 + ICANS, each stored and inside its Bundle
 
 
 def test_unreachable_server_is_one_clear_error():

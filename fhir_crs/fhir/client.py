@@ -31,6 +31,7 @@ import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC
+from http import HTTPStatus
 from typing import Any
 from urllib.parse import parse_qsl, quote, urljoin, urlsplit
 
@@ -778,8 +779,17 @@ class FhirClient:
         return FhirOperationOutcome(message, status, diag)
 
 
+def _standard_phrase(status: int) -> str:
+    try:
+        return HTTPStatus(status).phrase
+    except ValueError:
+        return ""
+
+
 def _message(method: str, url: str, resp: requests.Response, diag: str | None) -> str:
-    reason = f" {resp.reason}" if resp.reason else ""
+    # HAPI's Tomcat sends no reason phrase (HTTP/1.1 404); fall back to the standard one.
+    phrase = resp.reason or _standard_phrase(resp.status_code)
+    reason = f" {phrase}" if phrase else ""
     head = f"{method} {_path(url)} failed: HTTP {resp.status_code}{reason}"
     if not diag:
         return head

@@ -11,17 +11,21 @@
   longest run of ANC <= 500 and <= 100 /uL in days 0-30 (lowest value per day, gaps up to 7 days
   interpolated and flagged, runs separated by < 3 days above 500 joined); late grade from the
   second-lowest ANC after day +30 (>= 2 values, non-transient).
+
+Cost: O(n log n) for n lab values and drugs (the IEC-HS window partner by bisection; ICAHT works
+on at most one value per day of days 0-30).
 """
 
 from __future__ import annotations
 
+from bisect import bisect_left
 from datetime import datetime, timedelta
 from itertools import pairwise
 from typing import Any
 
 from ..settings import GradingSettings
 from ..timeline import CaseTimeline
-from .organ import grade_lab
+from .organ import baseline, grade_lab
 from .result import iso
 
 H = timedelta(hours=1)
@@ -52,9 +56,10 @@ def carhlh(tl: CaseTimeline, s: GradingSettings) -> dict[str, Any]:
     hits: list[tuple[datetime, str, str]] = []
     first_high = min((m for m in ferritin if m.value > s.carhlh_ferritin), key=lambda m: m.time)
     for lab in ("bilirubin", "ast", "alt", "creatinine"):
+        base = baseline(tl, lab)
         for m in tl.labs.get(lab, []):
             if m.time >= first_high.time:
-                g = grade_lab(tl, lab, m, s)
+                g = grade_lab(tl, lab, m, s, base, base_known=True)
                 if g.grade >= 3:
                     name = "creatinine" if lab == "creatinine" else "liver"
                     hits.append((m.time, name, g.text))
@@ -126,17 +131,16 @@ def iec_hs(tl: CaseTimeline, s: GradingSettings, crs_resolved: datetime | None) 
     manifest.sort()
     window = timedelta(hours=s.iec_hs_window_h)
     onset = None
+    # the earliest partner within the window, by bisection into the time-ordered manifest:
+    # O(M log M) rather than a scan of the whole manifest per manifestation
+    ferritin_times = [x[0] for x in manifest if x[1] == "ferritin"]
+    other_times = [x[0] for x in manifest if x[1] != "ferritin"]
     for t, kind, _, _ in manifest:
-        if kind == "ferritin":
-            others = [x for x in manifest if x[1] != "ferritin" and abs(x[0] - t) <= window]
-            if others:
-                onset = max(t, min(o[0] for o in others))
-                break
-        else:
-            fer = [x for x in manifest if x[1] == "ferritin" and abs(x[0] - t) <= window]
-            if fer:
-                onset = max(t, min(f[0] for f in fer))
-                break
+        partners = other_times if kind == "ferritin" else ferritin_times
+        i = bisect_left(partners, t - window)
+        if i < len(partners) and partners[i] <= t + window:
+            onset = max(t, partners[i])
+            break
     if manifest and onset is None:
         flags.append("iec_hs_screen")  # isolated manifestation: review
     if onset is not None:
@@ -147,11 +151,13 @@ def iec_hs(tl: CaseTimeline, s: GradingSettings, crs_resolved: datetime | None) 
         if crs_resolved is not None and onset > crs_resolved:
             flags.append("after_crs_resolution")
         kinds = []
+        cited: set[str] = set()
         for t, kind, text, ref in picture:
             if kind not in kinds:
                 kinds.append(kind)
                 out["criteria"].append(f"{text} (day {_day(tl, t)})")
-            if ref not in evidence:
+            if ref not in cited:
+                cited.add(ref)
                 evidence.append(ref)
         lo = onset - window
         # IEC-HS-directed therapy: anti-cytokine agents, or steroids once CRS had resolved.
@@ -176,7 +182,8 @@ def iec_hs(tl: CaseTimeline, s: GradingSettings, crs_resolved: datetime | None) 
         out["grade"] = grade
         flags.append("iec_hs_grade_provisional")
         for d in [*directed, *transfused]:
-            if d.ref not in evidence:
+            if d.ref not in cited:
+                cited.add(d.ref)
                 evidence.append(d.ref)
     elif manifest:
         for t, _kind, text, ref in manifest[:5]:

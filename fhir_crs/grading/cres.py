@@ -5,6 +5,9 @@ seizures (partial 3; generalized or status 4) and new motor weakness (4); no
 level-of-consciousness row. Where no CARTOX-10 is charted the ICE score stands in (they differ
 by one item; flagged). Children under the ICE age use CAPD bands (PedsCARTOX neuro; Mahadeo's
 exact mapping was not verified — flagged).
+
+Cost: O(A log A) for A neuro rows (sedation by bisection), plus O(C x H) for C cerebral-oedema
+rows checked against H intracranial-haemorrhage findings (both a handful).
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from ..settings import GradingSettings
 from ..timeline import CaseTimeline
 from .icans import Assessment, neuro_episodes, summarise_neuro
 from .result import Criterion, SystemResult
+from .state import Cover
 
 H = timedelta(hours=1)
 
@@ -41,6 +45,7 @@ def grade_cres(tl: CaseTimeline, s: GradingSettings) -> SystemResult:
         capd_base = pre[-1].value
     ich = [f for f in tl.findings if f.kind == "intracranial_hemorrhage" and f.detail == "present"]
     points: dict[datetime, Assessment] = {}
+    sedation = Cover((a, b) for a, b, _ in tl.sedation)
 
     def at(t: datetime) -> Assessment:
         return points.setdefault(t, Assessment(t))
@@ -49,7 +54,7 @@ def grade_cres(tl: CaseTimeline, s: GradingSettings) -> SystemResult:
         t = e.time
         if t < tl.infusion:
             continue
-        sedated = any(a <= t <= b for a, b, _ in tl.sedation)
+        sedated = t in sedation
         if isinstance(e, Measurement) and e.kind == score:
             if sedated:
                 res.flag("sedation_confounded")

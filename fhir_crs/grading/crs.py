@@ -5,47 +5,82 @@ episode, at every time something changes, the instant grade is the maximum of th
 components (hypotension, hypoxia, organ toxicity …), floor 1; the episode maximum and the first
 time it is reached are kept with the criteria and resources behind them. Systems differ only in
 `components()` (and whether fever must accompany them, which only ASTCT requires).
+
+Cost: O(n log n + output) per system for n events. The derived series the systems share
+(episodes, concurrency, dose states, organ grades) are built once per case (state.py); each
+change point is graded once, and each component looks up what covers it by bisection.
 """
 
 from __future__ import annotations
 
+from bisect import bisect_right
 from collections.abc import Iterable
 from datetime import datetime, timedelta
-from itertools import combinations
 
 from ..settings import GradingSettings
 from ..timeline import CaseTimeline, PressorCourse, Support
-from .episodes import Episode, detect_episodes, is_fever
+from .episodes import Episode, is_fever
 from .result import Criterion, EpisodeResult, SystemResult
+from .state import Cover, case_state
 
 H = timedelta(hours=1)
 MIN = timedelta(minutes=1)
 
 
 def concurrent_intervals(courses: list[PressorCourse], min_overlap: timedelta) -> list[tuple[datetime, datetime, int, list[str]]]:
-    """Intervals where >= 2 infusions of different drugs overlap for at least `min_overlap`."""
-    out = []
-    for k in range(2, len(courses) + 1):
-        for combo in combinations(courses, k):
-            if len({c.drug for c in combo}) < k:
-                continue
-            start = max(c.start for c in combo)
-            end = min(c.end for c in combo)
-            if end - start >= min_overlap:
-                out.append((start, end, k, [r for c in combo for r in c.refs[:1]]))
-    return out
+    """Every combination of >= 2 infusions of different drugs that overlap for at least
+    `min_overlap`, as (start, end, k, first ref of each member), ordered by k and then by the
+    members' positions in `courses` (the order a combination search would list them).
+
+    Interval sweep: courses in start order; each combination is found once, from its latest-
+    starting member, among the courses still running `min_overlap` after that start. Cost
+    O(n log n + n·a + m) for n courses, at most a courses running at once (same-drug segments are
+    joined into one course, so a <= the number of drugs) and m combinations returned."""
+    order = sorted(range(len(courses)), key=lambda i: (courses[i].start, i))
+    found: list[tuple[tuple[int, ...], datetime, datetime]] = []
+    active: list[int] = []
+    for i in order:
+        c = courses[i]
+        t0 = c.start
+        active = [j for j in active if courses[j].end - t0 >= min_overlap]
+        if c.end - t0 < min_overlap:
+            continue
+        cands = [j for j in active if courses[j].drug != c.drug]
+
+        def extend(pos: int, members: tuple[int, ...], drugs: frozenset[str], end: datetime,
+                   cands: list[int] = cands, t0: datetime = t0) -> None:
+            for p in range(pos, len(cands)):
+                j = cands[p]
+                d = courses[j]
+                if d.drug in drugs:
+                    continue
+                e = min(end, d.end)
+                grown = (*members, j)
+                found.append((tuple(sorted(grown)), t0, e))
+                extend(p + 1, grown, drugs | {d.drug}, e)
+
+        extend(0, (i,), frozenset((c.drug,)), c.end)
+        active.append(i)
+    found.sort(key=lambda f: (len(f[0]), f[0]))
+    return [(start, end, len(idx), [r for j in idx for r in courses[j].refs[:1]]) for idx, start, end in found]
 
 
 def handoffs(courses: list[PressorCourse], min_overlap: timedelta) -> list[tuple[datetime, list[str]]]:
-    """Overlaps shorter than the concurrency rule (bag changes, switches)."""
-    out = []
-    for a, b in combinations(courses, 2):
-        if a.drug == b.drug:
-            continue
-        start, end = max(a.start, b.start), min(a.end, b.end)
-        if timedelta(0) < end - start < min_overlap:
-            out.append((start, [a.refs[0], b.refs[0]]))
-    return out
+    """Overlaps of two different drugs shorter than the concurrency rule (bag changes, switches),
+    ordered by the pair's positions in `courses`. Interval sweep: O(n log n + n·a + m)."""
+    order = sorted(range(len(courses)), key=lambda i: (courses[i].start, i))
+    found: list[tuple[int, int, datetime]] = []
+    active: list[int] = []
+    for i in order:
+        c = courses[i]
+        active = [j for j in active if courses[j].end > c.start]
+        for j in active:
+            d = courses[j]
+            if d.drug != c.drug and timedelta(0) < min(c.end, d.end) - c.start < min_overlap:
+                found.append((min(i, j), max(i, j), c.start))
+        active.append(i)
+    found.sort(key=lambda f: (f[0], f[1]))
+    return [(start, [courses[a].refs[0], courses[b].refs[0]]) for a, b, start in found]
 
 
 class CrsGrader:
@@ -58,6 +93,7 @@ class CrsGrader:
         self.tl = tl
         self.s = s
         self.result = SystemResult(self.name)
+        self.state = case_state(tl, s)
 
     # -- hooks ----------------------------------------------------------------------------
     def components(self, t: datetime, ep: Episode) -> list[Criterion]:
@@ -83,23 +119,24 @@ class CrsGrader:
 
     def fever_ok(self, t: datetime, ep: Episode) -> tuple[bool, list[str], bool]:
         """(fever requirement met, refs, via masking) at t within episode ep."""
-        window = timedelta(hours=self.s.fever_association_h)
-        near = [m for m in self.tl.temps if abs(m.time - t) <= window and is_fever(m, self.s)]
-        if near:
-            close = min(near, key=lambda m: abs(m.time - t))
+        close = self.state.fevers.nearest(t, timedelta(hours=self.s.fever_association_h))
+        if close is not None:
             return True, [close.ref], False
         if ep.masked_from is not None and t >= ep.masked_from:
             return True, ep.masking_refs, True
         return False, [], False
 
     def grade(self) -> SystemResult:
+        """O(n log n + output) for n events: episodes and the shared series come from the case
+        state (built once), each change point of an episode is graded once, and every component
+        query at a change point is a bisection into an index (grading/state.py)."""
         tl, s, res = self.tl, self.s, self.result
-        episodes = detect_episodes(tl, s, self.extra_abnormal())
+        episodes = self.state.episodes(self.extra_abnormal())
         points = sorted(set(self.change_points()))
         for ep in episodes:
             bound = ep.end_bound(tl)
             best, best_t, trail = 0, None, []
-            pts = [ep.onset] + [p for p in points if ep.onset < p <= bound]
+            pts = [ep.onset, *points[bisect_right(points, ep.onset):bisect_right(points, bound)]]
             pts += [p for p in self.episode_points(ep) if ep.onset <= p <= bound]
             if ep.masked_from is not None and ep.masked_from <= bound:
                 pts.append(ep.masked_from)
@@ -165,8 +202,10 @@ class CrsGrader:
     def _outside_episode_flags(self, episodes: list[Episode]) -> None:
         tl, s, res = self.tl, self.s, self.result
 
+        windows = Cover((ep.onset - timedelta(hours=s.fever_association_h), ep.end_bound(tl)) for ep in episodes)
+
         def inside(t: datetime) -> bool:
-            return any(ep.onset - timedelta(hours=s.fever_association_h) <= t <= ep.end_bound(tl) for ep in episodes)
+            return t in windows
 
         afebrile = False
         for h in tl.hypotension:
@@ -213,10 +252,7 @@ class AstctCrs(CrsGrader):
 
     def __init__(self, tl: CaseTimeline, s: GradingSettings):
         super().__init__(tl, s)
-        non_vaso = [c for c in tl.pressors if c.drug != "vasopressin"]
-        self.overlap = timedelta(minutes=s.vasopressor_overlap_min)
-        self.multi = concurrent_intervals(non_vaso, self.overlap)
-        self.handoffs = handoffs(non_vaso, self.overlap)
+        self.multi = self.state.concurrent(include_vasopressin=False)
 
     def change_points(self) -> Iterable[datetime]:
         yield from super().change_points()
@@ -247,34 +283,29 @@ class AstctCrs(CrsGrader):
         return 3, names.get(d, d), (), ()
 
     def components(self, t: datetime, ep: Episode) -> list[Criterion]:
-        tl, out = self.tl, []
-        for start, end, k, refs in self.multi:
-            if start <= t < end:
-                out.append(Criterion(t, 4, f"{k} vasopressors concurrently (excluding vasopressin)", refs, ("vasopressor_overlap_min",)))
-        running = [c for c in tl.pressors if c.start <= t < c.end]
+        tl, state, out = self.tl, self.state, []
+        for _start, _end, k, refs in state.concurrent_at(include_vasopressin=False).at(t):
+            out.append(Criterion(t, 4, f"{k} vasopressors concurrently (excluding vasopressin)", refs, ("vasopressor_overlap_min",)))
+        running = state.running.at(t)
         if running:
             names = sorted({c.drug for c in running})
             out.append(Criterion(t, 3, "vasopressor: " + ", ".join(names), [c.refs[0] for c in running], ("vasopressor_min_duration_min",)))
-            for h_start, _refs in self.handoffs:
-                if ep.onset <= h_start <= ep.end_bound(tl):
-                    out[-1].flags += ("vasopressor_handoff",)
-                    out[-1].settings += ("vasopressor_overlap_min",)
-                    break
-        for h in tl.hypotension:
-            if h.time == t:
-                crit = f"hypotension SBP {h.sbp:g} < {h.threshold:g} mmHg ({h.how}), no vasopressor"
-                sets: tuple[str, ...] = ("hypotension_confirm_window_min",)
-                if tl.pediatric:
-                    sets += ("sbp_child_base", "sbp_child_per_year")
-                out.append(Criterion(t, 2, crit, h.refs, sets))
-        for g in tl.support:
-            if g.start <= t < g.end:
-                tier, crit, sets, flags = self.support_tier(g)
-                if tier:
-                    out.append(Criterion(t, tier, crit, g.refs, (*sets, "device_carry_forward_h"), flags))
-                elif flags and ep.onset <= g.start <= ep.end_bound(tl):
-                    self.result.flag(*flags)
-                    self.used(*sets)
+            if state.handoff_in(ep.onset, ep.end_bound(tl)):
+                out[-1].flags += ("vasopressor_handoff",)
+                out[-1].settings += ("vasopressor_overlap_min",)
+        for h in state.hypotension.exactly(t):
+            crit = f"hypotension SBP {h.sbp:g} < {h.threshold:g} mmHg ({h.how}), no vasopressor"
+            sets: tuple[str, ...] = ("hypotension_confirm_window_min",)
+            if tl.pediatric:
+                sets += ("sbp_child_base", "sbp_child_per_year")
+            out.append(Criterion(t, 2, crit, h.refs, sets))
+        for g in state.support.at(t):
+            tier, crit, sets, flags = self.support_tier(g)
+            if tier:
+                out.append(Criterion(t, tier, crit, g.refs, (*sets, "device_carry_forward_h"), flags))
+            elif flags and ep.onset <= g.start <= ep.end_bound(tl):
+                self.result.flag(*flags)
+                self.used(*sets)
         return out
 
 

@@ -3,13 +3,20 @@ resolution at the first all-clear time after the last abnormality that stays cle
 a new fever after resolution opening a new (biphasic) episode. Episodes whose fever has another
 likely cause (positive blood culture, post-CRS hyperinflammation, a late second episode) are
 marked provisional with the flags that say why.
+
+Cost: O(E x n log n) for n events and E episodes (each episode sorts the abnormalities after its
+onset once; fever runs are one backward pass; onset and therapy look-ups are bisections). E is
+bounded by the stay divided by the 24 h clear period. Computed once per case and set of extra
+abnormalities, shared by the systems (state.py).
 """
 
 from __future__ import annotations
 
 import re
+from bisect import bisect_left
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from itertools import pairwise
 
 from ..events import DrugGiven, Measurement
 from ..settings import GradingSettings
@@ -56,14 +63,17 @@ class Episode:
 
 
 def fever_intervals(tl: CaseTimeline, s: GradingSettings, since: datetime) -> list[tuple[datetime, datetime | None, list[str]]]:
-    """Fever states [fever reading, next afebrile reading); open (None) if no afebrile reading follows."""
-    out = []
+    """Fever states [fever reading, next afebrile reading); open (None) if no afebrile reading follows.
+    One backward pass over the readings: O(n)."""
     temps = tl.temps
-    for i, m in enumerate(temps):
-        if m.time < since or not is_fever(m, s):
-            continue
-        end = next((n.time for n in temps[i + 1:] if not is_fever(n, s)), None)
-        out.append((m.time, end, [m.ref]))
+    out = []
+    next_afebrile: datetime | None = None
+    for m in reversed(temps):
+        if not is_fever(m, s):
+            next_afebrile = m.time
+        elif m.time >= since:
+            out.append((m.time, next_afebrile, [m.ref]))
+    out.reverse()
     return out
 
 
@@ -91,11 +101,13 @@ def find_resolution(tl: CaseTimeline, s: GradingSettings, onset: datetime,
     therapy = sorted(d.start for d in tl.drugs if d.drug_class in s.episode_open_therapy_classes and d.start >= onset)
 
     def horizon(cur: datetime) -> datetime:
-        """cur + clear, pushed out by CRS-directed therapy given while the episode looked clear."""
+        """cur + clear, pushed out by CRS-directed therapy given while the episode looked clear
+        (therapy is time-ordered: start at cur, stop at the first dose past the horizon)."""
         h = cur + clear
-        for d in therapy:
-            if cur <= d <= h:
-                h = max(h, d + clear)
+        for d in therapy[bisect_left(therapy, cur):]:
+            if d > h:
+                break
+            h = max(h, d + clear)
         return h
 
     cur = onset
@@ -175,8 +187,11 @@ def detect_episodes(tl: CaseTimeline, s: GradingSettings,
     cursor = tl.infusion
     masking = [d for d in tl.drugs if d.drug_class in s.masking_drug_classes]
     cw = timedelta(hours=s.culture_attribution_window_h)
+    times = [m.time for m in tl.temps]
+    ordered = all(a <= b for a, b in pairwise(times))  # the timeline sorts them
     while True:
-        onset_m = next((m for m in tl.temps if m.time >= cursor and (not episodes or m.time > cursor) and is_fever(m, s)), None)
+        start = bisect_left(times, cursor) if ordered else 0
+        onset_m = next((m for m in tl.temps[start:] if m.time >= cursor and (not episodes or m.time > cursor) and is_fever(m, s)), None)
         if onset_m is None:
             break
         onset = onset_m.time

@@ -5,6 +5,10 @@ pre-infusion baseline); depressed level of consciousness (unless sedated), seizu
 weakness, raised ICP / cerebral oedema (intracranial haemorrhage excluded). The instant grade is
 the most severe domain at an assessment time; episodes run from the first abnormal assessment to
 the first normal one that stays normal for 24 h.
+
+Cost: O(A log A) for A neuro rows (sedation by bisection; the 24 h clear check reads each
+stretch once), plus O(A0 x L) for the A0 ICE-0 rows that look for an unarousable
+level-of-consciousness row among the L charted ones.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from ..events import Finding, Measurement
 from ..settings import GradingSettings
 from ..timeline import CaseTimeline
 from .result import Criterion, EpisodeResult, SystemResult, iso
+from .state import Cover
 
 H = timedelta(hours=1)
 _LOC_GRADE = {"alert": 0, "spontaneous": 1, "voice": 2, "tactile": 3, "unarousable": 4}
@@ -54,9 +59,13 @@ class AstctIcans:
     def __init__(self, tl: CaseTimeline, s: GradingSettings):
         self.tl, self.s = tl, s
         self.result = SystemResult(self.name)
+        self._sedation: Cover | None = None
 
-    def sedated(self, t: datetime) -> str | None:
-        return next((r for a, b, r in self.tl.sedation if a <= t <= b), None)
+    def sedated(self, t: datetime) -> bool:
+        """Inside a sedation interval? (one bisection: O(log n))"""
+        if self._sedation is None:
+            self._sedation = Cover((a, b) for a, b, _ in self.tl.sedation)
+        return t in self._sedation
 
     def primary_score(self) -> str:
         tl, s = self.tl, self.s
@@ -196,6 +205,16 @@ class AstctIcans:
         return res
 
 
+def _abnormal_within(points: list[Assessment], k: int, until: datetime) -> bool:
+    """Any abnormal assessment from points[k] up to `until`? (points are time-ordered: the scan
+    stops at `until`, so a normal stretch is read once, not once per normal assessment in it)"""
+    while k < len(points) and points[k].time <= until:
+        if points[k].grade > 0:
+            return True
+        k += 1
+    return False
+
+
 def neuro_episodes(points: list[Assessment], tl: CaseTimeline, clear: timedelta) -> list[EpisodeResult]:
     """Episodes from the first abnormal assessment to the first normal one (ICE 10 / CAPD at
     baseline, nothing else abnormal) that stays normal for `clear`."""
@@ -213,9 +232,7 @@ def neuro_episodes(points: list[Assessment], tl: CaseTimeline, clear: timedelta)
             if p.grade > best:
                 best, best_t = p.grade, p.time
                 trail.extend(c for c in p.criteria if c.grade == p.grade)
-            if p.grade == 0 and p.normal_primary and not any(
-                q.grade > 0 for q in points[j + 1:] if q.time <= p.time + clear
-            ):
+            if p.grade == 0 and p.normal_primary and not _abnormal_within(points, j + 1, p.time + clear):
                 resolved = p.time
                 break
             j += 1

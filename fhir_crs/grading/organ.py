@@ -1,5 +1,7 @@
 """CTCAE v5.0 grades of the organ-toxicity labs the older CRS systems use (grading-criteria §1.6):
-creatinine (vs pre-infusion baseline and ULN), AST/ALT and total bilirubin (x ULN)."""
+creatinine (vs pre-infusion baseline and ULN), AST/ALT and total bilirubin (x ULN).
+
+Cost: O(n log n) for n lab values (one grade each, one sort, one backward pass)."""
 
 from __future__ import annotations
 
@@ -41,11 +43,14 @@ def baseline(tl: CaseTimeline, lab: str) -> float | None:
     return pre[-1].value if pre else None
 
 
-def grade_lab(tl: CaseTimeline, lab: str, m: Measurement, s: GradingSettings) -> OrganGrade:
+def grade_lab(tl: CaseTimeline, lab: str, m: Measurement, s: GradingSettings, base: float | None = None,
+              base_known: bool = False) -> OrganGrade:
+    """CTCAE grade of one value; pass the creatinine baseline when it is already known."""
     uln = uln_for(tl, lab, m, s)
     x = m.value / uln if uln else 0.0
     if lab == "creatinine":
-        base = baseline(tl, lab)
+        if not base_known:
+            base = baseline(tl, lab)
         xb = m.value / base if base else 0.0
         if x > 6:
             g = 4
@@ -71,9 +76,10 @@ def organ_series(tl: CaseTimeline, s: GradingSettings) -> list[OrganGrade]:
     """Every post-infusion organ lab with its CTCAE grade, in time order."""
     out = []
     for lab in ORGAN_LABS:
+        base = baseline(tl, lab)  # once per lab, not once per value
         for m in tl.labs.get(lab, []):
             if m.time >= tl.infusion:
-                out.append(grade_lab(tl, lab, m, s))
+                out.append(grade_lab(tl, lab, m, s, base, base_known=True))
     for p in tl.procedures:
         # Renal replacement is CTCAE acute kidney injury grade 4 ("dialysis indicated");
         # plasma exchange / cytokine adsorption for CRS itself is not renal failure.
@@ -83,11 +89,14 @@ def organ_series(tl: CaseTimeline, s: GradingSettings) -> list[OrganGrade]:
 
 
 def organ_abnormal_intervals(series: list[OrganGrade], min_grade: int = 2) -> list[tuple[datetime, datetime | None, list[str]]]:
-    """[lab >= min_grade, next value of the same lab <= grade 1) — open if it never improves."""
+    """[lab >= min_grade, next value of the same lab <= grade 1) — open if it never improves.
+    One backward pass keeping each lab's next improved value: O(n)."""
     out = []
-    for i, o in enumerate(series):
+    improved: dict[str, datetime] = {}
+    for o in reversed(series):
         if o.grade < min_grade:
-            continue
-        nxt = next((p.time for p in series[i + 1:] if p.lab == o.lab and p.grade < min_grade), None)
-        out.append((o.time, nxt, [o.ref]))
+            improved[o.lab] = o.time
+        else:
+            out.append((o.time, improved.get(o.lab), [o.ref]))
+    out.reverse()
     return out

@@ -3,6 +3,10 @@ CARTOX (Neelapu 2018) / PedsCARTOX (Mahadeo 2019) and CTCAE v5.0, rule by rule f
 grading-criteria §§4-9 and the cross-system matrix of §10. Same episodes, evidence and flags as
 ASTCT (crs.py); what differs is `components()` — FiO2 instead of device, vasopressor dose and
 duration, organ toxicity — and, for the organ-toxicity systems, what delays resolution.
+
+Cost: O(n log n + output) per system, as for ASTCT (crs.py): dose states, high-dose and
+refractory intervals, concurrency and organ grades come from the shared case state (state.py);
+each query at a change point is a bisection (O(log n) plus what it returns).
 """
 
 from __future__ import annotations
@@ -14,15 +18,10 @@ from ..settings import GradingSettings
 from ..timeline import CaseTimeline, Support
 from .crs import CrsGrader
 from .episodes import Episode
-from .organ import OrganGrade, grade_lab, organ_abnormal_intervals, organ_series
+from .organ import grade_lab, organ_abnormal_intervals
 from .result import Criterion
-from .vasoactive import (
-    cumulative_pressor_time,
-    dose_states,
-    multi_pressor_intervals,
-    refractory_times,
-    sustained_high_dose,
-)
+from .state import LatestOrgan, TimeIndex
+from .vasoactive import cumulative_pressor_time, low_sbp_intervals, overlap_pairs
 
 H = timedelta(hours=1)
 
@@ -36,12 +35,20 @@ class LegacyCrs(CrsGrader):
 
     def __init__(self, tl: CaseTimeline, s: GradingSettings):
         super().__init__(tl, s)
-        self.states, dose_flags = dose_states(tl, s)
-        self.sustained = sustained_high_dose(self.states, s)
-        self.refractory = refractory_times(tl, self.states, s)
-        self.multi = multi_pressor_intervals(tl, s, include_vasopressin=True)
-        self.dose_flags = dose_flags
-        self.organs = [o for o in organ_series(tl, s) if not self._baseline_abnormal(o.lab)] if self.organ_based else []
+        st = self.state  # shared with the other systems: computed once per case
+        self.states, self.dose_flags = st.doses
+        self.sustained = st.sustained
+        self._sustained_at = TimeIndex(self.sustained, lambda x: x[0])
+        self.refractory = st.refractory
+        self._refractory_at = TimeIndex(self.refractory, lambda x: x[0])
+        self.multi = st.concurrent(include_vasopressin=True)
+        baseline_abnormal: dict[str, bool] = {}
+        if self.organ_based:
+            for o in st.organs:
+                if o.lab not in baseline_abnormal:
+                    baseline_abnormal[o.lab] = self._baseline_abnormal(o.lab)
+        self.organs = [o for o in st.organs if not baseline_abnormal[o.lab]] if self.organ_based else []
+        self._latest = LatestOrgan(self.organs)
 
     def _baseline_abnormal(self, lab: str) -> bool:
         pre = [m for m in self.tl.labs.get(lab, []) if m.time < self.tl.infusion]
@@ -63,11 +70,10 @@ class LegacyCrs(CrsGrader):
     # -- components shared by several systems ---------------------------------------------
     def hypoxia(self, t: datetime, ep: Episode) -> list[Criterion]:
         out = []
-        for g in self.tl.support:
-            if g.start <= t < g.end:
-                c = self.fio2_criterion(t, g, ep)
-                if c is not None:
-                    out.append(c)
+        for g in self.state.support.at(t):
+            c = self.fio2_criterion(t, g, ep)
+            if c is not None:
+                out.append(c)
         return out
 
     def fio2_criterion(self, t: datetime, g: Support, ep: Episode) -> Criterion | None:
@@ -101,9 +107,7 @@ class LegacyCrs(CrsGrader):
     def any_o2(self, t: datetime, ep: Episode, grade: int) -> list[Criterion]:
         """Penn: any supplemental oxygen (incl. CPAP/BiPAP) is `grade`; invasive ventilation 4."""
         out = []
-        for g in self.tl.support:
-            if not (g.start <= t < g.end):
-                continue
+        for g in self.state.support.at(t):
             if g.home or (g.ppv and not g.attributed):
                 if ep.contains(g.start, self.tl):
                     self.result.flag("home_baseline_excluded" if g.home else "ppv_not_attributed")
@@ -116,49 +120,45 @@ class LegacyCrs(CrsGrader):
 
     def hypotension_event(self, t: datetime, grade: int) -> list[Criterion]:
         return [Criterion(t, grade, f"hypotension SBP {h.sbp:g} < {h.threshold:g} mmHg ({h.how})", h.refs, ("hypotension_confirm_window_min",))
-                for h in self.tl.hypotension if h.time == t]
+                for h in self.state.hypotension.exactly(t)]
 
     def single_pressor(self, t: datetime, grade: int, text: str = "vasopressor (low dose)") -> list[Criterion]:
-        running = [c for c in self.tl.pressors if c.start <= t < c.end]
+        running = self.state.running.at(t)
         if not running:
             return []
         return [Criterion(t, grade, f"{text}: " + ", ".join(sorted({c.drug for c in running})), [c.refs[0] for c in running], ("vasopressor_min_duration_min",))]
 
     def multiple_pressors(self, t: datetime, grade: int, note: str) -> list[Criterion]:
         out = []
-        for start, end, k, refs in self.multi:
-            if start <= t < end:
-                flags = ("vasopressin_counted",) if note else ()
-                out.append(Criterion(t, grade, f"{k} vasopressors concurrently{note}", refs, ("vasopressor_overlap_min",), flags))
+        for _start, _end, k, refs in self.state.concurrent_at(include_vasopressin=True).at(t):
+            flags = ("vasopressin_counted",) if note else ()
+            out.append(Criterion(t, grade, f"{k} vasopressors concurrently{note}", refs, ("vasopressor_overlap_min",), flags))
         return out
 
     def high_dose(self, t: datetime, grade: int) -> list[Criterion]:
-        out = []
-        for t_hd, text, refs in self.sustained:
-            if t_hd == t or (t_hd <= t and any(c.start <= t < c.end for c in self.tl.pressors) and self._still_high(t)):
-                out.append(Criterion(t, grade, f"high-dose vasopressors held >= {self.s.high_dose_min_hours:g} h ({text})", refs,
-                                     ("high_dose_min_hours",), tuple(sorted(self.dose_flags & {"pediatric_high_dose", "dosing_weight_unknown"}))))
-                break
-        return out
-
-    def _still_high(self, t: datetime) -> bool:
-        from .vasoactive import is_high_dose
-
-        return any(st.start <= t < st.end and is_high_dose(st.doses, self.s)[0] for st in self.states)
+        # The first sustained high-dose time that is t itself, or any reached by t while a
+        # vasopressor still runs at a high dose (the sustained times are in time order).
+        if not self.sustained:
+            return []
+        hit = None
+        if self.sustained[0][0] <= t and self.state.running.at(t) and self.state.high_at(t):
+            hit = self.sustained[0]
+        else:
+            same = self._sustained_at.exactly(t)
+            hit = same[0] if same else None
+        if hit is None:
+            return []
+        _, text, refs = hit
+        return [Criterion(t, grade, f"high-dose vasopressors held >= {self.s.high_dose_min_hours:g} h ({text})", refs,
+                          ("high_dose_min_hours",), tuple(sorted(self.dose_flags & {"pediatric_high_dose", "dosing_weight_unknown"})))]
 
     def refractory_hypotension(self, t: datetime, grade: int, text: str) -> list[Criterion]:
-        return [Criterion(t, grade, text, refs, ("refractory_hypotension_min",)) for tr, refs in self.refractory if tr == t]
+        return [Criterion(t, grade, text, refs, ("refractory_hypotension_min",)) for _, refs in self._refractory_at.exactly(t)]
 
     def organ(self, t: datetime, ep: Episode, lee_style: bool = True) -> list[Criterion]:
         """Latest value of each organ lab at t, graded per CTCAE; Lee/CARTOX mapping by default."""
-        latest: dict[str, OrganGrade] = {}
-        for o in self.organs:
-            if o.time <= t and o.time >= ep.onset - 24 * H:
-                cur = latest.get(o.lab)
-                if cur is None or o.time > cur.time or o.grade > cur.grade:
-                    latest[o.lab] = o
         out = []
-        for o in latest.values():
+        for o in self._latest.window(ep.onset - 24 * H, t):
             if o.grade < 2:
                 continue
             if lee_style:
@@ -197,9 +197,15 @@ class Penn(LegacyCrs):
     def __init__(self, tl: CaseTimeline, s: GradingSettings):
         super().__init__(tl, s)
         thr = tl.sbp_threshold(s)
-        self.bp_boluses = [b for b in tl.boluses if any(b.start - H <= m.time <= b.start and m.value < thr and not tl.in_window(m.time) for m in tl.sbp)]
+        sbp = TimeIndex(tl.sbp, lambda m: m.time)
+        self.bp_boluses = [b for b in tl.boluses
+                           if any(m.value < thr and not tl.in_window(m.time) for m in sbp.between(b.start - H, b.start))]
+        self._bolus_at = TimeIndex(self.bp_boluses, lambda b: b.start)
         self.coag = [d for d in tl.drugs if d.drug_class == "blood_product"] + [p for p in tl.procedures if p.kind == "transfusion_cryo"]
+        self._coag_at = TimeIndex(self.coag, lambda c: c.start)
         self.iv_therapy = [d for d in tl.drugs if d.drug_class in s.penn_iv_therapy_classes]
+        self._iv_at = TimeIndex(self.iv_therapy, lambda d: d.start)
+        self._anc = TimeIndex(tl.labs.get("anc", []), lambda m: m.time)
 
     def change_points(self) -> Iterable[datetime]:
         yield from super().change_points()
@@ -216,17 +222,16 @@ class Penn(LegacyCrs):
         return out
 
     def _anc_at(self, t: datetime) -> float | None:
-        anc = self.tl.labs.get("anc", [])
-        before = [m for m in anc if t - 48 * H <= m.time <= t]
+        before = self._anc.between(t - 48 * H, t)
         if before:
             return before[-1].value
-        after = [m for m in anc if t < m.time <= t + 24 * H]
+        after = [m for m in self._anc.between(t, t + 24 * H) if m.time > t]
         return after[0].value if after else None
 
     def components(self, t: datetime, ep: Episode) -> list[Criterion]:
         s, out = self.s, []
-        for d in self.iv_therapy:
-            if d.start != t or not ep.contains(t, self.tl):
+        for d in self._iv_at.exactly(t):
+            if not ep.contains(t, self.tl):
                 continue
             if d.drug_class == "iv_antibiotic":
                 anc = self._anc_at(t)
@@ -234,7 +239,7 @@ class Penn(LegacyCrs):
                     out.append(Criterion(t, 2, f"neutropenic fever (ANC {anc:g}/uL) treated with IV {d.drug}", [d.ref], ("penn_iv_therapy_classes", "neutropenia_anc")))
             elif d.route in ("IV", ""):
                 out.append(Criterion(t, 2, f"IV therapy for CRS ({d.drug})", [d.ref], ("penn_iv_therapy_classes",)))
-        in_ep = [b for b in self.bp_boluses if ep.onset - H <= b.start <= t and ep.contains(b.start, self.tl)]
+        in_ep = [b for b in self._bolus_at.between(ep.onset, t) if ep.contains(b.start, self.tl)] if self._bolus_at.exactly(t) else []
         if in_ep and in_ep[-1].start == t:
             if len(in_ep) >= 2:
                 out.append(Criterion(t, 3, f"hypotension treated with multiple fluid boluses ({len(in_ep)})", [b.ref for b in in_ep], ("bolus_min_ml",)))
@@ -242,8 +247,8 @@ class Penn(LegacyCrs):
                 out.append(Criterion(t, 2, "hypotension treated with one fluid bolus", [in_ep[0].ref], ("bolus_min_ml",)))
         out += self.single_pressor(t, 3, "hypotension treated with vasopressors")
         out += self.high_dose(t, 4)
-        for c in self.coag:
-            if c.start == t and ep.contains(t, self.tl):
+        for c in self._coag_at.exactly(t):
+            if ep.contains(t, self.tl):
                 out.append(Criterion(t, 3, "coagulopathy requiring cryoprecipitate / FFP / fibrinogen", [c.ref]))
         out += self.any_o2(t, ep, 3)
         out += self.organ(t, ep, lee_style=False)
@@ -301,16 +306,12 @@ class Cartox(LegacyCrs):
         super().__init__(tl, s)
         self.result.extra["variant"] = "pediatric" if self.pediatric else "adult"
         if self.pediatric:
-            from .crs import concurrent_intervals
-            from .vasoactive import low_sbp_intervals
-
-            self.persistent: list[tuple[datetime, list[str]]] = []
             need = timedelta(minutes=s.refractory_hypotension_min)
-            for la, lb, lrefs in low_sbp_intervals(tl, s):
-                for ma, mb, _, mrefs in concurrent_intervals(tl.pressors, timedelta(minutes=s.vasopressor_overlap_min)):
-                    a, b = max(la, ma), min(lb, mb)
-                    if b - a >= need:
-                        self.persistent.append((a + need, lrefs + mrefs))
+            low = low_sbp_intervals(tl, s)
+            multi = self.multi  # every vasopressor, vasopressin included
+            pairs = overlap_pairs([(la, lb) for la, lb, _ in low], [(ma, mb) for ma, mb, _, _ in multi], need)
+            self.persistent: list[tuple[datetime, list[str]]] = [(a + need, low[i][2] + multi[j][3]) for i, j, a, _ in pairs]
+            self._persistent_at = TimeIndex(self.persistent, lambda x: x[0])
         if tl.age_years is None:
             self.result.flag("age_unknown")
 
@@ -325,7 +326,7 @@ class Cartox(LegacyCrs):
         out += self.high_dose(t, 3)
         if self.pediatric:
             out += [Criterion(t, 4, "persistent hypotension despite fluids and multiple vasopressors", refs, ("refractory_hypotension_min",))
-                    for tp, refs in self.persistent if tp == t]
+                    for _, refs in self._persistent_at.exactly(t)]
         else:
             out += self.refractory_hypotension(t, 4, "life-threatening hypotension (refractory to high-dose vasopressors)")
         out += self.hypoxia(t, ep)

@@ -1,9 +1,15 @@
 """Vasopressor arithmetic for the dose-based systems (grading-criteria §1.4): per-drug dose over
 time, norepinephrine equivalents (VASST: NE + dopamine/2 + epinephrine + phenylephrine/10,
-ug/min; dopamine in ug/kg/min), Lee 2014 high-dose intervals, and refractory hypotension."""
+ug/min; dopamine in ug/kg/min), Lee 2014 high-dose intervals, and refractory hypotension.
+
+Cost: dose states O(P log P + R) for P rate segments (one sweep); high-dose intervals O(states);
+refractory times O((L + D) log L + pairs) by bisection of the time-ordered low-SBP runs. Each is
+computed once per case (state.py)."""
 
 from __future__ import annotations
 
+from bisect import bisect_left
+from collections import defaultdict
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from itertools import pairwise
@@ -48,7 +54,10 @@ def _segment_dose(tl: CaseTimeline, drug: str, seg, s: GradingSettings) -> tuple
 
 
 def dose_states(tl: CaseTimeline, s: GradingSettings) -> tuple[list[DoseState], set[str]]:
-    """Piecewise-constant doses of all counted vasopressor courses. Returns (states, flags)."""
+    """Piecewise-constant doses of all counted vasopressor courses. Returns (states, flags).
+
+    O(P log P + R) for P rate segments and R = the sum over states of the segments running in
+    it (R <= P x drugs running at once). Computed once per case (grading/state.py)."""
     flags: set[str] = set()
     pieces: list[tuple[datetime, datetime, str, float | None, str]] = []
     for c in tl.pressors:
@@ -62,18 +71,29 @@ def dose_states(tl: CaseTimeline, s: GradingSettings) -> tuple[list[DoseState], 
                 flags.add("vasopressor_dose_unknown")
             pieces.append((seg.start, end, c.drug, dose, seg.ref))
     cuts = sorted({p[0] for p in pieces} | {p[1] for p in pieces})
+    # Sweep the cut points once, keeping the set of pieces running: O(P log P + sum of pieces
+    # running per state), instead of rescanning every piece at every cut.
+    opening: dict[datetime, list[int]] = defaultdict(list)
+    closing: dict[datetime, list[int]] = defaultdict(list)
+    for i, (start, end, _drug, _dose, _ref) in enumerate(pieces):
+        if start < end:
+            opening[start].append(i)
+            closing[end].append(i)
+    running: set[int] = set()
     states = []
     for a, b in pairwise(cuts):
+        running.difference_update(closing.get(a, ()))
+        running.update(opening.get(a, ()))
         doses: dict[str, float] = {}
         refs = []
         unknown = False
-        for start, end, drug, dose, ref in pieces:
-            if start <= a < end:
-                if dose is None:
-                    unknown = True
-                    continue
-                doses[drug] = doses.get(drug, 0.0) + dose
-                refs.append(ref)
+        for i in sorted(running):
+            _start, _end, drug, dose, ref = pieces[i]
+            if dose is None:
+                unknown = True
+                continue
+            doses[drug] = doses.get(drug, 0.0) + dose
+            refs.append(ref)
         if doses or unknown:
             states.append(DoseState(a, b, doses, tuple(refs)))
     return states, flags
@@ -145,16 +165,37 @@ def low_sbp_intervals(tl: CaseTimeline, s: GradingSettings) -> list[tuple[dateti
     return out
 
 
-def refractory_times(tl: CaseTimeline, states: list[DoseState], s: GradingSettings) -> list[tuple[datetime, list[str]]]:
-    """Times at which SBP has stayed below threshold for `refractory_hypotension_min` on high dose."""
-    need = timedelta(minutes=s.refractory_hypotension_min)
+def overlap_pairs(runs: list[tuple[datetime, datetime]], others: list[tuple[datetime, datetime]],
+                  need: timedelta) -> list[tuple[int, int, datetime, datetime]]:
+    """(run index, other index, start, end) of every pair overlapping for >= `need`, ordered by
+    run then other. `runs` are time-ordered and disjoint (their ends never decrease), so the runs
+    an interval meets are one contiguous slice found by bisection: O((R + M) log R + pairs)."""
+    ends = [b for _, b in runs]
+    if need < timedelta(0) or any(x > y for x, y in pairwise(ends)) or any(x[0] > y[0] for x, y in pairwise(runs)):
+        found = [(i, j, max(la, ma), min(lb, mb)) for i, (la, lb) in enumerate(runs) for j, (ma, mb) in enumerate(others)]
+        return [f for f in found if f[3] - f[2] >= need]
     out = []
-    for la, lb, lrefs in low_sbp_intervals(tl, s):
-        for ha, hb, _, hrefs in high_dose_intervals(states, s):
-            a, b = max(la, ha), min(lb, hb)
+    for j, (ma, mb) in enumerate(others):
+        i = bisect_left(ends, ma)
+        while i < len(runs) and runs[i][0] <= mb:
+            la, lb = runs[i]
+            a, b = max(la, ma), min(lb, mb)
             if b - a >= need:
-                out.append((a + need, lrefs + hrefs))
-    return sorted(out)
+                out.append((i, j, a, b))
+            i += 1
+    out.sort(key=lambda f: (f[0], f[1]))
+    return out
+
+
+def refractory_times(tl: CaseTimeline, states: list[DoseState], s: GradingSettings,
+                     high: list[tuple[datetime, datetime, str, list[str]]] | None = None) -> list[tuple[datetime, list[str]]]:
+    """Times at which SBP has stayed below threshold for `refractory_hypotension_min` on high dose.
+    O((L + D) log L + pairs) for L low-SBP runs and D high-dose intervals."""
+    need = timedelta(minutes=s.refractory_hypotension_min)
+    low = low_sbp_intervals(tl, s)
+    high = high_dose_intervals(states, s) if high is None else high
+    pairs = overlap_pairs([(la, lb) for la, lb, _ in low], [(ha, hb) for ha, hb, _, _ in high], need)
+    return sorted((a + need, low[i][2] + high[j][3]) for i, j, a, _ in pairs)
 
 
 def multi_pressor_intervals(tl: CaseTimeline, s: GradingSettings, include_vasopressin: bool):

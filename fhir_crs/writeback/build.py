@@ -9,8 +9,9 @@
   `identifier` so reruns update instead of duplicating.
 * An **ICANS Condition** (ICD-10-CM G92.0x) when ASTCT ICANS > 0 (CARTOX CRES in its stages).
 * A **summary Bundle** (`collection`, with identifier): the Condition(s), one Observation per
-  system result (grade, onset -> resolution, evidence in `derivedFrom`, criteria/flags/
-  conventions in `note`), the adjacent-syndrome screens, and a `List` "CRS case timeline" whose
+  system result (grade, onset -> resolution, evidence in `derivedFrom` where R4 allows the
+  type, i.e. Observations, and in the core `workflow-supportingInfo` extension otherwise, e.g.
+  MedicationAdministrations and Procedures; criteria/flags/conventions in `note`), the adjacent-syndrome screens, and a `List` "CRS case timeline" whose
   entries point at the source resources of the salient events (day 0 = infusion).
 * A **Provenance** in the same transaction (`transaction_for`): target = the Condition(s) and
   the summary Bundle, agent = fhir-crs as a contained Device with its version, entity = every
@@ -51,6 +52,11 @@ HASH_EXTENSION = "urn:fhir-crs:StructureDefinition:content-hash"
 CLINICAL = "http://terminology.hl7.org/CodeSystem/condition-clinical"
 VERIFICATION = "http://terminology.hl7.org/CodeSystem/condition-ver-status"
 CATEGORY = "http://terminology.hl7.org/CodeSystem/condition-category"
+SUPPORTING_INFO = "http://hl7.org/fhir/StructureDefinition/workflow-supportingInfo"
+# Observation.derivedFrom targets in R4; other evidence (drugs, procedures) goes to SUPPORTING_INFO
+# (a real HAPI server rejects e.g. a MedicationAdministration there: HAPI-0931).
+DERIVED_FROM_TYPES = frozenset({"DocumentReference", "ImagingStudy", "Media", "QuestionnaireResponse", "Observation",
+                                "MolecularSequence"})
 
 SEVERITY = {
     1: ("255604002", "Mild"), 2: ("6736007", "Moderate"), 3: ("24484000", "Severe"),
@@ -162,12 +168,22 @@ def _result_observation(case_json: dict[str, Any], family: str, system: str, r: 
         obs["effectivePeriod"] = {"start": r["onset"], **({"end": r["resolved"]} if r.get("resolved") else {})}
     else:
         obs["effectiveDateTime"] = case_json["infusion"]
-    refs = [e for e in r.get("evidence", []) if not e.startswith("Patient/")]
-    if refs:
-        obs["derivedFrom"] = [{"reference": e} for e in refs]
+    _add_evidence(obs, r.get("evidence", []))
     if r.get("max_at"):
         obs["component"] = [{"code": {"text": "time of maximum grade"}, "valueDateTime": r["max_at"]}]
     return obs
+
+
+def _add_evidence(obs: dict[str, Any], evidence: list[str]) -> None:
+    """Evidence references on a result Observation: `derivedFrom` for the types R4 allows there,
+    the `workflow-supportingInfo` extension for the rest (the Patient itself is the subject)."""
+    refs = [e for e in evidence if not e.startswith("Patient/")]
+    derived = [e for e in refs if e.split("/", 1)[0] in DERIVED_FROM_TYPES]
+    other = [e for e in refs if e.split("/", 1)[0] not in DERIVED_FROM_TYPES]
+    if other:
+        obs["extension"] = [{"url": SUPPORTING_INFO, "valueReference": {"reference": e}} for e in other]
+    if derived:
+        obs["derivedFrom"] = [{"reference": e} for e in derived]
 
 
 def _timeline_list(case_json: dict[str, Any]) -> dict[str, Any]:
@@ -176,9 +192,11 @@ def _timeline_list(case_json: dict[str, Any]) -> dict[str, Any]:
         refs = [r for r in e["evidence"] if not r.startswith("Patient/")]
         if not refs:
             continue
+        # The event time goes in the flag text: List.entry.date means "added to the list" and is only
+        # allowed on a working list (lst-3; the HL7 validator on a real HAPI flags it on a snapshot).
         entries.append({
-            "flag": {"coding": [{"system": LOCAL_RESULT, "code": str(e["kind"])}], "text": f"+{e['hour']:g} h {e['kind']}: {e['detail']}"},
-            "date": e["at"],
+            "flag": {"coding": [{"system": LOCAL_RESULT, "code": str(e["kind"])}],
+                     "text": f"+{e['hour']:g} h ({e['at']}) {e['kind']}: {e['detail']}"},
             "item": {"reference": refs[0]},
         })
     lst: dict[str, Any] = {
@@ -261,9 +279,7 @@ def build_case_write(case: GradedCase, settings: GradingSettings, identifier_sys
             obs["valueBoolean"] = bool(value)
         elif name == "icaht" and r.get("early_grade") is not None:
             obs["valueInteger"] = r["early_grade"]
-        refs = [e for e in r.get("evidence", []) if not e.startswith("Patient/")]
-        if refs:
-            obs["derivedFrom"] = [{"reference": e} for e in refs]
+        _add_evidence(obs, r.get("evidence", []))
         entries.append({"fullUrl": _uuid(key, "adjacent", name), "resource": obs})
     entries.append({"fullUrl": _uuid(key, "timeline"), "resource": _timeline_list(cj)})
     bundle: dict[str, Any] = {"resourceType": "Bundle", "identifier": ids["summary"], "type": "collection", "entry": entries}
