@@ -33,6 +33,8 @@ SKIP_CODES: dict[str, str] = {
     "invalid_json": "not valid JSON",
     "not_a_resource": "JSON value or Bundle entry is not a FHIR resource",
     "bundle_outcome": "search.mode=outcome Bundle entry (server OperationOutcome)",
+    "no_resource": "Bundle entry without a resource (or resource null)",
+    "unreadable_number": "a number no double can hold (1e309, NaN, Infinity): the resource is unreadable",
     # resource level (mappers)
     "unused_type": "resource type not used for grading",
     "malformed": "structurally malformed resource",
@@ -40,7 +42,9 @@ SKIP_CODES: dict[str, str] = {
     "unmapped_code": "code not in the site mapping tables",
     "unmapped_value": "coded value not in the site mapping tables",
     "unresolved_reference": "a reference (subject, medication) cannot be resolved",
+    "superseded": "an older version (or copy) of a resource graded in its latest version",
     "no_time": "no usable date/time",
+    "impossible_time": "an impossible date/time (month 13, day 32, :60, offset beyond 14:00)",
     "imprecise_time": "date/time too imprecise to place on the timeline",
     "bad_period": "period ends before it starts",
     "no_value": "no usable value",
@@ -55,7 +59,7 @@ SKIP_CODES: dict[str, str] = {
 
 # Skips that say nothing about data quality: fhir-crs simply does not read these resources
 # (`--strict` does not count them).
-NOT_A_DATA_PROBLEM = frozenset({"unused_type"})
+NOT_A_DATA_PROBLEM = frozenset({"unused_type", "superseded"})  # an older copy is normal in incremental pulls
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,6 +99,7 @@ class Finding:
     text: str = ""
     end: datetime | None = None
     matched_by_text: bool = False
+    indications: frozenset[str] = frozenset()  # O2 device rows: mappings/reasons.toml classes of the text
 
 
 @dataclass(frozen=True, slots=True)
@@ -135,6 +140,8 @@ class ProcedureDone:
     reason: str = ""
     text: str = ""
     matched_by_text: bool = False
+    indications: frozenset[str] = frozenset()  # mappings/reasons.toml classes of reasonCode / text
+    indication_by_text: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -157,6 +164,7 @@ class MappingResult:
     events: dict[str, list[Event]] = field(default_factory=dict)
     skipped: list[Skipped] = field(default_factory=list)
     flags: dict[str, set[str]] = field(default_factory=dict)
+    sources: dict[str, list[str]] = field(default_factory=dict)  # patient -> refs of the resources used
 
     def add(self, patient: str, event: Event) -> None:
         self.events.setdefault(patient, []).append(event)

@@ -58,7 +58,10 @@ PROCEDURE_KINDS = frozenset(
     }
 )
 
-_OBS_KEYS = {"group", "unit", "codes", "text", "exclude", "convert", "min", "max", "value"}
+REASON_CLASSES = frozenset({"respiratory_failure", "not_hypoxic", "home_baseline", "hypotension"})
+MEDICATION_LIMITS = frozenset({"max_ug_min", "max_ug_kg_min", "max_u_min", "max_ml"})
+
+_OBS_KEYS = {"group", "unit", "codes", "text", "exclude", "convert", "value"}
 _CLASS_KEYS = {"codes", "text", "exclude"}
 _DRUG_KEYS = {"class", "codes", "text", "exclude", "atc_prefix"}
 
@@ -153,6 +156,8 @@ class CodeMap:
     procedures: ClassTable
     unit_aliases: dict[str, str]
     directory: Path
+    reasons: ClassTable = field(default_factory=ClassTable)  # reasons.toml: indications that decide a grade
+    dose_limits: dict[str, dict[str, float]] = field(default_factory=dict)  # plausibility.toml [medications.*]
 
     def canonical_unit(self, unit: str | None) -> str:
         if not unit:
@@ -236,7 +241,7 @@ def _load_units(path: Path) -> dict[str, str]:
     return aliases
 
 
-def _load_observations(path: Path) -> tuple[dict[str, ObservationKind], ClassTable]:
+def _load_observations(path: Path, ranges: dict[str, tuple[float, float]]) -> tuple[dict[str, ObservationKind], ClassTable]:
     data = _read_toml(path)
     kinds: dict[str, ObservationKind] = {}
     table = ClassTable()
@@ -246,6 +251,8 @@ def _load_observations(path: Path) -> tuple[dict[str, ObservationKind], ClassTab
                 f"Could not read {path.name}: unknown kind [{name}]. Expected one of: "
                 f"{', '.join(sorted(OBSERVATION_KINDS))}."
             )
+        if isinstance(t, dict) and ("min" in t or "max" in t):
+            raise MappingFileError(f"Could not read {path.name}: [{name}] min/max moved to plausibility.toml [observations.{name}].")
         _check_keys(path, name, t, _OBS_KEYS)
         group = t.get("group", "vital")
         if group not in OBSERVATION_GROUPS:
@@ -256,14 +263,11 @@ def _load_observations(path: Path) -> tuple[dict[str, ObservationKind], ClassTab
         convert = t.get("convert", {})
         if not isinstance(convert, dict) or not all(isinstance(v, int | float) for v in convert.values()):
             raise MappingFileError(f"Could not read {path.name}: [{name}] convert must map unit -> number.")
-        for bound in ("min", "max"):
-            if bound in t and not isinstance(t[bound], int | float):
-                raise MappingFileError(f"Could not read {path.name}: [{name}] {bound} must be a number.")
         m = _matcher(path, name, t)
+        lo, hi = ranges.get(name, (None, None))
         kinds[name] = ObservationKind(
             matcher=m, group=group, unit=t.get("unit", ""), value=value,
-            convert={k: float(v) for k, v in convert.items()},
-            min=float(t["min"]) if "min" in t else None, max=float(t["max"]) if "max" in t else None,
+            convert={k: float(v) for k, v in convert.items()}, min=lo, max=hi,
         )
         table.add(m)
     return kinds, table
@@ -302,12 +306,49 @@ def _load_drugs(path: Path) -> tuple[dict[str, DrugSpec], ClassTable, list[tuple
     return drugs, table, prefixes
 
 
+def _number(path: Path, where: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise MappingFileError(f"Could not read {path.name}: {where} must be a number, got {value!r}.")
+    return float(value)
+
+
+def _load_plausibility(path: Path) -> tuple[dict[str, tuple[float, float]], dict[str, dict[str, float]]]:
+    """(observation kind -> (min, max), drug class -> {limit: value}), validated."""
+    data = _read_toml(path)
+    unknown = sorted(set(data) - {"observations", "medications"})
+    if unknown:
+        raise MappingFileError(f"Could not read {path.name}: unknown table [{unknown[0]}]. Expected: observations, medications.")
+    ranges: dict[str, tuple[float, float]] = {}
+    for kind, t in (data.get("observations") or {}).items():
+        if kind not in OBSERVATION_KINDS:
+            raise MappingFileError(f"Could not read {path.name}: unknown kind [observations.{kind}].")
+        _check_keys(path, f"observations.{kind}", t, {"min", "max"})
+        if set(t) != {"min", "max"}:
+            raise MappingFileError(f"Could not read {path.name}: [observations.{kind}] needs both min and max.")
+        lo, hi = _number(path, f"[observations.{kind}] min", t["min"]), _number(path, f"[observations.{kind}] max", t["max"])
+        if not lo < hi:
+            raise MappingFileError(f"Could not read {path.name}: [observations.{kind}] min {lo:g} must be below max {hi:g}.")
+        ranges[kind] = (lo, hi)
+    limits: dict[str, dict[str, float]] = {}
+    for cls, t in (data.get("medications") or {}).items():
+        if cls not in DRUG_CLASSES:
+            raise MappingFileError(f"Could not read {path.name}: unknown drug class [medications.{cls}].")
+        _check_keys(path, f"medications.{cls}", t, set(MEDICATION_LIMITS))
+        limits[cls] = {}
+        for k, v in t.items():
+            limits[cls][k] = _number(path, f"[medications.{cls}] {k}", v)
+            if limits[cls][k] <= 0:
+                raise MappingFileError(f"Could not read {path.name}: [medications.{cls}] {k} must be above 0.")
+    return ranges, limits
+
+
 @lru_cache(maxsize=8)
 def _load_cached(directory: str) -> CodeMap:
     d = Path(directory)
     if not d.is_dir():
         raise MappingFileError(f"Mappings folder {d} does not exist (set FHIR_CRS_MAPPINGS or --mappings).")
-    observations, obs_table = _load_observations(d / "observations.toml")
+    ranges, dose_limits = _load_plausibility(d / "plausibility.toml")
+    observations, obs_table = _load_observations(d / "observations.toml", ranges)
     drugs, drug_table, prefixes = _load_drugs(d / "medications.toml")
     return CodeMap(
         observations=observations,
@@ -319,6 +360,8 @@ def _load_cached(directory: str) -> CodeMap:
         procedures=_load_classes(d / "procedures.toml", PROCEDURE_KINDS, "procedure kind"),
         unit_aliases=_load_units(d / "units.toml"),
         directory=d,
+        reasons=_load_classes(d / "reasons.toml", REASON_CLASSES, "indication class"),
+        dose_limits=dose_limits,
     )
 
 

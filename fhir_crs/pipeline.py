@@ -62,6 +62,7 @@ class GradeRun:
             "cases": [c.to_json(self.settings, series) for c in self.cases],
             "skipped": [{"resource": s.resource, "reason": s.reason, "code": s.code} for s in self.skipped],
             "resources_read": self.resources,
+            "resources_used": self.resources - len(self.skipped),
             "settings": self.settings.as_dict(),
         }
 
@@ -88,8 +89,11 @@ def grade_mapping(result: MappingResult, settings: GradingSettings, resources: i
         events = result.events[patient]
         timelines = build_timelines(patient, events, result.flags.get(patient, set()), settings)
         if not timelines:
+            # every resource of this patient is read but not graded: one skip each, so counts add up
+            refs = result.sources.get(patient, [])
             n = sum(1 for e in events if not isinstance(e, PatientInfo))
-            skipped.append(Skipped(patient, f"no CAR-T infusion (day 0) found; {n} mapped events for this patient not graded", "no_infusion"))
+            for ref in refs:
+                skipped.append(Skipped(ref, f"no CAR-T infusion (day 0) found for its patient: {patient}, {n} mapped events not graded", "no_infusion"))
         cases.extend(grade_case(tl, settings) for tl in timelines)
     return GradeRun(cases, skipped, settings, resources)
 

@@ -67,6 +67,9 @@ def render_run(data: dict[str, Any], console: Console, show_skips: bool = False)
             console.print(f"  CRS grade {c['grade']} at +{c['hour']:g} h: {c['criterion']}  [{', '.join(c['evidence'][:3])}]")
         console.print()
     skipped = data["skipped"]
+    if "resources_read" in data:
+        n = data["resources_read"]
+        console.print(f"{n:,} resource(s) read: {n - len(skipped):,} used, {len(skipped):,} skipped", highlight=False)
     if skipped:
         render_skip_summary(skipped, console, show_skips)
 

@@ -88,7 +88,7 @@ class GradingSettings(BaseModel):
     )
     culture_attribution_window_h: float = _s(48.0, "I", "a positive blood culture this close to an episode's onset marks it attribution_needed", ge=0, le=336, unit='h')
     late_onset_day: float = _s(14.0, "I", "episodes starting after this day are flagged late_onset", ge=1, le=100, unit='days')
-    exclude_provisional_episodes: bool = _s(True, "I", "episodes needing attribution (culture, post-CRS hyperinflammation, late second episode) do not count in the per-infusion grade")
+    exclude_provisional_episodes: bool = _s(False, "I", "if true, episodes needing attribution (positive culture, possible IEC-HS / post-CRS hyperinflammation, late second episode) do not count in the per-infusion grade; default: every episode counts and those are flagged attribution_needed for review (clinical safety rule)")
     # --- FiO2-based systems, high-dose vasopressors, organ toxicity (§1.4-§1.6, §4-§9)
     fio2_cut: float = _s(40.0, "V", "FiO2 (%) at or above which Lee/MSKCC/CARTOX/PedsCARTOX/CTCAE hypoxia is grade 3", ge=21, le=100, unit='%')
     fio2_nc_base: float = _s(20.0, "I", "estimated FiO2 (%) of a nasal cannula = base + per_lpm x flow (up to 6 L/min) ...", ge=15, le=30, unit='%')

@@ -2,8 +2,11 @@
 NDJSON, yielding each resource with where it came from. No server involved.
 
 A path that does not exist or cannot be opened raises `InputError` (one clear message, non-zero
-exit). Content that is not usable (invalid JSON, a JSON value that is not a resource) becomes a
-`Skipped` entry naming the file (and line), so nothing is dropped silently.
+exit). Content that is not usable becomes a `Skipped` entry, so nothing is dropped silently, and
+always at the smallest level that holds the problem: a file that is not JSON at all is one skip
+naming the file; an NDJSON line, one naming the line; a Bundle entry without a resource, one
+naming its fullUrl or index; a resource holding a number no double can hold (`1e309`, NaN),
+one naming the resource (`jsonread`, skipped by the mappers). A byte-order mark is read and ignored.
 """
 
 from __future__ import annotations
@@ -16,10 +19,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import orjson
-
 from .errors import InputError
 from .events import SKIP_CODES, Skipped
+from .jsonread import loads
 
 SUFFIXES_JSON = (".json", ".json.gz")
 SUFFIXES_NDJSON = (".ndjson", ".jsonl", ".ndjson.gz", ".jsonl.gz")
@@ -107,18 +109,34 @@ def _entries(value: Any, origin: str) -> Iterator[SourceResource | Skipped]:
     if value["resourceType"] != "Bundle":
         yield SourceResource(value, origin)
         return
-    entries = [e for e in value.get("entry") or [] if isinstance(e, dict)]
+    raw = value.get("entry") or []
+    if not isinstance(raw, list):
+        yield Skipped(origin, "Bundle.entry is not a list", "not_a_resource")
+        return
     urls: dict[str, tuple[str, str]] = {}
-    for e in entries:
+    for e in raw:
+        if not isinstance(e, dict):
+            continue
         r, fu = e.get("resource"), e.get("fullUrl")
         if isinstance(r, dict) and isinstance(fu, str):
             rid = r.get("id") or fu.rsplit(":", 1)[-1].rsplit("/", 1)[-1]
             urls[fu] = (str(r.get("resourceType")), str(rid))
-    for i, e in enumerate(entries):
-        r = e.get("resource")
+    for i, e in enumerate(raw):
         where = f"{origin}#entry[{i}]"
+        if not isinstance(e, dict):
+            yield Skipped(where, "Bundle entry is not a JSON object", "not_a_resource")
+            continue
+        fu = e.get("fullUrl") if isinstance(e.get("fullUrl"), str) and e.get("fullUrl") else None
+        r = e.get("resource")
         if r is None:
-            continue  # transaction-response / deleted entries carry no resource
+            request = e.get("request") if isinstance(e.get("request"), dict) else {}
+            what = "resource is null" if "resource" in e else "no resource"
+            if request.get("method") == "DELETE":
+                what += " (a DELETE entry)"
+            elif isinstance(e.get("response"), dict):
+                what += " (a response entry)"
+            yield Skipped(fu or where, f"Bundle entry without a resource: {what}", "no_resource")
+            continue
         search = e.get("search")
         if isinstance(search, dict) and search.get("mode") == "outcome":
             yield Skipped(where, "search.mode=outcome entry (server OperationOutcome)", "bundle_outcome")
@@ -127,9 +145,9 @@ def _entries(value: Any, origin: str) -> Iterator[SourceResource | Skipped]:
             yield from _entries(r, where)
             continue
         if not isinstance(r, dict) or not isinstance(r.get("resourceType"), str):
-            yield Skipped(where, "Bundle entry is not a FHIR resource", "not_a_resource")
+            yield Skipped(fu or where, "Bundle entry is not a FHIR resource", "not_a_resource")
             continue
-        yield SourceResource(r, where, e.get("fullUrl") if isinstance(e.get("fullUrl"), str) else None, urls)
+        yield SourceResource(r, where, fu, urls)
 
 
 def _iter_ndjson(f: Path) -> Iterator[SourceResource | Skipped]:
@@ -158,8 +176,8 @@ def _iter_ndjson(f: Path) -> Iterator[SourceResource | Skipped]:
                 if not line.strip():
                     continue
                 try:
-                    value = orjson.loads(_json_text(line) if lineno == 1 else line)
-                except (orjson.JSONDecodeError, UnicodeDecodeError) as exc:
+                    value = loads(line)  # tolerant: BOM on any line, 1e309/NaN mark their resource, lone surrogates
+                except (ValueError, UnicodeDecodeError) as exc:
                     yield _invalid_json(f"{f}:{lineno}", exc)
                     continue
                 yield from _entries(value, f"{f}:{lineno}")
@@ -180,8 +198,8 @@ def _iter_file(f: Path) -> Iterator[SourceResource | Skipped]:
         yield bad
         return
     try:
-        value = orjson.loads(_json_text(data))
-    except (orjson.JSONDecodeError, UnicodeDecodeError) as exc:
+        value = loads(_json_text(data))
+    except (ValueError, UnicodeDecodeError) as exc:
         yield _invalid_json(str(f), exc)
         return
     yield from _entries(value, str(f))

@@ -15,7 +15,6 @@ for procedure windows (W, likewise a handful).
 
 from __future__ import annotations
 
-import re
 from bisect import bisect_left, bisect_right
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -38,15 +37,6 @@ SUPPORT_PROCEDURES = frozenset(
     {"nasal_cannula", "high_flow_nasal_cannula", "face_mask", "non_rebreather", "venturi_mask",
      "cpap", "bipap", "noninvasive_ventilation", "invasive_ventilation"}
 )
-_HOME = re.compile(r"sleep apn|\bOSA\b|\bhome\b|nocturnal|chronic|baseline", re.IGNORECASE)
-_RESP_FAILURE = re.compile(
-    r"respiratory failure|hypox|desaturat|\bARDS\b|pulmonary o?edema|respiratory distress|low (sp)?o2|hypoventilation|work of breathing",
-    re.IGNORECASE,
-)
-_AIRWAY = re.compile(
-    r"airway protection|protect (the )?airway|seizure|status epilepticus|\bGCS\b|coma|depressed (level of )?consciousness|procedur|surgery|an(a)?esthe|sedation|endoscop|MRI|imaging",
-    re.IGNORECASE,
-)
 
 
 @dataclass(slots=True)
@@ -65,6 +55,7 @@ class Support:
     assumed: str = ""  # why the device was inferred, if it was
     attributed: bool = True  # positive pressure attributable to CRS hypoxia
     attribution_note: str = ""
+    indications: frozenset[str] = frozenset()  # mappings/reasons.toml classes (coded reason first)
 
     @property
     def ppv(self) -> bool:
@@ -247,8 +238,10 @@ def _build(
         t = e.time if isinstance(e, Measurement | Finding) else e.start
         if not keep(t):
             continue
-        if e.matched_by_text:
-            tl.text_matched.add(e.ref)
+        if e.matched_by_text or (isinstance(e, ProcedureDone) and e.indication_by_text) or (
+            isinstance(e, DrugGiven) and "bolus_by_indication_text" in e.notes
+        ):
+            tl.text_matched.add(e.ref)  # recognised (or its indication decided) by text, not a code
         last = max(last, t)
         if isinstance(e, Measurement):
             k = e.kind
@@ -389,6 +382,7 @@ def _pressor_courses(tl: CaseTimeline, s: GradingSettings) -> None:
         inside = next((r for a, b, r in tl.windows if a - 30 * MIN <= c.start and c.end <= b + 30 * MIN), None)
         if inside is not None:
             tl.ignored_pressors.append((c, f"inside procedure window {inside}"))
+            tl.flags.add("vasopressor_ignored")  # set aside by a convention: flagged for review
             continue
         if c.minutes < min_dur:
             documented = [
@@ -403,6 +397,7 @@ def _pressor_courses(tl: CaseTimeline, s: GradingSettings) -> None:
                 tl.pressors.append(c)
             else:
                 tl.ignored_pressors.append((c, f"infusion of {c.minutes:.0f} min < {min_dur:.0f} min"))
+                tl.flags.add("vasopressor_ignored")
             continue
         tl.pressors.append(c)
 
@@ -415,6 +410,8 @@ def _hypotension(tl: CaseTimeline, s: GradingSettings) -> None:
     readings = []
     for m in tl.sbp:
         if tl.in_window(m.time):
+            if m.value < thr:
+                tl.flags.add("low_sbp_in_procedure_window")  # excluded (§1.3), flagged for review
             continue
         if m.kind == "sbp_arterial" and m.value < s.arterial_artifact_sbp and any(
             n.value >= thr for n in nibp[bisect_left(nibp_times, m.time - quarter):bisect_right(nibp_times, m.time + quarter)]
@@ -473,6 +470,7 @@ def _support(tl: CaseTimeline, device_rows: list[Finding], flow_rows: list[Measu
     flow: float | None = None
     fio2: float | None = None
     dev_text = ""
+    dev_ind: frozenset[str] = frozenset()
     segments: list[Support] = []
     for i, t in enumerate(times):
         r = rows[t]
@@ -482,7 +480,7 @@ def _support(tl: CaseTimeline, device_rows: list[Finding], flow_rows: list[Measu
         if isinstance(d, Finding):
             if d.detail != device:
                 flow, fio2 = None, None
-            device, dev_text = d.detail, d.text
+            device, dev_text, dev_ind = d.detail, d.text, d.indications
             refs.append(d.ref)
         f = r.get("flow")
         if isinstance(f, Measurement):
@@ -504,7 +502,7 @@ def _support(tl: CaseTimeline, device_rows: list[Finding], flow_rows: list[Measu
         end = min(nxt, t + carry) if nxt is not None else min(t + carry, max(end_of_data, t + MIN))
         if nxt is not None and nxt - t > carry:
             tl.flags.add("observation_gap")
-        segments.append(Support(device, t, end, refs, flow, fio2, "observation", dev_text, assumed=assumed))
+        segments.append(Support(device, t, end, refs, flow, fio2, "observation", dev_text, assumed=assumed, indications=dev_ind))
     # Procedures: explicit intervals; a point intubation opens invasive ventilation until
     # extubation, a non-invasive device row, or the end of a ventilation procedure.
     ends_invasive = [p.start for p in tl.procedures if p.kind == "extubation"] + [
@@ -519,14 +517,15 @@ def _support(tl: CaseTimeline, device_rows: list[Finding], flow_rows: list[Measu
             else:
                 later = [t for t in ends_invasive if t > p.start]
                 end = min(later) if later else max(end_of_data, p.start + MIN)
-            segments.append(Support("invasive_ventilation", p.start, end, [p.ref], source="procedure", reason=p.reason))
+            segments.append(Support("invasive_ventilation", p.start, end, [p.ref], source="procedure", reason=p.reason,
+                                    indications=p.indications))
         elif kind in SUPPORT_PROCEDURES:
             if p.end is not None:
                 end = p.end
             else:
                 later = [d.time for d in device_rows if d.time > p.start and d.detail != kind]
                 end = min(later) if later else min(p.start + carry, max(end_of_data, p.start + MIN))
-            segments.append(Support(kind, p.start, end, [p.ref], source="procedure", reason=p.reason))
+            segments.append(Support(kind, p.start, end, [p.ref], source="procedure", reason=p.reason, indications=p.indications))
     segments.sort(key=lambda g: g.start)
     # Procedure reasons (indication, home use) apply to overlapping observation rows of the same device.
     # O(S x P) for S segments and P procedure segments (procedures are few; rows are many).
@@ -536,7 +535,8 @@ def _support(tl: CaseTimeline, device_rows: list[Finding], flow_rows: list[Measu
             for q in from_procedures:
                 if q.device == g.device and q.start - H <= g.start < q.end + H and q.reason:
                     g.reason = (g.reason + "; " + q.reason).strip("; ")
-        g.home = bool(_HOME.search(g.reason))
+                    g.indications = g.indications | q.indications
+        g.home = "home_baseline" in g.indications
     tl.baseline_support = [g for g in segments if g.start < tl.infusion]
     post = [g for g in segments if g.end > tl.infusion]
     baseline_ppv = {g.device for g in tl.baseline_support if g.ppv}
@@ -565,9 +565,10 @@ def _attribute_ppv(tl: CaseTimeline, segs: list[Support], s: GradingSettings) ->
     for run in runs:
         start = run[0].start
         reason = "; ".join(g.reason for g in run if g.reason)
-        if _RESP_FAILURE.search(reason):
+        classes = frozenset().union(*(g.indications for g in run))
+        if "respiratory_failure" in classes:  # mappings/reasons.toml: coded first, negated text never counts
             ok, note = True, "indication: respiratory failure"
-        elif _AIRWAY.search(reason):
+        elif "not_hypoxic" in classes:
             ok, note = False, f"indication not hypoxic ({reason})"
         else:
             hypoxic_spo2 = any(start - look <= m.time <= start and m.value < s.spo2_hypoxia for m in tl.spo2)

@@ -28,6 +28,7 @@ from factory import (
 )
 
 from fhir_crs.pipeline import grade_resources
+from fhir_crs.settings import load_settings
 
 
 def crs(resources: list[dict[str, Any]], system: str = "astct", syndrome: str = "crs") -> dict[str, Any]:
@@ -201,13 +202,19 @@ def test_biphasic_second_episode_counts():
     assert "biphasic" in r["flags"]
 
 
-def test_second_episode_with_positive_culture_is_excluded():
+def test_second_episode_with_positive_culture_counts_and_is_flagged():
+    """Clinical safety rule (issue 11): the episode counts by default and is flagged for
+    attribution; excluding it is the clinician's setting, reported in conventions."""
     fevers, hours = fever_course(24, 28)
     culture = obs("600-7", 101, {"coding": [{"system": "http://snomed.info/sct", "code": "112283007", "display": "Escherichia coli"}]})
-    r = crs([*base(until=160, skip=hours | {100, 104}), *fevers, temp(100, 39.5), bp(100, 70), bp(100.2, 72),
-             temp(104, 37.0), culture])
-    assert r["grade"] == 1 and r["resolved"] == at(32)
-    assert "attribution_needed" in r["flags"]
+    rows = [*base(until=160, skip=hours | {100, 104}), *fevers, temp(100, 39.5), bp(100, 70), bp(100.2, 72),
+            temp(104, 37.0), culture]
+    r = crs(rows)
+    assert r["grade"] == 2 and r["max_at"] == at(100)
+    assert {"attribution_needed", "positive_blood_culture"} <= set(r["flags"])
+    excluded = grade_resources(rows, load_settings(None, ["exclude_provisional_episodes=true"])).to_json()["cases"][0]["crs"]["astct"]
+    assert excluded["grade"] == 1 and excluded["resolved"] == at(32)
+    assert {"setting": "exclude_provisional_episodes", "value": True, "tag": "I"} in excluded["conventions"]
 
 
 def test_death_during_episode_is_grade5_candidate():

@@ -72,9 +72,12 @@ def test_write_back_is_idempotent_and_reads_back(server, client, loaded):
     assert cond["verificationStatus"]["coding"][0]["code"] == "provisional"
     assert cond["clinicalStatus"]["coding"][0]["code"] == "resolved" and "abatementDateTime" in cond
     assert [s["type"]["coding"][0]["code"] for s in cond["stage"]][:2] == ["astct-crs", "lee2014-crs"]
-    for ev in cond["evidence"][0]["detail"]:  # evidence points at resources that exist on the server
-        rtype, rid = ev["reference"].split("/")
-        assert client.read(rtype, rid)["id"] == rid
+    for ev in cond["evidence"][0]["detail"]:  # evidence points at the resource versions graded (issue 11)
+        path, _, version = ev["reference"].partition("/_history/")
+        rtype, rid = path.split("/")
+        stored = client.read(rtype, rid)
+        assert stored["id"] == rid
+        assert not version or version == stored["meta"]["versionId"]  # the version graded, when the search carried one
     (summary,) = client.search("Bundle", [("identifier", f"{SYSTEM}|{key}-summary")], no_cache=True).matches
     assert summary["type"] == "collection"
     kinds = {e["resource"]["resourceType"] for e in summary["entry"]}

@@ -156,12 +156,12 @@ def test_parallel_conditional_creates_duplicate_unless_serialised():
     case, settings = run.cases[0], run.settings
     racy = RacyServer()
 
-    def unserialised() -> None:
-        # a late thread may see the duplicates the race already made: reported, never retried
+    def racing() -> None:
+        # a thread that starts late (a loaded machine) finds the duplicates the race made: reported
         with contextlib.suppress(DuplicateTargetError):
             write_case(racy, case, settings, "urn:race")
 
-    threads = [threading.Thread(target=unserialised) for _ in range(8)]
+    threads = [threading.Thread(target=racing) for _ in range(8)]
     for t in threads:
         t.start()
     for t in threads:

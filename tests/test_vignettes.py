@@ -42,9 +42,15 @@ def instant(value: str | None) -> datetime | None:
 
 @cache
 def graded(vid: str) -> dict[str, Any]:
+    """The vignette graded with the default settings, or — where the vignette states adjudicated
+    maxima (a reviewer attributed an episode to another cause) — with the settings recorded in
+    its expected entry (`settings`, the clinician's choice; the output lists it in conventions)."""
     from fhir_crs.pipeline import grade_paths
+    from fhir_crs.settings import load_settings
 
-    return grade_paths([VIGNETTE_DIR / f"{vid}.json"])
+    chosen = EXPECTED[vid].get("settings", {})
+    settings = load_settings(ROOT / "mappings", [f"{k}={v}" for k, v in chosen.items()]) if chosen else None
+    return grade_paths([VIGNETTE_DIR / f"{vid}.json"], settings)
 
 
 def single_case(vid: str) -> dict[str, Any]:

@@ -35,6 +35,7 @@ from urllib.parse import quote, urlencode, urljoin, urlsplit
 
 import orjson
 
+from .. import jsonread
 from ..errors import FhirAuthError, FhirServerError
 from .client import FhirClient, retry_after_seconds
 
@@ -447,14 +448,12 @@ class BulkExport:
         """(resource, "") or (None, "file:line: reason") for each non-blank line."""
         for number, raw in self._lines(f, with_auth):
             line = raw.strip()
-            if number == 1:
-                line = line.removeprefix(b"\xef\xbb\xbf")
             if not line:
                 continue
             where = f"{f.name}:{number}"
-            try:
-                data = orjson.loads(line)
-            except orjson.JSONDecodeError as exc:
+            try:  # tolerant: BOM, 1e309/NaN (the resource is marked and skipped), lone surrogates
+                data = jsonread.loads(line)
+            except ValueError as exc:
                 yield None, f"{where}: invalid JSON ({exc})"
                 continue
             if not isinstance(data, dict):

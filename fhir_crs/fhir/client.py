@@ -39,6 +39,7 @@ import orjson
 import requests
 import urllib3.exceptions
 
+from .. import jsonread
 from ..errors import (
     ConfigError,
     FhirAuthError,
@@ -645,9 +646,9 @@ class FhirClient:
         return resp.status_code, body, resp.headers.get("ETag")
 
     def _json(self, resp: requests.Response, method: str) -> Resource:
-        try:
-            data = orjson.loads(resp.content)
-        except orjson.JSONDecodeError:
+        try:  # tolerant: one resource with 1e309 or a lone surrogate must not lose its page
+            data = jsonread.loads(resp.content)
+        except ValueError:
             data = None
         if not isinstance(data, dict):
             ctype = resp.headers.get("Content-Type", "no content type")

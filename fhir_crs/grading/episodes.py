@@ -1,8 +1,10 @@
 """CRS episodes (grading-criteria §1.1): onset at the first fever >= 38.0 °C at t >= 0,
 resolution at the first all-clear time after the last abnormality that stays clear for 24 h,
-a new fever after resolution opening a new (biphasic) episode. Episodes whose fever has another
-likely cause (positive blood culture, post-CRS hyperinflammation, a late second episode) are
-marked provisional with the flags that say why.
+a new fever after resolution opening a new (biphasic) episode. Episodes whose fever may have
+another cause (positive blood culture, possible IEC-HS / post-CRS hyperinflammation, a late
+second episode) are marked provisional with the flags that say why (`attribution_needed` and
+`positive_blood_culture` / `possible_iec_hs` / `late_onset`); they count in the per-infusion
+maximum unless the setting `exclude_provisional_episodes` asks otherwise (clinical safety rule).
 
 Cost: O(E x n log n) for n events and E episodes (each episode sorts the abnormalities after its
 onset once; fever runs are one backward pass; onset and therapy look-ups are bisections). E is
@@ -19,6 +21,7 @@ from datetime import datetime, timedelta
 from itertools import pairwise
 
 from ..events import DrugGiven, Measurement
+from ..mappers.reasons import affirmed
 from ..settings import GradingSettings
 from ..timeline import CaseTimeline, Support
 
@@ -151,7 +154,7 @@ def death_alternative_cause(tl: CaseTimeline, onset: datetime, when: datetime, s
         refs.append(f.ref)
         if _NO_ALT.search(f.text):
             continue
-        if _ALT_CAUSE.search(f.text):
+        if affirmed(_ALT_CAUSE, f.text):  # "no evidence of sepsis" is not an alternative cause
             alt = True
     w = timedelta(hours=s.culture_attribution_window_h)
     for f in tl.findings_of("blood_culture"):
@@ -217,7 +220,10 @@ def detect_episodes(tl: CaseTimeline, s: GradingSettings,
         if episodes:
             hyper = _hyperinflammation_near(tl, onset)
             if hyper:
+                # ferritin also rises in CRS itself: a possible IEC-HS episode is flagged, never dropped
                 _add(ep.flags, "post_crs_hyperinflammation")
+                _add(ep.flags, "possible_iec_hs")
+                _add(ep.flags, "attribution_needed")
                 ep.provisional = True
             if not ep.provisional:
                 _add(ep.flags, "biphasic")

@@ -8,20 +8,24 @@ Every resource ends up either as events or as a `Skipped(resource, reason)`.
 from __future__ import annotations
 
 import hashlib
+from dataclasses import dataclass, field
 from typing import Any
 
-from ..events import MappingResult, Skipped
+from ..events import Event, MappingResult, Skipped
+from ..jsonread import unreadable
 from ..mapping_files import CodeMap
 from ..sources import SourceResource
-from .common import SAFE_ID, reference_target, split_reference
+from .common import SAFE_ID, datetime_problem, parse_datetime, reference_target, split_reference
 from .condition import ConditionMapper
 from .medication import MedicationMapper
 from .observation import ObservationMapper
 from .patient import map_patient
 from .procedure import ProcedureMapper
+from .status import status_decision
 
 __all__ = ["ResourceMapper"]
 
+_GRADED_TYPES = frozenset({"Observation", "MedicationAdministration", "Procedure", "Condition", "Patient"})
 _SUBJECT_FIELDS = {
     "Observation": ("subject",),
     "MedicationAdministration": ("subject",),
@@ -45,7 +49,63 @@ def resource_ref(src: SourceResource) -> str:
     return f"{rtype}/anon-{digest}"
 
 
+_DATETIME_FIELDS = (
+    "effectiveDateTime", "effectiveInstant", "effectivePeriod", "performedDateTime", "performedPeriod",
+    "onsetDateTime", "onsetPeriod", "abatementDateTime", "recordedDate", "birthDate", "deceasedDateTime",
+)
+
+
+def bad_datetime(r: dict[str, Any]) -> str | None:
+    """The first date/time a grader would read that is present but impossible (month 13, +25:00 …)."""
+    for key in _DATETIME_FIELDS:
+        if key not in r:
+            continue
+        v = r[key]
+        values = [(f"{key}.{k}", v.get(k)) for k in ("start", "end") if k in v] if isinstance(v, dict) else [(key, v)]
+        for where, value in values:
+            if value is not None and parse_datetime(value) is None:
+                return f"{where}: {datetime_problem(value)}"
+    return None
+
+
+def version_of(r: dict[str, Any]) -> tuple[str | None, tuple[int, float, int]]:
+    """(versionId as sent, sort key without the input order): numeric versionId (an absent or
+    non-numeric one sorts below every number), then meta.lastUpdated."""
+    meta = r.get("meta") if isinstance(r.get("meta"), dict) else {}
+    raw = meta.get("versionId")
+    vid = raw.strip() if isinstance(raw, str) and raw.strip() else (str(raw) if isinstance(raw, int) and not isinstance(raw, bool) else None)
+    num = int(vid) if vid is not None and vid.isdigit() and len(vid) < 19 else -1
+    lu = parse_datetime(meta.get("lastUpdated"))
+    return vid, (num, lu.time.timestamp() if lu else float("-inf"), 0)
+
+
+_NO_FLAGS: frozenset[str] = frozenset()
+
+
+@dataclass(slots=True)
+class _Kept:
+    """What one Type/id produced, kept so a later version of it can replace it."""
+
+    key: tuple[int, float, int]
+    version: str | None
+    ref: str  # the ref evidence cites: Type/id, or Type/id/_history/N when the input carried a version
+    patient: str | None = None
+    events: list[Event] = field(default_factory=list)
+    skipped: Skipped | None = None
+    flags: set[str] | frozenset[str] = field(default_factory=set)  # frozenset() once mapped with none (memory)
+    deferred: SourceResource | None = None  # a MedicationAdministration waiting for its Medication
+    medication: tuple[str | None, dict[str, Any]] | None = None  # (fullUrl, resource)
+
+
 class ResourceMapper:
+    """Maps resources one at a time (streaming: only compact events are kept).
+
+    Exactly one version per Type/id reaches the result: the highest numeric meta.versionId, ties
+    broken by meta.lastUpdated, then by input order (last wins) — across files, pages, Bundles and
+    NDJSON alike. Every other copy is a named skip `superseded by version N`. Every item added
+    ends as either used or exactly one skip, so `read == used + len(skipped)`.
+    """
+
     def __init__(self, code_map: CodeMap):
         self.code_map = code_map
         self.obs = ObservationMapper(code_map)
@@ -54,93 +114,128 @@ class ResourceMapper:
         self.conditions = ConditionMapper(code_map)
         self.result = MappingResult()
         self.medications: dict[str, dict[str, Any]] = {}
-        self._deferred: list[tuple[SourceResource, str, str]] = []
-        self.count = 0
-        self.mapped = 0
+        self._kept: dict[str, _Kept] = {}
+        self._superseded: list[tuple[str, str | None, str]] = []  # (Type/id, its version, where)
+        self._source_skips: list[Skipped] = []
+        self._seq = 0
+        self.count = 0  # items read: resources and unreadable files/lines/entries
+        self.mapped = 0  # after finish(): resources used (count == mapped + len(result.skipped))
 
     def skip(self, where: str, reason: str, code: str = "other") -> None:
-        self.result.skipped.append(Skipped(where, reason, code))
+        self._source_skips.append(Skipped(where, reason, code))
 
-    def _patient_of(self, src: SourceResource, ref: str) -> str | None:
+    def _patient_of(self, src: SourceResource) -> tuple[str | None, str]:
+        """(Patient/id, or None with the reason)."""
         r = src.resource
         for f in _SUBJECT_FIELDS.get(r["resourceType"], ("subject", "patient")):
             target = reference_target(r.get(f))
             if target is None:
                 continue
             if target.startswith("#"):
-                return None
-            if target.startswith("urn:") and src.bundle_urls and target in src.bundle_urls:
-                t, i = src.bundle_urls[target]
-                return f"{t}/{i}" if t == "Patient" else None
-            if target.startswith("urn:uuid:"):
-                tail = target.rsplit(":", 1)[-1]
-                return f"Patient/{tail}" if SAFE_ID.match(tail) else None
+                return None, f"subject {target} is not a resolvable Patient reference (a contained resource)"
+            if target.startswith("urn:"):
+                if src.bundle_urls and target in src.bundle_urls:
+                    t, i = src.bundle_urls[target]
+                    if t == "Patient":
+                        return f"{t}/{i}", ""
+                    return None, f"subject {target} is not a resolvable Patient reference (a {t})"
+                return None, f"unresolved reference {target} (no entry of the input has this fullUrl)"
             parts = split_reference(target)
             if parts and parts[0] == "Patient":
-                return f"Patient/{parts[1]}"
-            return None
-        return None
+                return f"Patient/{parts[1]}", ""
+            return None, f"subject {target} is not a resolvable Patient reference"
+        subj = reference_target(r.get("subject")) or "(none)"
+        return None, f"subject {subj} is not a resolvable Patient reference"
 
     def add(self, item: SourceResource | Skipped) -> None:
-        if isinstance(item, Skipped):
-            self.result.skipped.append(item)
-            return
         self.count += 1
-        mapped_before, skipped_before = self.mapped, len(self.result.skipped)
+        if isinstance(item, Skipped):
+            self._source_skips.append(item)
+            return
+        self._seq += 1
+        ref = resource_ref(item)
+        version, key = version_of(item.resource)
+        key = (key[0], key[1], self._seq)
+        cited = f"{ref}/_history/{version}" if version is not None and SAFE_ID.match(version) else ref
+        kept = _Kept(key, version, cited)
+        old = self._kept.get(ref)
+        if old is not None and old.key > key:
+            self._superseded.append((ref, version, cited))
+            return
         try:
-            self._add(item)
-        except (TypeError, ValueError, AttributeError, KeyError, IndexError) as exc:
+            self._add(item, kept)
+        except (TypeError, ValueError, AttributeError, KeyError, IndexError, OverflowError, RecursionError) as exc:
             # Structurally invalid FHIR (a list where a string belongs, …): a named skip, never a crash.
-            self.mapped = mapped_before
-            del self.result.skipped[skipped_before:]
-            self.skip(resource_ref(item) if isinstance(item.resource.get("resourceType"), str) else item.origin,
-                      f"malformed resource ({type(exc).__name__}: {str(exc)[:120]})", "malformed")
+            kept = _Kept(key, version, cited)
+            kept.skipped = Skipped(ref, f"malformed resource ({type(exc).__name__}: {str(exc)[:120]})", "malformed")
+        if old is not None:
+            self._superseded.append((ref, old.version, old.ref))
+            if old.medication is not None:
+                self._forget_medication(ref, old.medication[0])
+        if kept.medication is not None:
+            self.medications[ref] = kept.medication[1]
+            if kept.medication[0]:
+                self.medications[kept.medication[0]] = kept.medication[1]
+        if not kept.flags and kept.deferred is None:
+            kept.flags = _NO_FLAGS  # most resources raise no flag: share one empty set
+        self._kept[ref] = kept
 
-    def _add(self, src: SourceResource) -> None:
+    def _forget_medication(self, ref: str, full_url: str | None) -> None:
+        self.medications.pop(ref, None)
+        if full_url:
+            self.medications.pop(full_url, None)
+
+    def _add(self, src: SourceResource, kept: _Kept) -> None:
         r = src.resource
         rtype = r["resourceType"]
-        ref = resource_ref(src)
+        ref = kept.ref
+        flags: set[str] = set()
+        kept.flags = flags
+        number = unreadable(r)
+        if number is not None:
+            kept.skipped = Skipped(ref, number, "unreadable_number")
+            return
+        bad = bad_datetime(r)
+        if bad is not None and (rtype in _GRADED_TYPES or rtype == "Medication"):
+            kept.skipped = Skipped(ref, bad, "impossible_time")
+            return
         if rtype == "Medication":
-            self.mapped += 1  # consumed by the MedicationAdministrations that reference it
-            self.medications[ref] = r
-            if src.full_url:
-                self.medications[src.full_url] = r
+            why, _, code = status_decision(r)
+            if why:
+                kept.skipped = Skipped(ref, why, code)
+                return
+            kept.medication = (src.full_url, r)  # consumed by the MedicationAdministrations that reference it
             return
         if rtype == "Patient":
-            flags = self.result.flags.setdefault(ref, set())
-            self.result.add(ref, map_patient(r, ref, flags))
-            self.mapped += 1
+            kept.patient = resource_ref(src)
+            kept.events.append(map_patient(r, ref, flags))
             return
-        if rtype not in ("Observation", "MedicationAdministration", "Procedure", "Condition"):
-            self.skip(ref, f"resource type {rtype} is not used for grading", "unused_type")
+        if rtype not in _GRADED_TYPES:
+            kept.skipped = Skipped(ref, f"resource type {rtype} is not used for grading", "unused_type")
             return
-        patient = self._patient_of(src, ref)
+        patient, why = self._patient_of(src)
         if patient is None:
-            subj = reference_target(r.get("subject")) or "(none)"
-            self.skip(ref, f"subject {subj} is not a resolvable Patient reference", "unresolved_reference")
+            kept.skipped = Skipped(ref, why, "unresolved_reference")
             return
-        flags = self.result.flags.setdefault(patient, set())
+        kept.patient = patient
         if rtype == "Observation":
             out = self.obs.map(r, ref, flags)
             if isinstance(out, Skipped):
-                self.result.skipped.append(out)
+                kept.skipped = out
             else:
-                self.mapped += 1
-                for e in out:
-                    self.result.add(patient, e)
+                kept.events.extend(out)
         elif rtype == "Procedure" or rtype == "Condition":
             p = (self.procs if rtype == "Procedure" else self.conditions).map(r, ref, flags)
             if isinstance(p, Skipped):
-                self.result.skipped.append(p)
+                kept.skipped = p
             else:
-                self.mapped += 1
-                self.result.add(patient, p)
+                kept.events.append(p)
         else:
             target = reference_target(r.get("medicationReference"))
             if target and not target.startswith("#") and self._resolve(src, target) is None:
-                self._deferred.append((src, ref, patient))
+                kept.deferred = src
                 return
-            self._map_med(src, ref, patient)
+            self._map_med(src, kept)
 
     def _resolve(self, src: SourceResource, target: str) -> dict[str, Any] | None:
         if target.startswith("#"):
@@ -155,32 +250,61 @@ class ResourceMapper:
             return self.medications.get(f"{parts[0]}/{parts[1]}")
         return None
 
-    def _map_med(self, src: SourceResource, ref: str, patient: str) -> None:
-        flags = self.result.flags.setdefault(patient, set())
+    def _map_med(self, src: SourceResource, kept: _Kept) -> None:
         try:
-            out = self.meds.map(src.resource, ref, flags, lambda t: self._resolve(src, t))
-        except (TypeError, ValueError, AttributeError, KeyError, IndexError) as exc:
-            out = Skipped(ref, f"malformed resource ({type(exc).__name__}: {str(exc)[:120]})", "malformed")
+            flags = kept.flags if isinstance(kept.flags, set) else set()
+            kept.flags = flags
+            out = self.meds.map(src.resource, kept.ref, flags, lambda t: self._resolve(src, t))
+        except (TypeError, ValueError, AttributeError, KeyError, IndexError, OverflowError) as exc:
+            out = Skipped(kept.ref, f"malformed resource ({type(exc).__name__}: {str(exc)[:120]})", "malformed")
         if isinstance(out, Skipped):
-            self.result.skipped.append(out)
+            kept.skipped = out
         else:
-            self.mapped += 1
-            self.result.add(patient, out)
+            kept.events.append(out)
 
     def missing_medications(self) -> list[str]:
         """Medication references still unresolved (e.g. Bulk Patient-level exports omit
         Medication, which is outside the Patient compartment): the caller may read them."""
         out = []
-        for src, _, _ in self._deferred:
-            target = reference_target(src.resource.get("medicationReference"))
-            if target and self._resolve(src, target) is None:
+        for kept in self._kept.values():
+            if kept.deferred is None:
+                continue
+            target = reference_target(kept.deferred.resource.get("medicationReference"))
+            if target and self._resolve(kept.deferred, target) is None:
                 parts = split_reference(target)
                 if parts and parts[0] == "Medication" and f"Medication/{parts[1]}" not in out:
                     out.append(f"Medication/{parts[1]}")
         return out
 
     def finish(self) -> MappingResult:
-        for src, ref, patient in self._deferred:
-            self._map_med(src, ref, patient)
-        self._deferred.clear()
-        return self.result
+        """The result: events of the winning version of every Type/id, and one skip for every
+        other item read (superseded copies named with their version)."""
+        result = self.result
+        result.skipped.extend(self._source_skips)
+        self._source_skips = []
+        for kept in self._kept.values():
+            if kept.deferred is not None:
+                src, kept.deferred = kept.deferred, None
+                self._map_med(src, kept)
+        for ref, version, cited in self._superseded:
+            winner = self._kept[ref]
+            if winner.version is not None:
+                why = f"superseded by version {winner.version}"
+            else:
+                why = "superseded by a later copy of the same resource in the input"
+            result.skipped.append(Skipped(cited if version is not None else ref, why, "superseded"))
+        self._superseded = []
+        self.mapped += sum(1 for k in self._kept.values() if k.skipped is None)
+        for kept in sorted(self._kept.values(), key=lambda k: k.key[2]):  # input order of the winning copies
+            if kept.patient is not None and kept.flags:
+                result.flags.setdefault(kept.patient, set()).update(kept.flags)  # e.g. unit_error on a quarantined value
+            if kept.skipped is not None:
+                result.skipped.append(kept.skipped)
+                continue
+            if kept.patient is None:
+                continue  # a Medication: used through the administrations that cite it
+            for e in kept.events:
+                result.add(kept.patient, e)
+            result.sources.setdefault(kept.patient, []).append(kept.ref)
+        self._kept.clear()
+        return result

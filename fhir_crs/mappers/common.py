@@ -53,11 +53,41 @@ def _parse_datetime(value: str) -> When | None:
             return When(dt.replace(tzinfo=UTC), "time", tz_assumed=True)
         if tz == "Z":
             return When(dt.replace(tzinfo=UTC), "time")
+        if int(tz[1:3]) > 14 or int(tz[4:6]) > 59 or (int(tz[1:3]) == 14 and tz[4:6] != "00"):
+            return None  # FHIR offsets run from -14:00 to +14:00
         sign = 1 if tz[0] == "+" else -1
         offset = timedelta(hours=int(tz[1:3]), minutes=int(tz[4:6])) * sign
         return When((dt - offset).replace(tzinfo=UTC), "time")
     except (ValueError, OverflowError):
         return None
+
+
+def datetime_problem(value: Any) -> str:
+    """Why `parse_datetime(value)` gave None, for the skip reason (e.g. "month 13")."""
+    if not isinstance(value, str):
+        return f"not a date/time string ({type(value).__name__})"
+    m = _DATETIME.match(value.strip())
+    shown = value if len(value) <= 40 else value[:40] + "…"
+    if not m:
+        return f"{shown!r} is not a FHIR dateTime"
+    y, mo, d = int(m["y"]), int(m["m"] or 1), int(m["d"] or 1)
+    if not 1900 <= y <= 2200:
+        why = f"year {y} outside 1900-2200"
+    elif not 1 <= mo <= 12:
+        why = f"month {mo}"
+    elif not 1 <= d <= 31 or d > (date(y + mo // 12, mo % 12 + 1, 1) - timedelta(days=1)).day:
+        why = f"day {d}"
+    elif m["H"] is not None and int(m["H"]) > 23:
+        why = f"hour {m['H']}"
+    elif m["M"] is not None and int(m["M"]) > 59:
+        why = f"minute {m['M']}"
+    elif m["S"] is not None and int(m["S"]) > 59:
+        why = f"second {m['S']} (leap seconds are not valid FHIR)" if m["S"] == "60" else f"second {m['S']}"
+    elif m["tz"] and m["tz"] != "Z":
+        why = f"UTC offset {m['tz']} (FHIR allows -14:00 to +14:00)"
+    else:
+        why = "out of range"
+    return f"impossible date/time {shown!r}: {why}"
 
 
 def parse_date(value: Any) -> tuple[date, str] | None:

@@ -14,9 +14,9 @@ from ..events import Finding, Skipped
 from ..mapping_files import CodeMap
 from .common import codings, label, parse_datetime, texts
 from .observation import edema_extent, seizure_type
+from .status import status_decision
 
 CONDITION_KINDS = ("seizure", "cerebral_edema", "icp_sign", "motor_weakness", "intracranial_hemorrhage", "hemophagocytosis")
-_EXCLUDED_VERIFICATION = {"refuted", "entered-in-error"}
 
 
 class ConditionMapper:
@@ -27,9 +27,9 @@ class ConditionMapper:
         name, by_text = self.code_map.observation_table.match(codings(res.get("code")), texts(res.get("code")))
         if name not in CONDITION_KINDS:
             return Skipped(ref, f"Condition not used for grading: {label(res.get('code'))}", "condition_not_used")
-        verification = [c for _, c in codings(res.get("verificationStatus"))]
-        if any(v in _EXCLUDED_VERIFICATION for v in verification):
-            return Skipped(ref, f"verificationStatus {verification[0]}", "verification_status")
+        why, _, code = status_decision(res)
+        if why:
+            return Skipped(ref, why, code)
         when = None
         for key in ("onsetDateTime", "recordedDate"):
             if key in res:

@@ -10,14 +10,15 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 from ..events import DrugGiven, Skipped
 from ..mapping_files import CodeMap
 from .common import codings, label, parse_datetime, quantity, texts
+from .reasons import affirmed, classify
+from .status import status_decision
 
-EXCLUDED_STATUS = {"entered-in-error", "not-done"}
 _IV = re.compile(r"\b(IV|intravenous|i\.v\.|intra-?venous|infusion|central line|peripheral line)\b", re.IGNORECASE)
 _BOLUS = re.compile(r"\bbolus\b|\bpush\b|\bstat dose\b|\bfluid challenge\b", re.IGNORECASE)
 
@@ -51,9 +52,27 @@ def _ingredient_strength(med: dict[str, Any] | None, code_map: CodeMap) -> tuple
     return None
 
 
+_LIMIT_UNITS = {"max_ug_min": "ug/min", "max_ug_kg_min": "ug/kg/min", "max_u_min": "U/min", "max_ml": "mL"}
+
+
 class MedicationMapper:
     def __init__(self, code_map: CodeMap):
         self.code_map = code_map
+
+    def _implausible(self, drug_class: str, dose: float | None, rate: float | None, rate_unit: str,
+                     start: datetime, end: datetime | None, derived: dict[str, float | None]) -> str | None:
+        """Why a dose or rate cannot be real (mappings/plausibility.toml [medications.*]), or None."""
+        if dose is not None and dose < 0:
+            return f"negative dose {dose:g}"
+        if rate is not None and rate < 0:
+            return f"negative rate {rate:g} {rate_unit}".rstrip()
+        if rate is not None and rate > 0 and end is not None and end == start and rate_unit not in ("min", "h", "s"):
+            return "infusion rate charted over a zero-length effectivePeriod"
+        for key, limit in self.code_map.dose_limits.get(drug_class, {}).items():
+            v = derived.get(key)
+            if v is not None and v > limit:
+                return f"{v:g} {_LIMIT_UNITS[key]} is above the plausible {limit:g} {_LIMIT_UNITS[key]} (plausibility.toml)"
+        return None
 
     def identify(self, concept_sets: list[Any], extra_texts: list[str]) -> tuple[str | None, bool]:
         """Drug name from several CodeableConcepts (medication code, ingredient items)."""
@@ -74,9 +93,11 @@ class MedicationMapper:
         self, res: dict[str, Any], ref: str, flags: set[str],
         resolve: Callable[[str], dict[str, Any] | None],
     ) -> DrugGiven | Skipped:
-        status = res.get("status")
-        if status in EXCLUDED_STATUS:
-            return Skipped(ref, f"status {status}", "status")
+        why, flag, code = status_decision(res)
+        if why:
+            return Skipped(ref, why, code)
+        if flag:
+            flags.add(flag)
         med: dict[str, Any] | None = None
         concepts: list[Any] = []
         extra: list[str] = []
@@ -185,7 +206,20 @@ class MedicationMapper:
             volume_ml = dose_value * (1000.0 if dose_unit == "L" else 1.0)
         elif rate_unit == "mL/h" and rate_value is not None and end is not None and spec.drug_class == "fluid":
             volume_ml = rate_value * (end - start).total_seconds() / 3600
-        bolus = bool(_BOLUS.search(dtext))
+        problem = self._implausible(spec.drug_class, dose_value, rate_value, rate_unit, start, end,
+                                    {"max_ug_min": rate_ug_min, "max_ug_kg_min": rate_ug_kg_min, "max_u_min": rate_u_min, "max_ml": volume_ml})
+        if problem:
+            return Skipped(ref, f"{drug}: {problem} (quarantined, never evidence)", "implausible_value")
+        bolus = affirmed(_BOLUS, dtext)  # "not a bolus" / "no bolus" is not one
+        if spec.drug_class == "fluid":
+            # a fluid given FOR hypotension is a bolus: coded reasonCode first, then text (flagged)
+            codes_ = [c for rc in res.get("reasonCode") or [] for c in codings(rc)]
+            words = [t for rc in res.get("reasonCode") or [] for t in texts(rc)] + [
+                rr["display"] for rr in res.get("reasonReference") or [] if isinstance(rr, dict) and isinstance(rr.get("display"), str)]
+            indications, ind_text = classify(self.code_map.reasons, codes_, words)
+            if "hypotension" in indications and not bolus:
+                bolus = True
+                notes.append("bolus_by_indication_text" if ind_text else "bolus_by_indication")
         if spec.drug_class == "vasopressor" and point and rate_value is None:
             bolus = True  # a push dose, not an infusion (grading-criteria §1.4)
         if point and rate_value is not None and spec.drug_class in ("vasopressor", "inotrope", "sedative"):

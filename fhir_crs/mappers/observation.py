@@ -14,9 +14,10 @@ from typing import Any
 from ..events import Event, Finding, Measurement, Skipped
 from ..mapping_files import CodeMap, ObservationKind
 from .common import When, codings, label, parse_datetime, quantity, quantity_units, texts
+from .reasons import classify
+from .status import status_decision
 from .units import CELSIUS, FAHRENHEIT, f_to_c, to_canonical
 
-EXCLUDED_STATUS = {"entered-in-error", "cancelled"}
 _NEGATIVE = re.compile(
     r"^\s*(no|none|absent|negative|not (seen|present|detected|observed)|nil|normal|resolved|no growth)\b",
     re.IGNORECASE,
@@ -148,9 +149,11 @@ class ObservationMapper:
         return (self.code_map.observations[name] if name else None), by_text
 
     def map(self, res: dict[str, Any], ref: str, flags: set[str]) -> list[Event] | Skipped:
-        status = res.get("status")
-        if status in EXCLUDED_STATUS:
-            return Skipped(ref, f"status {status}", "status")
+        why, flag, code = status_decision(res)
+        if why:
+            return Skipped(ref, why, code)
+        if flag:
+            flags.add(flag)
         kind, by_text = self.match_kind(res.get("code"))
         components = [c for c in res.get("component") or [] if isinstance(c, dict)]
         if kind is None and not components:
@@ -283,7 +286,8 @@ class ObservationMapper:
             cls, dev_text = self.code_map.devices.match(v_codes, v_texts)
             if cls is None:
                 return Skipped(ref, f"O2 device value not in mappings/devices.toml: {(v_texts or ['(empty)'])[0]!r}", "unmapped_value")
-            return [Finding(name, start.time, cls, ref, (v_texts or [""])[0], t_end, by_text or dev_text)]
+            indications, _ = classify(self.code_map.reasons, [], v_texts + note_texts)  # "home CPAP", "for airway protection"
+            return [Finding(name, start.time, cls, ref, (v_texts or [""])[0], t_end, by_text or dev_text, indications)]
         if name == "consciousness":
             level = None
             for t in v_texts:

@@ -11,8 +11,9 @@ from typing import Any
 from ..events import ProcedureDone, Skipped
 from ..mapping_files import CodeMap
 from .common import codings, label, parse_datetime, texts
+from .reasons import classify
+from .status import status_decision
 
-EXCLUDED_STATUS = {"entered-in-error", "not-done", "preparation"}
 _DEVICE_TO_KIND = {
     "nasal_cannula": "nasal_cannula", "high_flow_nasal_cannula": "high_flow_nasal_cannula",
     "face_mask": "face_mask", "non_rebreather": "non_rebreather", "venturi_mask": "venturi_mask",
@@ -26,9 +27,11 @@ class ProcedureMapper:
         self.code_map = code_map
 
     def map(self, res: dict[str, Any], ref: str, flags: set[str]) -> ProcedureDone | Skipped:
-        status = res.get("status")
-        if status in EXCLUDED_STATUS:
-            return Skipped(ref, f"status {status}", "status")
+        why, flag, code = status_decision(res)
+        if why:
+            return Skipped(ref, why, code)
+        if flag:
+            flags.add(flag)
         kind, by_text = self.code_map.procedures.match(codings(res.get("code")), texts(res.get("code")))
         for used in res.get("usedCode") or []:
             dev, _ = self.code_map.devices.match(codings(used), texts(used))
@@ -56,7 +59,9 @@ class ProcedureMapper:
         if end is not None and end < start_w.time:
             return Skipped(ref, "performedPeriod ends before it starts", "bad_period")
         reason_parts: list[str] = []
+        reason_codes: list[tuple[str, str]] = []
         for rc in res.get("reasonCode") or []:
+            reason_codes.extend(codings(rc))
             reason_parts.extend(texts(rc) or [c for _, c in codings(rc)])
         for rr in res.get("reasonReference") or []:
             if isinstance(rr, dict) and isinstance(rr.get("display"), str):
@@ -64,7 +69,10 @@ class ProcedureMapper:
         for n in res.get("note") or []:
             if isinstance(n, dict) and isinstance(n.get("text"), str):
                 reason_parts.append(n["text"])
+        # coded indication first, then text (negation-aware, flagged): mappings/reasons.toml
+        indications, indication_by_text = classify(self.code_map.reasons, reason_codes, reason_parts)
         return ProcedureDone(
             kind=kind, start=start_w.time, end=end, ref=ref, reason="; ".join(reason_parts),
             text=label(res.get("code")), matched_by_text=by_text,
+            indications=indications, indication_by_text=indication_by_text,
         )
