@@ -291,11 +291,13 @@ def make_client(cfg: Any) -> Any:
 @click.option("--json", "as_json", is_flag=True, help="Print the same object as `fhir-crs grade --json`.")
 @click.option("--write/--no-write", default=None, help="Write the Condition(s) and summary Bundle back (default: no-write).")
 @click.option("--dry-run", is_flag=True, help="Show what would be written; write nothing.")
+@click.option("--allow-convention-change", is_flag=True,
+              help="Overwrite a stored Condition that was graded with other settings or mapping tables (refused otherwise, exit 9).")
 @click.option("--show-skips", is_flag=True, help="List every skipped resource with its reason.")
 @mapping_options
 def pull(patient_id: str, server: str | None, config_path: Path | None, auth: str | None, token_file: str | None,
-         timeout: float | None, as_json: bool, write: bool | None, dry_run: bool, show_skips: bool,
-         mappings_dir: Path | None, overrides: tuple[str, ...]) -> None:
+         timeout: float | None, as_json: bool, write: bool | None, dry_run: bool, allow_convention_change: bool,
+         show_skips: bool, mappings_dir: Path | None, overrides: tuple[str, ...]) -> None:
     """Fetch one patient from a FHIR R4 server, grade every CAR-T infusion, optionally write back.
 
     \b
@@ -315,10 +317,12 @@ def pull(patient_id: str, server: str | None, config_path: Path | None, auth: st
     settings = load_settings(Path(cfg.mappings) if cfg.mappings else default_mappings_dir(), list(overrides))
     load_code_map(Path(cfg.mappings) if cfg.mappings else None)  # bad tables: exit 2 before any request
     client = make_client(cfg)
-    result = pull_patient(client, patient_id, cfg, settings, write=cfg.write and not dry_run, dry_run=dry_run)
+    result = pull_patient(client, patient_id, cfg, settings, write=cfg.write and not dry_run, dry_run=dry_run,
+                          allow_convention_change=allow_convention_change)
     data = result.run.to_json()
     data["written"] = [
         {"patient": w.patient, "infusion": w.infusion, "status": w.status, "resources": w.written,
+         "changes": w.changes, **({"refused": w.message} if w.message else {}),
          **({"transaction": w.transaction} if w.transaction else {})}
         for w in result.writes
     ]
@@ -333,9 +337,13 @@ def pull(patient_id: str, server: str | None, config_path: Path | None, auth: st
         render_timeline(case, console)
     render_out(data, show_skips)
     for w in data["written"]:
-        if w["status"] == "dry-run":
-            console.print(f"[bold]Dry run[/bold] for {w['patient']} (infusion {w['infusion']}): would write")
-            console.print_json(data=w["transaction"])
+        if w["status"] in ("dry-run", "refused"):
+            console.print(f"[bold]Dry run[/bold] for {w['patient']} (infusion {w['infusion']}): would write "
+                          "(the transaction itself: --json)", highlight=False)
+            for line in would_write_lines(w["changes"]):
+                console.print(f"  {line}", markup=False, highlight=False)
+            if w.get("refused"):
+                console.print(f"  but a real run would refuse: {w['refused']}", markup=False, highlight=False)
         else:
             what = ", ".join(f"{k}: {v}" for k, v in w["resources"].items()) or "nothing to write"
             console.print(f"Write-back {w['status']} for {w['patient']} (infusion {w['infusion']}): {what}")
@@ -351,7 +359,11 @@ def pull(patient_id: str, server: str | None, config_path: Path | None, auth: st
 @click.option("--since", default=None, metavar="ISO", help="Only patients whose data changed after this instant.")
 @click.option("--bulk", is_flag=True, help="Use Bulk Data $export (Patient or Group level) instead of per-patient searches.")
 @click.option("--json", "as_json", is_flag=True, help="Print the run summary as one JSON object.")
-@click.option("--dry-run", is_flag=True, help="Grade and report, but write nothing (server or state).")
+@click.option("--dry-run", is_flag=True,
+              help="Grade and list what would be written (patient, resource, create/update, old -> new grade); "
+                   "write nothing at all, the state store included.")
+@click.option("--allow-convention-change", is_flag=True,
+              help="Overwrite stored Conditions that were graded with other settings or mapping tables (refused otherwise).")
 @click.option("--state", "state_path", default=None, type=click.Path(dir_okay=False),
               help="SQLite state file (default: state.sqlite in the per-user data folder; the path is printed).")
 @click.option("--lookback-days", type=float, default=None, metavar="DAYS",
@@ -360,7 +372,7 @@ def pull(patient_id: str, server: str | None, config_path: Path | None, auth: st
 @mapping_options
 def sync(server: str | None, config_path: Path | None, auth: str | None, token_file: str | None, timeout: float | None,
          patients_file: Path | None, group_id: str | None, since: str | None, bulk: bool, as_json: bool, dry_run: bool,
-         state_path: str | None, lookback_days: float | None, workers: int | None, mappings_dir: Path | None,
+         allow_convention_change: bool, state_path: str | None, lookback_days: float | None, workers: int | None, mappings_dir: Path | None,
          overrides: tuple[str, ...]) -> None:
     """Nightly job: grade the CAR-T cohort of a FHIR server and write back what changed.
 
@@ -368,13 +380,15 @@ def sync(server: str | None, config_path: Path | None, auth: str | None, token_f
     Finds the cohort (CAR-T Procedures/product administrations in the look-back window, or
     --patients FILE, or --group ID), checks each patient for data newer than the last
     successful run (local SQLite state), re-grades the changed ones and writes their
-    Condition and summary Bundle back in one transaction each. Killed runs are finished by
-    the next run. Exit 1 if any patient failed.
+    Condition and summary Bundle back in one transaction each (with a Provenance). Killed
+    runs are finished by the next run. Ctrl-C / SIGTERM stop after the write in flight (exit
+    130 / 143, the run recorded as interrupted). Exit 1 if any patient failed.
     \b
     Example:
       fhir-crs sync --server http://127.0.0.1:8080/fhir --json
     """
-    from .sync import StateStore, default_state_path, select_patients
+    from .interrupt import StopSignal
+    from .sync import StateStore, Sync, default_state_path, select_patients
 
     if patients_file and group_id:
         raise click.UsageError("--patients and --group are alternatives; give one.")
@@ -386,21 +400,25 @@ def sync(server: str | None, config_path: Path | None, auth: str | None, token_f
     load_code_map(Path(cfg.mappings) if cfg.mappings else None)  # bad tables: exit 2 before any request
     client = make_client(cfg)
     store_path = Path(cfg.state_path).expanduser() if cfg.state_path else default_state_path()
-    state = StateStore(store_path, cfg.server)
-    log.info("sync state: %s", store_path)
+    state = StateStore(store_path, cfg.server, read_only=dry_run)
+    log.info("sync state: %s%s", store_path, " (dry run: read only, nothing written)" if dry_run else "")
     console = make_console(stderr=True)
-    try:
-        if bulk:
-            from .sync import run_bulk
+    stop = StopSignal()
+    with stop.installed():
+        try:
+            if bulk:
+                from .sync import run_bulk
 
-            summary = run_bulk(client, cfg, settings, state, group_id=group_id, dry_run=dry_run, console=console)
-        else:
-            patients = select_patients(client, cfg, patients_file, group_id)
-            if not patients:
-                log.warning("%s", empty_cohort_reason(cfg, patients_file, group_id))
-            summary = _run_with_progress(client, cfg, settings, state, patients, dry_run, since, console)
-    finally:
-        state.close()
+                summary = run_bulk(client, cfg, settings, state, group_id=group_id, dry_run=dry_run, console=console,
+                                   allow_convention_change=allow_convention_change, stop=stop)
+            else:
+                patients = [] if stop.is_set() else select_patients(client, cfg, patients_file, group_id)
+                if not patients and not stop.is_set():
+                    log.warning("%s", empty_cohort_reason(cfg, patients_file, group_id))
+                summary = _run_with_progress(Sync(client, cfg, settings, state, dry_run=dry_run, since=since, stop=stop,
+                                                  allow_convention_change=allow_convention_change), patients, console)
+        finally:
+            state.close()
     data = summary.to_json()
     if as_json:
         sys.stdout.buffer.write(orjson.dumps(data, option=orjson.OPT_INDENT_2) + b"\n")
@@ -409,11 +427,38 @@ def sync(server: str | None, config_path: Path | None, auth: str | None, token_f
 
         out = make_console()
         render_sync_summary(data, out)
+        if dry_run:
+            lines = [line for w in data["would_write"] for line in would_write_lines([w], w["patient"])]
+            refused = sorted({w["refused"] for w in data["would_write"] if w.get("refused")})
+            out.print(f"Dry run: nothing written (server and state store); a real run would write {len(lines)} resource(s)"
+                      + (":" if lines else "."), markup=False, highlight=False)
+            for line in lines:
+                out.print(f"  {line}", markup=False, highlight=False)
+            for message in refused:
+                out.print(f"  refused without --allow-convention-change: {message}", markup=False, highlight=False)
         if not data["patients"]:
             out.print(empty_cohort_reason(cfg, patients_file, group_id), markup=False, highlight=False)
         out.print(f"State file: {store_path}", markup=False, highlight=False)
+    if summary.interrupted:
+        click.echo(f"fhir-crs: sync interrupted by {summary.interrupted}: {summary.not_done} patient(s) not done, no write "
+                   "left half-done; the run is recorded as interrupted and the next run finishes it.", err=True)
+        sys.exit(stop.exit_code)
     if summary.errors:
         sys.exit(1)
+
+
+def _grade(g: int | None) -> str:
+    return "–" if g is None else str(g)
+
+
+def would_write_lines(changes: list[dict[str, Any]], patient: str | None = None) -> list[str]:
+    """One line per resource a dry run would write: create/update, resource, old -> new grade."""
+    out = []
+    for c in changes:
+        who = f"{patient} " if patient else ""
+        grade = f": ASTCT grade {_grade(c.get('old_grade'))} -> {_grade(c.get('new_grade'))}" if c.get("new_grade") is not None else ""
+        out.append(f"{who}{c['action']} {c['resource']} ({c['kind']}){grade}  [{c['request']}]")
+    return out
 
 
 def empty_cohort_reason(cfg: Any, patients_file: Path | None, group_id: str | None) -> str:
@@ -427,11 +472,8 @@ def empty_cohort_reason(cfg: Any, patients_file: Path | None, group_id: str | No
             "or give --patients FILE / --group ID.")
 
 
-def _run_with_progress(client: Any, cfg: Any, settings: Any, state: Any, patients: list[str], dry_run: bool,
-                       since: str | None, console: Console) -> Any:
-    """A progress bar on a terminal; plain log lines otherwise."""
-    from .sync import Sync
-
+def _run_with_progress(job: Any, patients: list[str], console: Console) -> Any:
+    """Runs a `Sync` over `patients` with a progress bar on a terminal, plain log lines otherwise."""
     if console.is_terminal:
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -442,12 +484,14 @@ def _run_with_progress(client: Any, cfg: Any, settings: Any, state: Any, patient
             def tick(patient: str, done: int, total: int, errors: int) -> None:
                 bar.update(task, completed=done, errors=errors)
 
-            return Sync(client, cfg, settings, state, dry_run=dry_run, since=since, progress=tick).run(patients)
+            job.progress = tick
+            return job.run(patients)
 
     def line(patient: str, done: int, total: int, errors: int) -> None:
         log.info("sync: %d/%d patients done, %d error(s)", done, total, errors)
 
-    return Sync(client, cfg, settings, state, dry_run=dry_run, since=since, progress=line).run(patients)
+    job.progress = line
+    return job.run(patients)
 
 
 def _report_outputs(report: dict[str, Any], cases_series: list[dict[str, Any]], as_json: bool, csv_path: str | None,
@@ -539,7 +583,8 @@ def report(paths: tuple[Path, ...], server: str | None, config_path: Path | None
 
 @cli.command()
 @click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=Path("fhir-crs-demo"),
-              show_default=True, help="Folder for the server data, state, report and HTML pages.")
+              show_default=True, help="Folder for the server data, state, report and HTML pages: new, empty, or one "
+                                      "an earlier demo created (marker .fhir-crs-demo); a rerun replaces only what demo wrote.")
 @click.option("--json", "as_json", is_flag=True, help="Print the cohort report object (report contract).")
 @click.option("--seed", type=int, default=None, help="Seed of the synthetic cohort (default: the committed one).")
 @click.option("--server", "server_kind", type=click.Choice(["embedded", "hapi"]), default="embedded", show_default=True,
@@ -559,11 +604,10 @@ def demo(out_dir: Path, as_json: bool, seed: int | None, server_kind: str) -> No
       fhir-crs demo --out fhir-crs-demo
       fhir-crs demo --server hapi
     """
-    import shutil
-
     from .config import RunConfig
     from .fhir import FhirClient, NoAuth
     from .localserver import HapiFhirServer, LocalFhirServer
+    from .outdir import prepare_demo_dir
     from .private import private_dir
     from .report import report_from_cases
     from .sync import StateStore, Sync, discover_cohort
@@ -571,10 +615,8 @@ def demo(out_dir: Path, as_json: bool, seed: int | None, server_kind: str) -> No
 
     console = make_console(stderr=as_json)
     settings = load_settings(default_mappings_dir())
+    prepare_demo_dir(out_dir)  # refuses a foreign non-empty folder; clears only what demo created
     private_dir(out_dir)
-    for stale in ("server", "report"):
-        shutil.rmtree(out_dir / stale, ignore_errors=True)
-    (out_dir / "state.sqlite").unlink(missing_ok=True)
     bundles, _truth = generate_picu_cohort(seed if seed is not None else DEFAULT_SEED)
     if server_kind == "hapi":
         console.print("Starting a local HAPI FHIR JPA server (scripts/hapi-server; about a minute)")

@@ -12,7 +12,10 @@
     │   ├── FhirAuthError        exit 5   401 / 403
     │   ├── FhirOperationOutcome exit 4   any other 4xx/5xx; keeps the OperationOutcome diagnostics
     │   └── DuplicateTargetError exit 8   >1 server resource carries an identifier fhir-crs writes to
+    ├── ConventionChangeError    exit 9   a stored Condition was graded with other settings/mapping tables
     └── GradingError             exit 6   an internal inconsistency while grading (a bug)
+
+`sync` stopped by a signal exits 128 + signal number (130 SIGINT, 143 SIGTERM; interrupt.py).
 
 `code` is the stable key of the `{"error": {"code", "message", "exit"}}` object printed with
 `--json`; `EXIT_CODES` is the table `fhir-crs --help` and the README show.
@@ -100,6 +103,14 @@ class DuplicateTargetError(FhirServerError):
     code = "duplicate_target"
 
 
+class ConventionChangeError(FhirCrsError):
+    """A stored write-back was graded with other settings or mapping tables: not overwritten
+    without --allow-convention-change (the message names what differs)."""
+
+    exit_code = 9
+    code = "convention_change"
+
+
 # (exit code, meaning): printed by `fhir-crs --help` and copied into the README (a test compares them).
 EXIT_CODES: tuple[tuple[int, str], ...] = (
     (0, "success"),
@@ -111,4 +122,7 @@ EXIT_CODES: tuple[tuple[int, str], ...] = (
     (6, "internal error (a bug: please report it; -v shows the traceback)"),
     (7, "--strict: a resource of a type fhir-crs grades was skipped"),
     (8, "two server resources carry one write-back identifier (data quality)"),
+    (9, "write-back refused: the stored Condition was graded with other settings or mapping tables (--allow-convention-change)"),
+    (130, "sync stopped by Ctrl-C (SIGINT) after the write in flight; recorded as interrupted"),
+    (143, "sync stopped by SIGTERM after the write in flight; recorded as interrupted"),
 )

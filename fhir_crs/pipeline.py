@@ -8,8 +8,8 @@ resources already in memory (the server path hands its search results here).
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -146,9 +146,12 @@ class WriteOutcome:
 
     patient: str
     infusion: str
-    status: str  # "created" | "updated" | "unchanged" | "dry-run"
+    status: str  # "created" | "updated" | "unchanged" | "dry-run" | "refused" (dry run: conventions differ)
     written: dict[str, str]  # identifier name -> "Type/id" (or the conditional URL in a dry run)
     transaction: dict[str, Any] | None = None
+    # what the transaction writes (or would): resource, create/update, old -> new ASTCT grade
+    changes: list[dict[str, Any]] = field(default_factory=list)
+    message: str | None = None  # why a dry run would be refused
 
 
 @dataclass(slots=True)
@@ -211,24 +214,33 @@ def fetch_patient(client: Any, patient_id: str, cfg: Any, code_map: CodeMap) -> 
 
 
 def write_case(client: Any, case: GradedCase, settings: GradingSettings, identifier_system: str,
-               dry_run: bool = False, attempts: int = 3) -> WriteOutcome:
+               dry_run: bool = False, attempts: int = 3, mappings_dir: Path | None = None,
+               allow_convention_change: bool = False, before_write: Callable[[], None] | None = None) -> WriteOutcome:
     """Idempotent write-back of one case in ONE transaction (all or nothing).
 
     Existing Conditions/Bundle are found by identifier; if the stored content hash matches,
-    nothing is written. Otherwise existing resources are updated with If-Match on their version
-    and absent ones created by conditional update; a version conflict (HAPI 409 / spec 412)
-    re-reads and re-applies up to `attempts` times; more than one match for an identifier is a
-    data-quality error that is reported and never retried.
+    nothing is written. A stored Condition graded with other settings or mapping tables (the
+    conventions extension, conventions.py) is not overwritten unless `allow_convention_change`
+    (ConventionChangeError naming what differs; a dry run reports it as "refused"). Otherwise
+    existing resources are updated with If-Match on their version and absent ones created by
+    conditional update, with a Provenance of the write in the same transaction; a version
+    conflict (HAPI 409 / spec 412) re-reads and re-applies up to `attempts` times; more than one
+    match for an identifier is a data-quality error that is reported and never retried.
+    `before_write` runs right before the transaction is sent (sync: raises when a stop was
+    requested, so no new write starts after a signal).
     """
     from datetime import UTC, datetime
 
+    from .conventions import ConventionChangeError, Conventions, current_conventions
     from .errors import DuplicateTargetError, FhirServerError
     from .fhir.client import PreconditionFailed, VersionConflict
-    from .writeback import build_case_write, identifiers, stored_hash, transaction_for
+    from .writeback import build_case_write, identifiers, stored_grade, stored_hash, transaction_for
 
     ids = identifiers(case, identifier_system)
     types = {"crs": "Condition", "icans": "Condition", "summary": "Bundle"}
     tl = case.timeline
+    infusion = iso(tl.infusion) or ""
+    conventions = current_conventions(settings, mappings_dir or load_code_map(None).directory)
     last_error: Exception | None = None
     for _ in range(attempts):
         existing: dict[str, tuple[str, str | None]] = {}
@@ -246,21 +258,43 @@ def write_case(client: Any, case: GradedCase, settings: GradingSettings, identif
                 existing[name] = (r["id"], f'W/"{version}"' if version else None)
                 stored[name] = r
         recorded = datetime.now(UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
-        write = build_case_write(case, settings, identifier_system, include_icans_if_zero="icans" in existing, recorded=recorded)
+        write = build_case_write(case, settings, identifier_system, include_icans_if_zero="icans" in existing,
+                                 recorded=recorded, conventions=conventions)
         new_hash = stored_hash(write.resources["crs"])
         if case.crs["astct"].grade == 0 and "crs" not in existing:
             write.resources.pop("crs")  # no CRS, and nothing written before: nothing to refute
             if "icans" not in write.resources:
-                return WriteOutcome(tl.patient, iso(tl.infusion) or "", "unchanged", {})
+                return WriteOutcome(tl.patient, infusion, "unchanged", {})
         if "crs" in stored and stored_hash(stored["crs"]) == new_hash and "summary" in existing and (
             ("icans" in stored) == ("icans" in write.resources)
         ):
-            return WriteOutcome(tl.patient, iso(tl.infusion) or "", "unchanged",
-                                {n: f"{types[n]}/{existing[n][0]}" for n in existing})
+            return WriteOutcome(tl.patient, infusion, "unchanged", {n: f"{types[n]}/{existing[n][0]}" for n in existing})
         tx = transaction_for(write, existing)
+        changes = []
+        for name, entry in zip(write.resources, tx["entry"], strict=False):
+            grade = {"crs": case.crs["astct"].grade, "icans": case.icans["astct"].grade}.get(name)
+            changes.append({"resource": f"{types[name]}/{existing[name][0]}" if name in existing else types[name],
+                            "kind": name, "action": "update" if name in existing else "create",
+                            "old_grade": stored_grade(stored[name]) if name in stored and grade is not None else None,
+                            "new_grade": grade, "request": f"{entry['request']['method']} {entry['request']['url']}"})
+        if len(tx["entry"]) > len(write.resources):
+            changes.append({"resource": "Provenance", "kind": "provenance", "action": "create",
+                            "old_grade": None, "new_grade": None, "request": "POST Provenance"})
+        refusal = None
+        if not allow_convention_change:
+            for name in ("crs", "icans"):
+                if name in stored and (diff := conventions.differences(Conventions.from_resource(stored[name]))):
+                    refusal = (f"{tl.patient} (infusion {infusion}): not overwriting Condition/{existing[name][0]}: it was graded "
+                               f"with other conventions ({'; '.join(diff)}); rerun with --allow-convention-change to replace it")
+                    break
         if dry_run:
-            return WriteOutcome(tl.patient, iso(tl.infusion) or "", "dry-run",
-                                {e["resource"]["resourceType"] + ":" + n: e["request"]["url"] for n, e in zip(write.resources, tx["entry"], strict=True)}, tx)
+            return WriteOutcome(tl.patient, infusion, "refused" if refusal else "dry-run",
+                                {e["resource"]["resourceType"] + ":" + n: e["request"]["url"] for n, e in zip(write.resources, tx["entry"], strict=False)},
+                                tx, changes, refusal)
+        if refusal:
+            raise ConventionChangeError(refusal)
+        if before_write is not None:
+            before_write()
         try:
             response = client.transaction(tx)
         except VersionConflict as exc:
@@ -272,16 +306,17 @@ def write_case(client: Any, case: GradedCase, settings: GradingSettings, identif
             last_error = exc
             continue
         written = {}
-        for name, entry in zip(write.resources, response.get("entry") or [], strict=False):
+        names = [*write.resources, "provenance"]
+        for name, entry in zip(names, response.get("entry") or [], strict=False):
             loc = ((entry.get("response") or {}).get("location") or "")
             parts = loc.split("/_history")[0].rsplit("/", 2)
             written[name] = "/".join(parts[-2:]) if len(parts) >= 2 else loc
-        return WriteOutcome(tl.patient, iso(tl.infusion) or "", "updated" if existing else "created", written)
+        return WriteOutcome(tl.patient, infusion, "updated" if existing else "created", written, changes=changes)
     raise FhirServerError(f"could not write {tl.patient} after {attempts} version conflicts: {last_error}")
 
 
 def pull_patient(client: Any, patient_id: str, cfg: Any, settings: GradingSettings | None = None,
-                 write: bool = False, dry_run: bool = False) -> PullResult:
+                 write: bool = False, dry_run: bool = False, allow_convention_change: bool = False) -> PullResult:
     code_map = load_code_map(Path(cfg.mappings) if cfg.mappings else None)
     settings = settings or load_settings(code_map.directory)
     resources = fetch_patient(client, patient_id, cfg, code_map)
@@ -289,7 +324,8 @@ def pull_patient(client: Any, patient_id: str, cfg: Any, settings: GradingSettin
     writes = []
     if write or dry_run:
         for case in run.cases:
-            writes.append(write_case(client, case, settings, cfg.identifier_system, dry_run=dry_run))
+            writes.append(write_case(client, case, settings, cfg.identifier_system, dry_run=dry_run,
+                                     mappings_dir=code_map.directory, allow_convention_change=allow_convention_change))
     return PullResult(run, writes, client.requests_made)
 
 

@@ -113,7 +113,8 @@ def render_sync_summary(data: dict[str, Any], console: Console) -> None:
     for label, value in (
         ("patients in cohort", data["patients"]), ("graded", data["graded"]), ("grades changed", data["changed"]),
         ("unchanged", data["unchanged"]), ("Conditions written", data["written"]["Condition"]),
-        ("Bundles written", data["written"]["Bundle"]), ("HTTP requests", data["requests"]),
+        ("Bundles written", data["written"]["Bundle"]), ("Provenances written", data.get("provenance_written", 0)),
+        ("HTTP requests", data["requests"]),
         ("seconds", data["seconds"]), ("errors", len(data["errors"])),
     ):
         table.add_row(label, str(value))

@@ -32,6 +32,7 @@ from typing import Any
 
 from .errors import ConfigError, FhirCrsError
 from .grading.result import iso
+from .interrupt import Interrupted, StopSignal
 from .logs import note_patient, note_patient_id
 from .mapping_files import CodeMap, load_code_map
 from .pipeline import fetch_patient, grade_resources, write_case
@@ -67,22 +68,37 @@ def default_state_path() -> Path:
 
 
 class StateStore:
-    """SQLite state of the nightly sync (one file; safe to delete: the next run starts over)."""
+    """SQLite state of the nightly sync (one file; safe to delete: the next run starts over).
 
-    def __init__(self, path: Path, server: str):
+    `read_only` (sync --dry-run): the file is read once into memory (opened immutable, so not
+    even a lock or WAL file is written) and every change stays in that copy; a missing file is
+    not created, nor its folder."""
+
+    def __init__(self, path: Path, server: str, read_only: bool = False):
         from .private import create_private_file
 
-        # Owner-only (0600 file in a 0700 folder if we create it); SQLite gives its -wal/-shm
-        # and -journal files the database file's mode.
-        try:
-            create_private_file(path)
-        except OSError as exc:
-            raise ConfigError(f"cannot create sync state store {path}: {exc.strerror or exc}") from exc
+        if not read_only:
+            # Owner-only (0600 file in a 0700 folder if we create it); SQLite gives its -wal/-shm
+            # and -journal files the database file's mode.
+            try:
+                create_private_file(path)
+            except OSError as exc:
+                raise ConfigError(f"cannot create sync state store {path}: {exc.strerror or exc}") from exc
         self.server = server
         self._lock = threading.Lock()
         try:
-            self.db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
-            self.db.execute("PRAGMA journal_mode=WAL")
+            if read_only:
+                self.db = sqlite3.connect(":memory:", check_same_thread=False, isolation_level=None)
+                if path.is_file():
+                    src = sqlite3.connect(path.resolve().as_uri() + "?mode=ro&immutable=1", uri=True)
+                    try:
+                        src.backup(self.db)
+                    finally:
+                        src.close()
+            else:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                self.db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
+                self.db.execute("PRAGMA journal_mode=WAL")
             self.db.executescript(SCHEMA)
         except sqlite3.Error as exc:
             raise ConfigError(f"cannot open sync state store {path}: {exc}") from exc
@@ -113,12 +129,12 @@ class StateStore:
                             (iso(datetime.now(UTC)), self.server, patient))
 
     def start_run(self) -> tuple[int, bool]:
-        """(run id, whether the previous run was interrupted)."""
+        """(run id, whether the previous run was interrupted: killed while `running`, or stopped by a signal)."""
         with self._lock:
             prev = self.db.execute("SELECT status FROM runs WHERE server=? ORDER BY id DESC LIMIT 1", (self.server,)).fetchone()
             cur = self.db.execute("INSERT INTO runs (server, started, status) VALUES (?,?, 'running')",
                                   (self.server, iso(datetime.now(UTC))))
-        return int(cur.lastrowid or 0), bool(prev and prev[0] == "running")
+        return int(cur.lastrowid or 0), bool(prev and prev[0] in ("running", "interrupted"))
 
     def finish_run(self, run_id: int, status: str, summary: dict[str, Any]) -> None:
         with self._lock:
@@ -156,15 +172,28 @@ class SyncSummary:
     resumed: bool = False
     cases: list[dict[str, Any]] = field(default_factory=list)
     graded_cases: list[Any] = field(default_factory=list)  # GradedCase objects (report / HTML)
+    dry_run: bool = False
+    would_write: list[dict[str, Any]] = field(default_factory=list)  # dry run: what a real run would write
+    interrupted: str | None = None  # the signal that stopped the run ("SIGINT", "SIGTERM")
+    not_done: int = 0  # patients left for the next run by the interruption
 
     def to_json(self) -> dict[str, Any]:
-        return {
+        out = {
             "patients": self.patients, "graded": self.graded, "changed": self.changed,
             "written": {"Condition": self.written.get("Condition", 0), "Bundle": self.written.get("Bundle", 0)},
+            "provenance_written": self.written.get("Provenance", 0),
             "unchanged": self.unchanged, "skipped": dict(sorted(self.skipped.items())),
             "errors": self.errors, "requests": self.requests, "seconds": round(self.seconds, 3),
             "resumed_after_interruption": self.resumed,
+            "dry_run": self.dry_run,
+            "interrupted": self.interrupted is not None,
         }
+        if self.dry_run:
+            out["would_write"] = self.would_write
+        if self.interrupted is not None:
+            out["signal"] = self.interrupted
+            out["not_done"] = self.not_done
+        return out
 
 
 def cart_codes(code_map: CodeMap) -> tuple[list[str], list[str]]:
@@ -248,13 +277,16 @@ def _result_hash(case_json: list[dict[str, Any]]) -> str:
 class Sync:
     def __init__(self, client: Any, cfg: Any, settings: GradingSettings, state: StateStore,
                  dry_run: bool = False, since: str | None = None,
-                 progress: Callable[[str, int, int, int], None] | None = None):
+                 progress: Callable[[str, int, int, int], None] | None = None,
+                 allow_convention_change: bool = False, stop: StopSignal | None = None):
         self.client, self.cfg, self.settings, self.state = client, cfg, settings, state
         self.code_map = load_code_map(Path(cfg.mappings) if cfg.mappings else None)
         self.dry_run = dry_run
+        self.allow_convention_change = allow_convention_change
+        self.stop = stop or StopSignal()
         self.since = since
         self.progress = progress or (lambda patient, done, total, errors: None)
-        self.summary = SyncSummary()
+        self.summary = SyncSummary(dry_run=dry_run)
         self._locks: dict[str, threading.Lock] = {}
         self._guard = threading.Lock()
 
@@ -277,6 +309,8 @@ class Sync:
                 p = futures[fut]
                 try:
                     fut.result()
+                except Interrupted:
+                    self.summary.not_done += 1  # left for the next run (no write was started)
                 except FhirCrsError as exc:
                     self.summary.errors.append({"patient": f"Patient/{p}", "error": str(exc)})
                     log.error("Patient/%s: %s", p, exc)
@@ -285,13 +319,23 @@ class Sync:
                     log.exception("Patient/%s failed", p)
                 done += 1
                 self.progress(p, done, len(patients), len(self.summary.errors))
+        return self.finish(run_id, t0)
+
+    def finish(self, run_id: int, t0: float) -> SyncSummary:
+        """Records the run as ok / failed / interrupted (never left `running`)."""
         self.summary.requests = self.client.requests_made
         self.summary.seconds = time.monotonic() - t0
-        self.state.finish_run(run_id, "failed" if self.summary.errors else "ok", self.summary.to_json())
+        if self.stop.is_set():
+            self.summary.interrupted = self.stop.name
+            status = "interrupted"
+        else:
+            status = "failed" if self.summary.errors else "ok"
+        self.state.finish_run(run_id, status, self.summary.to_json())
         return self.summary
 
     def sync_patient(self, patient: str, force: bool = False) -> None:
         with self._lock_for(patient):
+            self.stop.check()  # a stop was requested: this patient is not started
             prior = self.state.get(patient)
             since = self.since or (prior or {}).get("high_water")
             if not force and since and (prior is not None or self.since) and not has_changes(self.client, patient, since):
@@ -299,7 +343,9 @@ class Sync:
                 if not self.dry_run:
                     self.state.touch(patient)
                 return
+            self.stop.check()
             resources = fetch_patient(self.client, patient, self.cfg, self.code_map)
+            self.stop.check()
             run = grade_resources(resources, self.settings, self.code_map.directory, origin=f"Patient/{patient}")
             self.commit(patient, run.cases, run.skipped, _high_water(resources) or since, prior)
 
@@ -323,7 +369,16 @@ class Sync:
             return
         self._count(changed=1)
         for case in cases:
-            outcome = write_case(self.client, case, self.settings, self.cfg.identifier_system, dry_run=self.dry_run)
+            self.stop.check()
+            outcome = write_case(self.client, case, self.settings, self.cfg.identifier_system, dry_run=self.dry_run,
+                                 mappings_dir=self.code_map.directory, allow_convention_change=self.allow_convention_change,
+                                 before_write=self.stop.check)
+            if outcome.status in ("dry-run", "refused"):
+                with self._guard:
+                    self.summary.would_write.extend(
+                        {"patient": outcome.patient, "infusion": outcome.infusion, **change,
+                         **({"refused": outcome.message} if outcome.message else {})}
+                        for change in outcome.changes)
             if outcome.status in ("created", "updated"):
                 with self._guard:
                     for ref in outcome.written.values():
@@ -340,7 +395,8 @@ class Sync:
 
 
 def run_bulk(client: Any, cfg: Any, settings: GradingSettings, state: StateStore, group_id: str | None = None,
-             dry_run: bool = False, console: Any = None) -> SyncSummary:
+             dry_run: bool = False, console: Any = None, allow_convention_change: bool = False,
+             stop: StopSignal | None = None) -> SyncSummary:
     """The Bulk Data path of the nightly sync.
 
     First run (no previous `transactionTime` for this scope): `$export` everything, stream the
@@ -360,66 +416,81 @@ def run_bulk(client: Any, cfg: Any, settings: GradingSettings, state: StateStore
     since = state.bulk_since(scope)
     t0 = time.monotonic()
 
+    stop = stop or StopSignal()
+
     def progress(text: str) -> None:
+        stop.check()  # a signal while polling: the export job is cancelled (BulkExport cleans up)
         if console is not None:
             console.print(f"fhir-crs sync --bulk: export {text}", highlight=False)
 
     exporter = BulkExport(client, on_progress=progress, max_poll_interval=cfg.bulk_max_poll,
                           max_file_bytes=int(getattr(cfg, "max_bulk_file_mb", 16384.0) * 1024 * 1024),
                           max_decompression_ratio=getattr(cfg, "max_decompression_ratio", 200.0))
-    manifest, items = exporter.run(group_id=group_id, since=since)
-    sync = Sync(client, cfg, settings, state, dry_run=dry_run)
+    try:
+        manifest, items = exporter.run(group_id=group_id, since=since)
+    except Interrupted:
+        summary = SyncSummary(dry_run=dry_run, interrupted=stop.name, requests=client.requests_made,
+                              seconds=time.monotonic() - t0)
+        run_id, summary.resumed = state.start_run()
+        state.finish_run(run_id, "interrupted", summary.to_json())
+        return summary
+    sync = Sync(client, cfg, settings, state, dry_run=dry_run, allow_convention_change=allow_convention_change, stop=stop)
     run_id, resumed = state.start_run()
     sync.summary.resumed = resumed
     for message in exporter.error_messages(manifest):
         sync.summary.errors.append({"patient": "(bulk export)", "error": message})
-    if since is None:
-        mapper = ResourceMapper(sync.code_map)
-        for rtype, item in items:
-            if rtype is None:
-                mapper.add(Skipped(str(item), "unusable NDJSON line", "invalid_json"))
-            else:
-                if rtype == "Patient":
-                    note_patient(item)  # its names, MRN and birth date never reach a log line
-                mapper.add(SourceResource(item, f"bulk:{rtype}"))
-        for ref in mapper.missing_medications():
-            try:
-                mapper.add(SourceResource(client.read(*ref.split("/", 1)), f"read:{ref}"))
-            except FhirCrsError as exc:
-                log.warning("%s referenced by a MedicationAdministration could not be read: %s", ref, exc)
-        graded = grade_mapping(mapper.finish(), settings, mapper.count)
-        for s in graded.skipped:
-            sync.summary.skipped[s.code] += 1
-        by_patient: dict[str, list[Any]] = {}
-        for case in graded.cases:
-            by_patient.setdefault(case.timeline.patient.split("/", 1)[1], []).append(case)
-        sync.summary.patients = len(by_patient)
-        for patient, cases in sorted(by_patient.items()):
-            try:
-                sync.commit(patient, cases, [], manifest.transaction_time, state.get(patient))
-            except FhirCrsError as exc:
-                sync.summary.errors.append({"patient": f"Patient/{patient}", "error": str(exc)})
-    else:
-        touched: set[str] = set()
-        for rtype, item in items:
-            if rtype is None or not isinstance(item, dict):
-                continue
-            if rtype == "Patient" and isinstance(item.get("id"), str):
-                touched.add(item["id"])
-            ref = (item.get("subject") or item.get("patient") or {}).get("reference", "") if isinstance(item.get("subject") or item.get("patient"), dict) else ""
-            if ref.startswith("Patient/"):
-                touched.add(ref.split("/", 1)[1])
-        sync.summary.patients = len(touched)
-        for patient in sorted(touched):
-            try:
-                sync.sync_patient(patient, force=True)
-            except FhirCrsError as exc:
-                sync.summary.errors.append({"patient": f"Patient/{patient}", "error": str(exc)})
-    if not sync.summary.errors and not dry_run:
+    done = 0
+    try:
+        if since is None:
+            mapper = ResourceMapper(sync.code_map)
+            for rtype, item in items:
+                stop.check()
+                if rtype is None:
+                    mapper.add(Skipped(str(item), "unusable NDJSON line", "invalid_json"))
+                else:
+                    if rtype == "Patient":
+                        note_patient(item)  # its names, MRN and birth date never reach a log line
+                    mapper.add(SourceResource(item, f"bulk:{rtype}"))
+            for ref in mapper.missing_medications():
+                try:
+                    mapper.add(SourceResource(client.read(*ref.split("/", 1)), f"read:{ref}"))
+                except FhirCrsError as exc:
+                    log.warning("%s referenced by a MedicationAdministration could not be read: %s", ref, exc)
+            graded = grade_mapping(mapper.finish(), settings, mapper.count)
+            for s in graded.skipped:
+                sync.summary.skipped[s.code] += 1
+            by_patient: dict[str, list[Any]] = {}
+            for case in graded.cases:
+                by_patient.setdefault(case.timeline.patient.split("/", 1)[1], []).append(case)
+            sync.summary.patients = len(by_patient)
+            for patient, cases in sorted(by_patient.items()):
+                try:
+                    sync.commit(patient, cases, [], manifest.transaction_time, state.get(patient))
+                except FhirCrsError as exc:
+                    sync.summary.errors.append({"patient": f"Patient/{patient}", "error": str(exc)})
+                done += 1
+        else:
+            touched: set[str] = set()
+            for rtype, item in items:
+                stop.check()
+                if rtype is None or not isinstance(item, dict):
+                    continue
+                if rtype == "Patient" and isinstance(item.get("id"), str):
+                    touched.add(item["id"])
+                ref = (item.get("subject") or item.get("patient") or {}).get("reference", "") if isinstance(item.get("subject") or item.get("patient"), dict) else ""
+                if ref.startswith("Patient/"):
+                    touched.add(ref.split("/", 1)[1])
+            sync.summary.patients = len(touched)
+            for patient in sorted(touched):
+                try:
+                    sync.sync_patient(patient, force=True)
+                except FhirCrsError as exc:
+                    sync.summary.errors.append({"patient": f"Patient/{patient}", "error": str(exc)})
+                done += 1
+    except Interrupted:
+        sync.summary.not_done = max(0, sync.summary.patients - done)
+    if not sync.summary.errors and not dry_run and not stop.is_set():
         state.set_bulk_since(scope, manifest.transaction_time)
     if manifest.status_url:
         exporter.cancel(manifest.status_url)  # done with the files: let the server release them
-    sync.summary.requests = client.requests_made
-    sync.summary.seconds = time.monotonic() - t0
-    state.finish_run(run_id, "failed" if sync.summary.errors else "ok", sync.summary.to_json())
-    return sync.summary
+    return sync.finish(run_id, t0)

@@ -43,6 +43,67 @@ def test_demo_reproduces_the_ground_truth(tmp_path: Path):
     assert index.exists() and len(list((out / "report" / "patients").glob("*.html"))) == 14
     assert (out / "cibmtr-4100.csv").read_text().count("\n") >= 15
     assert "Local FHIR server" in r.stderr and "sync: 14 patients" in r.stderr
+    assert (out / ".fhir-crs-demo").is_file()
+
+
+# ---- demo --out only ever deletes what demo created (issue 14) ---------------------------------
+
+def _user_folder(d: Path) -> dict[str, str]:
+    """A folder holding a user's own files under the names the demo uses."""
+    files = {"report/index.html": "<p>my own report</p>", "server/notes.txt": "mine", "state.sqlite": "not a db",
+             "thesis.docx": "chapter 1"}
+    for rel, text in files.items():
+        (d / rel).parent.mkdir(parents=True, exist_ok=True)
+        (d / rel).write_text(text)
+    return files
+
+
+def test_demo_refuses_a_foreign_non_empty_folder_and_deletes_nothing(tmp_path: Path):
+    out = tmp_path / "mine"
+    files = _user_folder(out)
+    r = CliRunner().invoke(cli, ["demo", "--out", str(out)])
+    assert r.exit_code == 2
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and "is not empty and was not created by fhir-crs demo" in lines[0] and "nothing was deleted" in lines[0]
+    assert {str(p.relative_to(out)) for p in out.rglob("*") if p.is_file()} == set(files)
+    assert all((out / rel).read_text() == text for rel, text in files.items())
+    assert "Local FHIR server" not in r.stderr  # refused before the server started
+
+
+def test_demo_folder_rerun_clears_only_its_own_entries(tmp_path: Path):
+    from fhir_crs.outdir import MARKER, prepare_demo_dir
+
+    out = tmp_path / "demo"
+    prepare_demo_dir(out)  # fresh: created with the marker
+    assert [p.name for p in out.iterdir()] == [MARKER]
+    (out / "report" / "patients").mkdir(parents=True)
+    (out / "report" / "index.html").write_text("old")
+    (out / "state.sqlite").write_text("old")
+    (out / "report.csv").write_text("old")
+    (out / "my-notes.txt").write_text("keep me")  # the user's file beside the demo's
+    elsewhere = tmp_path / "precious"
+    elsewhere.mkdir()
+    (elsewhere / "keep.txt").write_text("keep")
+    (out / "server").symlink_to(elsewhere, target_is_directory=True)
+    prepare_demo_dir(out)
+    assert sorted(p.name for p in out.iterdir()) == sorted([MARKER, "my-notes.txt"])
+    assert (out / "my-notes.txt").read_text() == "keep me"
+    assert (elsewhere / "keep.txt").read_text() == "keep"  # a symlink is removed, never followed
+
+
+def test_demo_takes_over_an_empty_folder_but_not_a_file(tmp_path: Path):
+    from fhir_crs.errors import ConfigError
+    from fhir_crs.outdir import MARKER, prepare_demo_dir
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    prepare_demo_dir(empty)
+    assert (empty / MARKER).is_file()
+    f = tmp_path / "afile"
+    f.write_text("x")
+    with pytest.raises(ConfigError, match="is not a folder"):
+        prepare_demo_dir(f)
+    assert f.read_text() == "x"
 
 
 class _SharedHapi:

@@ -77,8 +77,10 @@ def test_killed_syncs_and_servers_leave_exactly_one_write_per_case(kind: str, ru
         duration = time.monotonic() - t
         for i in range(runs):
             # a different convention value each run changes every graded result, so every run writes
+            # (explicitly allowed to replace what the previous convention wrote)
             args = [sys.executable, "-m", "fhir_crs", "sync", "--server", server.base, "--patients", str(listing),
-                    "--state", str(state), "--json", "--workers", "2", "--set", f"resolution_clear_h={24 + i % 2}"]
+                    "--state", str(state), "--json", "--workers", "2", "--set", f"resolution_clear_h={24 + i % 2}",
+                    "--allow-convention-change"]
             proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=tmp_path)
             time.sleep(rng.uniform(0.2, 1.1) * duration)  # before, during and after the writes
             if i % 2 == 0:
@@ -94,7 +96,7 @@ def test_killed_syncs_and_servers_leave_exactly_one_write_per_case(kind: str, ru
                 state.unlink(missing_ok=True)  # lost state must not create duplicates either
         final = subprocess.run(
             [sys.executable, "-m", "fhir_crs", "sync", "--server", server.base, "--patients", str(listing),
-             "--state", str(state), "--json"],
+             "--state", str(state), "--json", "--allow-convention-change"],
             env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path,
         )
         assert final.returncode == 0, final.stderr

@@ -13,6 +13,10 @@
   type, i.e. Observations, and in the core `workflow-supportingInfo` extension otherwise, e.g.
   MedicationAdministrations and Procedures; criteria/flags/conventions in `note`), the adjacent-syndrome screens, and a `List` "CRS case timeline" whose
   entries point at the source resources of the salient events (day 0 = infusion).
+* A **Provenance** in the same transaction (`transaction_for`): target = the Condition(s) and
+  the summary Bundle, agent = fhir-crs as a contained Device with its version, entity = every
+  source resource of the case (role `source`), and the conventions extension (hash of the
+  settings and mapping tables, `conventions.py`) — the Conditions carry that extension too.
 
 Everything is validated against `fhir.resources.R4B` before it leaves this module.
 """
@@ -21,16 +25,21 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import uuid
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 from fhir.resources.R4B.bundle import Bundle
 from fhir.resources.R4B.condition import Condition
+from fhir.resources.R4B.provenance import Provenance
 
+from .. import __version__
 from ..settings import GradingSettings
 
 if TYPE_CHECKING:
+    from ..conventions import Conventions
     from ..pipeline import GradedCase
 
 SNOMED = "http://snomed.info/sct"
@@ -206,10 +215,14 @@ def _timeline_list(case_json: dict[str, Any]) -> dict[str, Any]:
 
 @dataclass(slots=True)
 class CaseWrite:
-    """What one case writes: keyed by identifier name ('crs', 'icans', 'summary')."""
+    """What one case writes: keyed by identifier name ('crs', 'icans', 'summary'); with
+    `conventions` the transaction also carries a Provenance of the write."""
 
     identifiers: dict[str, dict[str, str]]
     resources: dict[str, dict[str, Any]] = field(default_factory=dict)
+    conventions: Conventions | None = None
+    sources: list[str] = field(default_factory=list)  # "Type/id" of every source resource
+    recorded: str | None = None
 
     def content_hash(self) -> str:
         """Hash of the clinical content (without run-specific fields) to detect changed grades."""
@@ -220,12 +233,30 @@ class CaseWrite:
         return hashlib.sha256(blob.encode()).hexdigest()
 
 
+_REF = re.compile(r"^[A-Z][A-Za-z]+/[A-Za-z0-9.-]{1,64}(/_history/[A-Za-z0-9.-]{1,64})?$")  # evidence may name the version
+
+
+def source_refs(cj: dict[str, Any]) -> list[str]:
+    """Every source resource of a graded case (the patient, the infusion, all evidence), once."""
+    refs: list[str] = [cj["patient"], *cj.get("infusion_evidence", [])]
+    for family in ("crs", "icans"):
+        for r in cj.get(family, {}).values():
+            refs += r.get("evidence", [])
+    for r in (cj.get("adjacent") or {}).values():
+        refs += r.get("evidence", []) if isinstance(r, dict) else []
+    for e in cj.get("timeline", []):
+        refs += e.get("evidence", [])
+    return [r for r in dict.fromkeys(refs) if isinstance(r, str) and _REF.match(r)]
+
+
 def build_case_write(case: GradedCase, settings: GradingSettings, identifier_system: str,
-                     include_icans_if_zero: bool = False, recorded: str | None = None) -> CaseWrite:
-    """Builds (and validates) the Condition(s) and the summary Bundle for one graded case."""
+                     include_icans_if_zero: bool = False, recorded: str | None = None,
+                     conventions: Conventions | None = None) -> CaseWrite:
+    """Builds (and validates) the Condition(s) and the summary Bundle for one graded case; with
+    `conventions` the Conditions record them and the transaction gets a Provenance."""
     cj = case.to_json(settings)
     ids = identifiers(case, identifier_system)
-    out = CaseWrite(ids)
+    out = CaseWrite(ids, conventions=conventions, sources=source_refs(cj), recorded=recorded)
     out.resources["crs"] = _condition(cj, "CRS", ids["crs"])
     if cj["icans"]["astct"]["grade"] > 0 or include_icans_if_zero:
         out.resources["icans"] = _condition(cj, "ICANS", ids["icans"])
@@ -259,6 +290,8 @@ def build_case_write(case: GradedCase, settings: GradingSettings, identifier_sys
     for name in ("crs", "icans"):
         if name in out.resources:
             out.resources[name]["extension"] = [{"url": HASH_EXTENSION, "valueString": digest}]
+            if conventions is not None:
+                out.resources[name]["extension"].append(conventions.extension())
             if recorded:
                 out.resources[name]["recordedDate"] = recorded
     if recorded:
@@ -284,9 +317,55 @@ def validate(write: CaseWrite) -> None:
             Bundle.model_validate(res)
 
 
+def stored_grade(resource: dict[str, Any]) -> int | None:
+    """The ASTCT grade a stored Condition written by fhir-crs records (its first stage)."""
+    for stage in resource.get("stage") or []:
+        for c in ((stage or {}).get("summary") or {}).get("coding") or []:
+            code = (c or {}).get("code", "")
+            if (c or {}).get("system") == LOCAL_GRADE and code.startswith("astct-") and code[6:].isdigit():
+                return int(code[6:])
+        break
+    return None
+
+
+DEVICE_ID = "fhir-crs"
+
+
+def provenance(write: CaseWrite, targets: list[str], activity: str) -> dict[str, Any]:
+    """The Provenance of one write-back (validated against R4B)."""
+    if write.conventions is None:
+        raise ValueError("a Provenance needs the conventions of the write")
+    recorded = write.recorded or datetime.now(UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+    prov: dict[str, Any] = {
+        "resourceType": "Provenance",
+        "contained": [{
+            "resourceType": "Device", "id": DEVICE_ID,
+            "deviceName": [{"name": "fhir-crs", "type": "manufacturer-name"}],
+            "version": [{"value": __version__}],
+            "note": [{"text": "fhir-crs: CAR-T CRS/ICANS grading from FHIR R4 (machine-derived, for clinician review)"}],
+        }],
+        "extension": [write.conventions.extension()],
+        "target": [{"reference": t} for t in targets],
+        "recorded": recorded,
+        "policy": [f"urn:fhir-crs:conventions:sha256:{write.conventions.sha256}"],
+        "activity": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/v3-DataOperation", "code": activity,
+                                 "display": activity.lower()}]},
+        "agent": [{
+            "type": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/provenance-participant-type",
+                                 "code": "assembler", "display": "Assembler"}]},
+            "who": {"reference": f"#{DEVICE_ID}", "display": f"fhir-crs {__version__}"},
+        }],
+    }
+    if write.sources:
+        prov["entity"] = [{"role": "source", "what": {"reference": r}} for r in write.sources]
+    Provenance.model_validate(prov)
+    return prov
+
+
 def transaction_for(write: CaseWrite, existing: dict[str, tuple[str, str | None]]) -> dict[str, Any]:
     """A transaction Bundle writing `write`: PUT Type/id + If-Match for what exists (id, etag),
-    else a conditional update `PUT Type?identifier=system|value` (create if absent)."""
+    else a conditional update `PUT Type?identifier=system|value` (create if absent); plus, when
+    the write records its conventions, a POST of its Provenance (targets: the entries above)."""
     entries = []
     for name, res in write.resources.items():
         rtype = res["resourceType"]
@@ -302,5 +381,11 @@ def transaction_for(write: CaseWrite, existing: dict[str, tuple[str, str | None]
         else:
             request = {"method": "PUT", "url": f"{rtype}?identifier={ident['system']}|{ident['value']}"}
         entries.append({"fullUrl": _uuid(ident["value"], "tx"), "resource": body, "request": request})
+    if write.conventions is not None:
+        targets = [e["request"]["url"] if n in existing else e["fullUrl"] for n, e in zip(write.resources, entries, strict=True)]
+        prov = provenance(write, targets, "UPDATE" if existing else "CREATE")
+        key = write.identifiers["summary"]["value"]
+        entries.append({"fullUrl": _uuid(key, "provenance", write.recorded or ""), "resource": prov,
+                        "request": {"method": "POST", "url": "Provenance"}})
     return {"resourceType": "Bundle", "type": "transaction", "entry": entries}
 
