@@ -204,7 +204,7 @@ def test_write_case_rereads_and_reapplies_after_a_real_version_conflict(server, 
     changed = load_settings(ROOT / "mappings", ["resolution_clear_h=25"])  # a different result must be written
     rerun = pull_patient(plain, pid, cfg, changed).run
     bumping = BumpingClient(server.base, auth=NoAuth())
-    out = write_case(bumping, rerun.cases[0], changed, system)
+    out = write_case(bumping, rerun.cases[0], changed, system, allow_convention_change=True)  # the setting change is deliberate
     assert bumping.bumped and out.status == "updated"
     crs = plain.read(*out.written["crs"].split("/"))
     # 1 created, 2 the other writer, 3 fhir-crs re-applied on top of it (after HAPI 409 / sekmet 412)
