@@ -10,11 +10,13 @@ touched. A missing or empty folder is taken over (created, marker written).
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
 from . import __version__
 from .errors import ConfigError
+from .private import DIR_MODE, POSIX, private_dir, write_private_text
 
 MARKER = ".fhir-crs-demo"
 # Everything `fhir-crs demo` writes into its folder (the state store's WAL side files included).
@@ -52,7 +54,9 @@ def prepare_demo_dir(out: Path) -> None:
         if marker.is_file():
             for name in _owned(marker):
                 _remove(out / name)
-    else:
-        out.mkdir(parents=True)
-    marker.write_text(json.dumps({"created_by": "fhir-crs demo", "version": __version__,
-                                  "entries": list(DEMO_ENTRIES)}, indent=1) + "\n", encoding="utf-8")
+    # The demo folder holds (synthetic) patient data, its state store and reports: owner-only.
+    private_dir(out)
+    if POSIX:
+        os.chmod(out, DIR_MODE)  # a folder the user made empty for us is tightened too
+    write_private_text(marker, json.dumps({"created_by": "fhir-crs demo", "version": __version__,
+                                           "entries": list(DEMO_ENTRIES)}, indent=1) + "\n")

@@ -405,7 +405,9 @@ def test_sync_against_a_server_answering_with_other_resources_reports_and_keeps_
     with LoopbackServer(tmp_path / "proxy") as proxy:
         proxy.proxy(fhir_server.base)
         bogus = {"resourceType": "Bundle", "type": "transaction-response", "entry": [
-            {"response": {"status": "201 Created", "location": f"Patient/someone-else/_history/{i}"}} for i in (1, 2)]}
+            {"response": {"status": "201 Created", "location": f"Patient/someone-else/_history/{i}"}} for i in (1, 2, 3)]}
+        # As many entries as the write sends (Condition, summary Bundle, Provenance), so the count
+        # check passes and the type check is the one that must catch it.
         proxy.route("POST", "/fhir", json=bogus)
         listing, state = tmp_path / "patients.txt", tmp_path / "state" / "state.sqlite"
         listing.write_text(pid + "\n")
