@@ -173,39 +173,52 @@ def fetch_patient(client: Any, patient_id: str, cfg: Any, code_map: CodeMap) -> 
 
     Every search sends `Cache-Control: no-cache`: HAPI otherwise answers an identical search
     within 60 s from its stored result, which would miss data charted since (seen on a real HAPI).
+    The reads of each step go in one `batch` Bundle where the client offers `batch_get` (two
+    requests for the three steps, plus the further pages of long searches).
     """
     from datetime import timedelta
 
     from .sync import cart_codes
     from .timeline import find_infusions
 
-    patient = client.read("Patient", patient_id)
+    def many(calls: list[tuple[str, list[tuple[str, str]] | None]]) -> list[Any]:
+        # one batch Bundle where the client offers it (issue 13: <= 6 requests per patient)
+        batch = getattr(client, "batch_get", None)
+        if batch is not None:
+            return batch(calls)
+        return [client.read(*path.split("/", 1)) if params is None else client.search(path, params, no_cache=True)
+                for path, params in calls]
+
+    proc_codes, drug_codes = cart_codes(code_map)
+    calls: list[tuple[str, list[tuple[str, str]] | None]] = [(f"Patient/{patient_id}", None)]
+    for rtype, codes in (("Procedure", proc_codes), ("MedicationAdministration", drug_codes)):
+        for chunk in range(0, len(codes), 20):
+            calls.append((rtype, [("patient", patient_id), ("code", ",".join(codes[chunk:chunk + 20]))]))
+    first = many(calls)
+    patient = first[0]
     note_patient(patient)  # its names, MRN and birth date never reach a log line (logs.py)
 
     def infusions_in(resources: list[dict[str, Any]]) -> list[Any]:
         result, _ = map_items((SourceResource(r, f"server#{i}") for i, r in enumerate(resources)), code_map)
         return find_infusions([e for evs in result.events.values() for e in evs])
 
-    proc_codes, drug_codes = cart_codes(code_map)
-    found: list[dict[str, Any]] = []
-    for rtype, codes in (("Procedure", proc_codes), ("MedicationAdministration", drug_codes)):
-        for chunk in range(0, len(codes), 20):
-            res = client.search(rtype, [("patient", patient_id), ("code", ",".join(codes[chunk:chunk + 20]))], no_cache=True)
-            found += res.matches
+    found: list[dict[str, Any]] = [r for res in first[1:] for r in res.matches]
     infusions = infusions_in([patient, *found])
     if not infusions:  # CAR-T charted only with local codes or a contained product: read everything once
-        procs = client.search("Procedure", [("patient", patient_id)], no_cache=True)
-        meds = client.search("MedicationAdministration", [("patient", patient_id), ("_include", "MedicationAdministration:medication")], no_cache=True)
+        procs, meds = many([("Procedure", [("patient", patient_id)]),
+                            ("MedicationAdministration", [("patient", patient_id), ("_include", "MedicationAdministration:medication")])])
         everything = [patient, *procs.matches, *meds.matches, *meds.includes]
         if not infusions_in(everything):
             return everything  # graded as "no CAR-T infusion found" (a named skip)
         infusions = infusions_in(everything)
     lo = iso(infusions[0][0] - timedelta(days=cfg.window_before_days))
     hi = iso(infusions[-1][0] + timedelta(days=cfg.window_after_days))
-    procs = client.search("Procedure", [("patient", patient_id), ("date", f"ge{lo}"), ("date", f"le{hi}")], no_cache=True)
-    meds = client.search("MedicationAdministration", [("patient", patient_id), ("effective-time", f"ge{lo}"),
-                                                      ("effective-time", f"le{hi}"), ("_include", "MedicationAdministration:medication")], no_cache=True)
-    obs = client.search("Observation", [("patient", patient_id), ("date", f"ge{lo}"), ("date", f"le{hi}")], no_cache=True)
+    procs, meds, obs = many([
+        ("Procedure", [("patient", patient_id), ("date", f"ge{lo}"), ("date", f"le{hi}")]),
+        ("MedicationAdministration", [("patient", patient_id), ("effective-time", f"ge{lo}"), ("effective-time", f"le{hi}"),
+                                      ("_include", "MedicationAdministration:medication")]),
+        ("Observation", [("patient", patient_id), ("date", f"ge{lo}"), ("date", f"le{hi}")]),
+    ])
     resources = [patient, *procs.matches, *meds.matches, *meds.includes, *obs.matches]
     seen = {f"{r.get('resourceType')}/{r.get('id')}" for r in resources}
     # the infusion record itself is kept even if a server's date search misses it
