@@ -241,7 +241,7 @@ class CrsGrader:
             self.used("preinfusion_fever_lookback_h")
         for name in ("unit_error", "timezone_assumed", "age_unknown", "infusion_end_assumed", "observation_gap",
                      "vasopressor_ignored", "low_sbp_in_procedure_window", "arterial_artifact_excluded",
-                     "status_unknown", "status_on_hold"):
+                     "status_unknown", "status_on_hold", "status_missing"):
             if name in tl.flags:
                 res.flag(name)
 
