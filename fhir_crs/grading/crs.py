@@ -172,6 +172,8 @@ class CrsGrader:
             counted = not (ep.provisional and s.exclude_provisional_episodes)
             if ep.provisional:
                 self.used("exclude_provisional_episodes", "culture_attribution_window_h", "late_onset_day")
+            if not counted:
+                res.flag("episode_excluded_by_setting")  # under-called on a clinician's setting: said on the result
             res.episodes.append(EpisodeResult(ep.onset, ep.resolved, best, best_t, counted, list(ep.flags), trail))
         self._summarise(episodes)
         self._outside_episode_flags(episodes)
