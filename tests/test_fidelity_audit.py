@@ -15,7 +15,7 @@ import jsonschema
 import pytest
 from click.testing import CliRunner
 from conftest import ROOT
-from factory import NE, SCT, at, bp, cart, med, obs, patient, proc, temp, vitals_baseline
+from factory import NE, SCT, bp, cart, med, obs, patient, proc, temp, vitals_baseline
 from loopback import LoopbackServer
 from test_fidelity import CORRUPT_LINES, FEVER_H, base
 
@@ -407,11 +407,10 @@ def test_second_episode_counts_by_default_and_excluding_it_is_said(tmp_path, fmt
 @pytest.mark.parametrize("name", [n for n in CORRUPT_LINES if n != "not JSON"])
 def test_one_corrupt_resource_in_a_bundle_is_one_named_skip(tmp_path, name):
     line, why = CORRUPT_LINES[name]
-    corrupt = line  # a JSON text (the corrupt number stays a literal)
     rows = base()
     good = json.dumps({"resourceType": "Bundle", "type": "collection", "entry": [{"resource": r} for r in rows]})
     (tmp_path / "before.json").write_text(good)
-    (tmp_path / "after.json").write_text(good[:-2] + ', {"resource": ' + corrupt + "}]}")
+    (tmp_path / "after.json").write_text(good[:-2] + ', {"resource": ' + line + "}]}")
     before, after = grade(tmp_path / "before.json"), grade(tmp_path / "after.json")
     assert [c["crs"] for c in after["cases"]] == [c["crs"] for c in before["cases"]]
     new = [s for s in after["skipped"] if s not in before["skipped"]]
