@@ -34,8 +34,8 @@ TOKEN = "hook-token-7f3a9c"
 class Serve:
     """`fhir-crs serve` as a child process on a free port."""
 
-    def __init__(self, workdir: Path, *args: str) -> None:
-        self.port = free_port()
+    def __init__(self, workdir: Path, *args: str, port: int | None = None) -> None:
+        self.port = port or free_port()
         self.base = f"http://127.0.0.1:{self.port}"
         workdir.mkdir(parents=True, exist_ok=True)
         self.log_path = workdir / "serve.log"

@@ -77,6 +77,10 @@ def create_app(config: ServeConfig) -> FastAPI:
             return _json(exc.body(), exc.status)
         return _json(result)
 
+    from .smart_app import add_smart_routes
+
+    add_smart_routes(app, config)
+
     @app.exception_handler(Exception)
     async def internal(request: Request, exc: Exception) -> Response:  # pragma: no cover - a bug
         log.error("internal error on %s %s: %s", request.method, request.url.path, type(exc).__name__)

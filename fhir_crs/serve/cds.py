@@ -323,13 +323,13 @@ def _syndrome_lines(case: dict[str, Any], syndrome: str) -> list[str]:
 
 def _systems_table(case: dict[str, Any]) -> list[str]:
     rows = ["| System | CRS | ICANS |", "| --- | --- | --- |"]
+    def cell(r: dict[str, Any] | None) -> str:
+        if r is None:
+            return "–"
+        return f"{r['grade']}" + (f" ({', '.join(r['flags'])})" if r.get("flags") else "")
+
     for system in dict.fromkeys([*case["crs"], *case["icans"]]):
-        def cell(syndrome: str) -> str:
-            r = case[syndrome].get(system)
-            if r is None:
-                return "–"
-            return f"{r['grade']}" + (f" ({', '.join(r['flags'])})" if r.get("flags") else "")
-        rows.append(f"| {SYSTEM_LABELS.get(system, system)} | {cell('crs')} | {cell('icans')} |")
+        rows.append(f"| {SYSTEM_LABELS.get(system, system)} | {cell(case['crs'].get(system))} | {cell(case['icans'].get(system))} |")
     return rows
 
 
