@@ -18,6 +18,8 @@ import jsonschema
 import pytest
 import requests
 from conftest import ROOT, load_vignette
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from loopback import LoopbackServer, free_port
 
 from fhir_crs.fhir import FhirClient, NoAuth
@@ -332,3 +334,42 @@ def test_server_errors_give_a_card_saying_grading_failed(serve, failing):
     assert "500" in card["detail"] or "database down" in card["detail"]
     assert serve.proc.poll() is None  # still serving
     assert requests.get(f"{serve.base}/cds-services", timeout=10).status_code == 200
+
+
+JSON = st.recursive(st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=16),
+                    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=12), inner, max_size=4),
+                    max_leaves=16)
+FIELDS = ["hook", "hookInstance", "fhirServer", "fhirAuthorization", "context", "prefetch"]
+
+
+@settings(max_examples=40, deadline=None, derandomize=True)
+@given(junk=JSON, field=st.sampled_from([*FIELDS, "context.patientId", "prefetch.patient", "prefetch.vitals"]))
+def test_fuzzed_requests_get_a_declared_answer_never_a_crash(serve, foreign, junk, field):
+    """Schema-driven fuzzing of the service's own OpenAPI description: a valid request with one
+    field replaced by arbitrary JSON (and arbitrary JSON as the whole body) is answered with a
+    status the description declares and a body of its schema; never a 500, never a fetch."""
+    spec = _openapi(serve.base)
+    post = spec["paths"]["/cds-services/{service_id}"]["post"]
+    body = request("p1", prefetch={k: {"resourceType": "Bundle", "type": "searchset"} for k in PREFETCH if k != "patient"})
+    body["prefetch"]["patient"] = {"resourceType": "Patient", "id": "p1"}
+    head, _, tail = field.partition(".")
+    if tail:
+        if isinstance(body.get(head), dict):
+            body[head][tail] = junk
+    else:
+        body[head] = junk
+    for sent in (body, junk):
+        resp = serve.hook(sent)
+        assert str(resp.status_code) in post["responses"], (resp.status_code, resp.text)
+        schema = post["responses"][str(resp.status_code)]["content"]["application/json"]["schema"]
+        jsonschema.validate(resp.json(), schema)
+    assert foreign.requests() == []
+
+
+_SPEC: dict[str, Any] = {}
+
+
+def _openapi(base: str) -> dict[str, Any]:
+    if base not in _SPEC:
+        _SPEC[base] = requests.get(f"{base}/openapi.json", timeout=10).json()
+    return _SPEC[base]
