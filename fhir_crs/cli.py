@@ -216,15 +216,22 @@ def run_config(ctx_flags: dict[str, Any], config_path: Path | None) -> Any:
     cfg = resolve(flags, os.environ, config_path, Path.cwd())
     hashing = cfg.log_redact if cfg.log_redact is not None else ctx.info_name == "sync"
     if hashing:
-        from .sync import default_state_path
-
-        state = Path(cfg.state_path).expanduser() if cfg.state_path else default_state_path()
         # the key lives beside the state store; a dry run writes nothing, so it hashes with a
         # key of its own when there is none yet
-        set_patient_redaction(True, key_folder=state.parent, create_key=not ctx.params.get("dry_run"))
+        set_patient_redaction(True, key_folder=log_key_folder(cfg), create_key=not ctx.params.get("dry_run"))
     else:
         set_patient_redaction(False)
     return cfg
+
+
+def log_key_folder(cfg: Any) -> Path:
+    """The folder of the log-hash key (`log-key`): the folder of the run's sync state store
+    (`state_path`, else the per-user default), for every command that hashes patient ids and for
+    `fhir-crs log-hash`, so both always use the same key."""
+    from .sync import default_state_path
+
+    state = Path(cfg.state_path).expanduser() if cfg.state_path else default_state_path()
+    return state.parent
 
 
 def valid_patient_id(value: str) -> str:
@@ -666,3 +673,118 @@ def demo(out_dir: Path, as_json: bool, seed: int | None, server_kind: str) -> No
         for e in summary.errors:
             click.echo(f"fhir-crs demo: {e['patient']}: {e['error']}", err=True)
         sys.exit(1)
+
+
+@cli.command("log-hash")
+@click.argument("patient_ids", nargs=-1, required=True, metavar="ID...")
+@click.option("--state", "state_path", default=None, type=click.Path(dir_okay=False),
+              help="The sync state file of the run whose log you read (default: as for sync); its key sits beside it.")
+@click.option("--config", "config_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Settings file (default ./fhir-crs.toml or $FHIR_CRS_CONFIG), for state_path.")
+@verbose_option
+def log_hash(patient_ids: tuple[str, ...], state_path: str | None, config_path: Path | None) -> None:
+    """Print the hash that redacted log lines show instead of a patient id.
+
+    \b
+    With --log-redact (the default for sync) a log line shows `Patient/~HASH` (or `~HASH`)
+    instead of the patient id: HMAC-SHA256 of the id under this installation's key, the file
+    `log-key` beside the sync state store. For each ID this prints `ID<TAB>~HASH`, so you can
+    find that patient's lines. Nothing is sent or written; with no key there yet (no redacted
+    run used this state folder) it exits 2. Hashes of a --dry-run without a key are not
+    reproducible (that run used a key of its own).
+    \b
+    Example:
+      fhir-crs log-hash 12345 Patient/67890
+      grep -F "$(fhir-crs log-hash 12345 | cut -f2)" sync.log
+    """
+    import os
+
+    from .config import resolve
+    from .errors import ConfigError
+    from .logs import hash_patient_id, log_key
+    from .mappers.common import SAFE_ID
+
+    ids = [value.strip().removeprefix("Patient/") for value in patient_ids]
+    bad = [value for value, pid in zip(patient_ids, ids, strict=True) if not SAFE_ID.match(pid)]
+    if bad:
+        raise click.BadParameter(f"{bad[0]!r} is not a FHIR logical id (1-64 of A-Z a-z 0-9 - .).", param_hint="'ID'")
+    flags = {"state_path": state_path} if state_path else {}
+    cfg = resolve(flags, os.environ, config_path, Path.cwd())
+    folder = log_key_folder(cfg)
+    key = log_key(folder, create=False)
+    if key is None:
+        raise ConfigError(f"no log-hash key in {folder} (log-key): no run with --log-redact has used this state "
+                          "folder yet; give --state FILE of the sync whose log you read.")
+    for pid in ids:
+        click.echo(f"{pid}\t~{hash_patient_id(pid, key)}")
+
+
+@cli.command()
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
+@click.option("--port", type=click.IntRange(1, 65535), default=8080, show_default=True, help="Port to listen on.")
+@click.option("--allow-fhir-server", "allow_fhir_servers", multiple=True, metavar="URL",
+              help="A FHIR base URL this service may call (repeatable): a CDS Hooks fhirServer or a SMART iss. "
+                   "An allow-list, never an open proxy: requests naming another server are refused, nothing fetched.")
+@click.option("--server", default=None, metavar="URL",
+              help="The site's FHIR server (env FHIR_CRS_SERVER), allowed like --allow-fhir-server (e.g. a loopback server).")
+@click.option("--allow-ehr-origin", "ehr_origins", multiple=True, metavar="ORIGIN",
+              help="Browser origin allowed to call the CDS service (CORS; repeatable), e.g. https://sandbox.cds-hooks.org.")
+@click.option("--smart-client-id", default="fhir-crs", show_default=True, metavar="ID",
+              help="The SMART app's client id as registered at the EHR (a public client: PKCE S256, no secret).")
+@click.option("--smart-v2", is_flag=True, help="Ask SMART v2 scopes (patient/*.rs) instead of v1 (patient/*.read).")
+@click.option("--public-url", default=None, metavar="URL",
+              help="This service's URL as the EHR reaches it (for the SMART launch link and redirect URI; default: from the request).")
+@click.option("--config", "config_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Settings file (default ./fhir-crs.toml or $FHIR_CRS_CONFIG): timeout, windows, ca_bundle.")
+@click.option("--allow-insecure-http", is_flag=True, help="Accept plain http:// FHIR servers that are not on loopback.")
+@mapping_options
+def serve(host: str, port: int, allow_fhir_servers: tuple[str, ...], server: str | None, ehr_origins: tuple[str, ...],
+          smart_client_id: str, smart_v2: bool, public_url: str | None, config_path: Path | None,
+          allow_insecure_http: bool, mappings_dir: Path | None, overrides: tuple[str, ...]) -> None:
+    """Serve the grade inside the EHR: a CDS Hooks service and a SMART on FHIR app.
+
+    \b
+    CDS Hooks 2.0:  GET  /cds-services  (discovery)
+                    POST /cds-services/fhir-crs-crs-grade  (hook patient-view)
+    SMART app:      GET  /launch  (EHR launch: ?iss=..&launch=..; standalone: ?iss=..)
+                    redirect URI /callback, timeline page /app
+    OpenAPI:        GET  /openapi.json
+    \b
+    Only the FHIR servers given with --allow-fhir-server (and --server) are ever called, and a
+    bearer token only on its own server's origin. Tokens stay in the server's memory.
+    \b
+    Example:
+      fhir-crs serve --port 8080 --allow-fhir-server https://ehr.example.org/fhir
+    """
+    import socket
+
+    import uvicorn
+
+    from .errors import ConfigError
+    from .serve import ServeConfig, create_app
+    from .serve.config import SMART_SCOPE, SMART_SCOPE_V2, normalise_base, normalise_origin
+
+    flags = {"server": server, "mappings": str(mappings_dir) if mappings_dir else None,
+             "allow_insecure_http": True if allow_insecure_http else None}
+    cfg = run_config(flags, config_path)
+    code_map = load_code_map(Path(cfg.mappings) if cfg.mappings else None)
+    settings = load_settings(code_map.directory, list(overrides))
+    servers = ServeConfig.check_servers([*allow_fhir_servers, *([cfg.server] if cfg.server else [])], cfg.allow_insecure_http)
+    if not smart_client_id.strip():
+        raise ConfigError("--smart-client-id is empty.")
+    config = ServeConfig(settings=settings, code_map=code_map, fhir_servers=servers,
+                         ehr_origins=tuple(normalise_origin(o, "--allow-ehr-origin") for o in ehr_origins),
+                         smart_client_id=smart_client_id.strip(), smart_scope=SMART_SCOPE_V2 if smart_v2 else SMART_SCOPE,
+                         public_url=normalise_base(public_url, "--public-url") if public_url else None,
+                         window_before_days=cfg.window_before_days, window_after_days=cfg.window_after_days,
+                         timeout=cfg.timeout, allow_insecure_http=cfg.allow_insecure_http, ca_bundle=cfg.ca_bundle,
+                         mappings=code_map.directory)
+    try:
+        with socket.create_server((host, port)):
+            pass
+    except OSError as exc:
+        raise ConfigError(f"cannot listen on {host}:{port}: {exc.strerror or exc}.") from exc
+    click.echo(f"fhir-crs serve on http://{host}:{port}: CDS Hooks discovery /cds-services, SMART launch /launch; "
+               f"{len(servers)} FHIR server(s) allowed", err=True)
+    # no access log: SMART redirects carry authorization codes and launch tokens in their query
+    uvicorn.run(create_app(config), host=host, port=port, log_level="warning", access_log=False)
