@@ -18,7 +18,7 @@ GRAPH = grimp.build_graph(PKG)
 
 # The pure core: what a Spark executor runs. None of it may reach I/O, the pipeline or a client.
 CORE = ["core", "events", "mappers", "timeline", "grading", "writeback", "settings", "mapping_files", "sources", "jsonread"]
-ABOVE_CORE = ["cli", "pipeline", "sync", "report", "fhir", "localserver", "html", "cibmtr"]
+ABOVE_CORE = ["cli", "pipeline", "sync", "report", "spark", "serve", "fhir", "localserver", "html", "cibmtr"]
 
 
 def _cycle() -> tuple[str, ...] | None:
