@@ -183,6 +183,7 @@ def test_a_patient_with_100k_observations_stays_within_the_worker_memory_bound(s
 
 
 def test_without_java_the_command_says_so_in_one_line(monkeypatch: pytest.MonkeyPatch) -> None:
+    pytest.importorskip("pyspark", reason="pyspark is not installed (pip install 'fhir-crs[spark]')")
     monkeypatch.setattr(engine.shutil, "which", lambda name: None)
     monkeypatch.delenv("JAVA_HOME", raising=False)
     r = CliRunner().invoke(cli, ["grade", str(VIGNETTES), "--engine", "spark", "--json"])
