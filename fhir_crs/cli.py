@@ -573,6 +573,8 @@ def report(paths: tuple[Path, ...], server: str | None, config_path: Path | None
 
         cfg = run_config({"server": server, "auth": auth, "token_file": token_file, "timeout": timeout,
                           "mappings": str(mappings_dir) if mappings_dir else None}, config_path)
+        if cfg.mappings:  # the site's folder from the config file: its grading.toml too
+            settings = load_settings(Path(cfg.mappings), list(overrides))
         client = make_client(cfg)
         patients = select_patients(client, cfg, patients_file, group_id)
         cases = []
