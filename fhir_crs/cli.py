@@ -512,7 +512,12 @@ def _report_outputs(report: dict[str, Any], cases_series: list[dict[str, Any]], 
         else:
             write_output(csv_path, text, "--csv")
     if cibmtr_path:
-        write_output(cibmtr_path, cibmtr_csv(cibmtr_rows(cases_series)), "--cibmtr")
+        rows = cibmtr_rows(cases_series)
+        if (report.get("about") or {}).get("deidentified"):
+            from .identity import patient_label
+
+            rows = [{**r, "patient": f"Patient/~{patient_label(r['patient'])}"} for r in rows]
+        write_output(cibmtr_path, cibmtr_csv(rows), "--cibmtr")
     if as_json:
         sys.stdout.buffer.write(orjson.dumps(report, option=orjson.OPT_INDENT_2) + b"\n")
     elif csv_path != "-":
@@ -537,11 +542,13 @@ def _report_outputs(report: dict[str, Any], cases_series: list[dict[str, Any]], 
 @click.option("--html", "html_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Write a self-contained HTML report (index.html + one timeline page per patient).")
 @click.option("--cibmtr", "cibmtr_path", default=None, metavar="FILE", help="Write CIBMTR Form 4100 CRS/neurotoxicity components (CSV).")
+@click.option("--deidentify", is_flag=True,
+              help="Hide MRN, name and FHIR ids in every output: patients appear by their stable label (P-…) only.")
 @mapping_options
 def report(paths: tuple[Path, ...], server: str | None, config_path: Path | None, auth: str | None, token_file: str | None,
            timeout: float | None, patients_file: Path | None, group_id: str | None, system: str, as_json: bool,
-           csv_path: str | None, html_dir: Path | None, cibmtr_path: str | None, mappings_dir: Path | None,
-           overrides: tuple[str, ...]) -> None:
+           csv_path: str | None, html_dir: Path | None, cibmtr_path: str | None, deidentify: bool,
+           mappings_dir: Path | None, overrides: tuple[str, ...]) -> None:
     """Cohort report in the seed study's terms, from FHIR files or from a FHIR server.
 
     \b
@@ -551,10 +558,15 @@ def report(paths: tuple[Path, ...], server: str | None, config_path: Path | None
     counts, percentages and the patients behind each; Spearman correlation of the maximum CRS
     grade with peak IL-6 and IFN-gamma.
     \b
+    Every output names the report date, the data source (files or server URL, never with
+    credentials) and the fhir-crs version; patients carry a stable label derived from their
+    FHIR id, with their MRN and name (hidden with --deidentify).
+    \b
     Examples:
       fhir-crs report fixtures/cohort/picu --html out/report
       fhir-crs report --server http://127.0.0.1:8080/fhir --json
     """
+    from .identity import ReportMeta
     from .report import report_from_cases
 
     if csv_path and csv_path != "-":
@@ -566,7 +578,9 @@ def report(paths: tuple[Path, ...], server: str | None, config_path: Path | None
         from .pipeline import run_paths
 
         run = run_paths(list(paths), settings, mappings_dir)
-        cases = run.to_json(series=True)["cases"]
+        graded = run.to_json(series=True)
+        cases, skipped, read = graded["cases"], graded["skipped"], run.patients
+        meta = ReportMeta.for_paths(list(paths), deidentify)
     else:
         from .pipeline import pull_patient
         from .sync import select_patients
@@ -577,10 +591,14 @@ def report(paths: tuple[Path, ...], server: str | None, config_path: Path | None
             settings = load_settings(Path(cfg.mappings), list(overrides))
         client = make_client(cfg)
         patients = select_patients(client, cfg, patients_file, group_id)
-        cases = []
+        cases, skipped, read = [], [], len(patients)
         for pid in patients:
-            cases.extend(pull_patient(client, pid, cfg, settings).run.to_json(series=True)["cases"])
-    _report_outputs(report_from_cases(cases, system), cases, as_json, csv_path, html_dir, cibmtr_path, make_console())
+            graded = pull_patient(client, pid, cfg, settings).run.to_json(series=True)
+            cases.extend(graded["cases"])
+            skipped.extend(graded["skipped"])
+        meta = ReportMeta.for_server(cfg.server, deidentify)
+    _report_outputs(report_from_cases(cases, system, meta, skipped, read), cases, as_json, csv_path, html_dir, cibmtr_path,
+                    make_console())
 
 
 @cli.command()
@@ -608,6 +626,7 @@ def demo(out_dir: Path, as_json: bool, seed: int | None, server_kind: str) -> No
     """
     from .config import RunConfig
     from .fhir import FhirClient, NoAuth
+    from .identity import ReportMeta
     from .localserver import HapiFhirServer, LocalFhirServer
     from .outdir import prepare_demo_dir
     from .private import private_dir
@@ -645,7 +664,7 @@ def demo(out_dir: Path, as_json: bool, seed: int | None, server_kind: str) -> No
             f"{len(summary.errors)} errors, {summary.requests} requests in {summary.seconds:.1f} s"
         )
         cases = [c.to_json(settings, series=True) for c in summary.graded_cases]
-    report_obj = report_from_cases(cases, "astct")
+    report_obj = report_from_cases(cases, "astct", ReportMeta.for_server(server.base), [], len(patients))
     _report_outputs(report_obj, cases, as_json, str(out_dir / "report.csv"), out_dir / "report",
                     str(out_dir / "cibmtr-4100.csv"), console)
     if not as_json:

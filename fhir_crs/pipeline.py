@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from .events import Event, MappingResult, PatientInfo, Skipped
+from .identity import patient_label
 from .grading import CRS_SYSTEMS, ICANS_SYSTEMS, adjacent
 from .grading.result import SystemResult, iso
 from .logs import note_patient
@@ -35,6 +36,9 @@ class GradedCase:
         tl = self.timeline
         out = {
             "patient": tl.patient,
+            "patient_label": patient_label(tl.patient),
+            "mrn": tl.mrn,
+            "name": tl.name,
             "infusion": iso(tl.infusion),
             "infusion_evidence": tl.infusion_refs,
             "age_years": tl.age_years,
@@ -57,6 +61,7 @@ class GradeRun:
     skipped: list[Skipped]
     settings: GradingSettings
     resources: int
+    patients: int = 0  # patients with at least one mapped resource (graded or not)
 
     def to_json(self, series: bool = False) -> dict[str, Any]:
         return {
@@ -107,7 +112,7 @@ def grade_mapping(result: MappingResult, settings: GradingSettings, resources: i
                                       result.sources.get(patient, []), settings)
         skipped.extend(skips)
         cases.extend(graded)
-    return GradeRun(cases, skipped, settings, resources)
+    return GradeRun(cases, skipped, settings, resources, len(result.events))
 
 
 def map_items(items: Iterable[SourceResource | Skipped], code_map: CodeMap) -> tuple[MappingResult, int]:
