@@ -13,11 +13,11 @@ from __future__ import annotations
 
 import os
 import re
-from importlib import resources
 import tomllib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from functools import lru_cache
+from importlib import resources
 from pathlib import Path
 from typing import Any
 

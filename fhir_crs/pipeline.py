@@ -14,9 +14,9 @@ from pathlib import Path
 from typing import Any
 
 from .events import Event, MappingResult, PatientInfo, Skipped
-from .identity import patient_label
 from .grading import CRS_SYSTEMS, ICANS_SYSTEMS, adjacent
 from .grading.result import SystemResult, iso
+from .identity import patient_label
 from .logs import note_patient
 from .mappers import ResourceMapper
 from .mapping_files import CodeMap, load_code_map
