@@ -715,18 +715,22 @@ def render_case_html(case: dict[str, Any]) -> str:
 
 
 def render_patient_html(cases: Sequence[dict[str, Any]], back: str | None = None, who: Identity | None = None,
-                        meta: str | None = None) -> str:
+                        meta: str | None = None, name: str | None = None) -> str:
     """One page for a patient (several infusions: one section each). The heading is the patient's
-    stable label with MRN and name (`who`); de-identified (`who.ref` None) the FHIR reference of
-    the patient is replaced by `Patient/~<label>` everywhere on the page."""
+    name (else the stable label), with the label, MRN and FHIR reference below it (`who`; `name`
+    overrides the name the cases carry — the SMART app inside the EHR). De-identified (`who.ref`
+    None) only the label is shown and the patient's reference becomes `Patient/~<label>` everywhere."""
     first = cases[0]
     ref = str(first.get("patient"))
     if who is None:
-        who = Identity(first.get("patient_label") or patient_label(ref), ref, first.get("mrn"), first.get("name"))
+        who = Identity(first.get("patient_label") or patient_label(ref), ref, first.get("mrn"), name or first.get("name"))
+    elif name and who.ref is not None:
+        who = Identity(who.label, who.ref, who.mrn, name)
     nav = f'<p><a href="{_e(back)}">← cohort report</a></p>' if back else ""
-    body = nav + f"<h1>{_e(who.describe())}</h1>"
+    body = nav + f"<h1 class=\"patient\">{_e(who.name or who.label)}</h1>"
     if who.ref:
-        body += f'<p class="sub">FHIR <span class="refs">{_e(who.ref)}</span></p>'
+        details = [who.label] + ([f"MRN {who.mrn}"] if who.mrn else [])
+        body += (f'<p class="sub">{_e(" · ".join(details))} · FHIR <span class="refs">{_e(who.ref)}</span></p>')
     for i, c in enumerate(cases):
         title = "CAR-T infusion " + str(c.get("infusion")) + (f" ({i + 1} of {len(cases)})" if len(cases) > 1 else "")
         body += f"<p class=\"sub\">{_e(title)} — times are hours from the start of the infusion</p>" + case_section(c, heading=False)

@@ -101,7 +101,8 @@ def test_every_output_shows_mrn_name_report_date_source_and_version(tmp_path: Pa
         assert f"files: {PICU}" in page and __version__ in page
     label = patient_label(f"Patient/{first['id']}")
     patient_page = (out / "html" / "patients" / f"{first['id']}.html").read_text(encoding="utf-8")
-    assert f"{label} · MRN {mrn} · {name}" in patient_page and "Report date" in patient_page and f"fhir-crs {__version__}" in patient_page
+    assert f'<h1 class="patient">{name}</h1>' in patient_page and f"{label} · MRN {mrn} · FHIR" in patient_page
+    assert "Report date" in patient_page and f"fhir-crs {__version__}" in patient_page
     rows = list(csv.DictReader(io.StringIO((out / "r.csv").read_text(encoding="utf-8"))))
     mine = next(r for r in rows if r["row"] == "patient" and r["label"] == label)
     assert (mine["patients"], mine["mrn"], mine["name"]) == (f"Patient/{first['id']}", mrn, name)
