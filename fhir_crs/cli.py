@@ -216,15 +216,22 @@ def run_config(ctx_flags: dict[str, Any], config_path: Path | None) -> Any:
     cfg = resolve(flags, os.environ, config_path, Path.cwd())
     hashing = cfg.log_redact if cfg.log_redact is not None else ctx.info_name == "sync"
     if hashing:
-        from .sync import default_state_path
-
-        state = Path(cfg.state_path).expanduser() if cfg.state_path else default_state_path()
         # the key lives beside the state store; a dry run writes nothing, so it hashes with a
         # key of its own when there is none yet
-        set_patient_redaction(True, key_folder=state.parent, create_key=not ctx.params.get("dry_run"))
+        set_patient_redaction(True, key_folder=log_key_folder(cfg), create_key=not ctx.params.get("dry_run"))
     else:
         set_patient_redaction(False)
     return cfg
+
+
+def log_key_folder(cfg: Any) -> Path:
+    """The folder of the log-hash key (`log-key`): the folder of the run's sync state store
+    (`state_path`, else the per-user default), for every command that hashes patient ids and for
+    `fhir-crs log-hash`, so both always use the same key."""
+    from .sync import default_state_path
+
+    state = Path(cfg.state_path).expanduser() if cfg.state_path else default_state_path()
+    return state.parent
 
 
 def valid_patient_id(value: str) -> str:
@@ -673,6 +680,50 @@ def demo(out_dir: Path, as_json: bool, seed: int | None, server_kind: str) -> No
         for e in summary.errors:
             click.echo(f"fhir-crs demo: {e['patient']}: {e['error']}", err=True)
         sys.exit(1)
+
+
+@cli.command("log-hash")
+@click.argument("patient_ids", nargs=-1, required=True, metavar="ID...")
+@click.option("--state", "state_path", default=None, type=click.Path(dir_okay=False),
+              help="The sync state file of the run whose log you read (default: as for sync); its key sits beside it.")
+@click.option("--config", "config_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Settings file (default ./fhir-crs.toml or $FHIR_CRS_CONFIG), for state_path.")
+@verbose_option
+def log_hash(patient_ids: tuple[str, ...], state_path: str | None, config_path: Path | None) -> None:
+    """Print the hash that redacted log lines show instead of a patient id.
+
+    \b
+    With --log-redact (the default for sync) a log line shows `Patient/~HASH` (or `~HASH`)
+    instead of the patient id: HMAC-SHA256 of the id under this installation's key, the file
+    `log-key` beside the sync state store. For each ID this prints `ID<TAB>~HASH`, so you can
+    find that patient's lines. Nothing is sent or written; with no key there yet (no redacted
+    run used this state folder) it exits 2. Hashes of a --dry-run without a key are not
+    reproducible (that run used a key of its own).
+    \b
+    Example:
+      fhir-crs log-hash 12345 Patient/67890
+      grep -F "$(fhir-crs log-hash 12345 | cut -f2)" sync.log
+    """
+    import os
+
+    from .config import resolve
+    from .errors import ConfigError
+    from .logs import hash_patient_id, log_key
+    from .mappers.common import SAFE_ID
+
+    ids = [value.strip().removeprefix("Patient/") for value in patient_ids]
+    bad = [value for value, pid in zip(patient_ids, ids, strict=True) if not SAFE_ID.match(pid)]
+    if bad:
+        raise click.BadParameter(f"{bad[0]!r} is not a FHIR logical id (1-64 of A-Z a-z 0-9 - .).", param_hint="'ID'")
+    flags = {"state_path": state_path} if state_path else {}
+    cfg = resolve(flags, os.environ, config_path, Path.cwd())
+    folder = log_key_folder(cfg)
+    key = log_key(folder, create=False)
+    if key is None:
+        raise ConfigError(f"no log-hash key in {folder} (log-key): no run with --log-redact has used this state "
+                          "folder yet; give --state FILE of the sync whose log you read.")
+    for pid in ids:
+        click.echo(f"{pid}\t~{hash_patient_id(pid, key)}")
 
 
 @cli.command()

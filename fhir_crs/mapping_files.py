@@ -59,7 +59,7 @@ PROCEDURE_KINDS = frozenset(
     }
 )
 
-REASON_CLASSES = frozenset({"respiratory_failure", "not_hypoxic", "home_baseline", "hypotension"})
+REASON_CLASSES = frozenset({"respiratory_failure", "not_hypoxic", "home_baseline", "hypotension", "culture_positive", "culture_negative"})
 MEDICATION_LIMITS = frozenset({"max_ug_min", "max_ug_kg_min", "max_u_min", "max_ml"})
 
 _OBS_KEYS = {"group", "unit", "codes", "text", "exclude", "convert", "value"}

@@ -65,6 +65,13 @@ def render_run(data: dict[str, Any], console: Console, show_skips: bool = False)
                 f" · ICAHT early {_dash(c.get('early_grade'))} / late {_dash(c.get('late_grade'))}",
                 markup=False, highlight=False,
             )
+        for system, v in case.get("crs", {}).items():
+            for n, ep in enumerate(v.get("episodes") or [], 1):
+                if not ep.get("counted", True):
+                    console.print(
+                        f"  [{system}] episode {n} (grade {ep.get('grade')}) NOT counted in the grade: setting "
+                        "exclude_provisional_episodes=true (under-calls; the default counts every episode)",
+                        markup=False, highlight=False)
         for syndrome in ("crs", "icans"):
             for c in (case.get(syndrome, {}).get("astct") or {}).get("criteria", []):
                 console.print(f"  {syndrome.upper()} grade {c['grade']} at {c['hour']:+g} h: {c['criterion']}  "

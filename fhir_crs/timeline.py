@@ -356,6 +356,10 @@ def _pressor_courses(tl: CaseTimeline, s: GradingSettings) -> None:
         segs.sort(key=lambda d: d.start)
         cur: PressorCourse | None = None
         for i, seg in enumerate(segs):
+            if seg.rate_value == 0:
+                # a rate charted as 0 is the infusion off or paused, not a running vasopressor: it
+                # never starts or extends a course, it only ends the point-charted segment before it
+                continue
             end = seg.end
             assumed = False
             if end is None:

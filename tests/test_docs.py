@@ -89,7 +89,7 @@ def test_readme_lists_every_json_error_code():
 
 def test_readme_command_table_matches_help():
     table = _readme_section("## Commands").split("\n\n")[1]
-    rows = {m[1]: m[2] for m in re.finditer(r"^\| `fhir-crs (\w+)([^`]*)` \|", table, re.MULTILINE)}
+    rows = {m[1]: m[2] for m in re.finditer(r"^\| `fhir-crs ([\w-]+)([^`]*)` \|", table, re.MULTILINE)}
     assert set(rows) == set(cli.commands)
     for name, usage in rows.items():
         cmd = cli.commands[name]
@@ -108,3 +108,34 @@ def test_every_option_of_every_command_is_in_the_readme():
             for flag in (*p.opts, *p.secondary_opts):
                 if flag.startswith("--") and flag != "--help":
                     assert flag in readme, (name, flag)
+
+
+def test_security_doc_cites_only_existing_tests():
+    """docs/SECURITY.md proves each defence by test names: each must be a test function in tests/,
+    and each file path it names must exist, so the threat model cannot rot."""
+    import re
+
+    doc = (ROOT / "docs" / "SECURITY.md").read_text()
+    cited = set(re.findall(r"`(test_\w+)`", doc)) | set(re.findall(r"::(test_\w+)`", doc))
+    defined = {m for path in (ROOT / "tests").glob("test_*.py")
+               for m in re.findall(r"^(?:async )?def (test_\w+)\(", path.read_text(), re.MULTILINE)}
+    assert len(cited) >= 40
+    assert sorted(cited - defined) == []
+    paths = set(re.findall(r"`((?:fhir_crs|tests|docs)/[\w/.]+\.(?:py|md))", doc))
+    assert paths and sorted(p for p in paths if not (ROOT / p).is_file()) == []
+    # every row of every "Threat | Defence | Test(s)" table names at least one test in its last column
+    rows, in_table = [], False
+    for line in doc.splitlines():
+        if line.startswith("| Threat |"):
+            in_table = True
+        elif not line.startswith("|"):
+            in_table = False
+        elif in_table and not line.startswith("|---"):
+            rows.append(line)
+    assert len(rows) >= 25
+    assert [r for r in rows if not re.search(r"`test_\w+`", r.rstrip(" |").rsplit("|", 1)[-1])] == []
+
+
+def test_readme_links_the_security_threat_model():
+    readme = (ROOT / "README.md").read_text()
+    assert "](docs/SECURITY.md)" in readme and "## Security" in readme
