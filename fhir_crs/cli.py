@@ -736,6 +736,12 @@ def log_hash(patient_ids: tuple[str, ...], state_path: str | None, config_path: 
               help="The site's FHIR server (env FHIR_CRS_SERVER), allowed like --allow-fhir-server (e.g. a loopback server).")
 @click.option("--allow-ehr-origin", "ehr_origins", multiple=True, metavar="ORIGIN",
               help="Browser origin allowed to call the CDS service (CORS; repeatable), e.g. https://sandbox.cds-hooks.org.")
+@click.option("--cds-client", "cds_clients", multiple=True, metavar="ISS=JWKS_URL",
+              help="A CDS client (EHR) allowed to call the CDS service (repeatable): its JWT issuer and the URL of "
+                   "its JWK Set. With it, every CDS Hooks call needs 'Authorization: Bearer <JWT>' signed by that EHR "
+                   "(aud = --public-url + /cds-services/fhir-crs-crs-grade, exp at most 5 min, 30 s clock skew, "
+                   "jti used once; jku only if it is that URL), else 401 and nothing is fetched. Needs --public-url. "
+                   "Without it calls are not authenticated: put an authenticating gateway in front.")
 @click.option("--smart-client-id", default="fhir-crs", show_default=True, metavar="ID",
               help="The SMART app's client id as registered at the EHR (a public client: PKCE S256, no secret).")
 @click.option("--smart-v2", is_flag=True, help="Ask SMART v2 scopes (patient/*.rs) instead of v1 (patient/*.read).")
@@ -746,7 +752,7 @@ def log_hash(patient_ids: tuple[str, ...], state_path: str | None, config_path: 
 @click.option("--allow-insecure-http", is_flag=True, help="Accept plain http:// FHIR servers that are not on loopback.")
 @mapping_options
 def serve(host: str, port: int, allow_fhir_servers: tuple[str, ...], server: str | None, ehr_origins: tuple[str, ...],
-          smart_client_id: str, smart_v2: bool, public_url: str | None, config_path: Path | None,
+          cds_clients: tuple[str, ...], smart_client_id: str, smart_v2: bool, public_url: str | None, config_path: Path | None,
           allow_insecure_http: bool, mappings_dir: Path | None, overrides: tuple[str, ...]) -> None:
     """Serve the grade inside the EHR: a CDS Hooks service and a SMART on FHIR app.
 
@@ -759,6 +765,8 @@ def serve(host: str, port: int, allow_fhir_servers: tuple[str, ...], server: str
     \b
     Only the FHIR servers given with --allow-fhir-server (and --server) are ever called, and a
     bearer token only on its own server's origin. Tokens stay in the server's memory.
+    CDS Hooks calls are authenticated only with --cds-client (the EHR's signed JWT);
+    without it, run the service behind a gateway that authenticates the EHR.
     \b
     Example:
       fhir-crs serve --port 8080 --allow-fhir-server https://ehr.example.org/fhir
@@ -779,13 +787,19 @@ def serve(host: str, port: int, allow_fhir_servers: tuple[str, ...], server: str
     servers = ServeConfig.check_servers([*allow_fhir_servers, *([cfg.server] if cfg.server else [])], cfg.allow_insecure_http)
     if not smart_client_id.strip():
         raise ConfigError("--smart-client-id is empty.")
+    from .serve.cds_auth import check_clients
+
+    clients = check_clients(list(cds_clients), allow_insecure_http=cfg.allow_insecure_http)
+    if clients and not public_url:
+        raise ConfigError("--cds-client needs --public-url: the JWT's aud is checked against "
+                          "PUBLIC_URL/cds-services/fhir-crs-crs-grade, never against the request's Host header.")
     config = ServeConfig(settings=settings, code_map=code_map, fhir_servers=servers,
                          ehr_origins=tuple(normalise_origin(o, "--allow-ehr-origin") for o in ehr_origins),
                          smart_client_id=smart_client_id.strip(), smart_scope=SMART_SCOPE_V2 if smart_v2 else SMART_SCOPE,
                          public_url=normalise_base(public_url, "--public-url") if public_url else None,
                          window_before_days=cfg.window_before_days, window_after_days=cfg.window_after_days,
                          timeout=cfg.timeout, allow_insecure_http=cfg.allow_insecure_http, ca_bundle=cfg.ca_bundle,
-                         mappings=code_map.directory)
+                         mappings=code_map.directory, cds_clients=clients)
     try:
         with socket.create_server((host, port)):
             pass
@@ -793,5 +807,12 @@ def serve(host: str, port: int, allow_fhir_servers: tuple[str, ...], server: str
         raise ConfigError(f"cannot listen on {host}:{port}: {exc.strerror or exc}.") from exc
     click.echo(f"fhir-crs serve on http://{host}:{port}: CDS Hooks discovery /cds-services, SMART launch /launch; "
                f"{len(servers)} FHIR server(s) allowed", err=True)
+    if clients:
+        click.echo(f"CDS Hooks calls need a JWT signed by: {', '.join(c.issuer for c in clients)} "
+                   f"(aud {config.cds_audience})", err=True)
+    else:
+        click.echo("WARNING: CDS Hooks calls are NOT authenticated (no --cds-client ISS=JWKS_URL): anyone who can "
+                   "reach this port can ask for a patient's grade and make the service read the allowed FHIR servers. "
+                   "Run it only behind a gateway that authenticates the EHR, or pass --cds-client.", err=True)
     # no access log: SMART redirects carry authorization codes and launch tokens in their query
     uvicorn.run(create_app(config), host=host, port=port, log_level="warning", access_log=False)
