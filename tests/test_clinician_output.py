@@ -259,3 +259,47 @@ def test_cibmtr_rows_follow_deidentify(tmp_path: Path, deidentify: bool) -> None
     (row,) = list(csv.DictReader(io.StringIO(target.read_text(encoding="utf-8"))))
     (case,) = run_paths([VIGNETTES / "V06.json"]).to_json()["cases"]
     assert row["patient"] == (f"Patient/~{patient_label(case['patient'])}" if deidentify else case["patient"])
+
+
+# ---- the project's schema copies document the identity keys ---------------------------------
+
+
+def test_contract_copies_document_the_identity_and_report_keys(tmp_path: Path) -> None:
+    """tests/contracts (the project's copies, which may only extend ../shared/contracts) give the
+    issue-14 keys their types: a real output validates, a wrongly typed one does not."""
+    grade_schema = json.loads((ROOT / "tests" / "contracts" / "grade.schema.json").read_text(encoding="utf-8"))
+    report_schema = json.loads((ROOT / "tests" / "contracts" / "report.schema.json").read_text(encoding="utf-8"))
+    assert {"patient_label", "mrn", "name"} <= set(grade_schema["$defs"]["case"]["properties"])
+    assert {"about", "patient_list", "empty_reason"} <= set(report_schema["properties"])
+
+    code, out, _ = cli_run("grade", str(VIGNETTES / "V20.json"), "--json")
+    assert code == 0
+    graded = json.loads(out)
+    (case,) = graded["cases"]
+    assert case["patient_label"] == patient_label(case["patient"]) and case["name"] == "Sam VignetteV20"
+    jsonschema.validate(graded, grade_schema)
+    for key, bad in (("patient_label", "P-lower123"), ("mrn", 12345), ("name", ""), ("name", ["Sam"])):
+        broken = {**graded, "cases": [{**case, key: bad}]}
+        with pytest.raises(jsonschema.ValidationError):
+            jsonschema.validate(broken, grade_schema)
+    jsonschema.validate({**graded, "cases": [{**case, "mrn": None, "name": None}]}, grade_schema)
+
+    for extra in ([], ["--deidentify"]):
+        code, out, _ = cli_run("report", str(VIGNETTES / "V20.json"), "--json", *extra)
+        assert code == 0
+        report = json.loads(out)
+        validate_report(report)  # the project's copy and ../shared/contracts alike
+        assert report["about"]["deidentified"] is bool(extra)
+        (who,) = report["patient_list"]
+        assert (who["name"] is None) is bool(extra)
+        for key, bad in (("about", {"source": "files: x"}), ("patient_list", [{"label": "P-X"}]), ("empty_reason", "")):
+            with pytest.raises(jsonschema.ValidationError):
+                jsonschema.validate({**report, key: bad}, report_schema)
+
+    lonely = tmp_path / "no-cart.json"
+    lonely.write_text(json.dumps({"resourceType": "Bundle", "type": "collection", "entry": [
+        {"resource": {"resourceType": "Patient", "id": "solo", "birthDate": "1970-01-01"}}]}), encoding="utf-8")
+    code, out, _ = cli_run("report", str(lonely), "--json")
+    empty = json.loads(out)
+    assert empty["patients"] == 0 and "no CAR-T infusion found" in empty["empty_reason"]
+    validate_report(empty)
