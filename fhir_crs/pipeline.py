@@ -29,6 +29,7 @@ class GradeRun:
     skipped: list[Skipped]
     settings: GradingSettings
     resources: int
+    patients: int = 0  # patients with at least one mapped resource (graded or not)
 
     def to_json(self, series: bool = False) -> dict[str, Any]:
         return {

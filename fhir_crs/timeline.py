@@ -121,6 +121,8 @@ class CaseTimeline:
     deceased: datetime | None = None
     deceased_ref: str | None = None
     weight_kg: float | None = None
+    mrn: str | None = None
+    name: str | None = None
     temps: list[Measurement] = field(default_factory=list)
     sbp: list[Measurement] = field(default_factory=list)
     spo2: list[Measurement] = field(default_factory=list)
@@ -220,6 +222,7 @@ def _build(
             tl.age_years, tl.age_days = _age(info.birth_date, t0)
         tl.deceased = info.deceased
         tl.deceased_ref = info.ref if info.deceased_flag else None
+        tl.mrn, tl.name = info.mrn, info.name
     if tl.age_years is None:
         tl.flags.add("age_unknown")
     lo = t0 - timedelta(days=max(s.home_baseline_lookback_days, 2))

@@ -14,6 +14,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from ..events import DrugGiven, Event, Finding, Measurement, PatientInfo, Skipped, iso
+from ..identity import patient_label
 from ..settings import GradingSettings
 from ..timeline import CaseTimeline, build_timelines, plot_series
 from . import CRS_SYSTEMS, ICANS_SYSTEMS, adjacent
@@ -37,6 +38,9 @@ class GradedCase:
         tl = self.timeline
         out = {
             "patient": tl.patient,
+            "patient_label": patient_label(tl.patient),
+            "mrn": tl.mrn,
+            "name": tl.name,
             "infusion": iso(tl.infusion),
             "infusion_evidence": tl.infusion_refs,
             "age_years": tl.age_years,
