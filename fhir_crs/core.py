@@ -37,6 +37,7 @@ class PatientGrade:
     cases: list[GradedCase]
     skipped: list[Skipped]
     read: int
+    patients: int = 0  # patients with at least one mapped resource (graded or not)
 
 
 def map_resources(items: Iterable[SourceResource | Skipped | dict[str, Any]], code_map: CodeMap,
@@ -70,4 +71,4 @@ def grade_patient(resources: Iterable[SourceResource | Skipped | dict[str, Any]]
     """Grade one patient's resources (or any set of resources): the core every engine runs."""
     result, read = map_resources(resources, code_map, medications)
     cases, skipped = grade_mapped(result, settings)
-    return PatientGrade(cases, skipped, read)
+    return PatientGrade(cases, skipped, read, len(result.events))

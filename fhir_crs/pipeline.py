@@ -47,7 +47,7 @@ def skip_json(s: Skipped) -> dict[str, str]:
 
 def grade_mapping(result: MappingResult, settings: GradingSettings, resources: int) -> GradeRun:
     cases, skipped = grade_mapped(result, settings)
-    return GradeRun(cases, skipped, settings, resources)
+    return GradeRun(cases, skipped, settings, resources, len(result.events))
 
 
 def map_items(items: Iterable[SourceResource | Skipped], code_map: CodeMap) -> tuple[MappingResult, int]:
@@ -61,7 +61,7 @@ def run_paths(paths: list[Path], settings: GradingSettings | None = None, mappin
     code_map = load_code_map(mappings_dir)
     settings = settings or load_settings(code_map.directory)
     graded = grade_patient(iter_paths(paths), code_map, settings)  # the pure core (core.py)
-    return GradeRun(graded.cases, graded.skipped, settings, graded.read)
+    return GradeRun(graded.cases, graded.skipped, settings, graded.read, graded.patients)
 
 
 def grade_paths(paths: list[Path | str], settings: GradingSettings | None = None, mappings_dir: Path | None = None) -> dict[str, Any]:
@@ -79,7 +79,7 @@ def grade_resources(resources: Iterable[dict[str, Any]], settings: GradingSettin
     items: Iterable[SourceResource | Skipped] = [
         *unusable, *(SourceResource(r, f"{origin}#{i}") for i, r in enumerate(resources))]
     graded = grade_patient(items, code_map, settings)  # the pure core (core.py)
-    return GradeRun(graded.cases, graded.skipped, settings, graded.read)
+    return GradeRun(graded.cases, graded.skipped, settings, graded.read, graded.patients)
 
 
 # ---- server path: fetch -> map -> timeline -> grade -> write back ---------------------------
