@@ -132,8 +132,17 @@ def write_output(path: str | Path, text: str, what: str) -> None:
 @click.option("--show-skips", is_flag=True, help="List every skipped resource with its reason.")
 @click.option("--strict", is_flag=True, help="Exit 7 if a resource of a type fhir-crs grades was skipped (an Encounter or a Claim does not count).")
 @click.option("--series", is_flag=True, help="With --json: add the plotted time series of each case.")
+@click.option("--engine", type=click.Choice(["local", "spark"]), default="local", show_default=True,
+              help="local: this process. spark: Apache Spark (pip install 'fhir-crs[spark]', Java 17), same results.")
+@click.option("--master", default=None, metavar="URL",
+              help="--engine spark: the Spark master (local[2], spark://host:7077, yarn; default local[*] or spark-submit's).")
+@click.option("--out", "out_dir", type=click.Path(path_type=Path), default=None,
+              help="--engine spark: write the cases and skipped.ndjson (or Parquet) to this new or empty folder.")
+@click.option("--format", "out_format", type=click.Choice(["json", "parquet"]), default="json", show_default=True,
+              help="--out: one JSON line per case (cases.ndjson), or Parquet (cases.parquet/, skipped.parquet/).")
 @mapping_options
 def grade(paths: tuple[Path, ...], as_json: bool, show_skips: bool, strict: bool, series: bool,
+          engine: str, master: str | None, out_dir: Path | None, out_format: str,
           mappings_dir: Path | None, overrides: tuple[str, ...]) -> None:
     """Grade CRS/ICANS from FHIR R4 files, folders, Bundles or NDJSON, with no server.
 
@@ -148,10 +157,16 @@ def grade(paths: tuple[Path, ...], as_json: bool, show_skips: bool, strict: bool
     """
     from .pipeline import run_paths, stream_grade
 
-    if series and not as_json:
+    if series and not as_json and out_dir is None:
         raise click.UsageError("--series needs --json (the plotted series are part of the JSON output).")
+    if engine == "local" and (master or out_dir or out_format != "json"):
+        raise click.UsageError("--master, --out and --format need --engine spark.")
+    if out_dir is not None and as_json:
+        raise click.UsageError("--out and --json are exclusive: --out writes files, --json prints one object.")
     settings = load_settings(mappings_dir or default_mappings_dir(), list(overrides))
-    if as_json:
+    if engine == "spark":
+        codes = _grade_spark([str(p) for p in paths], settings, mappings_dir, as_json, show_skips, series, master, out_dir, out_format)
+    elif as_json:
         # flat memory: events spill to patient partitions on disk, the JSON is streamed
         codes = stream_grade(list(paths), sys.stdout.buffer, settings, mappings_dir, series).skip_codes
     else:
@@ -165,6 +180,46 @@ def grade(paths: tuple[Path, ...], as_json: bool, show_skips: bool, strict: bool
         if counted:
             click.echo(f"fhir-crs: {len(counted)} resource(s) of types fhir-crs grades skipped (--strict)", err=True)
             sys.exit(7)
+
+
+def _grade_spark(paths: list[str], settings: Any, mappings_dir: Path | None, as_json: bool, show_skips: bool,
+                 series: bool, master: str | None, out_dir: Path | None, out_format: str) -> list[str]:
+    """`grade --engine spark`: the same core per patient in Spark executors (spark.py)."""
+    from . import spark as engine
+
+    code_map = load_code_map(mappings_dir)
+    engine.plan_reads(paths)  # a missing input path: one line, before Spark starts
+    tmp = engine.prepare_out_dir(out_dir) if out_dir is not None else None
+    try:
+        session, started = engine.session(master)
+    except BaseException:
+        if tmp is not None:
+            tmp.rmdir()
+        raise
+    try:
+        render = "contract" if as_json else ("parquet" if out_format == "parquet" else "line")
+        run = engine.grade_spark(session, paths, code_map, settings, render=render, series=series)
+        if as_json:
+            engine.write_contract(run, sys.stdout.buffer, settings)
+        elif out_dir is not None and tmp is not None:
+            summary = engine.write_out_dir(run, session, tmp, out_dir, out_format, settings)
+            click.echo(f"fhir-crs: {summary['cases']} case(s), {summary['skipped']} skip(s), "
+                       f"{summary['resources_read']} resource(s) read -> {out_dir}", err=True)
+            tmp = None
+        else:
+            data = {"cases": [orjson.loads(c) for c in run.sorted_cases()], "skipped": list(run.sorted_skips()),
+                    "resources_read": run.resources_read, "resources_used": run.resources_read - run.skipped,
+                    "settings": settings.as_dict()}
+            render_out(data, show_skips)
+        run.rdd.unpersist()
+        return [c for c, n in run.skip_codes.items() for _ in range(n)]
+    finally:
+        if tmp is not None and tmp.exists():
+            import shutil
+
+            shutil.rmtree(tmp, ignore_errors=True)
+        if started:
+            session.stop()
 
 
 def render_out(data: dict[str, Any], show_skips: bool) -> None:
@@ -285,7 +340,7 @@ def make_client(cfg: Any) -> Any:
                         allow_insecure_http=cfg.allow_insecure_http, ca_bundle=cfg.ca_bundle,
                         credential_origins=cfg.bulk_file_origins)
     if cfg.auth == "smart":
-        from .fhir.auth import smart_auth_from_config
+        from .fhir.smart import smart_auth_from_config
 
         # discovery and token requests go through this client (same TLS, caps and origin rules)
         client.auth = smart_auth_from_config(cfg, client)
@@ -533,7 +588,12 @@ def _report_outputs(report: dict[str, Any], cases_series: list[dict[str, Any]], 
         else:
             write_output(csv_path, text, "--csv")
     if cibmtr_path:
-        write_output(cibmtr_path, cibmtr_csv(cibmtr_rows(cases_series)), "--cibmtr")
+        rows = cibmtr_rows(cases_series)
+        if (report.get("about") or {}).get("deidentified"):
+            from .identity import patient_label
+
+            rows = [{**r, "patient": f"Patient/~{patient_label(r['patient'])}"} for r in rows]
+        write_output(cibmtr_path, cibmtr_csv(rows), "--cibmtr")
     if as_json:
         sys.stdout.buffer.write(orjson.dumps(report, option=orjson.OPT_INDENT_2) + b"\n")
     elif csv_path != "-":
@@ -558,11 +618,13 @@ def _report_outputs(report: dict[str, Any], cases_series: list[dict[str, Any]], 
 @click.option("--html", "html_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Write a self-contained HTML report (index.html + one timeline page per patient).")
 @click.option("--cibmtr", "cibmtr_path", default=None, metavar="FILE", help="Write CIBMTR Form 4100 CRS/neurotoxicity components (CSV).")
+@click.option("--deidentify", is_flag=True,
+              help="Hide MRN, name and FHIR ids in every output: patients appear by their stable label (P-…) only.")
 @mapping_options
 def report(paths: tuple[Path, ...], server: str | None, config_path: Path | None, auth: str | None, token_file: str | None,
            timeout: float | None, patients_file: Path | None, group_id: str | None, system: str, as_json: bool,
-           csv_path: str | None, html_dir: Path | None, cibmtr_path: str | None, mappings_dir: Path | None,
-           overrides: tuple[str, ...]) -> None:
+           csv_path: str | None, html_dir: Path | None, cibmtr_path: str | None, deidentify: bool,
+           mappings_dir: Path | None, overrides: tuple[str, ...]) -> None:
     """Cohort report in the seed study's terms, from FHIR files or from a FHIR server.
 
     \b
@@ -572,10 +634,15 @@ def report(paths: tuple[Path, ...], server: str | None, config_path: Path | None
     counts, percentages and the patients behind each; Spearman correlation of the maximum CRS
     grade with peak IL-6 and IFN-gamma.
     \b
+    Every output names the report date, the data source (files or server URL, never with
+    credentials) and the fhir-crs version; patients carry a stable label derived from their
+    FHIR id, with their MRN and name (hidden with --deidentify).
+    \b
     Examples:
       fhir-crs report fixtures/cohort/picu --html out/report
       fhir-crs report --server http://127.0.0.1:8080/fhir --json
     """
+    from .identity import ReportMeta
     from .report import report_from_cases
 
     if csv_path and csv_path != "-":
@@ -587,19 +654,27 @@ def report(paths: tuple[Path, ...], server: str | None, config_path: Path | None
         from .pipeline import run_paths
 
         run = run_paths(list(paths), settings, mappings_dir)
-        cases = run.to_json(series=True)["cases"]
+        graded = run.to_json(series=True)
+        cases, skipped, read = graded["cases"], graded["skipped"], run.patients
+        meta = ReportMeta.for_paths(list(paths), deidentify)
     else:
         from .pipeline import pull_patient
         from .sync import select_patients
 
         cfg = run_config({"server": server, "auth": auth, "token_file": token_file, "timeout": timeout,
                           "mappings": str(mappings_dir) if mappings_dir else None}, config_path)
+        if cfg.mappings:  # the site's folder from the config file: its grading.toml too
+            settings = load_settings(Path(cfg.mappings), list(overrides))
         client = make_client(cfg)
         patients = select_patients(client, cfg, patients_file, group_id)
-        cases = []
+        cases, skipped, read = [], [], len(patients)
         for pid in patients:
-            cases.extend(pull_patient(client, pid, cfg, settings).run.to_json(series=True)["cases"])
-    _report_outputs(report_from_cases(cases, system), cases, as_json, csv_path, html_dir, cibmtr_path, make_console())
+            graded = pull_patient(client, pid, cfg, settings).run.to_json(series=True)
+            cases.extend(graded["cases"])
+            skipped.extend(graded["skipped"])
+        meta = ReportMeta.for_server(cfg.server, deidentify)
+    _report_outputs(report_from_cases(cases, system, meta, skipped, read), cases, as_json, csv_path, html_dir, cibmtr_path,
+                    make_console())
 
 
 @cli.command()
@@ -627,6 +702,7 @@ def demo(out_dir: Path, as_json: bool, seed: int | None, server_kind: str) -> No
     """
     from .config import RunConfig
     from .fhir import FhirClient, NoAuth
+    from .identity import ReportMeta
     from .localserver import HapiFhirServer, LocalFhirServer
     from .outdir import prepare_demo_dir
     from .private import private_dir
@@ -664,7 +740,7 @@ def demo(out_dir: Path, as_json: bool, seed: int | None, server_kind: str) -> No
             f"{len(summary.errors)} errors, {summary.requests} requests in {summary.seconds:.1f} s"
         )
         cases = [c.to_json(settings, series=True) for c in summary.graded_cases]
-    report_obj = report_from_cases(cases, "astct")
+    report_obj = report_from_cases(cases, "astct", ReportMeta.for_server(server.base), [], len(patients))
     _report_outputs(report_obj, cases, as_json, str(out_dir / "report.csv"), out_dir / "report",
                     str(out_dir / "cibmtr-4100.csv"), console)
     if not as_json:
@@ -729,6 +805,12 @@ def log_hash(patient_ids: tuple[str, ...], state_path: str | None, config_path: 
               help="The site's FHIR server (env FHIR_CRS_SERVER), allowed like --allow-fhir-server (e.g. a loopback server).")
 @click.option("--allow-ehr-origin", "ehr_origins", multiple=True, metavar="ORIGIN",
               help="Browser origin allowed to call the CDS service (CORS; repeatable), e.g. https://sandbox.cds-hooks.org.")
+@click.option("--cds-client", "cds_clients", multiple=True, metavar="ISS=JWKS_URL",
+              help="A CDS client (EHR) allowed to call the CDS service (repeatable): its JWT issuer and the URL of "
+                   "its JWK Set. With it, every CDS Hooks call needs 'Authorization: Bearer <JWT>' signed by that EHR "
+                   "(aud = --public-url + /cds-services/fhir-crs-crs-grade, exp at most 5 min, 30 s clock skew, "
+                   "jti used once; jku only if it is that URL), else 401 and nothing is fetched. Needs --public-url. "
+                   "Without it calls are not authenticated: put an authenticating gateway in front.")
 @click.option("--smart-client-id", default="fhir-crs", show_default=True, metavar="ID",
               help="The SMART app's client id as registered at the EHR (a public client: PKCE S256, no secret).")
 @click.option("--smart-v2", is_flag=True, help="Ask SMART v2 scopes (patient/*.rs) instead of v1 (patient/*.read).")
@@ -739,7 +821,7 @@ def log_hash(patient_ids: tuple[str, ...], state_path: str | None, config_path: 
 @click.option("--allow-insecure-http", is_flag=True, help="Accept plain http:// FHIR servers that are not on loopback.")
 @mapping_options
 def serve(host: str, port: int, allow_fhir_servers: tuple[str, ...], server: str | None, ehr_origins: tuple[str, ...],
-          smart_client_id: str, smart_v2: bool, public_url: str | None, config_path: Path | None,
+          cds_clients: tuple[str, ...], smart_client_id: str, smart_v2: bool, public_url: str | None, config_path: Path | None,
           allow_insecure_http: bool, mappings_dir: Path | None, overrides: tuple[str, ...]) -> None:
     """Serve the grade inside the EHR: a CDS Hooks service and a SMART on FHIR app.
 
@@ -752,6 +834,8 @@ def serve(host: str, port: int, allow_fhir_servers: tuple[str, ...], server: str
     \b
     Only the FHIR servers given with --allow-fhir-server (and --server) are ever called, and a
     bearer token only on its own server's origin. Tokens stay in the server's memory.
+    CDS Hooks calls are authenticated only with --cds-client (the EHR's signed JWT);
+    without it, run the service behind a gateway that authenticates the EHR.
     \b
     Example:
       fhir-crs serve --port 8080 --allow-fhir-server https://ehr.example.org/fhir
@@ -772,13 +856,19 @@ def serve(host: str, port: int, allow_fhir_servers: tuple[str, ...], server: str
     servers = ServeConfig.check_servers([*allow_fhir_servers, *([cfg.server] if cfg.server else [])], cfg.allow_insecure_http)
     if not smart_client_id.strip():
         raise ConfigError("--smart-client-id is empty.")
+    from .serve.cds_auth import check_clients
+
+    clients = check_clients(list(cds_clients), allow_insecure_http=cfg.allow_insecure_http)
+    if clients and not public_url:
+        raise ConfigError("--cds-client needs --public-url: the JWT's aud is checked against "
+                          "PUBLIC_URL/cds-services/fhir-crs-crs-grade, never against the request's Host header.")
     config = ServeConfig(settings=settings, code_map=code_map, fhir_servers=servers,
                          ehr_origins=tuple(normalise_origin(o, "--allow-ehr-origin") for o in ehr_origins),
                          smart_client_id=smart_client_id.strip(), smart_scope=SMART_SCOPE_V2 if smart_v2 else SMART_SCOPE,
                          public_url=normalise_base(public_url, "--public-url") if public_url else None,
                          window_before_days=cfg.window_before_days, window_after_days=cfg.window_after_days,
                          timeout=cfg.timeout, allow_insecure_http=cfg.allow_insecure_http, ca_bundle=cfg.ca_bundle,
-                         mappings=code_map.directory)
+                         mappings=code_map.directory, cds_clients=clients)
     try:
         with socket.create_server((host, port)):
             pass
@@ -786,5 +876,12 @@ def serve(host: str, port: int, allow_fhir_servers: tuple[str, ...], server: str
         raise ConfigError(f"cannot listen on {host}:{port}: {exc.strerror or exc}.") from exc
     click.echo(f"fhir-crs serve on http://{host}:{port}: CDS Hooks discovery /cds-services, SMART launch /launch; "
                f"{len(servers)} FHIR server(s) allowed", err=True)
+    if clients:
+        click.echo(f"CDS Hooks calls need a JWT signed by: {', '.join(c.issuer for c in clients)} "
+                   f"(aud {config.cds_audience})", err=True)
+    else:
+        click.echo("WARNING: CDS Hooks calls are NOT authenticated (no --cds-client ISS=JWKS_URL): anyone who can "
+                   "reach this port can ask for a patient's grade and make the service read the allowed FHIR servers. "
+                   "Run it only behind a gateway that authenticates the EHR, or pass --cds-client.", err=True)
     # no access log: SMART redirects carry authorization codes and launch tokens in their query
     uvicorn.run(create_app(config), host=host, port=port, log_level="warning", access_log=False)

@@ -17,6 +17,7 @@ import tomllib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from functools import lru_cache
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -67,11 +68,22 @@ _DRUG_KEYS = {"class", "codes", "text", "exclude", "atc_prefix"}
 
 
 def default_mappings_dir() -> Path:
-    """`$FHIR_CRS_MAPPINGS`, else the `mappings/` folder next to the package."""
+    """`$FHIR_CRS_MAPPINGS`, else the tables shipped inside the package (`fhir_crs/mappings/`,
+    package data found with `importlib.resources`, so a wheel or a non-editable install has them;
+    the checkout's top-level `mappings` is a link to the same folder)."""
     env = os.environ.get("FHIR_CRS_MAPPINGS")
     if env:
         return Path(env)
-    return Path(__file__).resolve().parent.parent / "mappings"
+    return packaged_mappings_dir()
+
+
+def packaged_mappings_dir() -> Path:
+    """The default tables shipped with fhir-crs (a real folder: the package is installed unzipped)."""
+    tables = resources.files("fhir_crs") / "mappings"
+    if not isinstance(tables, Path):  # a zipped install: no folder to hand to a site
+        raise MappingFileError("the default mapping tables are inside a zipped install; set FHIR_CRS_MAPPINGS or --mappings "
+                               "to a folder of tables (a copy of fhir_crs/mappings).")
+    return tables
 
 
 @dataclass(frozen=True, slots=True)
@@ -368,3 +380,10 @@ def _load_cached(directory: str) -> CodeMap:
 def load_code_map(directory: Path | None = None) -> CodeMap:
     """Loads (and caches) every mapping table from `directory` (default: `default_mappings_dir()`)."""
     return _load_cached(str((directory or default_mappings_dir()).resolve()))
+
+
+def cart_codes(code_map: CodeMap) -> tuple[list[str], list[str]]:
+    """CAR-T administration codes from the site tables: Procedure codes, drug codes."""
+    procs = sorted(next(m.codes for m in code_map.procedures.entries if m.name == "car_t_infusion"))
+    drugs = sorted(c for spec in code_map.drugs.values() if spec.drug_class == "cart_product" for c in spec.matcher.codes)
+    return procs, drugs
