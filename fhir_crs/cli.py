@@ -132,8 +132,10 @@ def write_output(path: str | Path, text: str, what: str) -> None:
 @click.option("--show-skips", is_flag=True, help="List every skipped resource with its reason.")
 @click.option("--strict", is_flag=True, help="Exit 7 if a resource of a type fhir-crs grades was skipped (an Encounter or a Claim does not count).")
 @click.option("--series", is_flag=True, help="With --json: add the plotted time series of each case.")
+@click.option("--workers", type=click.IntRange(1, 64), default=None,
+              help="Processes that read, map and grade (default: the machine's cores); the output is the same for any number.")
 @mapping_options
-def grade(paths: tuple[Path, ...], as_json: bool, show_skips: bool, strict: bool, series: bool,
+def grade(paths: tuple[Path, ...], as_json: bool, show_skips: bool, strict: bool, series: bool, workers: int | None,
           mappings_dir: Path | None, overrides: tuple[str, ...]) -> None:
     """Grade CRS/ICANS from FHIR R4 files, folders, Bundles or NDJSON, with no server.
 
@@ -146,16 +148,25 @@ def grade(paths: tuple[Path, ...], as_json: bool, show_skips: bool, strict: bool
       fhir-crs grade fixtures/R4/vignettes/V06.json
       fhir-crs grade export/ --json > grades.json
     """
+    from .parallel import default_workers
     from .pipeline import run_paths, stream_grade
 
     if series and not as_json:
         raise click.UsageError("--series needs --json (the plotted series are part of the JSON output).")
     settings = load_settings(mappings_dir or default_mappings_dir(), list(overrides))
+    workers = workers or default_workers()
     if as_json:
         # flat memory: events spill to patient partitions on disk, the JSON is streamed
-        codes = stream_grade(list(paths), sys.stdout.buffer, settings, mappings_dir, series).skip_codes
+        codes = stream_grade(list(paths), sys.stdout.buffer, settings, mappings_dir, series, workers).skip_codes
     else:
-        data = run_paths(list(paths), settings, mappings_dir).to_json(series=series)
+        if workers > 1:  # the same object as run_paths(...).to_json(), graded on `workers` processes
+            import io
+
+            buf = io.BytesIO()
+            stream_grade(list(paths), buf, settings, mappings_dir, series, workers)
+            data = orjson.loads(buf.getvalue())
+        else:
+            data = run_paths(list(paths), settings, mappings_dir).to_json(series=series)
         render_out(data, show_skips)
         codes = [s["code"] for s in data["skipped"]]
     if strict:

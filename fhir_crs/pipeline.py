@@ -364,7 +364,7 @@ def _grade_partition(store: Any, part: int, settings: GradingSettings, series: b
 
 
 def stream_grade(paths: list[Path], out: Any, settings: GradingSettings | None = None, mappings_dir: Path | None = None,
-                 series: bool = False) -> StreamSummary:
+                 series: bool = False, workers: int = 1) -> StreamSummary:
     """`fhir-crs grade PATH... --json` in flat memory: byte for byte the output of
     `run_paths(...).to_json()`, written to the binary stream `out`.
 
@@ -373,32 +373,52 @@ def stream_grade(paths: list[Path], out: Any, settings: GradingSettings | None =
        `ResourceMapper.settle`) goes to a patient-hash partition, skips to sorted runs;
     3. grade: per patient partition (a bounded number of patients), then stream the JSON in
        patient order. Nothing is written to `out` before the whole input was read, so an input
-       error leaves no partial output."""
+       error leaves no partial output.
+
+    With `workers` > 1 the three stages run on that many processes (parallel.py), same bytes."""
     import tempfile
 
+    from .errors import InputError
     from .sources import input_bytes
     from .spill import SpillStore, partitions_for, write_grade_json
 
     code_map = load_code_map(mappings_dir)
     settings = settings or load_settings(code_map.directory)
+    from .parallel import can_fork, run_parallel
+
+    paths = [Path(p) for p in paths]
+    for p in paths:  # fail fast on a missing path before doing any work
+        if not p.exists():
+            raise InputError(f"Input path {p} does not exist.")
+    partitions = partitions_for(input_bytes(paths))
     with tempfile.TemporaryDirectory(prefix="fhir-crs-grade-") as tmp:
         work = Path(tmp)
-        store = SpillStore(work, partitions_for(input_bytes(paths)))
-        mapper = ResourceMapper(code_map, store, spill=store.spill_kept)
-        for item in iter_paths(paths):
-            mapper.add(item)
-            store.maybe_spill()
-        mapper.finish()
-        store.settle(mapper)
-        where: dict[str, tuple[Path, int, int]] = {}
-        no_infusion: list[tuple[str, list[Skipped]]] = []
-        cases = 0
-        for part in store.patient_partitions():
-            out_path = work / f"cases-{part:04d}.json"
-            index, skips, n = _grade_partition(store, part, settings, series, out_path)
-            where.update((p, (out_path, off, length)) for p, (off, length) in index.items())
-            no_infusion += skips
-            cases += n
+        run = None
+        if workers > 1 and can_fork():
+            run = run_parallel(paths, work, partitions, code_map, settings, series, workers)
+            if run is None:  # the input needs the one-process path (parallel.py): start afresh
+                for f in work.iterdir():
+                    f.unlink()
+        if run is not None:
+            store, where, no_infusion, cases, count = run.store, run.where, run.no_infusion, run.cases, run.count
+        else:
+            store = SpillStore(work, partitions)
+            mapper = ResourceMapper(code_map, store, spill=store.spill_kept)
+            for item in iter_paths(paths):
+                mapper.add(item)
+                store.maybe_spill()
+            mapper.finish()
+            store.settle(mapper)
+            where = {}
+            no_infusion = []
+            cases = 0
+            for part in store.patient_partitions():
+                out_path = work / f"cases-{part:04d}.json"
+                index, skips, n = _grade_partition(store, part, settings, series, out_path)
+                where.update((p, (out_path, off, length)) for p, (off, length) in index.items())
+                no_infusion += skips
+                cases += n
+            count = mapper.count
         no_infusion.sort(key=lambda x: x[0])
 
         def rendered() -> Iterable[bytes]:
@@ -417,5 +437,5 @@ def stream_grade(paths: list[Path], out: Any, settings: GradingSettings | None =
                 yield skip_json(s)
 
         write_grade_json(out, rendered(), skipped(), lambda n_skipped: {
-            "resources_read": mapper.count, "resources_used": mapper.count - n_skipped, "settings": settings.as_dict()})
-    return StreamSummary(cases, codes, mapper.count)
+            "resources_read": count, "resources_used": count - n_skipped, "settings": settings.as_dict()})
+    return StreamSummary(cases, codes, count)
