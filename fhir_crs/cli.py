@@ -663,3 +663,74 @@ def demo(out_dir: Path, as_json: bool, seed: int | None, server_kind: str) -> No
         for e in summary.errors:
             click.echo(f"fhir-crs demo: {e['patient']}: {e['error']}", err=True)
         sys.exit(1)
+
+
+@cli.command()
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
+@click.option("--port", type=click.IntRange(1, 65535), default=8080, show_default=True, help="Port to listen on.")
+@click.option("--allow-fhir-server", "allow_fhir_servers", multiple=True, metavar="URL",
+              help="A FHIR base URL this service may call (repeatable): a CDS Hooks fhirServer or a SMART iss. "
+                   "An allow-list, never an open proxy: requests naming another server are refused, nothing fetched.")
+@click.option("--server", default=None, metavar="URL",
+              help="The site's FHIR server (env FHIR_CRS_SERVER), allowed like --allow-fhir-server (e.g. a loopback server).")
+@click.option("--allow-ehr-origin", "ehr_origins", multiple=True, metavar="ORIGIN",
+              help="Browser origin allowed to call the CDS service (CORS; repeatable), e.g. https://sandbox.cds-hooks.org.")
+@click.option("--smart-client-id", default="fhir-crs", show_default=True, metavar="ID",
+              help="The SMART app's client id as registered at the EHR (a public client: PKCE S256, no secret).")
+@click.option("--smart-v2", is_flag=True, help="Ask SMART v2 scopes (patient/*.rs) instead of v1 (patient/*.read).")
+@click.option("--public-url", default=None, metavar="URL",
+              help="This service's URL as the EHR reaches it (for the SMART launch link and redirect URI; default: from the request).")
+@click.option("--config", "config_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Settings file (default ./fhir-crs.toml or $FHIR_CRS_CONFIG): timeout, windows, ca_bundle.")
+@click.option("--allow-insecure-http", is_flag=True, help="Accept plain http:// FHIR servers that are not on loopback.")
+@mapping_options
+def serve(host: str, port: int, allow_fhir_servers: tuple[str, ...], server: str | None, ehr_origins: tuple[str, ...],
+          smart_client_id: str, smart_v2: bool, public_url: str | None, config_path: Path | None,
+          allow_insecure_http: bool, mappings_dir: Path | None, overrides: tuple[str, ...]) -> None:
+    """Serve the grade inside the EHR: a CDS Hooks service and a SMART on FHIR app.
+
+    \b
+    CDS Hooks 2.0:  GET  /cds-services  (discovery)
+                    POST /cds-services/fhir-crs-crs-grade  (hook patient-view)
+    SMART app:      GET  /launch  (EHR launch: ?iss=..&launch=..; standalone: ?iss=..)
+                    redirect URI /callback, timeline page /app
+    OpenAPI:        GET  /openapi.json
+    \b
+    Only the FHIR servers given with --allow-fhir-server (and --server) are ever called, and a
+    bearer token only on its own server's origin. Tokens stay in the server's memory.
+    \b
+    Example:
+      fhir-crs serve --port 8080 --allow-fhir-server https://ehr.example.org/fhir
+    """
+    import socket
+
+    import uvicorn
+
+    from .errors import ConfigError
+    from .serve import ServeConfig, create_app
+    from .serve.config import SMART_SCOPE, SMART_SCOPE_V2, normalise_base, normalise_origin
+
+    flags = {"server": server, "mappings": str(mappings_dir) if mappings_dir else None,
+             "allow_insecure_http": True if allow_insecure_http else None}
+    cfg = run_config(flags, config_path)
+    code_map = load_code_map(Path(cfg.mappings) if cfg.mappings else None)
+    settings = load_settings(code_map.directory, list(overrides))
+    servers = ServeConfig.check_servers([*allow_fhir_servers, *([cfg.server] if cfg.server else [])], cfg.allow_insecure_http)
+    if not smart_client_id.strip():
+        raise ConfigError("--smart-client-id is empty.")
+    config = ServeConfig(settings=settings, code_map=code_map, fhir_servers=servers,
+                         ehr_origins=tuple(normalise_origin(o, "--allow-ehr-origin") for o in ehr_origins),
+                         smart_client_id=smart_client_id.strip(), smart_scope=SMART_SCOPE_V2 if smart_v2 else SMART_SCOPE,
+                         public_url=normalise_base(public_url, "--public-url") if public_url else None,
+                         window_before_days=cfg.window_before_days, window_after_days=cfg.window_after_days,
+                         timeout=cfg.timeout, allow_insecure_http=cfg.allow_insecure_http, ca_bundle=cfg.ca_bundle,
+                         mappings=code_map.directory)
+    try:
+        with socket.create_server((host, port)):
+            pass
+    except OSError as exc:
+        raise ConfigError(f"cannot listen on {host}:{port}: {exc.strerror or exc}.") from exc
+    click.echo(f"fhir-crs serve on http://{host}:{port}: CDS Hooks discovery /cds-services, SMART launch /launch; "
+               f"{len(servers)} FHIR server(s) allowed", err=True)
+    # no access log: SMART redirects carry authorization codes and launch tokens in their query
+    uvicorn.run(create_app(config), host=host, port=port, log_level="warning", access_log=False)

@@ -650,11 +650,13 @@ def render_case_html(case: dict[str, Any]) -> str:
     return _page(f"{case.get('patient')} — CRS/ICANS course", case_section(case))
 
 
-def render_patient_html(cases: Sequence[dict[str, Any]], back: str | None = None) -> str:
-    """One page for a patient (several infusions: one section each)."""
+def render_patient_html(cases: Sequence[dict[str, Any]], back: str | None = None, name: str | None = None) -> str:
+    """One page for a patient (several infusions: one section each). `name`: the patient's name
+    for the heading (the SMART app, inside the EHR; the report pages show only the reference)."""
     first = cases[0]
     nav = f'<p><a href="{_e(back)}">← cohort report</a></p>' if back else ""
-    body = nav + f"<h1>{_e(first.get('patient'))}</h1>"
+    who = f"{_e(name)} <span class=\"sub\">{_e(first.get('patient'))}</span>" if name else _e(first.get("patient"))
+    body = nav + f"<h1 class=\"patient\">{who}</h1>"
     for i, c in enumerate(cases):
         title = "CAR-T infusion " + str(c.get("infusion")) + (f" ({i + 1} of {len(cases)})" if len(cases) > 1 else "")
         body += f"<p class=\"sub\">{_e(title)} — times are hours from the start of the infusion</p>" + case_section(c, heading=False)
