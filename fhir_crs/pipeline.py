@@ -87,7 +87,12 @@ def grade_case(tl: CaseTimeline, settings: GradingSettings) -> GradedCase:
 def grade_patient(patient: str, events: list[Event], flags: set[str], refs: list[str],
                   settings: GradingSettings) -> tuple[list[GradedCase], list[Skipped]]:
     """Every case of one patient; when no CAR-T infusion was found, one skip per resource of the
-    patient that was read but not graded (`refs`), so counts add up."""
+    patient that was read but not graded (`refs`), so counts add up.
+
+    The pure per-patient core that every path calls (in memory, flat memory, `--workers`
+    processes): no I/O, no module state; its inputs are the patient's mapped events in input
+    order, the patient's flag set, the Type/id refs of its used resources and the settings.
+    Cost: O(events log events) for the timelines and every system (grading/state.py)."""
     timelines = build_timelines(patient, events, flags, settings)
     if not timelines:
         n = sum(1 for e in events if not isinstance(e, PatientInfo))
@@ -408,6 +413,7 @@ def _stream_grade(paths: list[Path], out: Any, code_map: CodeMap, settings: Grad
     import tempfile
 
     from .errors import InputError
+    from . import parallel
     from .parallel import can_fork, run_parallel
     from .sources import input_bytes
     from .spill import SpillStore, partitions_for, write_grade_json
@@ -415,11 +421,12 @@ def _stream_grade(paths: list[Path], out: Any, code_map: CodeMap, settings: Grad
     for p in paths:  # fail fast on a missing path before doing any work
         if not p.exists():
             raise InputError(f"Input path {p} does not exist.")
-    partitions = partitions_for(input_bytes(paths))
+    size = input_bytes(paths)
+    partitions = partitions_for(size)
     with tempfile.TemporaryDirectory(prefix="fhir-crs-grade-") as tmp:
         work = Path(tmp)
         run = None
-        if workers > 1 and can_fork():
+        if workers > 1 and can_fork() and size > parallel.UNIT_BYTES:  # one unit of input: one process
             run = run_parallel(paths, work, partitions, code_map, settings, series, workers)
             if run is None:  # the input needs the one-process path (parallel.py): start afresh
                 for f in work.iterdir():
