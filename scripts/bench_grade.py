@@ -261,6 +261,46 @@ def long_stay_table(timeout: float) -> None:
                   f"{1e6 * r['grade_s'] / r['resources']:>22.2f}")
 
 
+def adversarial_table() -> None:
+    """Inputs built to hurt: JSON nested past any parser's limit, resources nested 240 levels
+    deep (extensions), many of them for one patient; each size twice the one before, so linear
+    cost shows as a constant time per resource."""
+    import io
+
+    from fhir_crs.pipeline import stream_grade
+
+    def nested(n: int) -> object:
+        v: object = 1
+        for _ in range(n):
+            v = {"url": "http://example.org/x", "extension": [v]}
+        return v
+
+    print("adversarial input, one patient (in this process, CPU time):")
+    print(f"{'resources':>10} {'CPU s':>7} {'us/resource':>12}  skips")
+    for n in (2_000, 4_000, 8_000):
+        with tempfile.TemporaryDirectory(prefix="bench-adv-") as tmp:
+            lines = [b"[" * 100_000 + b"]" * 100_000, b'{"resourceType":"Observation","extension":' + b'{"a":' * 5_000 + b"1" + b"}" * 5_001]
+            deep = orjson.dumps(nested(120))  # 240 levels: orjson writes up to 254
+            t0 = datetime(2025, 1, 1, tzinfo=UTC)
+            lines += [orjson.dumps({"resourceType": "Patient", "id": "adv", "birthDate": "1970-01-01"}),
+                      orjson.dumps({"resourceType": "Procedure", "id": "adv-cart", "status": "completed", "subject": {"reference": "Patient/adv"},
+                                    "code": {"coding": [{"system": SCT, "code": "1156961008"}]}, "performedDateTime": iso(t0)})]
+            for i in range(n):
+                lines.append(orjson.dumps({"resourceType": "Observation", "id": f"n{i}", "status": "final", "subject": {"reference": "Patient/adv"},
+                                           "code": {"coding": [{"system": LOINC, "code": "8310-5"}]},
+                                           "effectiveDateTime": iso(t0 + timedelta(minutes=10 * i)),
+                                           "valueQuantity": {"value": 38.5, "unit": "Cel", "system": UCUM, "code": "Cel"}})[:-1]
+                             + b',"extension":[' + deep + b"]}")
+            (Path(tmp) / "adv.ndjson").write_bytes(b"\n".join(lines) + b"\n")
+            t = time.process_time()
+            out = io.BytesIO()
+            stream_grade([Path(tmp)], out)
+            secs = time.process_time() - t
+            skipped = orjson.loads(out.getvalue())["skipped"]
+            codes = sorted({s["code"] for s in skipped})
+            print(f"{n + 4:>10,} {secs:>7.2f} {1e6 * secs / (n + 4):>12.1f}  {len(skipped)} ({', '.join(codes)})")
+
+
 def bare_parse(folder: Path) -> tuple[int, float, float]:
     """(resources, wall s, CPU s) of parsing every NDJSON line with orjson: the ceiling."""
     start, cpu = time.perf_counter(), time.process_time()
@@ -340,6 +380,7 @@ def main() -> None:
     ap.add_argument("--light", action="store_true", help="use the light generator instead of fhir_crs.synthetic")
     ap.add_argument("--long-stay", action="store_true", help="only the long-stay table")
     ap.add_argument("--no-long-stay", action="store_true", help="skip the long-stay table")
+    ap.add_argument("--adversarial", action="store_true", help="only the adversarial-input table")
     ap.add_argument("--long-stay-timeout", type=float, default=120.0)
     ap.add_argument("--long-stay-cell", nargs=2, type=int, metavar=("DAYS", "COURSES"), help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -348,6 +389,9 @@ def main() -> None:
         return
     if args.long_stay:
         long_stay_table(args.long_stay_timeout)
+        return
+    if args.adversarial:
+        adversarial_table()
         return
     print(f"machine: {os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f} at start "
           "(wall-clock rates depend on it; the CPU-second rates do not)")
@@ -360,6 +404,8 @@ def main() -> None:
     if not args.no_long_stay:
         print()
         long_stay_table(args.long_stay_timeout)
+    print()
+    adversarial_table()
 
 
 if __name__ == "__main__":
