@@ -227,15 +227,22 @@ def run_config(ctx_flags: dict[str, Any], config_path: Path | None) -> Any:
     cfg = resolve(flags, os.environ, config_path, Path.cwd())
     hashing = cfg.log_redact if cfg.log_redact is not None else ctx.info_name == "sync"
     if hashing:
-        from .sync import default_state_path
-
-        state = Path(cfg.state_path).expanduser() if cfg.state_path else default_state_path()
         # the key lives beside the state store; a dry run writes nothing, so it hashes with a
         # key of its own when there is none yet
-        set_patient_redaction(True, key_folder=state.parent, create_key=not ctx.params.get("dry_run"))
+        set_patient_redaction(True, key_folder=log_key_folder(cfg), create_key=not ctx.params.get("dry_run"))
     else:
         set_patient_redaction(False)
     return cfg
+
+
+def log_key_folder(cfg: Any) -> Path:
+    """The folder of the log-hash key (`log-key`): the folder of the run's sync state store
+    (`state_path`, else the per-user default), for every command that hashes patient ids and for
+    `fhir-crs log-hash`, so both always use the same key."""
+    from .sync import default_state_path
+
+    state = Path(cfg.state_path).expanduser() if cfg.state_path else default_state_path()
+    return state.parent
 
 
 def valid_patient_id(value: str) -> str:
@@ -523,7 +530,12 @@ def _report_outputs(report: dict[str, Any], cases_series: list[dict[str, Any]], 
         else:
             write_output(csv_path, text, "--csv")
     if cibmtr_path:
-        write_output(cibmtr_path, cibmtr_csv(cibmtr_rows(cases_series)), "--cibmtr")
+        rows = cibmtr_rows(cases_series)
+        if (report.get("about") or {}).get("deidentified"):
+            from .identity import patient_label
+
+            rows = [{**r, "patient": f"Patient/~{patient_label(r['patient'])}"} for r in rows]
+        write_output(cibmtr_path, cibmtr_csv(rows), "--cibmtr")
     if as_json:
         sys.stdout.buffer.write(orjson.dumps(report, option=orjson.OPT_INDENT_2) + b"\n")
     elif csv_path != "-":
@@ -548,11 +560,13 @@ def _report_outputs(report: dict[str, Any], cases_series: list[dict[str, Any]], 
 @click.option("--html", "html_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Write a self-contained HTML report (index.html + one timeline page per patient).")
 @click.option("--cibmtr", "cibmtr_path", default=None, metavar="FILE", help="Write CIBMTR Form 4100 CRS/neurotoxicity components (CSV).")
+@click.option("--deidentify", is_flag=True,
+              help="Hide MRN, name and FHIR ids in every output: patients appear by their stable label (P-…) only.")
 @mapping_options
 def report(paths: tuple[Path, ...], server: str | None, config_path: Path | None, auth: str | None, token_file: str | None,
            timeout: float | None, patients_file: Path | None, group_id: str | None, system: str, as_json: bool,
-           csv_path: str | None, html_dir: Path | None, cibmtr_path: str | None, mappings_dir: Path | None,
-           overrides: tuple[str, ...]) -> None:
+           csv_path: str | None, html_dir: Path | None, cibmtr_path: str | None, deidentify: bool,
+           mappings_dir: Path | None, overrides: tuple[str, ...]) -> None:
     """Cohort report in the seed study's terms, from FHIR files or from a FHIR server.
 
     \b
@@ -562,10 +576,15 @@ def report(paths: tuple[Path, ...], server: str | None, config_path: Path | None
     counts, percentages and the patients behind each; Spearman correlation of the maximum CRS
     grade with peak IL-6 and IFN-gamma.
     \b
+    Every output names the report date, the data source (files or server URL, never with
+    credentials) and the fhir-crs version; patients carry a stable label derived from their
+    FHIR id, with their MRN and name (hidden with --deidentify).
+    \b
     Examples:
       fhir-crs report fixtures/cohort/picu --html out/report
       fhir-crs report --server http://127.0.0.1:8080/fhir --json
     """
+    from .identity import ReportMeta
     from .report import report_from_cases
 
     if csv_path and csv_path != "-":
@@ -577,19 +596,27 @@ def report(paths: tuple[Path, ...], server: str | None, config_path: Path | None
         from .pipeline import run_paths
 
         run = run_paths(list(paths), settings, mappings_dir)
-        cases = run.to_json(series=True)["cases"]
+        graded = run.to_json(series=True)
+        cases, skipped, read = graded["cases"], graded["skipped"], run.patients
+        meta = ReportMeta.for_paths(list(paths), deidentify)
     else:
         from .pipeline import pull_patient
         from .sync import select_patients
 
         cfg = run_config({"server": server, "auth": auth, "token_file": token_file, "timeout": timeout,
                           "mappings": str(mappings_dir) if mappings_dir else None}, config_path)
+        if cfg.mappings:  # the site's folder from the config file: its grading.toml too
+            settings = load_settings(Path(cfg.mappings), list(overrides))
         client = make_client(cfg)
         patients = select_patients(client, cfg, patients_file, group_id)
-        cases = []
+        cases, skipped, read = [], [], len(patients)
         for pid in patients:
-            cases.extend(pull_patient(client, pid, cfg, settings).run.to_json(series=True)["cases"])
-    _report_outputs(report_from_cases(cases, system), cases, as_json, csv_path, html_dir, cibmtr_path, make_console())
+            graded = pull_patient(client, pid, cfg, settings).run.to_json(series=True)
+            cases.extend(graded["cases"])
+            skipped.extend(graded["skipped"])
+        meta = ReportMeta.for_server(cfg.server, deidentify)
+    _report_outputs(report_from_cases(cases, system, meta, skipped, read), cases, as_json, csv_path, html_dir, cibmtr_path,
+                    make_console())
 
 
 @cli.command()
@@ -617,6 +644,7 @@ def demo(out_dir: Path, as_json: bool, seed: int | None, server_kind: str) -> No
     """
     from .config import RunConfig
     from .fhir import FhirClient, NoAuth
+    from .identity import ReportMeta
     from .localserver import HapiFhirServer, LocalFhirServer
     from .outdir import prepare_demo_dir
     from .private import private_dir
@@ -654,7 +682,7 @@ def demo(out_dir: Path, as_json: bool, seed: int | None, server_kind: str) -> No
             f"{len(summary.errors)} errors, {summary.requests} requests in {summary.seconds:.1f} s"
         )
         cases = [c.to_json(settings, series=True) for c in summary.graded_cases]
-    report_obj = report_from_cases(cases, "astct")
+    report_obj = report_from_cases(cases, "astct", ReportMeta.for_server(server.base), [], len(patients))
     _report_outputs(report_obj, cases, as_json, str(out_dir / "report.csv"), out_dir / "report",
                     str(out_dir / "cibmtr-4100.csv"), console)
     if not as_json:
@@ -663,6 +691,50 @@ def demo(out_dir: Path, as_json: bool, seed: int | None, server_kind: str) -> No
         for e in summary.errors:
             click.echo(f"fhir-crs demo: {e['patient']}: {e['error']}", err=True)
         sys.exit(1)
+
+
+@cli.command("log-hash")
+@click.argument("patient_ids", nargs=-1, required=True, metavar="ID...")
+@click.option("--state", "state_path", default=None, type=click.Path(dir_okay=False),
+              help="The sync state file of the run whose log you read (default: as for sync); its key sits beside it.")
+@click.option("--config", "config_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Settings file (default ./fhir-crs.toml or $FHIR_CRS_CONFIG), for state_path.")
+@verbose_option
+def log_hash(patient_ids: tuple[str, ...], state_path: str | None, config_path: Path | None) -> None:
+    """Print the hash that redacted log lines show instead of a patient id.
+
+    \b
+    With --log-redact (the default for sync) a log line shows `Patient/~HASH` (or `~HASH`)
+    instead of the patient id: HMAC-SHA256 of the id under this installation's key, the file
+    `log-key` beside the sync state store. For each ID this prints `ID<TAB>~HASH`, so you can
+    find that patient's lines. Nothing is sent or written; with no key there yet (no redacted
+    run used this state folder) it exits 2. Hashes of a --dry-run without a key are not
+    reproducible (that run used a key of its own).
+    \b
+    Example:
+      fhir-crs log-hash 12345 Patient/67890
+      grep -F "$(fhir-crs log-hash 12345 | cut -f2)" sync.log
+    """
+    import os
+
+    from .config import resolve
+    from .errors import ConfigError
+    from .logs import hash_patient_id, log_key
+    from .mappers.common import SAFE_ID
+
+    ids = [value.strip().removeprefix("Patient/") for value in patient_ids]
+    bad = [value for value, pid in zip(patient_ids, ids, strict=True) if not SAFE_ID.match(pid)]
+    if bad:
+        raise click.BadParameter(f"{bad[0]!r} is not a FHIR logical id (1-64 of A-Z a-z 0-9 - .).", param_hint="'ID'")
+    flags = {"state_path": state_path} if state_path else {}
+    cfg = resolve(flags, os.environ, config_path, Path.cwd())
+    folder = log_key_folder(cfg)
+    key = log_key(folder, create=False)
+    if key is None:
+        raise ConfigError(f"no log-hash key in {folder} (log-key): no run with --log-redact has used this state "
+                          "folder yet; give --state FILE of the sync whose log you read.")
+    for pid in ids:
+        click.echo(f"{pid}\t~{hash_patient_id(pid, key)}")
 
 
 @cli.command()
@@ -675,6 +747,12 @@ def demo(out_dir: Path, as_json: bool, seed: int | None, server_kind: str) -> No
               help="The site's FHIR server (env FHIR_CRS_SERVER), allowed like --allow-fhir-server (e.g. a loopback server).")
 @click.option("--allow-ehr-origin", "ehr_origins", multiple=True, metavar="ORIGIN",
               help="Browser origin allowed to call the CDS service (CORS; repeatable), e.g. https://sandbox.cds-hooks.org.")
+@click.option("--cds-client", "cds_clients", multiple=True, metavar="ISS=JWKS_URL",
+              help="A CDS client (EHR) allowed to call the CDS service (repeatable): its JWT issuer and the URL of "
+                   "its JWK Set. With it, every CDS Hooks call needs 'Authorization: Bearer <JWT>' signed by that EHR "
+                   "(aud = --public-url + /cds-services/fhir-crs-crs-grade, exp at most 5 min, 30 s clock skew, "
+                   "jti used once; jku only if it is that URL), else 401 and nothing is fetched. Needs --public-url. "
+                   "Without it calls are not authenticated: put an authenticating gateway in front.")
 @click.option("--smart-client-id", default="fhir-crs", show_default=True, metavar="ID",
               help="The SMART app's client id as registered at the EHR (a public client: PKCE S256, no secret).")
 @click.option("--smart-v2", is_flag=True, help="Ask SMART v2 scopes (patient/*.rs) instead of v1 (patient/*.read).")
@@ -685,7 +763,7 @@ def demo(out_dir: Path, as_json: bool, seed: int | None, server_kind: str) -> No
 @click.option("--allow-insecure-http", is_flag=True, help="Accept plain http:// FHIR servers that are not on loopback.")
 @mapping_options
 def serve(host: str, port: int, allow_fhir_servers: tuple[str, ...], server: str | None, ehr_origins: tuple[str, ...],
-          smart_client_id: str, smart_v2: bool, public_url: str | None, config_path: Path | None,
+          cds_clients: tuple[str, ...], smart_client_id: str, smart_v2: bool, public_url: str | None, config_path: Path | None,
           allow_insecure_http: bool, mappings_dir: Path | None, overrides: tuple[str, ...]) -> None:
     """Serve the grade inside the EHR: a CDS Hooks service and a SMART on FHIR app.
 
@@ -698,6 +776,8 @@ def serve(host: str, port: int, allow_fhir_servers: tuple[str, ...], server: str
     \b
     Only the FHIR servers given with --allow-fhir-server (and --server) are ever called, and a
     bearer token only on its own server's origin. Tokens stay in the server's memory.
+    CDS Hooks calls are authenticated only with --cds-client (the EHR's signed JWT);
+    without it, run the service behind a gateway that authenticates the EHR.
     \b
     Example:
       fhir-crs serve --port 8080 --allow-fhir-server https://ehr.example.org/fhir
@@ -718,13 +798,19 @@ def serve(host: str, port: int, allow_fhir_servers: tuple[str, ...], server: str
     servers = ServeConfig.check_servers([*allow_fhir_servers, *([cfg.server] if cfg.server else [])], cfg.allow_insecure_http)
     if not smart_client_id.strip():
         raise ConfigError("--smart-client-id is empty.")
+    from .serve.cds_auth import check_clients
+
+    clients = check_clients(list(cds_clients), allow_insecure_http=cfg.allow_insecure_http)
+    if clients and not public_url:
+        raise ConfigError("--cds-client needs --public-url: the JWT's aud is checked against "
+                          "PUBLIC_URL/cds-services/fhir-crs-crs-grade, never against the request's Host header.")
     config = ServeConfig(settings=settings, code_map=code_map, fhir_servers=servers,
                          ehr_origins=tuple(normalise_origin(o, "--allow-ehr-origin") for o in ehr_origins),
                          smart_client_id=smart_client_id.strip(), smart_scope=SMART_SCOPE_V2 if smart_v2 else SMART_SCOPE,
                          public_url=normalise_base(public_url, "--public-url") if public_url else None,
                          window_before_days=cfg.window_before_days, window_after_days=cfg.window_after_days,
                          timeout=cfg.timeout, allow_insecure_http=cfg.allow_insecure_http, ca_bundle=cfg.ca_bundle,
-                         mappings=code_map.directory)
+                         mappings=code_map.directory, cds_clients=clients)
     try:
         with socket.create_server((host, port)):
             pass
@@ -732,5 +818,12 @@ def serve(host: str, port: int, allow_fhir_servers: tuple[str, ...], server: str
         raise ConfigError(f"cannot listen on {host}:{port}: {exc.strerror or exc}.") from exc
     click.echo(f"fhir-crs serve on http://{host}:{port}: CDS Hooks discovery /cds-services, SMART launch /launch; "
                f"{len(servers)} FHIR server(s) allowed", err=True)
+    if clients:
+        click.echo(f"CDS Hooks calls need a JWT signed by: {', '.join(c.issuer for c in clients)} "
+                   f"(aud {config.cds_audience})", err=True)
+    else:
+        click.echo("WARNING: CDS Hooks calls are NOT authenticated (no --cds-client ISS=JWKS_URL): anyone who can "
+                   "reach this port can ask for a patient's grade and make the service read the allowed FHIR servers. "
+                   "Run it only behind a gateway that authenticates the EHR, or pass --cds-client.", err=True)
     # no access log: SMART redirects carry authorization codes and launch tokens in their query
     uvicorn.run(create_app(config), host=host, port=port, log_level="warning", access_log=False)

@@ -152,6 +152,8 @@ class PatientInfo:
     birth_date: date | None
     deceased: datetime | None = None
     deceased_flag: bool = False
+    mrn: str | None = None  # Patient.identifier of type MR: shown to clinicians, hidden by --deidentify
+    name: str | None = None
 
 
 Event = Measurement | Finding | DrugGiven | ProcedureDone | PatientInfo

@@ -15,7 +15,8 @@ stderr (log records, the one-line error, `-v` tracebacks):
   patient id registered with `note_patient_id` becomes ``Patient/~<hash>``: HMAC-SHA256 of the
   id under a random per-installation key (`log_key`, a 0600 file beside the sync state), first
   12 hex digits. The same patient gets the same hash every night, so lines can be correlated;
-  `fhir-crs log-hash ID...` prints the hash of an id (the key holder can map back, nobody else).
+  `fhir-crs log-hash ID...` (cli.py) prints ``ID<TAB>~<hash>`` with the same key, so an operator
+  can find one patient's lines (whoever holds the key can map ids to hashes, nobody else).
 
 `setup_logging` installs one stderr handler on the ``fhir_crs`` logger with `RedactingFilter`.
 """

@@ -17,6 +17,7 @@ import tomllib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from functools import lru_cache
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -58,7 +59,7 @@ PROCEDURE_KINDS = frozenset(
     }
 )
 
-REASON_CLASSES = frozenset({"respiratory_failure", "not_hypoxic", "home_baseline", "hypotension"})
+REASON_CLASSES = frozenset({"respiratory_failure", "not_hypoxic", "home_baseline", "hypotension", "culture_positive", "culture_negative"})
 MEDICATION_LIMITS = frozenset({"max_ug_min", "max_ug_kg_min", "max_u_min", "max_ml"})
 
 _OBS_KEYS = {"group", "unit", "codes", "text", "exclude", "convert", "value"}
@@ -67,11 +68,22 @@ _DRUG_KEYS = {"class", "codes", "text", "exclude", "atc_prefix"}
 
 
 def default_mappings_dir() -> Path:
-    """`$FHIR_CRS_MAPPINGS`, else the `mappings/` folder next to the package."""
+    """`$FHIR_CRS_MAPPINGS`, else the tables shipped inside the package (`fhir_crs/mappings/`,
+    package data found with `importlib.resources`, so a wheel or a non-editable install has them;
+    the checkout's top-level `mappings` is a link to the same folder)."""
     env = os.environ.get("FHIR_CRS_MAPPINGS")
     if env:
         return Path(env)
-    return Path(__file__).resolve().parent.parent / "mappings"
+    return packaged_mappings_dir()
+
+
+def packaged_mappings_dir() -> Path:
+    """The default tables shipped with fhir-crs (a real folder: the package is installed unzipped)."""
+    tables = resources.files("fhir_crs") / "mappings"
+    if not isinstance(tables, Path):  # a zipped install: no folder to hand to a site
+        raise MappingFileError("the default mapping tables are inside a zipped install; set FHIR_CRS_MAPPINGS or --mappings "
+                               "to a folder of tables (a copy of fhir_crs/mappings).")
+    return tables
 
 
 @dataclass(frozen=True, slots=True)

@@ -17,6 +17,7 @@ from typing import Any
 from .events import Event, MappingResult, PatientInfo, Skipped
 from .grading import CRS_SYSTEMS, ICANS_SYSTEMS, adjacent
 from .grading.result import SystemResult, iso
+from .identity import patient_label
 from .logs import note_patient
 from .mappers import ResourceMapper
 from .mapping_files import CodeMap, load_code_map
@@ -36,6 +37,9 @@ class GradedCase:
         tl = self.timeline
         out = {
             "patient": tl.patient,
+            "patient_label": patient_label(tl.patient),
+            "mrn": tl.mrn,
+            "name": tl.name,
             "infusion": iso(tl.infusion),
             "infusion_evidence": tl.infusion_refs,
             "age_years": tl.age_years,
@@ -58,6 +62,7 @@ class GradeRun:
     skipped: list[Skipped]
     settings: GradingSettings
     resources: int
+    patients: int = 0  # patients with at least one mapped resource (graded or not)
 
     def to_json(self, series: bool = False) -> dict[str, Any]:
         return {
@@ -113,7 +118,7 @@ def grade_mapping(result: MappingResult, settings: GradingSettings, resources: i
                                       result.sources.get(patient, []), settings)
         skipped.extend(skips)
         cases.extend(graded)
-    return GradeRun(cases, skipped, settings, resources)
+    return GradeRun(cases, skipped, settings, resources, len(result.events))
 
 
 def map_items(items: Iterable[SourceResource | Skipped], code_map: CodeMap) -> tuple[MappingResult, int]:
@@ -137,9 +142,13 @@ def grade_paths(paths: list[Path | str], settings: GradingSettings | None = None
 
 def grade_resources(resources: Iterable[dict[str, Any]], settings: GradingSettings | None = None,
                     mappings_dir: Path | None = None, origin: str = "server") -> GradeRun:
+    """Grades resources in memory. When `resources` is a `FetchedResources` (the server path),
+    the page entries that held no resource are counted as skips too."""
     code_map = load_code_map(mappings_dir)
     settings = settings or load_settings(code_map.directory)
-    items = (SourceResource(r, f"{origin}#{i}") for i, r in enumerate(resources))
+    unusable: list[Skipped] = list(getattr(resources, "unusable", ()))
+    items: Iterable[SourceResource | Skipped] = [
+        *unusable, *(SourceResource(r, f"{origin}#{i}") for i, r in enumerate(resources))]
     result, n = map_items(items, code_map)
     return grade_mapping(result, settings, n)
 
@@ -167,7 +176,28 @@ class PullResult:
     requests: int
 
 
-def fetch_patient(client: Any, patient_id: str, cfg: Any, code_map: CodeMap) -> list[dict[str, Any]]:
+class FetchedResources(list[dict[str, Any]]):
+    """What `fetch_patient` read: every match copy in page order (the same Type/id twice when
+    pages or searches overlap — the mappers keep one version and name the others as skips), and
+    `unusable`, one skip per page entry that held no resource."""
+
+    unusable: list[Skipped]
+
+    def __init__(self, resources: Iterable[dict[str, Any]] = (), unusable: Iterable[Skipped] = ()):
+        super().__init__(resources)
+        self.unusable = list(unusable)
+
+
+def _copies(result: Any) -> list[dict[str, Any]]:
+    """Every match copy a search read (its de-duplicated `matches` from a client that keeps none)."""
+    return list(getattr(result, "copies", None) or result.matches)
+
+
+def _unusable(*results: Any) -> list[Skipped]:
+    return [Skipped(where, why, "no_resource") for r in results for where, why in getattr(r, "unusable", ())]
+
+
+def fetch_patient(client: Any, patient_id: str, cfg: Any, code_map: CodeMap) -> FetchedResources:
     """Everything graded for one patient, fetched in date windows around the CAR-T infusions.
 
     1. the Patient; 2. the CAR-T administrations, searched by the site's CAR-T codes (Procedure
@@ -202,9 +232,9 @@ def fetch_patient(client: Any, patient_id: str, cfg: Any, code_map: CodeMap) -> 
     if not infusions:  # CAR-T charted only with local codes or a contained product: read everything once
         procs = client.search("Procedure", [("patient", patient_id)], no_cache=True)
         meds = client.search("MedicationAdministration", [("patient", patient_id), ("_include", "MedicationAdministration:medication")], no_cache=True)
-        everything = [patient, *procs.matches, *meds.matches, *meds.includes]
+        everything = [patient, *_copies(procs), *_copies(meds), *meds.includes]
         if not infusions_in(everything):
-            return everything  # graded as "no CAR-T infusion found" (a named skip)
+            return FetchedResources(everything, _unusable(procs, meds))  # graded as "no CAR-T infusion found" (a named skip)
         infusions = infusions_in(everything)
     lo = iso(infusions[0][0] - timedelta(days=cfg.window_before_days))
     hi = iso(infusions[-1][0] + timedelta(days=cfg.window_after_days))
@@ -212,11 +242,11 @@ def fetch_patient(client: Any, patient_id: str, cfg: Any, code_map: CodeMap) -> 
     meds = client.search("MedicationAdministration", [("patient", patient_id), ("effective-time", f"ge{lo}"),
                                                       ("effective-time", f"le{hi}"), ("_include", "MedicationAdministration:medication")], no_cache=True)
     obs = client.search("Observation", [("patient", patient_id), ("date", f"ge{lo}"), ("date", f"le{hi}")], no_cache=True)
-    resources = [patient, *procs.matches, *meds.matches, *meds.includes, *obs.matches]
+    resources = [patient, *_copies(procs), *_copies(meds), *meds.includes, *_copies(obs)]
     seen = {f"{r.get('resourceType')}/{r.get('id')}" for r in resources}
     # the infusion record itself is kept even if a server's date search misses it
     resources += [r for r in found if f"{r.get('resourceType')}/{r.get('id')}" not in seen]
-    return resources
+    return FetchedResources(resources, _unusable(procs, meds, obs))
 
 
 def write_case(client: Any, case: GradedCase, settings: GradingSettings, identifier_system: str,

@@ -8,6 +8,7 @@ from rich.console import Console
 from rich.table import Table
 
 from .events import SKIP_CODES
+from .identity import Identity, patient_label
 
 PIPE_WIDTH = 400  # piped/redirected output: wide enough that no table folds an id or a flag mid-word
 
@@ -39,7 +40,9 @@ def render_run(data: dict[str, Any], console: Console, show_skips: bool = False)
         console.print("[yellow]No CAR-T infusion (day 0) found in the input: nothing to grade.[/yellow]")
     for case in cases:
         age = case.get("age_years")
-        title = (f"{case['patient']} — CAR-T infusion (day 0) {case['infusion']}" + (f" — age {age} y" if age is not None else "")
+        who = Identity(case.get("patient_label") or patient_label(case["patient"]), case["patient"], case.get("mrn"), case.get("name"))
+        title = (f"{case['patient']} ({who.describe()}) — CAR-T infusion (day 0) {case['infusion']}"
+                 + (f" — age {age} y" if age is not None else "")
                  + " — times in hours from day 0")
         table = Table(title=title, title_justify="left", show_lines=False)
         for col in ("Syndrome", "System", "Grade", "Onset", "Max at", "Resolved", "Flags"):
@@ -62,9 +65,17 @@ def render_run(data: dict[str, Any], console: Console, show_skips: bool = False)
                 f" · ICAHT early {_dash(c.get('early_grade'))} / late {_dash(c.get('late_grade'))}",
                 markup=False, highlight=False,
             )
-        astct = case.get("crs", {}).get("astct", {})
-        for c in astct.get("criteria", [])[-4:]:
-            console.print(f"  CRS grade {c['grade']} at +{c['hour']:g} h: {c['criterion']}  [{', '.join(c['evidence'][:3])}]")
+        for system, v in case.get("crs", {}).items():
+            for n, ep in enumerate(v.get("episodes") or [], 1):
+                if not ep.get("counted", True):
+                    console.print(
+                        f"  [{system}] episode {n} (grade {ep.get('grade')}) NOT counted in the grade: setting "
+                        "exclude_provisional_episodes=true (under-calls; the default counts every episode)",
+                        markup=False, highlight=False)
+        for syndrome in ("crs", "icans"):
+            for c in (case.get(syndrome, {}).get("astct") or {}).get("criteria", []):
+                console.print(f"  {syndrome.upper()} grade {c['grade']} at {c['hour']:+g} h: {c['criterion']}  "
+                              f"[{', '.join(c['evidence'])}]", markup=False, highlight=False)
         console.print()
     skipped = data["skipped"]
     if "resources_read" in data:

@@ -35,6 +35,8 @@ import math
 from collections.abc import Iterable, Sequence
 from typing import Any
 
+from .identity import Identity, ReportMeta, identities, patient_label
+
 __all__ = [
     "RECOVERY_DAYS",
     "ROW_LABELS",
@@ -95,12 +97,21 @@ def _peak(cases: list[dict[str, Any]], fact: str) -> float | None:
     return max(nums) if nums else None
 
 
-def report_from_cases(cases: Sequence[dict[str, Any]] | dict[str, Any], system: str = "astct") -> dict[str, Any]:
-    """The cohort table (report.schema.json) of graded cases under one CRS grading system."""
+def report_from_cases(cases: Sequence[dict[str, Any]] | dict[str, Any], system: str = "astct",
+                      meta: ReportMeta | None = None, skipped: Sequence[dict[str, Any]] | None = None,
+                      patients_read: int | None = None) -> dict[str, Any]:
+    """The cohort table (report.schema.json) of graded cases under one CRS grading system.
+
+    With `meta` (what `fhir-crs report` / `demo` pass) the object also carries `about` (report date,
+    data source, fhir-crs version, de-identified or not) and `patient_list` (label, reference, MRN,
+    name of each patient); de-identified, every reference is `Patient/~<label>` and MRN and name are
+    null. `skipped` / `patients_read` explain an empty cohort (`empty_reason`)."""
     if system not in SYSTEMS:
         raise ValueError(f"unknown CRS grading system {system!r}; expected one of {', '.join(SYSTEMS)}")
+    case_list = cases_of(cases)
+    who = identities(case_list, deidentify=bool(meta and meta.deidentified))
     by_patient: dict[str, list[dict[str, Any]]] = {}
-    for case in cases_of(cases):
+    for case in case_list:
         by_patient.setdefault(str(case.get("patient")), []).append(case)
     members: dict[str, list[str]] = {k: [] for k in ROW_LABELS}
     grades: dict[str, int] = {}
@@ -128,14 +139,33 @@ def report_from_cases(cases: Sequence[dict[str, Any]] | dict[str, Any], system: 
                 members[key].append(patient)
     n = len(by_patient)
     rows = {
-        key: {"n": len(refs), "pct": round(100.0 * len(refs) / n, 1) if n else 0.0, "patients": sorted(refs)}
+        key: {"n": len(refs), "pct": round(100.0 * len(refs) / n, 1) if n else 0.0,
+              "patients": sorted(who[r].public_ref for r in refs)}
         for key, refs in members.items()
     }
     correlation = {}
     for key, fact in _PEAK_FACT.items():
         pairs = [(grades[p], v) for p, pc in by_patient.items() if (v := _peak(pc, fact)) is not None]
         correlation[key] = spearman([g for g, _ in pairs], [v for _, v in pairs])
-    return {"patients": n, "system": system, "rows": rows, "correlation": correlation}
+    out: dict[str, Any] = {"patients": n, "system": system, "rows": rows, "correlation": correlation}
+    if meta is not None:
+        out["about"] = meta.to_json()
+        out["patient_list"] = [who[p].to_json() | {"patient": who[p].public_ref} for p in sorted(by_patient, key=lambda p: who[p].label)]
+    if n == 0 and (skipped is not None or patients_read is not None):
+        out["empty_reason"] = empty_cohort_reason(skipped or [], patients_read)
+    return out
+
+
+def empty_cohort_reason(skipped: Sequence[dict[str, Any]], patients_read: int | None) -> str:
+    """Why a report has no patient: `no CAR-T infusion found in N patients; M resources skipped: …`."""
+    from collections import Counter
+
+    counts = Counter(s.get("code") or "other" for s in skipped)
+    top = ", ".join(f"{k} {v}" for k, v in counts.most_common(6)) + (", …" if len(counts) > 6 else "")
+    where = f" in {patients_read} patient(s)" if patients_read is not None else ""
+    return (f"no CAR-T infusion found{where}; {len(skipped)} resource(s) skipped"
+            + (f": {top}" if skipped else "") + " (a CAR-T Procedure or product MedicationAdministration coded as in "
+            "mappings/procedures.toml / medications.toml marks day 0; grade --show-skips lists every skip).")
 
 
 # ---- Spearman ----------------------------------------------------------------------------------
@@ -221,20 +251,40 @@ def spearman(x: Sequence[float], y: Sequence[float]) -> dict[str, Any]:
 # ---- output ------------------------------------------------------------------------------------
 
 
+def _labels(report: dict[str, Any]) -> dict[str, str]:
+    """Reference (as the rows carry it) -> stable label, for outputs a person reads."""
+    known = {p["patient"]: p["label"] for p in report.get("patient_list") or []}
+    refs = {r for row in report["rows"].values() for r in row["patients"]}
+    return {r: known.get(r) or patient_label(r) for r in refs}
+
+
 def report_csv(report: dict[str, Any]) -> str:
-    """CSV: one line per table row (n, %, patients separated by ';'), then one per correlation."""
+    """CSV: one line per table row (n, %, patient labels separated by ';'), one per correlation,
+    then one `patient` line per patient (label, FHIR reference, MRN, name — blank de-identified)
+    and the `report_date`, `data_source`, `fhir_crs_version` lines (value in `label`)."""
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
-    w.writerow(["row", "label", "n", "pct", "patients", "rho", "p"])
+    w.writerow(["row", "label", "n", "pct", "patients", "rho", "p", "mrn", "name"])
+    labels = _labels(report)
     for key, label in ROW_LABELS.items():
         row = report["rows"].get(key)
         if row is None:
             continue
-        w.writerow([key, label, row["n"], f"{row['pct']:.1f}", ";".join(row["patients"]), "", ""])
+        w.writerow([key, label, row["n"], f"{row['pct']:.1f}", ";".join(sorted(labels[p] for p in row["patients"])), "", "", "", ""])
     for key, c in report.get("correlation", {}).items():
         label = f"Spearman: max CRS grade ({report.get('system')}) vs peak {CORRELATION_LABELS.get(key, key)}"
         w.writerow([f"correlation_{key}", label, c["n"], "", "",
-                    "" if c["rho"] is None else c["rho"], "" if c["p"] is None else c["p"]])
+                    "" if c["rho"] is None else c["rho"], "" if c["p"] is None else c["p"], "", ""])
+    about = report.get("about")
+    for p in report.get("patient_list") or []:
+        w.writerow(["patient", p["label"], "", "", "" if about and about.get("deidentified") else p["patient"], "", "",
+                    p.get("mrn") or "", p.get("name") or ""])
+    if about:
+        for key, value in (("report_date", about["generated"]), ("data_source", about["source"]),
+                           ("fhir_crs_version", about["fhir_crs_version"])):
+            w.writerow([key, value, "", "", "", "", "", "", ""])
+        if about.get("deidentified"):
+            w.writerow(["deidentified", "MRN, name and FHIR ids hidden", "", "", "", "", "", "", ""])
     return buf.getvalue()
 
 
@@ -249,6 +299,12 @@ def render_report(report: dict[str, Any], console: Any) -> None:
     from rich.table import Table
 
     n = report["patients"]
+    about = report.get("about")
+    if about:
+        console.print(ReportMeta(about["source"], about["generated"], about["fhir_crs_version"],
+                                 bool(about.get("deidentified"))).line(), markup=False, highlight=False)
+    if n == 0 and report.get("empty_reason"):
+        console.print(f"Empty cohort: {report['empty_reason']}", markup=False, highlight=False)
     table = Table(title=f"CAR-T toxicity cohort — {n} patients — CRS graded by {report['system']}",
                   title_justify="left")
     table.add_column("Finding")
@@ -263,3 +319,9 @@ def render_report(report: dict[str, Any], console: Any) -> None:
         rho = "–" if c["rho"] is None else f"{c['rho']:+.2f}"
         console.print(f"  Spearman max CRS grade vs peak {CORRELATION_LABELS.get(key, key)}: "
                       f"rho {rho}, p {format_p(c['p'])}, n {c['n']}")
+    plist = report.get("patient_list") or []
+    if plist:
+        console.print("Patients:", markup=False, highlight=False)
+        for p in plist:
+            ident = Identity(p["label"], None if about and about.get("deidentified") else p["patient"], p.get("mrn"), p.get("name"))
+            console.print(f"  {ident.describe()}" + (f"  ({ident.ref})" if ident.ref else ""), markup=False, highlight=False)

@@ -121,6 +121,8 @@ class CaseTimeline:
     deceased: datetime | None = None
     deceased_ref: str | None = None
     weight_kg: float | None = None
+    mrn: str | None = None
+    name: str | None = None
     temps: list[Measurement] = field(default_factory=list)
     sbp: list[Measurement] = field(default_factory=list)
     spo2: list[Measurement] = field(default_factory=list)
@@ -220,6 +222,7 @@ def _build(
             tl.age_years, tl.age_days = _age(info.birth_date, t0)
         tl.deceased = info.deceased
         tl.deceased_ref = info.ref if info.deceased_flag else None
+        tl.mrn, tl.name = info.mrn, info.name
     if tl.age_years is None:
         tl.flags.add("age_unknown")
     lo = t0 - timedelta(days=max(s.home_baseline_lookback_days, 2))
@@ -353,6 +356,10 @@ def _pressor_courses(tl: CaseTimeline, s: GradingSettings) -> None:
         segs.sort(key=lambda d: d.start)
         cur: PressorCourse | None = None
         for i, seg in enumerate(segs):
+            if seg.rate_value == 0:
+                # a rate charted as 0 is the infusion off or paused, not a running vasopressor: it
+                # never starts or extends a course, it only ends the point-charted segment before it
+                continue
             end = seg.end
             assumed = False
             if end is None:

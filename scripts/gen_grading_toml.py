@@ -10,7 +10,7 @@ from pathlib import Path
 from fhir_crs.settings import GradingSettings
 from fhir_crs.validation import allowed
 
-path = Path(__file__).resolve().parent.parent / "mappings" / "grading.toml"
+path = Path(__file__).resolve().parent.parent / "fhir_crs" / "mappings" / "grading.toml"
 head = path.read_text().split("[conventions]")[0].rstrip("\n")
 lines = [head, "", "[conventions]"]
 s = GradingSettings()

@@ -84,7 +84,7 @@ class Code(AuthorizationCodeMixin):
         return self.scope
 
     def get_nonce(self) -> str | None:
-        return self.nonce
+        return _launch_ctx(self.user).get("id_token_nonce", self.nonce)
 
     def get_auth_time(self) -> int:
         return self.auth_time
@@ -104,6 +104,15 @@ class Code(AuthorizationCodeMixin):
 
 CODES: dict[str, Code] = {}
 KEY = JsonWebKey.generate_key("RSA", 2048, is_private=True, options={"kid": "test-key-1"})
+# a key the server does not publish, with the published key's kid (a forged id_token)
+OTHER_KEY = JsonWebKey.generate_key("RSA", 2048, is_private=True, options={"kid": "test-key-1"})
+
+
+def _launch_ctx(user: Any) -> dict[str, Any]:
+    """The test's per-launch settings; `id_token_nonce`, `id_token_aud`, `id_token_iss` and
+    `id_token_key: "other"` make the server issue a substituted or forged id_token."""
+    launch = getattr(user, "launch", None)
+    return conf()["launches"].get(launch, {}) if launch else {}
 
 
 def _payload(req: Any) -> Any:
@@ -136,7 +145,13 @@ class OpenIDCode(oidc_grants.OpenIDCode):
         return False
 
     def get_jwt_config(self, grant: Any) -> dict[str, Any]:
-        return {"key": KEY.as_dict(is_private=True), "alg": "RS256", "iss": conf()["issuer"], "exp": 3600}
+        ctx = _launch_ctx(grant.request.authorization_code.user)
+        key = OTHER_KEY if ctx.get("id_token_key") == "other" else KEY
+        return {"key": key.as_dict(is_private=True), "alg": "RS256", "iss": ctx.get("id_token_iss", conf()["issuer"]), "exp": 3600}
+
+    def get_audiences(self, request: Any) -> list[str]:
+        ctx = _launch_ctx(request.authorization_code.user)
+        return ctx.get("id_token_aud", [request.client.get_client_id()])
 
     def generate_user_info(self, user: User, scope: str) -> UserInfo:
         return UserInfo(sub=user.id, fhirUser=user.id)

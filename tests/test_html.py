@@ -127,16 +127,24 @@ def _png_pixels(path: Path) -> tuple[int, int, bytes]:
 
 @pytest.mark.skipif(CHROMIUM is None, reason="chromium not installed (apt-get install chromium)")
 def test_headless_chromium_renders_the_pages(tmp_path: Path) -> None:
+    from fhir_crs.identity import ReportMeta
+
     cases = cohort()
-    index = render_report_html(report_from_cases(cases), cases, tmp_path / "site")
+    index = render_report_html(report_from_cases(cases, meta=ReportMeta.for_paths([ROOT / "fixtures" / "cohort" / "picu"])),
+                               cases, tmp_path / "site")
     dom = _chromium(["--dump-dom", index.as_uri()], tmp_path)
     assert dom.returncode == 0, dom.stderr[-2000:]
     assert "Recovered within 14 days" in dom.stdout and "Haemodynamic instability" in dom.stdout
+    # issue 14: date, source and version; MRN and name; units on the columns
+    assert "Report date" in dom.stdout and "data source: files:" in dom.stdout and "fhir-crs 0.1.0" in dom.stdout
+    assert "<th>MRN</th><th>Name</th>" in dom.stdout and "Age (y)" in dom.stdout and "Peak IL-6 (pg/mL)" in dom.stdout
     died = next(c for c in cases if c["facts"]["died"])
     page = index.parent / "patients" / patient_file_name(died["patient"])
     dom = _chromium(["--dump-dom", page.as_uri()], tmp_path)
     assert dom.returncode == 0
     assert "Grades over time" in dom.stdout and "CRS · ASTCT" in dom.stdout and "death" in dom.stdout
+    assert f'<h1 class="patient">{died["name"]}</h1>' in dom.stdout and f"MRN {died['mrn']}" in dom.stdout
+    assert "pg/mL, log scale" in dom.stdout and "+-" not in dom.stdout and "Report date" in dom.stdout
 
     shot = tmp_path / "shot.png"
     result = _chromium([f"--screenshot={shot}", "--window-size=1400,1000", "--hide-scrollbars", page.as_uri()], tmp_path)

@@ -108,6 +108,12 @@ def test_sync_and_pull_logs_carry_no_secret_or_phi_and_state_is_owner_only(own_s
         assert pid not in sync.stderr
         assert f"Patient/~{hash_patient_id(pid, key)}" in sync.stderr
     assert loaded["V06"] in pull.stderr  # pull (one patient the user named) keeps the id
+    # `fhir-crs log-hash` gives the operator the same hashes, to find one patient's lines
+    hashed = run("log-hash", "--state", str(state), *loaded.values())
+    assert hashed.returncode == 0, hashed.stderr
+    assert [line.split("\t")[0] for line in hashed.stdout.splitlines()] == list(loaded.values())
+    for line in hashed.stdout.splitlines():
+        assert f"Patient/{line.split(chr(9))[1]}" in sync.stderr
 
     # PHI at rest: state folder 0700, database and its -wal/-shm and the key 0600, with umask 000
     assert_owner_only(tmp_path / "nightly")

@@ -179,6 +179,31 @@ def test_bulk_file_origin_listed_by_the_user_gets_the_token(two) -> None:
     assert [authorization(r) for r in b.requests()] == [AUTH]
 
 
+def test_bulk_manifest_without_requires_access_token_is_treated_as_true(two) -> None:
+    a, b = two
+    bulk_server(a, b, requires=True)
+    doc = manifest(b.origin, True)
+    del doc["requiresAccessToken"]
+    a.route("GET", "/fhir/status/1", json=doc)
+    _, items = BulkExport(client(a), sleep=lambda s: None).run()
+    with pytest.raises(CrossOriginRefused, match="requiresAccessToken: true"):
+        list(items)
+    assert b.requests() == []
+
+
+def test_bulk_file_on_plain_http_off_loopback_is_refused_before_sending(two, monkeypatch) -> None:
+    a, _ = two
+    c = client(a)
+
+    def no_network(*args, **kwargs):
+        raise AssertionError("a request was sent to a plain-http non-loopback file URL")
+
+    monkeypatch.setattr(c.session, "request", no_network)
+    for with_auth in (True, False):
+        with pytest.raises(CrossOriginRefused, match="plain http"):
+            c.get_url("http://files.example.org/bucket/obs.ndjson", stream=True, foreign=True, with_auth=with_auth)
+
+
 def test_bulk_status_url_on_another_origin_is_refused(two) -> None:
     a, b = two
     bulk_server(a, b, requires=True, status_origin=b.origin)
@@ -281,6 +306,17 @@ def test_smart_discovery_only_on_the_fhir_base_origin(two) -> None:
     with pytest.raises(ConfigError, match="not on the FHIR server's origin"):
         discover_token_url(client(a), b.base)
     assert b.requests() == []
+
+
+def test_smart_discovery_redirect_to_another_origin_is_refused(two) -> None:
+    a, b = two
+    a.route("GET", "/fhir/.well-known/smart-configuration", status=302,
+            headers={"Location": f"{b.base}/.well-known/smart-configuration"})
+    b.route("GET", "/fhir/.well-known/smart-configuration", json={"token_endpoint": f"{b.origin}/token"})
+    with pytest.raises(ConfigError, match="another origin"):
+        discover_token_url(client(a))
+    assert b.requests() == []
+    assert [authorization(r) for r in a.requests()] == [None]  # discovery never carries the token
 
 
 def test_smart_token_endpoint_must_be_https_unless_loopback(two) -> None:
@@ -423,15 +459,86 @@ def test_sync_against_a_server_answering_with_other_resources_reports_and_keeps_
         assert db.execute("SELECT COUNT(*) FROM patient_state").fetchone()[0] == 0
 
 
-def test_secret_files_readable_by_others_are_refused(tmp_path: Path) -> None:
-    from fhir_crs.config import resolve
+def _ec_pem() -> str:
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
 
+    return ec.generate_private_key(ec.SECP384R1()).private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()).decode()
+
+
+@pytest.mark.parametrize("key", ["token_file", "password_file", "private_key_file"])
+@pytest.mark.parametrize("mode", [0o644, 0o640, 0o604, 0o620])
+def test_secret_files_readable_by_others_are_refused(tmp_path: Path, key: str, mode: int) -> None:
+    from fhir_crs.config import resolve
+    from fhir_crs.fhir.smart import smart_auth_from_config
+
+    secret = tmp_path / key
+    secret.write_text(_ec_pem() if key == "private_key_file" else TOKEN)
+    secret.chmod(mode)
+    cfg = resolve({key: str(secret)}, {}, None, tmp_path)
+    cfg = cfg.model_copy(update={"client_id": "c", "jwt_alg": "ES384", "token_url": "https://auth.example.org/token"})
+
+    def read() -> object:
+        if key == "token_file":
+            return cfg.secret_token()
+        if key == "password_file":
+            return cfg.secret_password()
+        return smart_auth_from_config(cfg, env={}, clock=lambda: 0.0).token_url  # parses the key; sends nothing
+
+    with pytest.raises(ConfigError, match=f"{key} .* is accessible by other users .*chmod 600"):
+        read()
+    secret.chmod(0o600)
+    assert read() in (TOKEN, "https://auth.example.org/token")
+
+
+def test_cli_refuses_a_token_file_others_can_read_before_any_request(two, tmp_path: Path, monkeypatch) -> None:
+    a, _ = two
     tok = tmp_path / "token"
     tok.write_text(TOKEN)
     tok.chmod(0o644)
-    cfg = resolve({"token_file": str(tok)}, {}, None, tmp_path)
-    with pytest.raises(ConfigError, match="chmod 600"):
-        cfg.secret_token()
-    tok.chmod(0o600)
-    assert cfg.secret_token() == TOKEN
+    monkeypatch.delenv("FHIR_CRS_TOKEN", raising=False)
+    r = CliRunner().invoke(cli, ["pull", "--patient", "p1", "--server", a.base, "--auth", "bearer",
+                                 "--token-file", str(tok)])
+    assert r.exit_code == 2 and "chmod 600" in r.stderr and TOKEN not in r.stderr
+    assert a.requests() == []
 
+
+
+# ----------------------------------------------------------------------------- log-hash
+
+
+def test_log_hash_prints_the_hash_that_sync_logs_show_instead_of_the_id(two, tmp_path: Path, monkeypatch) -> None:
+    """`sync` hashes patient ids by default; `fhir-crs log-hash ID` finds that patient's lines."""
+    a, _ = two  # every request answers 404: the patient fails, and its id is in the log lines
+    pid = "crs-kid-4711"
+    listing, state = tmp_path / "patients.txt", tmp_path / "nightly" / "state.sqlite"
+    listing.write_text(pid + "\n")
+    monkeypatch.setenv("FHIR_CRS_TOKEN", TOKEN)
+    r = CliRunner().invoke(cli, ["-v", "sync", "--server", a.base, "--auth", "bearer", "--patients", str(listing),
+                                 "--state", str(state), "--json"])
+    assert r.exit_code == 1, r.stderr
+    assert json.loads(r.stdout)["errors"][0]["patient"] == f"Patient/{pid}"  # the summary names the patient ...
+    assert pid not in r.stderr  # ... the log lines do not
+
+    out = CliRunner().invoke(cli, ["log-hash", "--state", str(state), pid, f"Patient/{pid}"])
+    assert out.exit_code == 0, out.stderr
+    lines = out.stdout.splitlines()
+    digest = lines[0].split("\t")[1]
+    assert lines == [f"{pid}\t{digest}"] * 2 and len(digest) == 13 and digest.startswith("~")
+    assert f"Patient/{digest}" in r.stderr  # the lines of that patient, found by the printed hash
+    # another installation's key (another state folder) gives another hash: nobody else can map back
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "log-key").write_bytes(b"k" * 32)
+    elsewhere = CliRunner().invoke(cli, ["log-hash", "--state", str(other / "state.sqlite"), pid])
+    assert elsewhere.exit_code == 0 and elsewhere.stdout.split("\t")[1].strip() != digest
+
+
+def test_log_hash_without_a_key_or_with_a_bad_id_exits_2_and_writes_nothing(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setenv("FHIR_CRS_STATE_PATH", str(tmp_path / "fresh" / "state.sqlite"))
+    r = CliRunner().invoke(cli, ["log-hash", "p1"])
+    assert r.exit_code == 2 and "no log-hash key" in r.stderr
+    assert not (tmp_path / "fresh").exists()
+    r = CliRunner().invoke(cli, ["log-hash", "--state", str(tmp_path / "s.sqlite"), "not an id"])
+    assert r.exit_code == 2 and "not a FHIR logical id" in r.stderr

@@ -167,6 +167,43 @@ def test_wrong_state_is_refused(stack, ids):
     assert browser.get(f"{serve.base}/app", timeout=30).status_code == 401
 
 
+def test_state_is_single_use(stack, ids):
+    """A callback URL replayed in the same browser (history, a leaked Referer) starts nothing."""
+    serve, fhir, authz = stack
+    launch = authz.launch("L-once", ids["V20"])
+    browser = requests.Session()
+    first = browser.get(f"{serve.base}/launch", params={"iss": fhir.base, "launch": launch}, allow_redirects=False, timeout=30)
+    callback = browser.get(first.headers["Location"], allow_redirects=False, timeout=30).headers["Location"]
+    ok = browser.get(callback, allow_redirects=False, timeout=60)
+    assert ok.status_code == 303 and ok.headers["Location"] == "/app"
+    n_tokens = len(authz.token_requests())
+    again = browser.get(callback, allow_redirects=False, timeout=30)
+    assert again.status_code == 400 and "state does not match" in again.text
+    assert len(authz.token_requests()) == n_tokens
+    query = parse_qs(urlsplit(callback).query)
+    log = serve.log_path.read_text()  # no access log: the code and state of the redirect are not in it
+    assert query["code"][0] not in log and query["state"][0] not in log and "/callback" not in log
+
+
+@pytest.mark.parametrize(("change", "reason"), [
+    ({"id_token_nonce": "nonce-of-another-launch"}, "the id_token's nonce does not match this launch"),
+    ({"id_token_aud": ["another-client"]}, "the id_token is not valid (InvalidAudienceError)"),
+    ({"id_token_iss": "https://other-issuer.example"}, "the id_token is not valid (InvalidIssuerError)"),
+    ({"id_token_key": "other"}, "the id_token is not valid (InvalidSignatureError)"),
+])
+def test_id_token_substitution_is_refused(stack, ids, change, reason):
+    """An id_token minted for another launch (nonce), another client (aud), by another issuer, or
+    signed by a key the server does not publish ends the launch: no session, no patient read."""
+    serve, fhir, authz = stack
+    launch = authz.launch(f"L-idt-{next(iter(change))}", ids["V20"], **change)
+    browser = requests.Session()
+    before = len(fhir.requests())
+    page = browser.get(f"{serve.base}/launch", params={"iss": fhir.base, "launch": launch}, timeout=60)
+    assert page.status_code == 403 and reason in page.text
+    assert [r["path"] for r in fhir.requests()[before:]] == ["/fhir/.well-known/smart-configuration"]
+    assert browser.get(f"{serve.base}/app", timeout=30).status_code == 401
+
+
 def test_missing_scope_is_refused(stack, ids):
     serve, fhir, authz = stack
     launch = authz.launch("L-noscope", ids["V20"], scope="launch openid fhirUser patient/Patient.read")

@@ -172,6 +172,8 @@ class CrsGrader:
             counted = not (ep.provisional and s.exclude_provisional_episodes)
             if ep.provisional:
                 self.used("exclude_provisional_episodes", "culture_attribution_window_h", "late_onset_day")
+            if not counted:
+                res.flag("episode_excluded_by_setting")  # under-called on a clinician's setting: said on the result
             res.episodes.append(EpisodeResult(ep.onset, ep.resolved, best, best_t, counted, list(ep.flags), trail))
         self._summarise(episodes)
         self._outside_episode_flags(episodes)
@@ -241,7 +243,7 @@ class CrsGrader:
             self.used("preinfusion_fever_lookback_h")
         for name in ("unit_error", "timezone_assumed", "age_unknown", "infusion_end_assumed", "observation_gap",
                      "vasopressor_ignored", "low_sbp_in_procedure_window", "arterial_artifact_excluded",
-                     "status_unknown", "status_on_hold"):
+                     "status_unknown", "status_on_hold", "status_missing"):
             if name in tl.flags:
                 res.flag(name)
 

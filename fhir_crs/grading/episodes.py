@@ -211,6 +211,8 @@ def detect_episodes(tl: CaseTimeline, s: GradingSettings,
         if cultures:
             _add(ep.flags, "attribution_needed")
             _add(ep.flags, "positive_blood_culture")
+            if any(f.ref in tl.text_matched for f in cultures):
+                _add(ep.flags, "matched_by_text")  # the culture result was read from its text, not a code
             ep.provisional = True
         if day > s.late_onset_day:
             _add(ep.flags, "late_onset")

@@ -8,6 +8,7 @@ Every resource ends up either as events or as a `Skipped(resource, reason)`.
 from __future__ import annotations
 
 import hashlib
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -69,12 +70,18 @@ def bad_datetime(r: dict[str, Any]) -> str | None:
     return None
 
 
+_ETAG = re.compile(r'(?:[Ww]/)?"([^"]+)"')
+
+
 def version_of(r: dict[str, Any]) -> tuple[str | None, tuple[int, float, int]]:
     """(versionId as sent, sort key without the input order): numeric versionId (an absent or
-    non-numeric one sorts below every number), then meta.lastUpdated."""
+    non-numeric one sorts below every number; an ETag form `W/"3"` is version 3), then
+    meta.lastUpdated."""
     meta = r.get("meta") if isinstance(r.get("meta"), dict) else {}
     raw = meta.get("versionId")
     vid = raw.strip() if isinstance(raw, str) and raw.strip() else (str(raw) if isinstance(raw, int) and not isinstance(raw, bool) else None)
+    if vid is not None and (m := _ETAG.fullmatch(vid)):
+        vid = m.group(1)  # an ETag copied into versionId (`W/"3"`, `"3"`): version 3
     num = int(vid) if vid is not None and vid.isdigit() and len(vid) < 19 else -1
     lu = parse_datetime(meta.get("lastUpdated"))
     return vid, (num, lu.time.timestamp() if lu else float("-inf"), 0)

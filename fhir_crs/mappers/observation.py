@@ -14,7 +14,7 @@ from typing import Any
 import orjson
 
 from ..events import Event, Finding, Measurement, Skipped
-from ..mapping_files import CodeMap, ObservationKind
+from ..mapping_files import ClassTable, CodeMap, ObservationKind
 from .common import When, codings, label, parse_datetime, quantity, quantity_units, texts
 from .reasons import classify
 from .status import status_decision
@@ -24,7 +24,6 @@ _NEGATIVE = re.compile(
     r"^\s*(no|none|absent|negative|not (seen|present|detected|observed)|nil|normal|resolved|no growth)\b",
     re.IGNORECASE,
 )
-_NO_GROWTH = re.compile(r"\bno growth\b|\bnegative\b|\bnot detected\b|\bsterile\b", re.IGNORECASE)
 _PENDING = re.compile(r"\bpending\b|\bin progress\b|\bpreliminary\b", re.IGNORECASE)
 
 
@@ -94,12 +93,35 @@ def edema_extent(text: str) -> str:
     return "unspecified"
 
 
-def culture_result(text: str) -> str:
+_STAINED = re.compile(r"\b(gram|coag(?:ulase)?)[\s-]*(positive|negative|neg|pos|variable)\b", re.IGNORECASE)
+
+
+def culture_result(text: str, codes: list[tuple[str, str]], table: ClassTable) -> tuple[str, bool]:
+    """(positive | negative | pending, decided by text?) of a blood-culture result: the coded
+    value first (mappings/reasons.toml [culture_positive] / [culture_negative]), then the result
+    text, negation-aware. Organism words are growth: "Gram-negative rods" and "coagulase-negative
+    staphylococci" are positive cultures, "no growth" / "not detected" negative. When both match,
+    positive wins (the flag that asks for attribution is never hidden); a non-empty text that
+    names neither is read as positive (for review)."""
+    coded, _ = classify(table, codes, [])
+    if "culture_positive" in coded:
+        return "positive", False
+    if "culture_negative" in coded:
+        return "negative", False
+    if not text.strip():
+        # a coded value in neither list (an organism code) is growth; no value at all is pending
+        return ("positive" if codes else "pending"), False
+    words = _STAINED.sub(lambda m: f"{m.group(1)}_{m.group(2)}", text)  # "Gram-negative" is not a negation
+    found, _ = classify(table, [], [words])
+    if "culture_positive" in found:
+        return "positive", True
     if _PENDING.search(text):
-        return "pending"
-    if _NO_GROWTH.search(text):
-        return "negative"
-    return "positive" if text.strip() else "pending"
+        return "pending", True
+    if "culture_negative" in found:
+        return "negative", True
+    if any(m.name == "culture_positive" and any(p.search(words) for p in m.text) for m in table.entries):
+        return "negative", True  # growth words only in negated form ("not positive", "no organisms isolated")
+    return "positive", True
 
 
 def _value_texts(res: dict[str, Any]) -> tuple[list[tuple[str, str]], list[str]]:
@@ -335,12 +357,14 @@ class ObservationMapper:
                 label(i) for i in res.get("interpretation") or [] if isinstance(i, dict)
             )
             interp = [c for i in res.get("interpretation") or [] for _, c in codings(i)]
-            result = culture_result(text)
+            # coded first: the interpretation (v3 POS/NEG), then the coded value, then its text
             if any(c in ("POS", "A", "AA", "DET") for c in interp):
-                result = "positive"
+                result, result_by_text = "positive", False
             elif any(c in ("NEG", "N", "ND") for c in interp):
-                result = "negative"
-            return [Finding(name, start.time, result, ref, text, t_end, by_text)]
+                result, result_by_text = "negative", False
+            else:
+                result, result_by_text = culture_result(text, v_codes, self.code_map.reasons)
+            return [Finding(name, start.time, result, ref, text, t_end, by_text or result_by_text)]
         if name == "cause_of_death":
             text = all_text or " ".join(code_texts)
             return [Finding(name, start.time, "documented", ref, text, t_end, by_text)]

@@ -4,7 +4,8 @@ Feeds send status with case and space noise (`Entered-In-Error`, `entered-in-err
 `entered_in_error`): it is normalised (trimmed, case-folded, inner spaces/underscores -> `-`)
 before the valid/invalid decision. A status outside the FHIR R4 value set is a named skip —
 never silently valid. An absent status (required in R4 but dropped by some feeds) is read as a
-recorded value.
+recorded value and flagged `status_missing` (used, never silently: skipping it could hide a
+finding that raises a grade).
 
 Clinical reading of the codes that are not plainly "happened" / "did not happen":
 
@@ -25,6 +26,7 @@ Clinical reading of the codes that are not plainly "happened" / "did not happen"
 from __future__ import annotations
 
 import re
+import unicodedata
 from typing import Any
 
 from .common import codings
@@ -58,14 +60,16 @@ _NOISE = re.compile(r"[\s_]+")
 
 
 def normalise(code: str) -> str:
-    """`' Entered_In Error '` -> `entered-in-error`."""
-    return _NOISE.sub("-", code.strip().lower())
+    """`' Entered_In Error '` -> `entered-in-error`. Invisible format characters (zero-width
+    space, a byte-order mark or soft hyphen pasted into the field) are removed first."""
+    visible = "".join(ch for ch in code if unicodedata.category(ch) != "Cf")
+    return _NOISE.sub("-", visible.strip().lower())
 
 
 def _decide(table: dict[str, str], raw: Any, field: str) -> tuple[str | None, str | None]:
     """(skip reason, flag)."""
     if raw is None:
-        return None, None
+        return None, "status_missing"
     if not isinstance(raw, str):
         return f"{field} is not a code ({type(raw).__name__})", None
     code = normalise(raw)

@@ -1,7 +1,8 @@
 """The ASGI application of `fhir-crs serve` (FastAPI under uvicorn).
 
     GET  /cds-services                      CDS Hooks discovery (one service, fhir-crs-crs-grade)
-    POST /cds-services/fhir-crs-crs-grade   patient-view: cards with the CRS/ICANS grade (cds.py)
+    POST /cds-services/fhir-crs-crs-grade   patient-view: cards with the CRS/ICANS grade (cds.py);
+                                            with --cds-client, only with the EHR's signed JWT (cds_auth.py)
     GET  /launch                            SMART App Launch (EHR launch with `launch`, standalone without)
     GET  /callback                          OAuth 2.0 redirect: state, PKCE, token, nonce (smart_app.py)
     GET  /app                               the launched patient's timeline page (the `report --html` page)
@@ -48,6 +49,12 @@ def create_app(config: ServeConfig) -> FastAPI:
     app = FastAPI(title="fhir-crs serve", version=__version__,
                   description="CDS Hooks 2.0 service and SMART on FHIR app grading CAR-T CRS/ICANS (ASTCT) from the chart.",
                   docs_url=None, redoc_url=None)
+    auth = None
+    if config.cds_clients:
+        from .cds_auth import CdsAuthenticator
+
+        assert config.cds_audience is not None  # the CLI requires --public-url with --cds-client
+        auth = CdsAuthenticator(config.cds_clients, config.cds_audience, timeout=config.timeout, ca_bundle=config.ca_bundle)
     if config.ehr_origins:
         app.add_middleware(CORSMiddleware, allow_origins=list(config.ehr_origins), allow_methods=["GET", "POST", "OPTIONS"],
                            allow_headers=["Authorization", "Content-Type"], allow_credentials=False)
@@ -60,12 +67,22 @@ def create_app(config: ServeConfig) -> FastAPI:
     def discovery() -> Response:
         return _json(cds.discovery(config))
 
-    @app.post("/cds-services/{service_id}", responses=_responses(CDS_RESPONSE, 400, 404, 412),
+    @app.post("/cds-services/{service_id}", responses=_responses(CDS_RESPONSE, 400, 401, 404, 412),
               openapi_extra={"requestBody": {"required": True, "content": {"application/json": {"schema": CDS_REQUEST}}}},
               summary="Call the CDS service (patient-view)")
     async def call_service(service_id: str, request: Request) -> Response:
         if service_id != SERVICE_ID:
             return _error(404, "unknown_service", f"no CDS service {service_id!r} here (discovery: /cds-services)")
+        if auth is not None:
+            from .cds_auth import AuthRefused
+
+            try:
+                await run_in_threadpool(auth.verify, request.headers.get("authorization"))
+            except AuthRefused as exc:  # before the body is read: nothing is parsed or fetched
+                log.warning("CDS Hooks call refused (401): %s", exc.reason)
+                resp = _error(401, "unauthorized", exc.reason)
+                resp.headers["WWW-Authenticate"] = 'Bearer error="invalid_token"'
+                return resp
         raw = await request.body()
         try:
             body = orjson.loads(raw)

@@ -5,18 +5,24 @@
   launch with another `iss`, is refused before anything is fetched: never an open proxy.
 * `ehr_origins`: browser origins allowed to call the CDS service (CORS), e.g. an EHR sandbox.
 * `smart_client_id`, `smart_scope`: the SMART app's registration at the EHR.
+* `cds_clients`: the EHRs whose signed JWT a CDS Hooks call must carry (`--cds-client ISS=JWKS_URL`,
+  `cds_auth.py`); empty = calls are not authenticated (a warning at start-up: put a gateway in front).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
 from ..errors import ConfigError
 from ..fhir.client import is_loopback, origin
 from ..mapping_files import CodeMap
 from ..settings import GradingSettings
+
+if TYPE_CHECKING:
+    from .cds_auth import CdsClient
 
 SERVICE_ID = "fhir-crs-crs-grade"
 HOOK = "patient-view"
@@ -38,7 +44,11 @@ def normalise_origin(value: str, what: str) -> str:
     parts = urlsplit((value or "").strip())
     if parts.scheme not in ("http", "https") or not parts.hostname or parts.path.strip("/") or parts.query:
         raise ConfigError(f"{what} {value!r} is not an origin (scheme://host[:port], no path).")
-    return origin(value.strip())
+    # as a browser sends it in `Origin` (RFC 6454): lower-cased, the scheme's default port left out;
+    # `origin()` makes the port explicit, which no browser's Origin header would ever match
+    text = origin(value.strip())
+    default = {"http": ":80", "https": ":443"}[parts.scheme]
+    return text[: -len(default)] if text.endswith(default) else text
 
 
 @dataclass(slots=True)
@@ -57,7 +67,13 @@ class ServeConfig:
     ca_bundle: str | None = None
     mappings: Path | None = None
     session_max_seconds: float = 3600.0
+    cds_clients: tuple[CdsClient, ...] = ()
     extra: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def cds_audience(self) -> str | None:
+        """The `aud` a CDS client's JWT must name: this service's endpoint URL (needs `public_url`)."""
+        return f"{self.public_url}/cds-services/{SERVICE_ID}" if self.public_url else None
 
     def allows(self, base: str) -> bool:
         """Whether a FHIR base URL is on the allow-list (compared without a trailing slash)."""
