@@ -442,8 +442,8 @@ def _stream_grade(paths: list[Path], out: Any, code_map: CodeMap, settings: Grad
                   workers: int) -> StreamSummary:
     import tempfile
 
-    from .errors import InputError
     from . import parallel
+    from .errors import InputError
     from .parallel import can_fork, run_parallel
     from .sources import input_bytes
     from .spill import SpillStore, partitions_for, write_grade_json
