@@ -132,10 +132,19 @@ def write_output(path: str | Path, text: str, what: str) -> None:
 @click.option("--show-skips", is_flag=True, help="List every skipped resource with its reason.")
 @click.option("--strict", is_flag=True, help="Exit 7 if a resource of a type fhir-crs grades was skipped (an Encounter or a Claim does not count).")
 @click.option("--series", is_flag=True, help="With --json: add the plotted time series of each case.")
+@click.option("--engine", type=click.Choice(["local", "spark"]), default="local", show_default=True,
+              help="local: this process. spark: Apache Spark (pip install 'fhir-crs[spark]', Java 17), same results.")
+@click.option("--master", default=None, metavar="URL",
+              help="--engine spark: the Spark master (local[2], spark://host:7077, yarn; default local[*] or spark-submit's).")
+@click.option("--out", "out_dir", type=click.Path(path_type=Path), default=None,
+              help="--engine spark: write the cases and skipped.ndjson (or Parquet) to this new or empty folder.")
+@click.option("--format", "out_format", type=click.Choice(["json", "parquet"]), default="json", show_default=True,
+              help="--out: one JSON line per case (cases.ndjson), or Parquet (cases.parquet/, skipped.parquet/).")
 @click.option("--workers", type=click.IntRange(1, 64), default=None,
-              help="Processes that read, map and grade (default: the machine's cores); the output is the same for any number.")
+              help="--engine local: processes that read, map and grade (default: the machine's cores); the output is the same for any number.")
 @mapping_options
 def grade(paths: tuple[Path, ...], as_json: bool, show_skips: bool, strict: bool, series: bool, workers: int | None,
+          engine: str, master: str | None, out_dir: Path | None, out_format: str,
           mappings_dir: Path | None, overrides: tuple[str, ...]) -> None:
     """Grade CRS/ICANS from FHIR R4 files, folders, Bundles or NDJSON, with no server.
 
@@ -151,11 +160,19 @@ def grade(paths: tuple[Path, ...], as_json: bool, show_skips: bool, strict: bool
     from .parallel import default_workers
     from .pipeline import run_paths, stream_grade
 
-    if series and not as_json:
+    if series and not as_json and out_dir is None:
         raise click.UsageError("--series needs --json (the plotted series are part of the JSON output).")
+    if engine == "local" and (master or out_dir or out_format != "json"):
+        raise click.UsageError("--master, --out and --format need --engine spark.")
+    if out_dir is not None and as_json:
+        raise click.UsageError("--out and --json are exclusive: --out writes files, --json prints one object.")
+    if engine == "spark" and workers is not None:
+        raise click.UsageError("--workers is for --engine local (Spark's parallelism is --master, e.g. local[2]).")
     settings = load_settings(mappings_dir or default_mappings_dir(), list(overrides))
     workers = workers or default_workers()
-    if as_json:
+    if engine == "spark":
+        codes = _grade_spark([str(p) for p in paths], settings, mappings_dir, as_json, show_skips, series, master, out_dir, out_format)
+    elif as_json:
         # flat memory: events spill to patient partitions on disk, the JSON is streamed
         codes = stream_grade(list(paths), sys.stdout.buffer, settings, mappings_dir, series, workers).skip_codes
     else:
@@ -176,6 +193,46 @@ def grade(paths: tuple[Path, ...], as_json: bool, show_skips: bool, strict: bool
         if counted:
             click.echo(f"fhir-crs: {len(counted)} resource(s) of types fhir-crs grades skipped (--strict)", err=True)
             sys.exit(7)
+
+
+def _grade_spark(paths: list[str], settings: Any, mappings_dir: Path | None, as_json: bool, show_skips: bool,
+                 series: bool, master: str | None, out_dir: Path | None, out_format: str) -> list[str]:
+    """`grade --engine spark`: the same core per patient in Spark executors (spark.py)."""
+    from . import spark as engine
+
+    code_map = load_code_map(mappings_dir)
+    engine.plan_reads(paths)  # a missing input path: one line, before Spark starts
+    tmp = engine.prepare_out_dir(out_dir) if out_dir is not None else None
+    try:
+        session, started = engine.session(master)
+    except BaseException:
+        if tmp is not None:
+            tmp.rmdir()
+        raise
+    try:
+        render = "contract" if as_json else ("parquet" if out_format == "parquet" else "line")
+        run = engine.grade_spark(session, paths, code_map, settings, render=render, series=series)
+        if as_json:
+            engine.write_contract(run, sys.stdout.buffer, settings)
+        elif out_dir is not None and tmp is not None:
+            summary = engine.write_out_dir(run, session, tmp, out_dir, out_format, settings)
+            click.echo(f"fhir-crs: {summary['cases']} case(s), {summary['skipped']} skip(s), "
+                       f"{summary['resources_read']} resource(s) read -> {out_dir}", err=True)
+            tmp = None
+        else:
+            data = {"cases": [orjson.loads(c) for c in run.sorted_cases()], "skipped": list(run.sorted_skips()),
+                    "resources_read": run.resources_read, "resources_used": run.resources_read - run.skipped,
+                    "settings": settings.as_dict()}
+            render_out(data, show_skips)
+        run.rdd.unpersist()
+        return [c for c, n in run.skip_codes.items() for _ in range(n)]
+    finally:
+        if tmp is not None and tmp.exists():
+            import shutil
+
+            shutil.rmtree(tmp, ignore_errors=True)
+        if started:
+            session.stop()
 
 
 def render_out(data: dict[str, Any], show_skips: bool) -> None:
@@ -296,7 +353,7 @@ def make_client(cfg: Any) -> Any:
                         allow_insecure_http=cfg.allow_insecure_http, ca_bundle=cfg.ca_bundle,
                         credential_origins=cfg.bulk_file_origins)
     if cfg.auth == "smart":
-        from .fhir.auth import smart_auth_from_config
+        from .fhir.smart import smart_auth_from_config
 
         # discovery and token requests go through this client (same TLS, caps and origin rules)
         client.auth = smart_auth_from_config(cfg, client)

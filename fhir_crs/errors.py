@@ -13,6 +13,7 @@
     │   ├── FhirOperationOutcome exit 4   any other 4xx/5xx; keeps the OperationOutcome diagnostics
     │   └── DuplicateTargetError exit 8   >1 server resource carries an identifier fhir-crs writes to
     ├── ConventionChangeError    exit 9   a stored Condition was graded with other settings/mapping tables
+    ├── EngineError              exit 10  `grade --engine spark` cannot start (pyspark or Java 17 missing, bad --master)
     └── GradingError             exit 6   an internal inconsistency while grading (a bug)
 
 `sync` stopped by a signal exits 128 + signal number (130 SIGINT, 143 SIGTERM; interrupt.py).
@@ -111,6 +112,14 @@ class ConventionChangeError(FhirCrsError):
     code = "convention_change"
 
 
+class EngineError(FhirCrsError):
+    """`grade --engine spark` cannot run here: pyspark is not installed, Java is missing, or the
+    Spark master cannot be reached (the message says which, in one line)."""
+
+    exit_code = 10
+    code = "engine"
+
+
 # (exit code, meaning): printed by `fhir-crs --help` and copied into the README (a test compares them).
 EXIT_CODES: tuple[tuple[int, str], ...] = (
     (0, "success"),
@@ -123,6 +132,7 @@ EXIT_CODES: tuple[tuple[int, str], ...] = (
     (7, "--strict: a resource of a type fhir-crs grades was skipped"),
     (8, "two server resources carry one write-back identifier (data quality)"),
     (9, "write-back refused: the stored Condition was graded with other settings or mapping tables (--allow-convention-change)"),
+    (10, "grade --engine spark cannot start: pyspark or Java 17 missing, or the Spark master unreachable"),
     (130, "sync stopped by Ctrl-C (SIGINT) after the write in flight; recorded as interrupted"),
     (143, "sync stopped by SIGTERM after the write in flight; recorded as interrupted"),
 )

@@ -8,7 +8,16 @@ small frozen dataclass; times are timezone-aware UTC datetimes; every event keep
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from datetime import date, datetime
+from datetime import UTC, date, datetime, timezone
+
+
+def iso(t: datetime | None, tz: timezone | None = None) -> str | None:
+    """An event time as FHIR dateTime text in UTC (`Z`), to the second; None stays None."""
+    if t is None:
+        return None
+    t = t.astimezone(tz or UTC)
+    s = t.isoformat(timespec="seconds")
+    return s.replace("+00:00", "Z")
 
 
 @dataclass(frozen=True, slots=True)

@@ -380,3 +380,10 @@ def _load_cached(directory: str) -> CodeMap:
 def load_code_map(directory: Path | None = None) -> CodeMap:
     """Loads (and caches) every mapping table from `directory` (default: `default_mappings_dir()`)."""
     return _load_cached(str((directory or default_mappings_dir()).resolve()))
+
+
+def cart_codes(code_map: CodeMap) -> tuple[list[str], list[str]]:
+    """CAR-T administration codes from the site tables: Procedure codes, drug codes."""
+    procs = sorted(next(m.codes for m in code_map.procedures.entries if m.name == "car_t_infusion"))
+    drugs = sorted(c for spec in code_map.drugs.values() if spec.drug_class == "cart_product" for c in spec.matcher.codes)
+    return procs, drugs

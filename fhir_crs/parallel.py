@@ -8,14 +8,14 @@ worker processes — the output is byte for byte the one-process output.
    input position is the one-process ordering.
 2. settle: Type/id partitions across the workers (each worker writes its own patient-partition
    files);
-3. grade: patient partitions across the workers (`pipeline.grade_patient`, the pure per-patient
-   core), each writing its cases as finished JSON; the parent streams them in patient order.
+3. grade: patient partitions across the workers (`grading.case.grade_events`, the pure
+   per-patient step of core.py), each writing its cases as finished JSON; the parent streams them in patient order.
 
 Workers are forked (the mapping tables, the settings and the Medications read in stage 1 are
 inherited, not pickled). Where a forked worker is not available (no `fork` start method) or the
 input has more than one copy of a Medication (a MedicationAdministration mapped between two
 versions would depend on the input order across units), the one-process path runs instead.
-Stage costs: map O(resources), settle O(copies), grade as `grade_patient`; the parent's own
+Stage costs: map O(resources), settle O(copies), grade as `grade_events`; the parent's own
 work is O(patients + skips) besides streaming the output.
 """
 

@@ -14,46 +14,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .events import Event, MappingResult, PatientInfo, Skipped
-from .grading import CRS_SYSTEMS, ICANS_SYSTEMS, adjacent
-from .grading.result import SystemResult, iso
-from .identity import patient_label
+from .core import grade_mapped, grade_patient
+from .events import MappingResult, Skipped, iso
+from .grading.case import GradedCase, grade_events
 from .logs import note_patient
 from .mappers import ResourceMapper
-from .mapping_files import CodeMap, load_code_map
+from .mapping_files import CodeMap, cart_codes, load_code_map
 from .settings import GradingSettings, load_settings
 from .sources import SourceResource, iter_paths
-from .timeline import CaseTimeline, build_timelines, case_facts, display_events, plot_series
-
-
-@dataclass(slots=True)
-class GradedCase:
-    timeline: CaseTimeline
-    crs: dict[str, SystemResult]
-    icans: dict[str, SystemResult]
-    adjacent: dict[str, Any]
-
-    def to_json(self, settings: GradingSettings, series: bool = False) -> dict[str, Any]:
-        tl = self.timeline
-        out = {
-            "patient": tl.patient,
-            "patient_label": patient_label(tl.patient),
-            "mrn": tl.mrn,
-            "name": tl.name,
-            "infusion": iso(tl.infusion),
-            "infusion_evidence": tl.infusion_refs,
-            "age_years": tl.age_years,
-            "age_months": tl.age_months if tl.age_years is not None and tl.age_years < 2 else None,
-            "matched_by_text": sorted(tl.text_matched),
-            "crs": {k: v.to_json(tl.infusion, settings) for k, v in self.crs.items()},
-            "icans": {k: v.to_json(tl.infusion, settings) for k, v in self.icans.items()},
-            "adjacent": self.adjacent,
-            "timeline": display_events(tl, settings),
-            "facts": case_facts(tl, settings),
-        }
-        if series:
-            out["series"] = plot_series(tl)
-        return out
 
 
 @dataclass(slots=True)
@@ -74,50 +42,12 @@ class GradeRun:
         }
 
 
-def grade_case(tl: CaseTimeline, settings: GradingSettings) -> GradedCase:
-    crs = {name: g(tl, settings) for name, g in CRS_SYSTEMS.items()}
-    case = GradedCase(
-        tl, crs,
-        {name: g(tl, settings) for name, g in ICANS_SYSTEMS.items()},
-        adjacent(tl, settings, crs["astct"].resolved),
-    )
-    for result in [*case.crs.values(), *case.icans.values()]:
-        # Local codes: evidence that was recognised by its text, not a configured code, is flagged.
-        if tl.text_matched.intersection(result.evidence):
-            result.flag("matched_by_text")
-    tl.derived.clear()  # the systems' shared state (grading/state.py) is not kept with the case
-    return case
-
-
-def grade_patient(patient: str, events: list[Event], flags: set[str], refs: list[str],
-                  settings: GradingSettings) -> tuple[list[GradedCase], list[Skipped]]:
-    """Every case of one patient; when no CAR-T infusion was found, one skip per resource of the
-    patient that was read but not graded (`refs`), so counts add up.
-
-    The pure per-patient core that every path calls (in memory, flat memory, `--workers`
-    processes): no I/O, no module state; its inputs are the patient's mapped events in input
-    order, the patient's flag set, the Type/id refs of its used resources and the settings.
-    Cost: O(events log events) for the timelines and every system (grading/state.py)."""
-    timelines = build_timelines(patient, events, flags, settings)
-    if not timelines:
-        n = sum(1 for e in events if not isinstance(e, PatientInfo))
-        return [], [Skipped(ref, f"no CAR-T infusion (day 0) found for its patient: {patient}, {n} mapped events not graded", "no_infusion")
-                    for ref in refs]
-    return [grade_case(tl, settings) for tl in timelines], []
-
-
 def skip_json(s: Skipped) -> dict[str, str]:
     return {"resource": s.resource, "reason": s.reason, "code": s.code}
 
 
 def grade_mapping(result: MappingResult, settings: GradingSettings, resources: int) -> GradeRun:
-    cases: list[GradedCase] = []
-    skipped = list(result.skipped)
-    for patient in sorted(result.events):
-        graded, skips = grade_patient(patient, result.events[patient], result.flags.get(patient, set()),
-                                      result.sources.get(patient, []), settings)
-        skipped.extend(skips)
-        cases.extend(graded)
+    cases, skipped = grade_mapped(result, settings)
     return GradeRun(cases, skipped, settings, resources, len(result.events))
 
 
@@ -131,8 +61,8 @@ def map_items(items: Iterable[SourceResource | Skipped], code_map: CodeMap) -> t
 def run_paths(paths: list[Path], settings: GradingSettings | None = None, mappings_dir: Path | None = None) -> GradeRun:
     code_map = load_code_map(mappings_dir)
     settings = settings or load_settings(code_map.directory)
-    result, n = map_items(iter_paths(paths), code_map)
-    return grade_mapping(result, settings, n)
+    graded = grade_patient(iter_paths(paths), code_map, settings)  # the pure core (core.py)
+    return GradeRun(graded.cases, graded.skipped, settings, graded.read, graded.patients)
 
 
 def grade_paths(paths: list[Path | str], settings: GradingSettings | None = None, mappings_dir: Path | None = None) -> dict[str, Any]:
@@ -149,8 +79,8 @@ def grade_resources(resources: Iterable[dict[str, Any]], settings: GradingSettin
     unusable: list[Skipped] = list(getattr(resources, "unusable", ()))
     items: Iterable[SourceResource | Skipped] = [
         *unusable, *(SourceResource(r, f"{origin}#{i}") for i, r in enumerate(resources))]
-    result, n = map_items(items, code_map)
-    return grade_mapping(result, settings, n)
+    graded = grade_patient(items, code_map, settings)  # the pure core (core.py)
+    return GradeRun(graded.cases, graded.skipped, settings, graded.read, graded.patients)
 
 
 # ---- server path: fetch -> map -> timeline -> grade -> write back ---------------------------
@@ -212,7 +142,6 @@ def fetch_patient(client: Any, patient_id: str, cfg: Any, code_map: CodeMap) -> 
     """
     from datetime import timedelta
 
-    from .sync import cart_codes
     from .timeline import find_infusions
 
     patient = client.read("Patient", patient_id)
@@ -388,7 +317,7 @@ def _grade_partition(store: Any, part: int, settings: GradingSettings, series: b
     n = 0
     with out_path.open("wb") as fh:
         for patient, evs in events.items():
-            graded, none_found = grade_patient(patient, evs, store.flags.get(patient, set()), sources.get(patient, []), settings)
+            graded, none_found = grade_events(patient, evs, store.flags.get(patient, set()), sources.get(patient, []), settings)
             if none_found:
                 skips.append((patient, none_found))
             chunk = b",\n    ".join(nested_json(c.to_json(settings, series), 2) for c in graded)

@@ -12,12 +12,13 @@ one naming the resource (`jsonread`, skipped by the mappers). A byte-order mark 
 from __future__ import annotations
 
 import gzip
+import io
 import zlib
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from .errors import InputError
 from .events import SKIP_CODES, Skipped
@@ -61,7 +62,7 @@ def _read_bytes(path: Path) -> bytes:
         raise InputError(f"Cannot read {path}: {exc.strerror or exc}.") from exc
 
 
-def _decompress(path: Path, data: bytes) -> bytes | Skipped:
+def _decompress(path: str | Path, data: bytes) -> bytes | Skipped:
     """The content of a file, gunzipped when it is gzip (by magic bytes, whatever its name)."""
     if not data.startswith(GZIP_MAGIC):
         return data
@@ -71,7 +72,7 @@ def _decompress(path: Path, data: bytes) -> bytes | Skipped:
         return Skipped(str(path), f"gzip data is corrupt or truncated ({exc})", "bad_gzip")
 
 
-def _not_json_text(path: Path, data: bytes) -> Skipped | None:
+def _not_json_text(path: str | Path, data: bytes) -> Skipped | None:
     """An empty or binary file, named as such (not as thousands of 'invalid JSON' lines)."""
     if not data.strip():
         return Skipped(str(path), "empty file", "empty_file")
@@ -157,36 +158,91 @@ def _iter_ndjson(f: Path) -> Iterator[SourceResource | Skipped]:
     except OSError as exc:
         raise InputError(f"Cannot read {f}: {exc.strerror or exc}.") from exc
     with raw:
-        gzipped = raw.read(2) == GZIP_MAGIC
-
-        def stream() -> Any:
-            raw.seek(0)
-            return gzip.GzipFile(fileobj=raw) if gzipped else raw
-
-        lineno = 0
-        try:
-            head = stream().read(4096)
-            bad = _not_json_text(f, head)
-            if bad is None and head.startswith((b"\xff\xfe", b"\xfe\xff")):
-                bad = Skipped(str(f), "UTF-16 text: NDJSON must be UTF-8", "not_utf8")
-            if bad is not None:
-                yield bad
-                return
-            for lineno, line in enumerate(stream(), 1):
-                yield from _ndjson_line(f, lineno, line)
-        except (OSError, EOFError, zlib.error) as exc:
-            yield Skipped(f"{f}:{lineno + 1}" if lineno else str(f), f"gzip data is corrupt or truncated ({exc})", "bad_gzip")
+        yield from _ndjson_stream(str(f), raw)
 
 
-def _ndjson_line(f: Path, lineno: int, line: bytes) -> Iterator[SourceResource | Skipped]:
+def _ndjson_head_problem(name: str, head: bytes) -> Skipped | None:
+    bad = _not_json_text(name, head)
+    if bad is None and head.startswith((b"\xff\xfe", b"\xfe\xff")):
+        bad = Skipped(name, "UTF-16 text: NDJSON must be UTF-8", "not_utf8")
+    return bad
+
+
+def _ndjson_line(name: str, lineno: int, line: bytes) -> Iterator[SourceResource | Skipped]:
     if not line.strip():
         return
     try:
         value = loads(line)  # tolerant: BOM on any line, 1e309/NaN mark their resource, lone surrogates
     except (ValueError, UnicodeDecodeError) as exc:
-        yield _invalid_json(f"{f}:{lineno}", exc)
+        yield _invalid_json(f"{name}:{lineno}", exc)
         return
-    yield from _entries(value, f"{f}:{lineno}")
+    yield from _entries(value, f"{name}:{lineno}")
+
+
+def _ndjson_stream(name: str, raw: IO[bytes]) -> Iterator[SourceResource | Skipped]:
+    """The items of one NDJSON file (`name` names it in origins and skips), from its binary stream."""
+    gzipped = raw.read(2) == GZIP_MAGIC
+
+    def stream() -> Any:
+        raw.seek(0)
+        return gzip.GzipFile(fileobj=raw) if gzipped else raw
+
+    lineno = 0
+    try:
+        bad = _ndjson_head_problem(name, stream().read(4096))
+        if bad is not None:
+            yield bad
+            return
+        for lineno, line in enumerate(stream(), 1):
+            yield from _ndjson_line(name, lineno, line)
+    except (OSError, EOFError, zlib.error) as exc:
+        yield Skipped(f"{name}:{lineno + 1}" if lineno else name, f"gzip data is corrupt or truncated ({exc})", "bad_gzip")
+
+
+def iter_ndjson_split(f: Path, start: int, end: int) -> Iterator[SourceResource | Skipped]:
+    """The items of the lines of a plain (not gzip) NDJSON file that start at a byte offset in
+    [start, end): one split of a large file, read by one Spark task. Together the splits of a
+    file yield exactly what `_iter_ndjson` yields for it, with the same line numbers; a file
+    that fails the file-level checks (empty, binary, UTF-16) is one skip, from the split at 0."""
+    try:
+        raw = f.open("rb")
+    except OSError as exc:
+        raise InputError(f"Cannot read {f}: {exc.strerror or exc}.") from exc
+    name = str(f)
+    with raw:
+        bad = _ndjson_head_problem(name, raw.read(4096))
+        if bad is not None:
+            if start == 0:
+                yield bad
+            return
+        raw.seek(0)
+        lineno, left = 0, start
+        while left > 0:  # lines before the split: count the newlines in [0, start)
+            block = raw.read(min(left, 1 << 20))
+            if not block:
+                break
+            lineno += block.count(b"\n")
+            left -= len(block)
+        if start > 0:
+            raw.seek(start - 1)
+            if raw.read(1) != b"\n":
+                raw.readline()  # a line that began before `start` belongs to the previous split
+                lineno += 1
+        while raw.tell() < end:
+            line = raw.readline()
+            if not line:
+                break
+            lineno += 1
+            yield from _ndjson_line(name, lineno, line)
+
+
+def iter_blob(name: str, data: bytes) -> Iterator[SourceResource | Skipped]:
+    """The items of one file's content read elsewhere (a Hadoop-compatible URI in a Spark
+    executor): what `iter_path` yields for a file called `name` holding `data`."""
+    if name.lower().endswith(SUFFIXES_NDJSON):
+        yield from _ndjson_stream(name, io.BytesIO(data))
+    else:
+        yield from _json_blob(name, data)
 
 
 def ndjson_head_ok(f: Path) -> bool:
@@ -197,7 +253,7 @@ def ndjson_head_ok(f: Path) -> bool:
             head = fh.read(4096)
     except OSError:
         return False
-    return not head.startswith(GZIP_MAGIC) and _not_json_text(f, head) is None and not head.startswith((b"\xff\xfe", b"\xfe\xff"))
+    return not head.startswith(GZIP_MAGIC) and _ndjson_head_problem(str(f), head) is None
 
 
 def ndjson_cuts(f: Path, chunk: int) -> list[tuple[int, int, int]]:
@@ -237,7 +293,7 @@ def iter_ndjson_range(f: Path, start: int, end: int, lines_before: int) -> Itera
                     break
                 pos += len(line)
                 lineno += 1
-                yield from _ndjson_line(f, lineno, line)
+                yield from _ndjson_line(str(f), lineno, line)
         except OSError as exc:
             yield Skipped(f"{f}:{lineno + 1}" if lineno else str(f), f"gzip data is corrupt or truncated ({exc})", "bad_gzip")
 
@@ -246,20 +302,24 @@ def _iter_file(f: Path) -> Iterator[SourceResource | Skipped]:
     if _is_ndjson(f):
         yield from _iter_ndjson(f)
         return
-    data = _decompress(f, _read_bytes(f))
+    yield from _json_blob(str(f), _read_bytes(f))
+
+
+def _json_blob(name: str, raw: bytes) -> Iterator[SourceResource | Skipped]:
+    data = _decompress(name, raw)
     if isinstance(data, Skipped):
         yield data
         return
-    bad = _not_json_text(f, data)
+    bad = _not_json_text(name, data)
     if bad is not None:
         yield bad
         return
     try:
         value = loads(_json_text(data))
     except (ValueError, UnicodeDecodeError) as exc:
-        yield _invalid_json(str(f), exc)
+        yield _invalid_json(name, exc)
         return
-    yield from _entries(value, str(f))
+    yield from _entries(value, name)
 
 
 def iter_path(path: Path) -> Iterator[SourceResource | Skipped]:

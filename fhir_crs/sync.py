@@ -34,7 +34,7 @@ from .errors import ConfigError, FhirCrsError
 from .grading.result import iso
 from .interrupt import Interrupted, StopSignal
 from .logs import note_patient, note_patient_id
-from .mapping_files import CodeMap, load_code_map
+from .mapping_files import CodeMap, cart_codes, load_code_map
 from .pipeline import fetch_patient, grade_resources, write_case
 from .settings import GradingSettings
 
@@ -194,13 +194,6 @@ class SyncSummary:
             out["signal"] = self.interrupted
             out["not_done"] = self.not_done
         return out
-
-
-def cart_codes(code_map: CodeMap) -> tuple[list[str], list[str]]:
-    """CAR-T administration codes from the site tables: Procedure codes, drug codes."""
-    procs = sorted(next(m.codes for m in code_map.procedures.entries if m.name == "car_t_infusion"))
-    drugs = sorted(c for spec in code_map.drugs.values() if spec.drug_class == "cart_product" for c in spec.matcher.codes)
-    return procs, drugs
 
 
 def discover_cohort(client: Any, code_map: CodeMap, lookback_days: float, now: datetime | None = None) -> list[str]:

@@ -41,15 +41,28 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 _HAPI: dict[str, object] = {"outcomes": {}, "seconds": 0.0}
 
 
+_SPARK: dict[str, object] = {"outcomes": {}, "seconds": 0.0}
+
+
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None):
     start = time.monotonic()
     yield
     if _uses_hapi(item):
         _HAPI["seconds"] = float(_HAPI["seconds"]) + time.monotonic() - start  # type: ignore[arg-type]
+    if "spark" in item.keywords:
+        _SPARK["seconds"] = float(_SPARK["seconds"]) + time.monotonic() - start  # type: ignore[arg-type]
 
 
 def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    if "spark" in report.keywords:
+        spark_outcomes: dict[str, str] = _SPARK["outcomes"]  # type: ignore[assignment]
+        if report.failed:
+            spark_outcomes[report.nodeid] = "failed"
+        elif report.skipped:
+            spark_outcomes.setdefault(report.nodeid, "skipped")
+        elif report.when == "call":
+            spark_outcomes.setdefault(report.nodeid, "passed")
     if "hapi" not in report.keywords:
         return
     outcomes: dict[str, str] = _HAPI["outcomes"]  # type: ignore[assignment]
@@ -62,6 +75,13 @@ def pytest_runtest_logreport(report: pytest.TestReport) -> None:
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Config) -> None:
+    if _SPARK["outcomes"]:
+        spark_outcomes: dict[str, str] = _SPARK["outcomes"]  # type: ignore[assignment]
+        counts = {k: sum(1 for v in spark_outcomes.values() if v == k) for k in ("passed", "failed", "skipped")}
+        terminalreporter.write_line(
+            f"Spark engine tests: {len(spark_outcomes)} run (passed {counts['passed']}, failed {counts['failed']}, "
+            f"skipped {counts['skipped']}) in {float(_SPARK['seconds']):.0f} s"  # type: ignore[arg-type]
+            + (f"; SparkSession local[2] startup {_SPARK['startup']:.1f} s" if "startup" in _SPARK else ""))
     outcomes: dict[str, str] = _HAPI["outcomes"]  # type: ignore[assignment]
     if not outcomes:
         return
@@ -89,6 +109,41 @@ def settings():
     from fhir_crs.settings import load_settings
 
     return load_settings(ROOT / "mappings")
+
+
+@pytest.fixture(scope="session")
+def spark():
+    """One small SparkSession (local[2], loopback only, no UI) for the whole test session. Without
+    pyspark or Java the Spark tests skip with that reason, except in CI (CI=true), where they must
+    run: there the missing tool is a failure."""
+    from fhir_crs.spark import spark_available
+
+    reason = spark_available()
+    if reason:
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"CI=true: the Spark engine tests must run, but {reason}", pytrace=False)
+        pytest.skip(reason)
+    start = time.monotonic()
+    os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")
+    os.environ["PYSPARK_PYTHON"] = sys.executable  # the executors run this venv's fhir_crs and packages
+    from pyspark.sql import SparkSession
+
+    s = (SparkSession.builder.master("local[2]").appName("fhir-crs tests")
+         .config("spark.ui.enabled", "false").config("spark.ui.showConsoleProgress", "false")
+         .config("spark.sql.shuffle.partitions", "2").config("spark.python.worker.memory", "64m")
+         .getOrCreate())
+    s.sparkContext.setLogLevel("ERROR")
+    _SPARK["startup"] = time.monotonic() - start
+    try:
+        yield s
+    finally:
+        import gc
+        import warnings
+
+        s.stop()
+        with warnings.catch_warnings():  # py4j's local sockets, closed by the collector, here rather than in a later test
+            warnings.simplefilter("ignore", ResourceWarning)
+            gc.collect()
 
 
 @pytest.fixture(scope="session")

@@ -14,7 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fhir_crs.events import DrugGiven
-from fhir_crs.grading.crs import concurrent_intervals, handoffs
+from fhir_crs.grading.concurrency import concurrent_intervals, handoffs
 from fhir_crs.grading.organ import OrganGrade
 from fhir_crs.grading.state import FeverIndex, IntervalIndex, LatestOrgan
 from fhir_crs.timeline import PressorCourse

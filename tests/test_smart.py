@@ -26,7 +26,7 @@ from fhir_crs.fhir import (
     discover_token_url,
     smart_auth_from_config,
 )
-from fhir_crs.fhir import auth as auth_module
+from fhir_crs.fhir import smart as smart_module
 
 BASE = "https://ehr.example.test/fhir"
 TOKEN_URL = "https://ehr.example.test/auth/token"
@@ -469,7 +469,7 @@ def test_from_config_key_file_and_discovery(mock, keys, tmp_path: Path, clock) -
 def test_from_config_env_key_with_escaped_newlines_and_no_client(mock, keys, clock) -> None:
     pem = pem_private(keys["RS384"]).decode().replace("\n", "\\n")
     mock.post(TOKEN_URL, json=token_json("tok-1"))
-    auth = auth_module.smart_auth_from_config(
+    auth = smart_module.smart_auth_from_config(
         smart_cfg(), env={"FHIR_CRS_PRIVATE_KEY": pem}, clock=clock
     )
     h: dict[str, str] = {}

@@ -5,8 +5,8 @@ on the next attempt) and calls `on_unauthorized()` once when the server answers 
 True means "credentials refreshed, resend the request once" (SMART Backend Services re-mints its
 token there); static credentials return False and the 401 becomes `FhirAuthError`.
 
-SMART Backend Services (`SmartBackendAuth`) lives in `fhir.smart`; `smart_auth_from_config` is
-re-exported here for the CLI.
+SMART Backend Services (`SmartBackendAuth`, `smart_auth_from_config`) lives in `fhir.smart`, which
+builds on this module and on `fhir.client`; this module imports neither (no import circle).
 
 Secrets never appear in `repr()`/`str()`, exception messages or logs (each one is also
 registered with `fhir_crs.logs.note_secret`, which scrubs it from any log line). Which origins
@@ -16,18 +16,13 @@ receive the `Authorization` header is decided by `FhirClient._hop`, not here.
 from __future__ import annotations
 
 import base64
-from collections.abc import Callable, Mapping, MutableMapping
-from typing import TYPE_CHECKING, Protocol, runtime_checkable
+from collections.abc import MutableMapping
+from typing import Protocol, runtime_checkable
 
 from ..errors import ConfigError
 from ..logs import note_secret
 
-if TYPE_CHECKING:
-    from ..config import RunConfig
-    from .client import FhirClient
-    from .smart import SmartBackendAuth
-
-__all__ = ["Auth", "BasicAuth", "BearerAuth", "NoAuth", "smart_auth_from_config"]
+__all__ = ["Auth", "BasicAuth", "BearerAuth", "NoAuth"]
 
 
 @runtime_checkable
@@ -109,19 +104,3 @@ class BasicAuth:
         return f"BasicAuth(user={self.user!r}, password=<redacted>)"
 
     __str__ = __repr__
-
-
-def smart_auth_from_config(
-    cfg: RunConfig,
-    client: FhirClient | None = None,
-    *,
-    env: Mapping[str, str] | None = None,
-    clock: Callable[[], float] | None = None,
-) -> SmartBackendAuth:
-    """`SmartBackendAuth` from a resolved `RunConfig` (see `fhir.smart.smart_auth_from_config`)."""
-    # Imported here: `smart` imports `client`, which imports this module.
-    from . import smart
-
-    if clock is None:
-        return smart.smart_auth_from_config(cfg, client, env=env)
-    return smart.smart_auth_from_config(cfg, client, env=env, clock=clock)

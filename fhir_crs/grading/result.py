@@ -7,20 +7,15 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from datetime import UTC, datetime, timedelta, timezone
+from datetime import datetime, timedelta
 from typing import Any
 
+from ..events import iso
 from ..settings import GradingSettings
 
+__all__ = ["Criterion", "EpisodeResult", "SystemResult", "iso"]
+
 _REF = re.compile(r"^[A-Z][A-Za-z]+/[A-Za-z0-9.\-]{1,64}(/_history/[A-Za-z0-9.\-]{1,64})?$")
-
-
-def iso(t: datetime | None, tz: timezone | None = None) -> str | None:
-    if t is None:
-        return None
-    t = t.astimezone(tz or UTC)
-    s = t.isoformat(timespec="seconds")
-    return s.replace("+00:00", "Z")
 
 
 @dataclass(slots=True)

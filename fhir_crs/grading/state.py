@@ -22,6 +22,7 @@ from typing import Any, Generic, TypeVar
 
 from ..settings import GradingSettings
 from ..timeline import CaseTimeline, PressorCourse, Support
+from .concurrency import concurrent_intervals, handoffs
 from .episodes import Episode, detect_episodes, is_fever
 from .organ import OrganGrade, organ_series
 from .vasoactive import DoseState, dose_states, high_dose_intervals, is_high_dose, refractory_times
@@ -196,8 +197,6 @@ class CaseState:
 
     def concurrent(self, include_vasopressin: bool) -> list[tuple[datetime, datetime, int, list[str]]]:
         def build() -> list[tuple[datetime, datetime, int, list[str]]]:
-            from .crs import concurrent_intervals
-
             courses = [c for c in self.tl.pressors if include_vasopressin or c.drug != "vasopressin"]
             return concurrent_intervals(courses, timedelta(minutes=self.s.vasopressor_overlap_min))
         return self._get(("concurrent", include_vasopressin), build)
@@ -210,8 +209,6 @@ class CaseState:
     def handoff_starts(self) -> list[datetime]:
         """Sorted start times of the short different-drug overlaps (vasopressin excluded)."""
         def build() -> list[datetime]:
-            from .crs import handoffs
-
             non_vaso = [c for c in self.tl.pressors if c.drug != "vasopressin"]
             return sorted(h for h, _ in handoffs(non_vaso, timedelta(minutes=self.s.vasopressor_overlap_min)))
         return self._get("handoff_starts", build)

@@ -16,6 +16,7 @@ from itertools import pairwise
 
 from ..settings import GradingSettings
 from ..timeline import CaseTimeline
+from .concurrency import concurrent_intervals
 
 H = timedelta(hours=1)
 
@@ -199,8 +200,6 @@ def refractory_times(tl: CaseTimeline, states: list[DoseState], s: GradingSettin
 
 
 def multi_pressor_intervals(tl: CaseTimeline, s: GradingSettings, include_vasopressin: bool):
-    from .crs import concurrent_intervals
-
     courses = [c for c in tl.pressors if include_vasopressin or c.drug != "vasopressin"]
     return concurrent_intervals(courses, timedelta(minutes=s.vasopressor_overlap_min))
 

@@ -25,9 +25,11 @@ from .patient import map_patient
 from .procedure import ProcedureMapper
 from .status import status_decision
 
-__all__ = ["ResourceMapper"]
+__all__ = ["GRADED_TYPES", "ResourceMapper", "resource_ref", "version_of"]
 
-_GRADED_TYPES = frozenset({"Observation", "MedicationAdministration", "Procedure", "Condition", "Patient"})
+GRADED_TYPES = frozenset({"Observation", "MedicationAdministration", "Procedure", "Condition", "Patient"})
+
+_GRADED_TYPES = GRADED_TYPES
 _SUBJECT_FIELDS = {
     "Observation": ("subject",),
     "MedicationAdministration": ("subject",),
@@ -137,8 +139,10 @@ class ResourceMapper:
     def skip(self, where: str, reason: str, code: str = "other") -> None:
         self._source_skips.append(Skipped(where, reason, code))
 
-    def _patient_of(self, src: SourceResource) -> tuple[str | None, str]:
-        """(Patient/id, or None with the reason)."""
+    @staticmethod
+    def patient_of(src: SourceResource) -> tuple[str | None, str]:
+        """(Patient/id, or None with the reason): the patient a resource belongs to (no state:
+        the Spark engine keys resources by it before mapping them)."""
         r = src.resource
         for f in _SUBJECT_FIELDS.get(r["resourceType"], ("subject", "patient")):
             target = reference_target(r.get(f))
@@ -159,6 +163,8 @@ class ResourceMapper:
             return None, f"subject {target} is not a resolvable Patient reference"
         subj = reference_target(r.get("subject")) or "(none)"
         return None, f"subject {subj} is not a resolvable Patient reference"
+
+    _patient_of = patient_of
 
     def add(self, item: SourceResource | Skipped) -> None:
         self.count += 1

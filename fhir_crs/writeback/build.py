@@ -40,7 +40,7 @@ from ..settings import GradingSettings
 
 if TYPE_CHECKING:
     from ..conventions import Conventions
-    from ..pipeline import GradedCase
+    from ..grading.case import GradedCase
 
 SNOMED = "http://snomed.info/sct"
 ICD10CM = "http://hl7.org/fhir/sid/icd-10-cm"
