@@ -146,11 +146,11 @@ def _settle_part(part: int) -> _SettleResult:
 
 
 def _grade_part(part: int) -> tuple[dict[str, tuple[int, int]], list[tuple[str, list[Skipped]]], int]:
-    from .pipeline import _grade_partition
+    from .spill import grade_partition
 
     job = _JOB
     assert job is not None
-    return _grade_partition(job.store, part, job.settings, job.series, job.work / f"cases-{part:04d}.json")
+    return grade_partition(job.store, part, job.settings, job.series, job.work / f"cases-{part:04d}.json")
 
 
 class _Chained:

@@ -16,7 +16,7 @@ from typing import Any
 
 from .core import grade_mapped, grade_patient
 from .events import MappingResult, Skipped, iso
-from .grading.case import GradedCase, grade_events
+from .grading.case import GradedCase
 from .logs import note_patient
 from .mappers import ResourceMapper
 from .mapping_files import CodeMap, cart_codes, load_code_map
@@ -305,29 +305,6 @@ class StreamSummary:
     resources: int
 
 
-def _grade_partition(store: Any, part: int, settings: GradingSettings, series: bool,
-                     out_path: Path) -> tuple[dict[str, tuple[int, int]], list[tuple[str, list[Skipped]]], int]:
-    """Grade one patient partition; its cases go to `out_path` as JSON rendered for the `cases`
-    list. Returns ({patient: (offset, length)}, [(patient, no-infusion skips)], cases)."""
-    from .spill import nested_json
-
-    events, sources = store.load_patients(part)
-    index: dict[str, tuple[int, int]] = {}
-    skips: list[tuple[str, list[Skipped]]] = []
-    n = 0
-    with out_path.open("wb") as fh:
-        for patient, evs in events.items():
-            graded, none_found = grade_events(patient, evs, store.flags.get(patient, set()), sources.get(patient, []), settings)
-            if none_found:
-                skips.append((patient, none_found))
-            chunk = b",\n    ".join(nested_json(c.to_json(settings, series), 2) for c in graded)
-            index[patient] = (fh.tell(), len(chunk))
-            fh.write(chunk)
-            n += len(graded)
-    store.drop_patients(part)
-    return index, skips, n
-
-
 def stream_grade(paths: list[Path], out: Any, settings: GradingSettings | None = None, mappings_dir: Path | None = None,
                  series: bool = False, workers: int = 1) -> StreamSummary:
     """`fhir-crs grade PATH... --json` in flat memory: byte for byte the output of
@@ -375,7 +352,7 @@ def _stream_grade(paths: list[Path], out: Any, code_map: CodeMap, settings: Grad
     from .errors import InputError
     from .parallel import can_fork, run_parallel
     from .sources import input_bytes
-    from .spill import SpillStore, partitions_for, write_grade_json
+    from .spill import SpillStore, grade_partition, partitions_for, write_grade_json
 
     for p in paths:  # fail fast on a missing path before doing any work
         if not p.exists():
@@ -405,7 +382,7 @@ def _stream_grade(paths: list[Path], out: Any, code_map: CodeMap, settings: Grad
             cases = 0
             for part in store.patient_partitions():
                 out_path = work / f"cases-{part:04d}.json"
-                index, skips, n = _grade_partition(store, part, settings, series, out_path)
+                index, skips, n = grade_partition(store, part, settings, series, out_path)
                 where.update((p, (out_path, off, length)) for p, (off, length) in index.items())
                 no_infusion += skips
                 cases += n

@@ -274,6 +274,28 @@ class SpillStore:
         yield from tail
 
 
+def grade_partition(store: SpillStore, part: int, settings: Any, series: bool,
+                     out_path: Path) -> tuple[dict[str, tuple[int, int]], list[tuple[str, list[Skipped]]], int]:
+    """Grade one patient partition; its cases go to `out_path` as JSON rendered for the `cases`
+    list. Returns ({patient: (offset, length)}, [(patient, no-infusion skips)], cases)."""
+    from .grading.case import grade_events
+
+    events, sources = store.load_patients(part)
+    index: dict[str, tuple[int, int]] = {}
+    skips: list[tuple[str, list[Skipped]]] = []
+    n = 0
+    with out_path.open("wb") as fh:
+        for patient, evs in events.items():
+            graded, none_found = grade_events(patient, evs, store.flags.get(patient, set()), sources.get(patient, []), settings)
+            if none_found:
+                skips.append((patient, none_found))
+            chunk = b",\n    ".join(nested_json(c.to_json(settings, series), 2) for c in graded)
+            index[patient] = (fh.tell(), len(chunk))
+            fh.write(chunk)
+            n += len(graded)
+    store.drop_patients(part)
+    return index, skips, n
+
 def nested_json(value: Any, level: int) -> bytes:
     """`value` as orjson OPT_INDENT_2 prints it `level` levels deep inside a larger document."""
     return orjson.dumps(value, option=orjson.OPT_INDENT_2).replace(b"\n", b"\n" + b"  " * level)
