@@ -336,8 +336,8 @@ def session(master: str | None = None) -> tuple[Any, bool]:
         os.environ.setdefault("SPARK_LOCAL_IP", "127.0.0.1")  # a local run listens on loopback only
     if master:
         builder = builder.master(master)
-    elif "SPARK_HOME" not in os.environ and "PYSPARK_GATEWAY_PORT" not in os.environ:
-        builder = builder.master("local[*]")  # not under spark-submit: run on this machine's cores
+    elif "PYSPARK_GATEWAY_PORT" not in os.environ:
+        builder = builder.master("local[*]")  # not under spark-submit (which sets the gateway): this machine's cores
     builder = builder.config("spark.ui.enabled", "false").config("spark.ui.showConsoleProgress", "false")
     try:
         spark = builder.getOrCreate()
