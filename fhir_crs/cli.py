@@ -140,8 +140,10 @@ def write_output(path: str | Path, text: str, what: str) -> None:
               help="--engine spark: write the cases and skipped.ndjson (or Parquet) to this new or empty folder.")
 @click.option("--format", "out_format", type=click.Choice(["json", "parquet"]), default="json", show_default=True,
               help="--out: one JSON line per case (cases.ndjson), or Parquet (cases.parquet/, skipped.parquet/).")
+@click.option("--workers", type=click.IntRange(1, 64), default=None,
+              help="--engine local: processes that read, map and grade (default: the machine's cores); the output is the same for any number.")
 @mapping_options
-def grade(paths: tuple[Path, ...], as_json: bool, show_skips: bool, strict: bool, series: bool,
+def grade(paths: tuple[Path, ...], as_json: bool, show_skips: bool, strict: bool, series: bool, workers: int | None,
           engine: str, master: str | None, out_dir: Path | None, out_format: str,
           mappings_dir: Path | None, overrides: tuple[str, ...]) -> None:
     """Grade CRS/ICANS from FHIR R4 files, folders, Bundles or NDJSON, with no server.
@@ -155,6 +157,7 @@ def grade(paths: tuple[Path, ...], as_json: bool, show_skips: bool, strict: bool
       fhir-crs grade fixtures/R4/vignettes/V06.json
       fhir-crs grade export/ --json > grades.json
     """
+    from .parallel import default_workers
     from .pipeline import run_paths, stream_grade
 
     if series and not as_json and out_dir is None:
@@ -163,14 +166,24 @@ def grade(paths: tuple[Path, ...], as_json: bool, show_skips: bool, strict: bool
         raise click.UsageError("--master, --out and --format need --engine spark.")
     if out_dir is not None and as_json:
         raise click.UsageError("--out and --json are exclusive: --out writes files, --json prints one object.")
+    if engine == "spark" and workers is not None:
+        raise click.UsageError("--workers is for --engine local (Spark's parallelism is --master, e.g. local[2]).")
     settings = load_settings(mappings_dir or default_mappings_dir(), list(overrides))
+    workers = workers or default_workers()
     if engine == "spark":
         codes = _grade_spark([str(p) for p in paths], settings, mappings_dir, as_json, show_skips, series, master, out_dir, out_format)
     elif as_json:
         # flat memory: events spill to patient partitions on disk, the JSON is streamed
-        codes = stream_grade(list(paths), sys.stdout.buffer, settings, mappings_dir, series).skip_codes
+        codes = stream_grade(list(paths), sys.stdout.buffer, settings, mappings_dir, series, workers).skip_codes
     else:
-        data = run_paths(list(paths), settings, mappings_dir).to_json(series=series)
+        if workers > 1:  # the same object as run_paths(...).to_json(), graded on `workers` processes
+            import io
+
+            buf = io.BytesIO()
+            stream_grade(list(paths), buf, settings, mappings_dir, series, workers)
+            data = orjson.loads(buf.getvalue())
+        else:
+            data = run_paths(list(paths), settings, mappings_dir).to_json(series=series)
         render_out(data, show_skips)
         codes = [s["code"] for s in data["skipped"]]
     if strict:
