@@ -228,12 +228,8 @@ def iter_ndjson_split(f: Path, start: int, end: int) -> Iterator[SourceResource 
             if raw.read(1) != b"\n":
                 raw.readline()  # a line that began before `start` belongs to the previous split
                 lineno += 1
-        while raw.tell() < end:
-            line = raw.readline()
-            if not line:
-                break
-            lineno += 1
-            yield from _ndjson_line(name, lineno, line)
+        first = raw.tell()
+    yield from iter_ndjson_range(f, first, end, lineno)
 
 
 def iter_blob(name: str, data: bytes) -> Iterator[SourceResource | Skipped]:
