@@ -140,8 +140,10 @@ def write_output(path: str | Path, text: str, what: str) -> None:
               help="--engine spark: write the cases and skipped.ndjson (or Parquet) to this new or empty folder.")
 @click.option("--format", "out_format", type=click.Choice(["json", "parquet"]), default="json", show_default=True,
               help="--out: one JSON line per case (cases.ndjson), or Parquet (cases.parquet/, skipped.parquet/).")
+@click.option("--workers", type=click.IntRange(1, 64), default=None,
+              help="--engine local: processes that read, map and grade (default: the machine's cores); the output is the same for any number.")
 @mapping_options
-def grade(paths: tuple[Path, ...], as_json: bool, show_skips: bool, strict: bool, series: bool,
+def grade(paths: tuple[Path, ...], as_json: bool, show_skips: bool, strict: bool, series: bool, workers: int | None,
           engine: str, master: str | None, out_dir: Path | None, out_format: str,
           mappings_dir: Path | None, overrides: tuple[str, ...]) -> None:
     """Grade CRS/ICANS from FHIR R4 files, folders, Bundles or NDJSON, with no server.
@@ -155,6 +157,7 @@ def grade(paths: tuple[Path, ...], as_json: bool, show_skips: bool, strict: bool
       fhir-crs grade fixtures/R4/vignettes/V06.json
       fhir-crs grade export/ --json > grades.json
     """
+    from .parallel import default_workers
     from .pipeline import run_paths, stream_grade
 
     if series and not as_json and out_dir is None:
@@ -163,14 +166,24 @@ def grade(paths: tuple[Path, ...], as_json: bool, show_skips: bool, strict: bool
         raise click.UsageError("--master, --out and --format need --engine spark.")
     if out_dir is not None and as_json:
         raise click.UsageError("--out and --json are exclusive: --out writes files, --json prints one object.")
+    if engine == "spark" and workers is not None:
+        raise click.UsageError("--workers is for --engine local (Spark's parallelism is --master, e.g. local[2]).")
     settings = load_settings(mappings_dir or default_mappings_dir(), list(overrides))
+    workers = workers or default_workers()
     if engine == "spark":
         codes = _grade_spark([str(p) for p in paths], settings, mappings_dir, as_json, show_skips, series, master, out_dir, out_format)
     elif as_json:
         # flat memory: events spill to patient partitions on disk, the JSON is streamed
-        codes = stream_grade(list(paths), sys.stdout.buffer, settings, mappings_dir, series).skip_codes
+        codes = stream_grade(list(paths), sys.stdout.buffer, settings, mappings_dir, series, workers).skip_codes
     else:
-        data = run_paths(list(paths), settings, mappings_dir).to_json(series=series)
+        if workers > 1:  # the same object as run_paths(...).to_json(), graded on `workers` processes
+            import io
+
+            buf = io.BytesIO()
+            stream_grade(list(paths), buf, settings, mappings_dir, series, workers)
+            data = orjson.loads(buf.getvalue())
+        else:
+            data = run_paths(list(paths), settings, mappings_dir).to_json(series=series)
         render_out(data, show_skips)
         codes = [s["code"] for s in data["skipped"]]
     if strict:
@@ -420,6 +433,9 @@ def pull(patient_id: str, server: str | None, config_path: Path | None, auth: st
 @click.option("--group", "group_id", default=None, metavar="ID", help="Sync the members of this Group.")
 @click.option("--since", default=None, metavar="ISO", help="Only patients whose data changed after this instant.")
 @click.option("--bulk", is_flag=True, help="Use Bulk Data $export (Patient or Group level) instead of per-patient searches.")
+@click.option("--full", is_flag=True,
+              help="Re-read and re-grade every patient of the cohort (and re-discover it), ignoring the change feed; "
+                   "reports what the feed had missed.")
 @click.option("--json", "as_json", is_flag=True, help="Print the run summary as one JSON object.")
 @click.option("--dry-run", is_flag=True,
               help="Grade and list what would be written (patient, resource, create/update, old -> new grade); "
@@ -433,27 +449,31 @@ def pull(patient_id: str, server: str | None, config_path: Path | None, auth: st
 @click.option("--workers", type=int, default=None, help="Concurrent patients (reads); writes stay serial per patient.")
 @mapping_options
 def sync(server: str | None, config_path: Path | None, auth: str | None, token_file: str | None, timeout: float | None,
-         patients_file: Path | None, group_id: str | None, since: str | None, bulk: bool, as_json: bool, dry_run: bool,
+         patients_file: Path | None, group_id: str | None, since: str | None, bulk: bool, full: bool, as_json: bool, dry_run: bool,
          allow_convention_change: bool, state_path: str | None, lookback_days: float | None, workers: int | None, mappings_dir: Path | None,
          overrides: tuple[str, ...]) -> None:
     """Nightly job: grade the CAR-T cohort of a FHIR server and write back what changed.
 
     \b
     Finds the cohort (CAR-T Procedures/product administrations in the look-back window, or
-    --patients FILE, or --group ID), checks each patient for data newer than the last
-    successful run (local SQLite state), re-grades the changed ones and writes their
-    Condition and summary Bundle back in one transaction each (with a Provenance). Killed
-    runs are finished by the next run. Ctrl-C / SIGTERM stop after the write in flight (exit
+    --patients FILE, or --group ID), asks the server once for everything changed since the
+    last successful run (type-level _history or _lastUpdated searches; local SQLite state),
+    re-grades only the patients with changes or deletions and writes their Condition and
+    summary Bundle back in one transaction each (with a Provenance). --full (and, every
+    reconcile_days, a periodic reconciliation) re-reads everyone. Killed runs are finished by
+    the next run. Ctrl-C / SIGTERM stop after the write in flight (exit
     130 / 143, the run recorded as interrupted). Exit 1 if any patient failed.
     \b
     Example:
       fhir-crs sync --server http://127.0.0.1:8080/fhir --json
     """
     from .interrupt import StopSignal
-    from .sync import StateStore, Sync, default_state_path, select_patients
+    from .sync import StateStore, Sync, default_state_path, group_members, read_patient_list, scope_of
 
     if patients_file and group_id:
         raise click.UsageError("--patients and --group are alternatives; give one.")
+    if bulk and full:
+        raise click.UsageError("--full re-reads the cohort through searches; --bulk without a stored _since exports everything.")
     since = valid_instant(since, "--since")
     cfg = run_config({"server": server, "auth": auth, "token_file": token_file, "timeout": timeout,
                       "state_path": state_path, "workers": workers, "lookback_days": lookback_days,
@@ -474,11 +494,13 @@ def sync(server: str | None, config_path: Path | None, auth: str | None, token_f
                 summary = run_bulk(client, cfg, settings, state, group_id=group_id, dry_run=dry_run, console=console,
                                    allow_convention_change=allow_convention_change, stop=stop)
             else:
-                patients = [] if stop.is_set() else select_patients(client, cfg, patients_file, group_id)
-                if not patients and not stop.is_set():
+                explicit = (read_patient_list(patients_file) if patients_file
+                            else group_members(client, group_id) if group_id else None)
+                job = Sync(client, cfg, settings, state, dry_run=dry_run, since=since, stop=stop, full=full,
+                           allow_convention_change=allow_convention_change)
+                summary = _run_with_progress(job, (explicit, scope_of(explicit, group_id)), console)
+                if not summary.patients and not stop.is_set():
                     log.warning("%s", empty_cohort_reason(cfg, patients_file, group_id))
-                summary = _run_with_progress(Sync(client, cfg, settings, state, dry_run=dry_run, since=since, stop=stop,
-                                                  allow_convention_change=allow_convention_change), patients, console)
         finally:
             state.close()
     data = summary.to_json()
@@ -534,26 +556,31 @@ def empty_cohort_reason(cfg: Any, patients_file: Path | None, group_id: str | No
             "or give --patients FILE / --group ID.")
 
 
-def _run_with_progress(job: Any, patients: list[str], console: Console) -> Any:
-    """Runs a `Sync` over `patients` with a progress bar on a terminal, plain log lines otherwise."""
+def _run_with_progress(job: Any, patients: list[str] | tuple[list[str] | None, str], console: Console) -> Any:
+    """Runs a `Sync` over `patients` (or one night: (explicit cohort or None, scope)) with a
+    progress bar on a terminal, plain log lines otherwise."""
+
+    def go() -> Any:
+        return job.night(*patients) if isinstance(patients, tuple) else job.run(patients)
+
     if console.is_terminal:
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
         with Progress(TextColumn("sync"), BarColumn(), MofNCompleteColumn(), TextColumn("errors: {task.fields[errors]}"),
                       TimeElapsedColumn(), console=console) as bar:
-            task = bar.add_task("patients", total=len(patients), errors=0)
+            task = bar.add_task("patients", total=None, errors=0)
 
             def tick(patient: str, done: int, total: int, errors: int) -> None:
-                bar.update(task, completed=done, errors=errors)
+                bar.update(task, total=total, completed=done, errors=errors)
 
             job.progress = tick
-            return job.run(patients)
+            return go()
 
     def line(patient: str, done: int, total: int, errors: int) -> None:
         log.info("sync: %d/%d patients done, %d error(s)", done, total, errors)
 
     job.progress = line
-    return job.run(patients)
+    return go()
 
 
 def _report_outputs(report: dict[str, Any], cases_series: list[dict[str, Any]], as_json: bool, csv_path: str | None,

@@ -71,6 +71,10 @@ class RunConfig(BaseModel):
     state_path: str | None = _f(None, allowed="a file path")
     lookback_days: float = _f(120.0, ge=1, le=100000, unit="days")
     workers: int = _f(4, ge=1, le=32)
+    # --- nightly change detection (sync.py, changefeed.py)
+    change_feed: Literal["auto", "history", "search", "per-patient"] = "auto"
+    sync_overlap_seconds: float = _f(300.0, ge=0, le=86400, unit="s")
+    reconcile_days: float = _f(7.0, ge=0, le=3650, unit="days (0: never)")
     mappings: str | None = None
     # --- security (docs/SECURITY.md)
     allow_insecure_http: bool = False

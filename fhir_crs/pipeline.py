@@ -8,14 +8,15 @@ resources already in memory (the server path hands its search results here).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from .core import grade_mapped, grade_patient
 from .events import MappingResult, Skipped, iso
-from .grading.case import GradedCase, grade_events
+from .grading.case import GradedCase
 from .logs import note_patient
 from .mappers import ResourceMapper
 from .mapping_files import CodeMap, cart_codes, load_code_map
@@ -138,38 +139,51 @@ def fetch_patient(client: Any, patient_id: str, cfg: Any, code_map: CodeMap) -> 
 
     Every search sends `Cache-Control: no-cache`: HAPI otherwise answers an identical search
     within 60 s from its stored result, which would miss data charted since (seen on a real HAPI).
+    The reads of each step go in one `batch` Bundle where the client offers `batch_get` (two
+    requests for the three steps, plus the further pages of long searches).
     """
     from datetime import timedelta
 
     from .timeline import find_infusions
 
-    patient = client.read("Patient", patient_id)
+    def many(calls: list[tuple[str, list[tuple[str, str]] | None]]) -> list[Any]:
+        # one batch Bundle where the client offers it (issue 13: <= 6 requests per patient)
+        batch = getattr(client, "batch_get", None)
+        if batch is not None:
+            return batch(calls)
+        return [client.read(*path.split("/", 1)) if params is None else client.search(path, params, no_cache=True)
+                for path, params in calls]
+
+    proc_codes, drug_codes = cart_codes(code_map)
+    calls: list[tuple[str, list[tuple[str, str]] | None]] = [(f"Patient/{patient_id}", None)]
+    for rtype, codes in (("Procedure", proc_codes), ("MedicationAdministration", drug_codes)):
+        for chunk in range(0, len(codes), 20):
+            calls.append((rtype, [("patient", patient_id), ("code", ",".join(codes[chunk:chunk + 20]))]))
+    first = many(calls)
+    patient = first[0]
     note_patient(patient)  # its names, MRN and birth date never reach a log line (logs.py)
 
     def infusions_in(resources: list[dict[str, Any]]) -> list[Any]:
         result, _ = map_items((SourceResource(r, f"server#{i}") for i, r in enumerate(resources)), code_map)
         return find_infusions([e for evs in result.events.values() for e in evs])
 
-    proc_codes, drug_codes = cart_codes(code_map)
-    found: list[dict[str, Any]] = []
-    for rtype, codes in (("Procedure", proc_codes), ("MedicationAdministration", drug_codes)):
-        for chunk in range(0, len(codes), 20):
-            res = client.search(rtype, [("patient", patient_id), ("code", ",".join(codes[chunk:chunk + 20]))], no_cache=True)
-            found += res.matches
+    found: list[dict[str, Any]] = [r for res in first[1:] for r in res.matches]
     infusions = infusions_in([patient, *found])
     if not infusions:  # CAR-T charted only with local codes or a contained product: read everything once
-        procs = client.search("Procedure", [("patient", patient_id)], no_cache=True)
-        meds = client.search("MedicationAdministration", [("patient", patient_id), ("_include", "MedicationAdministration:medication")], no_cache=True)
+        procs, meds = many([("Procedure", [("patient", patient_id)]),
+                            ("MedicationAdministration", [("patient", patient_id), ("_include", "MedicationAdministration:medication")])])
         everything = [patient, *_copies(procs), *_copies(meds), *meds.includes]
         if not infusions_in(everything):
             return FetchedResources(everything, _unusable(procs, meds))  # graded as "no CAR-T infusion found" (a named skip)
         infusions = infusions_in(everything)
     lo = iso(infusions[0][0] - timedelta(days=cfg.window_before_days))
     hi = iso(infusions[-1][0] + timedelta(days=cfg.window_after_days))
-    procs = client.search("Procedure", [("patient", patient_id), ("date", f"ge{lo}"), ("date", f"le{hi}")], no_cache=True)
-    meds = client.search("MedicationAdministration", [("patient", patient_id), ("effective-time", f"ge{lo}"),
-                                                      ("effective-time", f"le{hi}"), ("_include", "MedicationAdministration:medication")], no_cache=True)
-    obs = client.search("Observation", [("patient", patient_id), ("date", f"ge{lo}"), ("date", f"le{hi}")], no_cache=True)
+    procs, meds, obs = many([
+        ("Procedure", [("patient", patient_id), ("date", f"ge{lo}"), ("date", f"le{hi}")]),
+        ("MedicationAdministration", [("patient", patient_id), ("effective-time", f"ge{lo}"), ("effective-time", f"le{hi}"),
+                                      ("_include", "MedicationAdministration:medication")]),
+        ("Observation", [("patient", patient_id), ("date", f"ge{lo}"), ("date", f"le{hi}")]),
+    ])
     resources = [patient, *_copies(procs), *_copies(meds), *meds.includes, *_copies(obs)]
     seen = {f"{r.get('resourceType')}/{r.get('id')}" for r in resources}
     # the infusion record itself is kept even if a server's date search misses it
@@ -304,31 +318,8 @@ class StreamSummary:
     resources: int
 
 
-def _grade_partition(store: Any, part: int, settings: GradingSettings, series: bool,
-                     out_path: Path) -> tuple[dict[str, tuple[int, int]], list[tuple[str, list[Skipped]]], int]:
-    """Grade one patient partition; its cases go to `out_path` as JSON rendered for the `cases`
-    list. Returns ({patient: (offset, length)}, [(patient, no-infusion skips)], cases)."""
-    from .spill import nested_json
-
-    events, sources = store.load_patients(part)
-    index: dict[str, tuple[int, int]] = {}
-    skips: list[tuple[str, list[Skipped]]] = []
-    n = 0
-    with out_path.open("wb") as fh:
-        for patient, evs in events.items():
-            graded, none_found = grade_events(patient, evs, store.flags.get(patient, set()), sources.get(patient, []), settings)
-            if none_found:
-                skips.append((patient, none_found))
-            chunk = b",\n    ".join(nested_json(c.to_json(settings, series), 2) for c in graded)
-            index[patient] = (fh.tell(), len(chunk))
-            fh.write(chunk)
-            n += len(graded)
-    store.drop_patients(part)
-    return index, skips, n
-
-
 def stream_grade(paths: list[Path], out: Any, settings: GradingSettings | None = None, mappings_dir: Path | None = None,
-                 series: bool = False) -> StreamSummary:
+                 series: bool = False, workers: int = 1) -> StreamSummary:
     """`fhir-crs grade PATH... --json` in flat memory: byte for byte the output of
     `run_paths(...).to_json()`, written to the binary stream `out`.
 
@@ -337,32 +328,78 @@ def stream_grade(paths: list[Path], out: Any, settings: GradingSettings | None =
        `ResourceMapper.settle`) goes to a patient-hash partition, skips to sorted runs;
     3. grade: per patient partition (a bounded number of patients), then stream the JSON in
        patient order. Nothing is written to `out` before the whole input was read, so an input
-       error leaves no partial output."""
-    import tempfile
+       error leaves no partial output.
 
-    from .sources import input_bytes
-    from .spill import SpillStore, partitions_for, write_grade_json
-
+    With `workers` > 1 the three stages run on that many processes (parallel.py), same bytes."""
     code_map = load_code_map(mappings_dir)
     settings = settings or load_settings(code_map.directory)
+    paths = [Path(p) for p in paths]
+    with quiet_gc():
+        return _stream_grade(paths, out, code_map, settings, series, workers)
+
+
+@contextmanager
+def quiet_gc(threshold: int = 100_000) -> Iterator[None]:
+    """Garbage collection off the hot path: what was loaded before (mapping tables, settings,
+    modules) is frozen out of every collection, and a collection runs every `threshold`
+    allocations instead of every 700 (the mappers create almost no reference cycles; the events
+    buffered at a time are bounded by spill.SPILL_EVENTS). Restored on exit."""
+    import gc
+
+    old = gc.get_threshold()
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(threshold, old[1], old[2])
+    try:
+        yield
+    finally:
+        gc.set_threshold(*old)
+        gc.unfreeze()
+
+
+def _stream_grade(paths: list[Path], out: Any, code_map: CodeMap, settings: GradingSettings, series: bool,
+                  workers: int) -> StreamSummary:
+    import tempfile
+
+    from . import parallel
+    from .errors import InputError
+    from .parallel import can_fork, run_parallel
+    from .sources import input_bytes
+    from .spill import SpillStore, grade_partition, partitions_for, write_grade_json
+
+    for p in paths:  # fail fast on a missing path before doing any work
+        if not p.exists():
+            raise InputError(f"Input path {p} does not exist.")
+    size = input_bytes(paths)
+    partitions = partitions_for(size)
     with tempfile.TemporaryDirectory(prefix="fhir-crs-grade-") as tmp:
         work = Path(tmp)
-        store = SpillStore(work, partitions_for(input_bytes(paths)))
-        mapper = ResourceMapper(code_map, store, spill=store.spill_kept)
-        for item in iter_paths(paths):
-            mapper.add(item)
-            store.maybe_spill()
-        mapper.finish()
-        store.settle(mapper)
-        where: dict[str, tuple[Path, int, int]] = {}
-        no_infusion: list[tuple[str, list[Skipped]]] = []
-        cases = 0
-        for part in store.patient_partitions():
-            out_path = work / f"cases-{part:04d}.json"
-            index, skips, n = _grade_partition(store, part, settings, series, out_path)
-            where.update((p, (out_path, off, length)) for p, (off, length) in index.items())
-            no_infusion += skips
-            cases += n
+        run = None
+        if workers > 1 and can_fork() and size > parallel.UNIT_BYTES:  # one unit of input: one process
+            run = run_parallel(paths, work, partitions, code_map, settings, series, workers)
+            if run is None:  # the input needs the one-process path (parallel.py): start afresh
+                for f in work.iterdir():
+                    f.unlink()
+        if run is not None:
+            store, where, no_infusion, cases, count = run.store, run.where, run.no_infusion, run.cases, run.count
+        else:
+            store = SpillStore(work, partitions)
+            mapper = ResourceMapper(code_map, store, spill=store.spill_kept)
+            for item in iter_paths(paths):
+                mapper.add(item)
+                store.maybe_spill()
+            mapper.finish()
+            store.settle(mapper)
+            where = {}
+            no_infusion = []
+            cases = 0
+            for part in store.patient_partitions():
+                out_path = work / f"cases-{part:04d}.json"
+                index, skips, n = grade_partition(store, part, settings, series, out_path)
+                where.update((p, (out_path, off, length)) for p, (off, length) in index.items())
+                no_infusion += skips
+                cases += n
+            count = mapper.count
         no_infusion.sort(key=lambda x: x[0])
 
         def rendered() -> Iterable[bytes]:
@@ -381,5 +418,5 @@ def stream_grade(paths: list[Path], out: Any, settings: GradingSettings | None =
                 yield skip_json(s)
 
         write_grade_json(out, rendered(), skipped(), lambda n_skipped: {
-            "resources_read": mapper.count, "resources_used": mapper.count - n_skipped, "settings": settings.as_dict()})
-    return StreamSummary(cases, codes, mapper.count)
+            "resources_read": count, "resources_used": count - n_skipped, "settings": settings.as_dict()})
+    return StreamSummary(cases, codes, count)

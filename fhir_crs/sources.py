@@ -228,12 +228,8 @@ def iter_ndjson_split(f: Path, start: int, end: int) -> Iterator[SourceResource 
             if raw.read(1) != b"\n":
                 raw.readline()  # a line that began before `start` belongs to the previous split
                 lineno += 1
-        while raw.tell() < end:
-            line = raw.readline()
-            if not line:
-                break
-            lineno += 1
-            yield from _ndjson_line(name, lineno, line)
+        first = raw.tell()
+    yield from iter_ndjson_range(f, first, end, lineno)
 
 
 def iter_blob(name: str, data: bytes) -> Iterator[SourceResource | Skipped]:
@@ -243,6 +239,59 @@ def iter_blob(name: str, data: bytes) -> Iterator[SourceResource | Skipped]:
         yield from _ndjson_stream(name, io.BytesIO(data))
     else:
         yield from _json_blob(name, data)
+
+
+def ndjson_head_ok(f: Path) -> bool:
+    """Whether a plain (not gzip) NDJSON file may be read in byte ranges (`iter_ndjson_range`):
+    its head is text that `_iter_ndjson` would read line by line (not empty, binary or UTF-16)."""
+    try:
+        with f.open("rb") as fh:
+            head = fh.read(4096)
+    except OSError:
+        return False
+    return not head.startswith(GZIP_MAGIC) and _ndjson_head_problem(str(f), head) is None
+
+
+def ndjson_cuts(f: Path, chunk: int) -> list[tuple[int, int, int]]:
+    """(start byte, end byte or -1 for the end of the file, number of lines before start) of
+    consecutive ranges of about `chunk` bytes of a plain NDJSON file, each starting at the
+    beginning of a line (so a range's line numbers are those `_iter_ndjson` gives)."""
+    size = f.stat().st_size
+    cuts: list[tuple[int, int, int]] = []
+    start = lines = 0
+    with f.open("rb") as fh:
+        while start + chunk < size:
+            block = fh.read(chunk)  # the file position is `start` here
+            block += fh.readline()  # up to the end of the line crossing the cut
+            if start + len(block) >= size:
+                break
+            cuts.append((start, start + len(block), lines))
+            lines += block.count(b"\n")
+            start += len(block)
+    cuts.append((start, -1, lines))
+    return cuts
+
+
+def iter_ndjson_range(f: Path, start: int, end: int, lines_before: int) -> Iterator[SourceResource | Skipped]:
+    """The items of bytes [start, end) of a plain NDJSON file (`ndjson_cuts`; end -1: to the end),
+    exactly as `_iter_ndjson` yields them for those lines."""
+    try:
+        fh = f.open("rb")
+    except OSError as exc:
+        raise InputError(f"Cannot read {f}: {exc.strerror or exc}.") from exc
+    with fh:
+        fh.seek(start)
+        pos = start
+        lineno = lines_before
+        try:
+            for line in fh:
+                if end >= 0 and pos >= end:
+                    break
+                pos += len(line)
+                lineno += 1
+                yield from _ndjson_line(str(f), lineno, line)
+        except OSError as exc:
+            yield Skipped(f"{f}:{lineno + 1}" if lineno else str(f), f"gzip data is corrupt or truncated ({exc})", "bad_gzip")
 
 
 def _iter_file(f: Path) -> Iterator[SourceResource | Skipped]:

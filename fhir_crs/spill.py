@@ -41,16 +41,23 @@ class _Codec:
     several times slower than taking the values with one attrgetter and calling the class."""
 
     def __init__(self) -> None:
+        from .events import DrugGiven, Finding, Measurement, PatientInfo, ProcedureDone
+
         self.types: list[type] = []
         self._get: dict[type, tuple[int, Any]] = {}
+        for cls in (Measurement, Finding, DrugGiven, ProcedureDone, PatientInfo):  # the same numbers in every process
+            self._register(cls)
+
+    def _register(self, cls: type) -> tuple[int, Any]:
+        names = [f.name for f in dataclasses.fields(cls)]
+        entry = self._get[cls] = (len(self.types), operator.attrgetter(*names))
+        self.types.append(cls)
+        return entry
 
     def encode(self, e: Any) -> tuple[int, tuple[Any, ...]]:
         entry = self._get.get(type(e))
         if entry is None:
-            cls = type(e)
-            names = [f.name for f in dataclasses.fields(cls)]
-            entry = self._get[cls] = (len(self.types), operator.attrgetter(*names))
-            self.types.append(cls)
+            entry = self._register(type(e))
         code, getter = entry
         return code, getter(e)
 
@@ -129,9 +136,12 @@ class SpillStore:
     the winners' events to patient-hash partitions, the skips to runs sorted by input position.
     Only the patients' flag sets, and the source-level skips up to `SPILL_SKIPS`, stay in memory."""
 
-    def __init__(self, directory: Path, partitions: int):
+    def __init__(self, directory: Path, partitions: int, tag: str = ""):
+        """`tag` is added to the names of the copies / patients files this store writes: worker
+        processes (parallel.py) each write their own, readers read every file of a partition."""
         self.directory = directory
         self.partitions = partitions
+        self.tag = tag
         self.skipped = SkipLog(directory / "source-skips.pickle")  # what ResourceMapper.finish() extends
         self.flags: dict[str, set[str]] = {}
         self.codec = _Codec()
@@ -141,8 +151,12 @@ class SpillStore:
         self._patient_parts: set[int] = set()
         self._runs: dict[str, list[Path]] = {"superseded": [], "winners": []}
 
-    def _path(self, kind: str, part: int) -> Path:
-        return self.directory / f"{kind}-{part:04d}.pickle"
+    def _path(self, kind: str, part: int, tag: str = "") -> Path:
+        return self.directory / f"{kind}-{part:04d}{tag}.pickle"
+
+    def _inputs(self, kind: str, part: int) -> list[Path]:
+        """Every file of one partition, whichever process wrote it."""
+        return sorted(self.directory.glob(f"{kind}-{part:04d}*.pickle"))
 
     # -- 1. map ---------------------------------------------------------------------------------
     def spill_kept(self, ref: str, kept: Any) -> None:
@@ -159,7 +173,7 @@ class SpillStore:
     def _spill_copies(self) -> None:
         enc = self.codec.encode
         for part, items in self._copies.items():
-            _append_pickle(self._path("copies", part), [
+            _append_pickle(self._path("copies", part, self.tag), [
                 (ref, k.key, k.version, k.ref, k.patient, [enc(e) for e in k.events], k.skipped,
                  k.flags or None, k.deferred) for ref, k in items])
         self._copies.clear()
@@ -168,46 +182,53 @@ class SpillStore:
     # -- 2. settle ------------------------------------------------------------------------------
     def settle(self, mapper: Any) -> None:
         """Each Type/id's winner (`mapper.settle`), one Type/id partition at a time."""
-        from .mappers import _Kept
-
         self._spill_copies()
         self.skipped.spill()
-        types = self.codec.types
         for part in range(self.partitions):
-            path = self._path("copies", part)
-            groups: dict[str, list[Any]] = {}
+            self.settle_partition(mapper, part)
+        self._spill_patients()
+
+    def settle_partition(self, mapper: Any, part: int) -> None:
+        """One Type/id partition: O(copies); the events stay encoded (only a deferred
+        MedicationAdministration is mapped here, its new events encoded in `_add_patient`)."""
+        from .mappers import _Kept
+
+        groups: dict[str, list[Any]] = {}
+        paths = self._inputs("copies", part)
+        for path in paths:
             for batch in _read_pickles(path):
                 for ref, key, version, cited, patient, events, skipped, flags, deferred in batch:
-                    k = _Kept(key, version, cited, patient, [types[c](*v) for c, v in events], skipped,
-                              set(flags) if flags else set(), deferred)
+                    k = _Kept(key, version, cited, patient, events, skipped, set(flags) if flags else set(), deferred)
                     groups.setdefault(ref, []).append(k)
             path.unlink(missing_ok=True)
-            superseded: list[tuple[int, Skipped]] = []
-            winners: list[tuple[int, Skipped]] = []
-            for ref, copies in groups.items():
-                w, lost = mapper.settle(ref, copies)
-                superseded += lost
-                if w.patient is not None and w.flags:
-                    self.flags.setdefault(w.patient, set()).update(w.flags)
-                if w.skipped is not None:
-                    winners.append((w.key[2], w.skipped))
-                elif w.patient is not None:
-                    self._add_patient(w)
-            self._write_run("superseded", part, superseded)
-            self._write_run("winners", part, winners)
-            if self._buffered >= SPILL_EVENTS:
-                self._spill_patients()
-        self._spill_patients()
+        superseded: list[tuple[int, Skipped]] = []
+        winners: list[tuple[int, Skipped]] = []
+        for ref, copies in groups.items():
+            if len(copies) > 1 and len(paths) > 1:  # copies from several processes: back in input order
+                copies.sort(key=lambda k: k.key[2])
+            w, lost = mapper.settle(ref, copies)
+            superseded += lost
+            if w.patient is not None and w.flags:
+                self.flags.setdefault(w.patient, set()).update(w.flags)
+            if w.skipped is not None:
+                winners.append((w.key[2], w.skipped))
+            elif w.patient is not None:
+                self._add_patient(w)
+        self._write_run("superseded", part, superseded)
+        self._write_run("winners", part, winners)
+        if self._buffered >= SPILL_EVENTS:
+            self._spill_patients()
 
     def _add_patient(self, w: Any) -> None:
         enc = self.codec.encode
         part = partition_of(w.patient, self.partitions)
-        self._patients.setdefault(part, []).append((w.key[2], w.patient, w.ref, [enc(e) for e in w.events]))
+        self._patients.setdefault(part, []).append(
+            (w.key[2], w.patient, w.ref, [e if type(e) is tuple else enc(e) for e in w.events]))
         self._buffered += 1 + len(w.events)
 
     def _spill_patients(self) -> None:
         for part, items in self._patients.items():
-            _append_pickle(self._path("patients", part), items)
+            _append_pickle(self._path("patients", part, self.tag), items)
             self._patient_parts.add(part)
         self._patients.clear()
         self._buffered = 0
@@ -228,7 +249,7 @@ class SpillStore:
     def load_patients(self, part: int) -> tuple[dict[str, list[Event]], dict[str, list[str]]]:
         """The events and resource refs of one patient partition, each patient's in input order."""
         types = self.codec.types
-        records = [r for batch in _read_pickles(self._path("patients", part)) for r in batch]
+        records = [r for path in self._inputs("patients", part) for batch in _read_pickles(path) for r in batch]
         records.sort(key=lambda r: r[0])
         events: dict[str, list[Event]] = {}
         sources: dict[str, list[str]] = {}
@@ -239,7 +260,8 @@ class SpillStore:
         return events, sources
 
     def drop_patients(self, part: int) -> None:
-        self._path("patients", part).unlink(missing_ok=True)
+        for path in self._inputs("patients", part):
+            path.unlink(missing_ok=True)
 
     def skips(self, tail: Iterable[Skipped]) -> Iterator[Skipped]:
         """Every skip in the order ResourceMapper.finish() + grade_mapping() list them: source
@@ -251,6 +273,28 @@ class SpillStore:
                 yield s
         yield from tail
 
+
+def grade_partition(store: SpillStore, part: int, settings: Any, series: bool,
+                     out_path: Path) -> tuple[dict[str, tuple[int, int]], list[tuple[str, list[Skipped]]], int]:
+    """Grade one patient partition; its cases go to `out_path` as JSON rendered for the `cases`
+    list. Returns ({patient: (offset, length)}, [(patient, no-infusion skips)], cases)."""
+    from .grading.case import grade_events
+
+    events, sources = store.load_patients(part)
+    index: dict[str, tuple[int, int]] = {}
+    skips: list[tuple[str, list[Skipped]]] = []
+    n = 0
+    with out_path.open("wb") as fh:
+        for patient, evs in events.items():
+            graded, none_found = grade_events(patient, evs, store.flags.get(patient, set()), sources.get(patient, []), settings)
+            if none_found:
+                skips.append((patient, none_found))
+            chunk = b",\n    ".join(nested_json(c.to_json(settings, series), 2) for c in graded)
+            index[patient] = (fh.tell(), len(chunk))
+            fh.write(chunk)
+            n += len(graded)
+    store.drop_patients(part)
+    return index, skips, n
 
 def nested_json(value: Any, level: int) -> bytes:
     """`value` as orjson OPT_INDENT_2 prints it `level` levels deep inside a larger document."""

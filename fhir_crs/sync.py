@@ -30,6 +30,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+from .changefeed import ChangeFeed, FeedRead, iter_cart_entries, minus, parse_instant, version_newer_or_same
 from .errors import ConfigError, FhirCrsError
 from .grading.result import iso
 from .interrupt import Interrupted, StopSignal
@@ -55,6 +56,19 @@ CREATE TABLE IF NOT EXISTS runs (
 CREATE TABLE IF NOT EXISTS bulk_state (
     server TEXT NOT NULL, scope TEXT NOT NULL, transaction_time TEXT NOT NULL,
     PRIMARY KEY (server, scope)
+);
+CREATE TABLE IF NOT EXISTS feed_state (
+    server TEXT NOT NULL, scope TEXT NOT NULL, high_water TEXT NOT NULL, last_full TEXT, conventions TEXT,
+    PRIMARY KEY (server, scope)
+);
+CREATE TABLE IF NOT EXISTS graded_refs (
+    server TEXT NOT NULL, ref TEXT NOT NULL, patient TEXT NOT NULL, version TEXT,
+    PRIMARY KEY (server, ref)
+);
+CREATE INDEX IF NOT EXISTS graded_refs_patient ON graded_refs (server, patient);
+CREATE TABLE IF NOT EXISTS cohort (
+    server TEXT NOT NULL, scope TEXT NOT NULL, patient TEXT NOT NULL, last_infusion TEXT NOT NULL,
+    PRIMARY KEY (server, scope, patient)
 );
 """
 
@@ -113,15 +127,104 @@ class StateStore:
             return None
         return {"last_success": row[0], "high_water": row[1], "result_hash": row[2], "grades": row[3]}
 
-    def put(self, patient: str, high_water: str | None, result_hash: str, grades: str) -> None:
+    def put(self, patient: str, high_water: str | None, result_hash: str, grades: str,
+            refs: dict[str, str | None] | None = None) -> None:
+        """The patient's state after a successful write: its per-patient high-water mark, result
+        hash and grades, and (`refs`) the `Type/id` -> version of every resource graded — what
+        the change feed is de-duplicated against — all in one SQLite transaction."""
         now = iso(datetime.now(UTC))
         with self._lock:
+            self.db.execute("BEGIN IMMEDIATE")
+            try:
+                self.db.execute(
+                    "INSERT INTO patient_state (server, patient, last_success, high_water, result_hash, grades) "
+                    "VALUES (?,?,?,?,?,?) ON CONFLICT(server, patient) DO UPDATE SET last_success=excluded.last_success, "
+                    "high_water=excluded.high_water, result_hash=excluded.result_hash, grades=excluded.grades",
+                    (self.server, patient, now, high_water, result_hash, grades),
+                )
+                if refs is not None:
+                    self.db.execute("DELETE FROM graded_refs WHERE server=? AND patient=?", (self.server, patient))
+                    self.db.executemany(
+                        "INSERT INTO graded_refs (server, ref, patient, version) VALUES (?,?,?,?) "
+                        "ON CONFLICT(server, ref) DO UPDATE SET patient=excluded.patient, version=excluded.version",
+                        [(self.server, ref, patient, version) for ref, version in refs.items()])
+                self.db.execute("COMMIT")
+            except BaseException:
+                self.db.execute("ROLLBACK")
+                raise
+
+    def graded(self, refs: Iterable[str]) -> dict[str, tuple[str, str | None]]:
+        """`Type/id` -> (patient, version graded) for those of `refs` that were graded."""
+        out: dict[str, tuple[str, str | None]] = {}
+        todo = sorted(set(refs))
+        with self._lock:
+            for i in range(0, len(todo), 500):
+                chunk = todo[i:i + 500]
+                rows = self.db.execute(
+                    f"SELECT ref, patient, version FROM graded_refs WHERE server=? AND ref IN ({','.join('?' * len(chunk))})",
+                    (self.server, *chunk)).fetchall()
+                out.update((r[0], (r[1], r[2])) for r in rows)
+        return out
+
+    def known(self, patients: Iterable[str]) -> set[str]:
+        """Those of `patients` with a state row (graded by an earlier run)."""
+        todo = sorted(set(patients))
+        out: set[str] = set()
+        with self._lock:
+            for i in range(0, len(todo), 500):
+                chunk = todo[i:i + 500]
+                rows = self.db.execute(
+                    f"SELECT patient FROM patient_state WHERE server=? AND patient IN ({','.join('?' * len(chunk))})",
+                    (self.server, *chunk)).fetchall()
+                out.update(r[0] for r in rows)
+        return out
+
+    def feed(self, scope: str) -> tuple[str | None, str | None, str | None]:
+        """(cohort high-water mark by the server's clock, when the last full re-read was, the
+        conventions hash the cohort was graded with) of `scope`."""
+        with self._lock:
+            row = self.db.execute("SELECT high_water, last_full, conventions FROM feed_state WHERE server=? AND scope=?",
+                                  (self.server, scope)).fetchone()
+        return (row[0], row[1], row[2]) if row else (None, None, None)
+
+    def set_feed(self, scope: str, high_water: str, last_full: str | None, conventions: str | None) -> None:
+        with self._lock:
             self.db.execute(
-                "INSERT INTO patient_state (server, patient, last_success, high_water, result_hash, grades) "
-                "VALUES (?,?,?,?,?,?) ON CONFLICT(server, patient) DO UPDATE SET last_success=excluded.last_success, "
-                "high_water=excluded.high_water, result_hash=excluded.result_hash, grades=excluded.grades",
-                (self.server, patient, now, high_water, result_hash, grades),
-            )
+                "INSERT INTO feed_state (server, scope, high_water, last_full, conventions) VALUES (?,?,?,?,?) "
+                "ON CONFLICT(server, scope) DO UPDATE SET high_water=excluded.high_water, last_full=excluded.last_full, "
+                "conventions=excluded.conventions",
+                (self.server, scope, high_water, last_full, conventions))
+
+    def cohort(self, scope: str, not_before: datetime) -> dict[str, str]:
+        """The stored discovered cohort: patient -> last CAR-T administration, those on or after `not_before`."""
+        with self._lock:
+            rows = self.db.execute("SELECT patient, last_infusion FROM cohort WHERE server=? AND scope=?",
+                                   (self.server, scope)).fetchall()
+        out = {}
+        for patient, when in rows:
+            at = parse_instant(when)
+            if at is not None and at >= not_before:
+                out[patient] = when
+        return out
+
+    def has_cohort(self, scope: str) -> bool:
+        with self._lock:
+            return self.db.execute("SELECT 1 FROM cohort WHERE server=? AND scope=? LIMIT 1", (self.server, scope)).fetchone() is not None
+
+    def set_cohort(self, scope: str, members: dict[str, str], replace: bool) -> None:
+        with self._lock:
+            self.db.execute("BEGIN IMMEDIATE")
+            try:
+                if replace:
+                    self.db.execute("DELETE FROM cohort WHERE server=? AND scope=?", (self.server, scope))
+                self.db.executemany(
+                    "INSERT INTO cohort (server, scope, patient, last_infusion) VALUES (?,?,?,?) "
+                    "ON CONFLICT(server, scope, patient) DO UPDATE SET last_infusion=MAX(last_infusion, excluded.last_infusion)",
+                    [(self.server, scope, p, when) for p, when in members.items()])
+                self.db.execute("COMMIT")
+            except BaseException:
+                self.db.execute("ROLLBACK")
+                raise
 
     def touch(self, patient: str) -> None:
         with self._lock:
@@ -176,6 +279,11 @@ class SyncSummary:
     would_write: list[dict[str, Any]] = field(default_factory=list)  # dry run: what a real run would write
     interrupted: str | None = None  # the signal that stopped the run ("SIGINT", "SIGTERM")
     not_done: int = 0  # patients left for the next run by the interruption
+    changed_patients: int = 0  # patients the change feed (or a full re-read) sent to be re-read and re-graded
+    deleted_resources: int = 0  # deletions of graded resources of cohort patients seen in the change feed
+    high_water: str | None = None  # the cohort high-water mark after this run (server clock)
+    change_feed: str = "per-patient"  # "history" | "search" | "mixed" | "per-patient" | "full"
+    reconciliation: dict[str, Any] | None = None  # a full re-read: why, and what it found
 
     def to_json(self) -> dict[str, Any]:
         out = {
@@ -187,6 +295,9 @@ class SyncSummary:
             "resumed_after_interruption": self.resumed,
             "dry_run": self.dry_run,
             "interrupted": self.interrupted is not None,
+            "changed_patients": self.changed_patients, "deleted_resources": self.deleted_resources,
+            "high_water": self.high_water, "change_feed": self.change_feed,
+            "reconciliation": self.reconciliation,
         }
         if self.dry_run:
             out["would_write"] = self.would_write
@@ -198,20 +309,37 @@ class SyncSummary:
 
 def discover_cohort(client: Any, code_map: CodeMap, lookback_days: float, now: datetime | None = None) -> list[str]:
     """Patients with a CAR-T Procedure or product administration inside the look-back window."""
+    return sorted(discover_members(client, code_map, lookback_days, now)[0])
+
+
+def discover_members(client: Any, code_map: CodeMap, lookback_days: float,
+                     now: datetime | None = None) -> tuple[dict[str, str], str | None]:
+    """({patient: its last CAR-T administration in the look-back window}, the server's clock at the
+    first answer)."""
+    from .changefeed import FeedEntry, patient_of
+
     now = now or datetime.now(UTC)
-    since = "ge" + (iso(now - timedelta(days=lookback_days)) or "")
+    not_before = now - timedelta(days=lookback_days)
+    since = "ge" + (iso(not_before) or "")
     procs, drugs = cart_codes(code_map)
-    found: set[str] = set()
+    found: dict[str, str] = {}
+    server_time: str | None = None
     for rtype, date_param, codes in (("Procedure", "date", procs), ("MedicationAdministration", "effective-time", drugs)):
         if not codes:
             continue
         for chunk in range(0, len(codes), 20):  # keep URLs short
             result = client.search(rtype, [("code", ",".join(codes[chunk:chunk + 20])), (date_param, since)], no_cache=True)
-            for r in result.matches:
-                ref = (r.get("subject") or {}).get("reference", "")
-                if ref.startswith("Patient/"):
-                    found.add(ref.split("/", 1)[1])
-    return sorted(found)
+            server_time = server_time or result.server_time
+            entries = [FeedEntry(f"{rtype}/{r.get('id')}", None, patient_of(r), resource=r) for r in result.matches]
+            seen = {e.patient for e in entries if e.patient}
+            dated: dict[str, datetime] = {}
+            for patient, at in iter_cart_entries(entries, set(procs), set(drugs), datetime.min.replace(tzinfo=UTC)):
+                dated[patient] = max(dated.get(patient, at), at)
+            for patient in seen:
+                # undated or locally coded administrations the server matched: the window start
+                when = iso(max(dated[patient], not_before) if patient in dated else now) or ""
+                found[patient] = max(found.get(patient, when), when)
+    return found, server_time
 
 
 def read_patient_list(path: Path) -> list[str]:
@@ -246,6 +374,16 @@ def select_patients(client: Any, cfg: Any, patients_file: Path | None, group_id:
     return discover_cohort(client, load_code_map(Path(cfg.mappings) if cfg.mappings else None), cfg.lookback_days)
 
 
+def scope_of(explicit: list[str] | None, group_id: str | None) -> str:
+    """The state-store key of a cohort's high-water mark: each cohort has its own, so a run over
+    another cohort never advances it past changes this one has not seen."""
+    if group_id:
+        return f"group:{group_id}"
+    if explicit is not None:
+        return "patients:" + hashlib.sha256("\n".join(sorted(set(explicit))).encode()).hexdigest()[:16]
+    return "discover"
+
+
 def has_changes(client: Any, patient: str, since: str) -> bool:
     """Any Patient/Observation/MedicationAdministration/Procedure updated after `since`?"""
     for rtype in CHANGE_TYPES:
@@ -267,13 +405,42 @@ def _result_hash(case_json: list[dict[str, Any]]) -> str:
     return hashlib.sha256(json.dumps(keep, sort_keys=True, default=str).encode()).hexdigest()
 
 
+def _refs(resources: Iterable[dict[str, Any]]) -> dict[str, str | None]:
+    """`Type/id` -> meta.versionId of what was graded (the change feed's de-duplication key)."""
+    out: dict[str, str | None] = {}
+    for r in resources:
+        rtype, rid = r.get("resourceType"), r.get("id")
+        if isinstance(rtype, str) and isinstance(rid, str) and rid:
+            vid = (r.get("meta") or {}).get("versionId") if isinstance(r.get("meta"), dict) else None
+            out[f"{rtype}/{rid}"] = vid if isinstance(vid, str) else None
+    return out
+
+
+@dataclass(slots=True)
+class NightPlan:
+    """What one night re-reads: `targets` None = every patient gets the per-patient change check."""
+
+    patients: list[str]
+    targets: set[str] | None
+    high_water: str | None  # the new cohort high-water mark (server clock, taken before any read)
+    full_reason: str | None = None
+    feed: FeedRead | None = None
+    deleted: int = 0
+    members: dict[str, str] = field(default_factory=dict)  # discovered cohort members to store
+
+
 class Sync:
     def __init__(self, client: Any, cfg: Any, settings: GradingSettings, state: StateStore,
                  dry_run: bool = False, since: str | None = None,
                  progress: Callable[[str, int, int, int], None] | None = None,
-                 allow_convention_change: bool = False, stop: StopSignal | None = None):
+                 allow_convention_change: bool = False, stop: StopSignal | None = None, full: bool = False):
         self.client, self.cfg, self.settings, self.state = client, cfg, settings, state
         self.code_map = load_code_map(Path(cfg.mappings) if cfg.mappings else None)
+        self.full = full
+        from .conventions import current_conventions
+
+        # a night graded with other settings or tables re-reads everyone (the stored results are stale)
+        self.conventions = current_conventions(settings, self.code_map.directory).sha256
         self.dry_run = dry_run
         self.allow_convention_change = allow_convention_change
         self.stop = stop or StopSignal()
@@ -287,17 +454,141 @@ class Sync:
         with self._guard:
             return self._locks.setdefault(patient, threading.Lock())
 
-    def run(self, patients: list[str]) -> SyncSummary:
+    # ------------------------------------------------------------------ the nightly run
+
+    def plan(self, explicit: list[str] | None, scope: str) -> NightPlan:
+        """Which patients tonight re-reads, from the cohort-level change feed (issue 13).
+
+        `explicit`: the --patients / --group members; None: the discovered cohort, kept in the
+        state store (re-discovered on full nights; new CAR-T administrations in the feed add
+        patients in between). Full re-read (every patient fetched): the first run of `scope`,
+        `--full`, or the periodic reconciliation (`reconcile_days`). Otherwise one feed read since
+        the stored high-water mark minus `sync_overlap_seconds`, de-duplicated against the
+        versions graded last time; a server without a feed gets the per-patient check."""
+        cfg = self.cfg
+        lookback = float(getattr(cfg, "lookback_days", 120.0))
+        now = datetime.now(UTC)
+        feed = ChangeFeed(self.client, getattr(cfg, "change_feed", "auto"))
+        high_water, last_full, graded_with = self.state.feed(scope)
+        reconcile_days = float(getattr(cfg, "reconcile_days", 7.0))
+        due = bool(reconcile_days and last_full and (parse_instant(last_full) or now) <= now - timedelta(days=reconcile_days))
+        full_reason = ("--full" if self.full else "first run" if high_water is None
+                       else "settings or mapping tables changed" if graded_with != self.conventions
+                       else f"periodic reconciliation (every {reconcile_days:g} days)" if due else None)
+        if not feed.available():
+            patients = explicit if explicit is not None else discover_cohort(self.client, self.code_map, lookback)
+            return NightPlan(patients, set(patients) if self.full else None, None, "--full" if self.full else None)
+        if self.since and not self.full:
+            full_reason = None  # --since: the changes after that instant, whatever the stored state
+            if explicit is None and not self.state.has_cohort(scope):
+                members, _ = discover_members(self.client, self.code_map, lookback, now)
+                if not self.dry_run:
+                    self.state.set_cohort(scope, members, replace=True)
+                cohort_now = set(members)
+            else:
+                cohort_now = set(explicit) if explicit is not None else set(self.state.cohort(scope, now - timedelta(days=lookback)))
+            read = feed.read(self.since)
+            patients = sorted(cohort_now) if explicit is None else explicit
+            graded = self.state.graded(e.ref for e in read.entries if e.patient is None)
+            targets = {e.patient or graded.get(e.ref, ("",))[0] for e in read.entries} & cohort_now
+            return NightPlan(patients, targets, None, None, read, sum(1 for e in read.entries if e.deleted and e.ref in graded))
+        if full_reason is not None or (explicit is None and not self.state.has_cohort(scope)):
+            full_reason = full_reason or "first run"
+            if explicit is None:
+                members, server_time = discover_members(self.client, self.code_map, lookback, now)
+                patients = sorted(members)
+            else:
+                members, patients = {}, explicit
+                server_time = self._server_now()
+            return NightPlan(patients, set(patients), server_time, full_reason, members=members)
+        since = minus(high_water or "", float(getattr(cfg, "sync_overlap_seconds", 300.0)))
+        read = feed.read(since)
+        members = {}
+        if explicit is None:
+            procs, drugs = cart_codes(self.code_map)
+            for patient, at in iter_cart_entries(read.entries, set(procs), set(drugs), now - timedelta(days=lookback)):
+                members[patient] = max(members.get(patient, iso(at) or ""), iso(at) or "")
+            cohort = self.state.cohort(scope, now - timedelta(days=lookback))
+            patients = sorted(set(cohort) | set(members))
+        else:
+            patients = explicit
+        in_cohort = set(patients)
+        graded = self.state.graded(e.ref for e in read.entries)
+        targets: set[str] = set()
+        deleted: set[str] = set()
+        for e in read.entries:
+            held = graded.get(e.ref)
+            patient = e.patient or (held[0] if held else None)
+            if patient is None or patient not in in_cohort:
+                continue  # another patient's data, or a deletion of something never graded
+            if e.deleted:
+                if held is not None or e.ref.startswith("Patient/"):
+                    deleted.add(e.ref)
+                    targets.add(patient)
+                continue
+            if held is not None and held[0] == patient and version_newer_or_same(held[1], e.version):
+                continue  # this version was graded (the overlap re-reads the previous night's end)
+            targets.add(patient)
+        targets |= in_cohort - self.state.known(in_cohort)  # new to the cohort, or never finished
+        return NightPlan(patients, targets, read.server_time, None, read, len(deleted), members)
+
+    def _server_now(self) -> str | None:
+        """The server's clock, from one tiny search (never the client's clock)."""
+        return self.client.search("Patient", [("_count", "1"), ("_summary", "count")], no_cache=True).server_time
+
+    def night(self, explicit: list[str] | None, scope: str) -> SyncSummary:
+        """One nightly run: plan (cohort + change feed), re-read and re-grade the changed
+        patients, then advance the cohort high-water mark — only when every changed patient was
+        written (no error, no interruption, not a dry run), so a failed or killed night is
+        re-read from the same mark and nothing is skipped."""
+        plan = self.plan(explicit, scope)
+        s = self.summary
+        s.change_feed = "full" if plan.full_reason else (plan.feed.mode if plan.feed else "per-patient")
+        s.deleted_resources = plan.deleted
+        s.changed_patients = len(plan.targets) if plan.targets is not None else 0
+        if plan.feed is not None:
+            log.info("change feed (%s) since the last run: %d entries, %d patient(s) to re-read, %d deletion(s)",
+                     plan.feed.mode, len(plan.feed.entries), len(plan.targets or ()), plan.deleted)
+        summary = self.run(plan.patients, plan.targets)
+        if plan.full_reason:
+            s.reconciliation = {"reason": plan.full_reason, "patients": len(plan.patients),
+                                "found_changed": s.changed}
+            if plan.full_reason.startswith("periodic"):
+                log.warning("periodic full reconciliation: %d of %d patient(s) had a changed result the change feed "
+                            "had not reported", s.changed, len(plan.patients))
+        last_full = iso(datetime.now(UTC)) if plan.full_reason else self.state.feed(scope)[1]
+        ok = not s.errors and not self.stop.is_set() and not self.dry_run
+        if plan.members and not self.dry_run:
+            self.state.set_cohort(scope, plan.members, replace=plan.full_reason is not None and explicit is None)
+        if ok and plan.high_water and self.since is None:
+            self.state.set_feed(scope, plan.high_water, last_full, self.conventions)
+            s.high_water = plan.high_water
+        else:
+            s.high_water = self.state.feed(scope)[0]
+            if plan.high_water and not ok:
+                log.warning("the cohort high-water mark is not advanced (%s): the next run re-reads these changes",
+                            "dry run" if self.dry_run else "interrupted" if self.stop.is_set() else "errors")
+        self.state.finish_run(self._run_id, self._status(), s.to_json())
+        return summary
+
+    def run(self, patients: list[str], targets: set[str] | None = None) -> SyncSummary:
+        """Sync `patients`: those in `targets` are re-read and re-graded, the others counted
+        unchanged without a request; `targets` None: each gets the per-patient change check."""
         t0 = time.monotonic()
         run_id, resumed = self.state.start_run()
+        self._run_id = run_id
         self.summary.resumed = resumed
         if resumed:
             log.warning("the previous sync run did not finish; this run completes it")
         self.summary.patients = len(patients)
         note_patient_id(*patients)
         done = 0
+        todo = patients if targets is None else [p for p in patients if p in targets]
+        if targets is not None:
+            self._count(unchanged=len(patients) - len(todo))
+            done = len(patients) - len(todo)
         with ThreadPoolExecutor(max_workers=max(1, self.cfg.workers)) as pool:
-            futures = {pool.submit(self.sync_patient, p): p for p in patients}
+            futures = {pool.submit(self.sync_patient, p, targets is not None): p for p in todo}
             for fut in as_completed(futures):
                 p = futures[fut]
                 try:
@@ -320,11 +611,13 @@ class Sync:
         self.summary.seconds = time.monotonic() - t0
         if self.stop.is_set():
             self.summary.interrupted = self.stop.name
-            status = "interrupted"
-        else:
-            status = "failed" if self.summary.errors else "ok"
-        self.state.finish_run(run_id, status, self.summary.to_json())
+        self.state.finish_run(run_id, self._status(), self.summary.to_json())
         return self.summary
+
+    def _status(self) -> str:
+        if self.stop.is_set():
+            return "interrupted"
+        return "failed" if self.summary.errors else "ok"
 
     def sync_patient(self, patient: str, force: bool = False) -> None:
         with self._lock_for(patient):
@@ -340,10 +633,10 @@ class Sync:
             resources = fetch_patient(self.client, patient, self.cfg, self.code_map)
             self.stop.check()
             run = grade_resources(resources, self.settings, self.code_map.directory, origin=f"Patient/{patient}")
-            self.commit(patient, run.cases, run.skipped, _high_water(resources) or since, prior)
+            self.commit(patient, run.cases, run.skipped, _high_water(resources) or since, prior, _refs(resources))
 
     def commit(self, patient: str, cases: list[Any], skipped: list[Any], high_water: str | None,
-               prior: dict[str, Any] | None) -> None:
+               prior: dict[str, Any] | None, refs: dict[str, str | None] | None = None) -> None:
         """Write back one patient's graded cases if the result changed, then record the state.
 
         The state row is written only after every write succeeded (resumability)."""
@@ -358,7 +651,7 @@ class Sync:
         if prior is not None and prior.get("result_hash") == new_hash:
             self._count(unchanged=1)
             if not self.dry_run:
-                self.state.put(patient, high_water, new_hash, prior.get("grades") or "")
+                self.state.put(patient, high_water, new_hash, prior.get("grades") or "", refs)
             return
         self._count(changed=1)
         for case in cases:
@@ -379,7 +672,7 @@ class Sync:
         if not self.dry_run:
             grades = json.dumps({c["infusion"]: {"crs": c["crs"]["astct"]["grade"], "icans": c["icans"]["astct"]["grade"]}
                                  for c in case_json})
-            self.state.put(patient, high_water, new_hash, grades)
+            self.state.put(patient, high_water, new_hash, grades, refs)
 
     def _count(self, changed: int = 0, unchanged: int = 0) -> None:
         with self._guard:
@@ -428,6 +721,7 @@ def run_bulk(client: Any, cfg: Any, settings: GradingSettings, state: StateStore
         state.finish_run(run_id, "interrupted", summary.to_json())
         return summary
     sync = Sync(client, cfg, settings, state, dry_run=dry_run, allow_convention_change=allow_convention_change, stop=stop)
+    sync.summary.change_feed = "bulk"
     run_id, resumed = state.start_run()
     sync.summary.resumed = resumed
     for message in exporter.error_messages(manifest):
@@ -473,7 +767,23 @@ def run_bulk(client: Any, cfg: Any, settings: GradingSettings, state: StateStore
                 ref = (item.get("subject") or item.get("patient") or {}).get("reference", "") if isinstance(item.get("subject") or item.get("patient"), dict) else ""
                 if ref.startswith("Patient/"):
                     touched.add(ref.split("/", 1)[1])
+            # Bulk Data 2.0 `deleted[]`: a deletion of a graded resource re-grades its patient
+            deleted_refs: list[str] = []
+            for rtype, rid in exporter.iter_deleted(manifest):
+                if rtype is None:
+                    sync.summary.errors.append({"patient": "(bulk export)", "error": f"deleted[] file: {rid}"})
+                else:
+                    deleted_refs.append(f"{rtype}/{rid}")
+            graded = state.graded(deleted_refs)
+            for ref in deleted_refs:
+                if ref in graded:
+                    touched.add(graded[ref][0])
+                    sync.summary.deleted_resources += 1
+                elif ref.startswith("Patient/"):
+                    touched.add(ref.split("/", 1)[1])
+                    sync.summary.deleted_resources += 1
             sync.summary.patients = len(touched)
+            sync.summary.changed_patients = len(touched)
             for patient in sorted(touched):
                 try:
                     sync.sync_patient(patient, force=True)

@@ -5,9 +5,12 @@ Generates a synthetic Bulk-export-shaped NDJSON folder (one file per resource ty
 >= 200,000 resources for >= 1,000 CAR-T patients with the project's cohort generator
 (fhir_crs/synthetic.py, deterministic seed; --light for a smaller one), then reports:
   * the bare JSON parse rate of the same files (orjson, line by line) — the ceiling;
-  * `fhir-crs grade DIR --json` end to end in a subprocess: resources/s and peak RSS.
+  * `fhir-crs grade DIR --json --workers N` end to end (N = 1 and 2), each in a fresh process:
+    resources/s wall and per CPU-second, the ratios to the parse rate, peak RSS, and whether
+    every N printed the same bytes;
+  * the long-stay table (one patient, 15 / 30 / 60 days x 10 / 30 / 100 pressor courses).
 
-Usage: .venv/bin/python scripts/bench_grade.py [--patients 1000] [--keep DIR]
+Usage: .venv/bin/python scripts/bench_grade.py [--patients 1000 4000] [--workers 1 2] [--keep DIR]
 """
 
 from __future__ import annotations
@@ -15,7 +18,6 @@ from __future__ import annotations
 import argparse
 import os
 import random
-import resource
 import subprocess
 import sys
 import tempfile
@@ -258,24 +260,126 @@ def long_stay_table(timeout: float) -> None:
                   f"{1e6 * r['grade_s'] / r['resources']:>22.2f}")
 
 
-def bare_parse(folder: Path) -> tuple[int, float]:
-    start = time.perf_counter()
+def adversarial_table() -> None:
+    """Inputs built to hurt: JSON nested past any parser's limit, resources nested 240 levels
+    deep (extensions), many of them for one patient; each size twice the one before, so linear
+    cost shows as a constant time per resource."""
+    import io
+
+    from fhir_crs.pipeline import stream_grade
+
+    def nested(n: int) -> object:
+        v: object = 1
+        for _ in range(n):
+            v = {"url": "http://example.org/x", "extension": [v]}
+        return v
+
+    print("adversarial input, one patient (in this process, CPU time):")
+    print(f"{'resources':>10} {'CPU s':>7} {'us/resource':>12}  skips")
+    for n in (2_000, 4_000, 8_000):
+        with tempfile.TemporaryDirectory(prefix="bench-adv-") as tmp:
+            lines = [b"[" * 100_000 + b"]" * 100_000, b'{"resourceType":"Observation","extension":' + b'{"a":' * 5_000 + b"1" + b"}" * 5_001]
+            deep = orjson.dumps(nested(120))  # 240 levels: orjson writes up to 254
+            t0 = datetime(2025, 1, 1, tzinfo=UTC)
+            lines += [orjson.dumps({"resourceType": "Patient", "id": "adv", "birthDate": "1970-01-01"}),
+                      orjson.dumps({"resourceType": "Procedure", "id": "adv-cart", "status": "completed", "subject": {"reference": "Patient/adv"},
+                                    "code": {"coding": [{"system": SCT, "code": "1156961008"}]}, "performedDateTime": iso(t0)})]
+            for i in range(n):
+                lines.append(orjson.dumps({"resourceType": "Observation", "id": f"n{i}", "status": "final", "subject": {"reference": "Patient/adv"},
+                                           "code": {"coding": [{"system": LOINC, "code": "8310-5"}]},
+                                           "effectiveDateTime": iso(t0 + timedelta(minutes=10 * i)),
+                                           "valueQuantity": {"value": 38.5, "unit": "Cel", "system": UCUM, "code": "Cel"}})[:-1]
+                             + b',"extension":[' + deep + b"]}")
+            (Path(tmp) / "adv.ndjson").write_bytes(b"\n".join(lines) + b"\n")
+            t = time.process_time()
+            out = io.BytesIO()
+            stream_grade([Path(tmp)], out)
+            secs = time.process_time() - t
+            skipped = orjson.loads(out.getvalue())["skipped"]
+            codes = sorted({s["code"] for s in skipped})
+            print(f"{n + 4:>10,} {secs:>7.2f} {1e6 * secs / (n + 4):>12.1f}  {len(skipped)} ({', '.join(codes)})")
+
+
+def bare_parse(folder: Path) -> tuple[int, float, float]:
+    """(resources, wall s, CPU s) of parsing every NDJSON line with orjson: the ceiling."""
+    start, cpu = time.perf_counter(), time.process_time()
     n = 0
     for f in sorted(folder.glob("*.ndjson")):
         with f.open("rb") as fh:
             for line in fh:
                 orjson.loads(line)
                 n += 1
-    return n, time.perf_counter() - start
+    return n, time.perf_counter() - start, time.process_time() - cpu
+
+
+def measure(cmd: list[str], out: Path) -> dict[str, float]:
+    """Run `cmd` (stdout to `out`) in a fresh wrapper process, so that the peak RSS and CPU time
+    are those of this command and its worker processes only."""
+    code = ("import json, resource, subprocess, sys, time\n"
+            "t = time.perf_counter()\n"
+            "with open(sys.argv[1], 'wb') as fh: rc = subprocess.run(sys.argv[2:], stdout=fh, stderr=subprocess.PIPE)\n"
+            "u = resource.getrusage(resource.RUSAGE_CHILDREN)\n"
+            "print(json.dumps({'rc': rc.returncode, 'err': rc.stderr.decode()[-2000:], 'wall': time.perf_counter() - t,"
+            " 'cpu': u.ru_utime + u.ru_stime, 'rss_mb': u.ru_maxrss / 1024}))\n")
+    proc = subprocess.run([sys.executable, "-c", code, str(out), *cmd], capture_output=True, check=True)
+    r = orjson.loads(proc.stdout)
+    if r["rc"] != 0:
+        sys.exit(f"{' '.join(cmd)} failed ({r['rc']}): {r['err']}")
+    return r
+
+
+def digest(path: Path) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    with path.open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def cohort_rows(patients: int, light: bool, keep: Path | None, workers: list[int]) -> list[dict[str, float]]:
+    """One cohort size: generate, bare parse, then `grade --json --workers N` for each N."""
+    with tempfile.TemporaryDirectory(prefix="bench-grade-") as tmp:
+        folder = keep / f"cohort-{patients}" if keep else Path(tmp) / "export"
+        folder.mkdir(parents=True, exist_ok=True)
+        t = time.perf_counter()
+        n = generate(folder, patients) if light else generate_cohort_ndjson(folder, patients)
+        size = sum(f.stat().st_size for f in folder.glob("*.ndjson"))
+        print(f"\n{patients:,} patients: {n:,} resources ({size / 1e6:.0f} MB) generated in {time.perf_counter() - t:.1f} s")
+        parsed, wall, cpu = bare_parse(folder)
+        print(f"  bare JSON parse (orjson, line by line): {parsed / wall:,.0f} resources/s wall ({wall:.2f} s), "
+              f"{parsed / cpu:,.0f} resources/s CPU ({cpu:.2f} s)")
+        exe = Path(sys.executable).with_name("fhir-crs")
+        rows = []
+        digests = set()
+        for w in workers:
+            out = Path(tmp) / f"grade-{w}.json"
+            r = measure([str(exe) if exe.exists() else "fhir-crs", "grade", str(folder), "--json", "--workers", str(w)], out)
+            digests.add(digest(out))
+            out.unlink()
+            row = {"patients": patients, "resources": n, "workers": w, "wall": r["wall"], "cpu": r["cpu"], "rss_mb": r["rss_mb"],
+                   "rate": n / r["wall"], "ratio": (n / r["wall"]) / (parsed / wall), "cpu_ratio": cpu / r["cpu"],
+                   "cpu_rate": n / r["cpu"]}
+            rows.append(row)
+            print(f"  grade --json --workers {w}: {row['rate']:,.0f} resources/s wall ({r['wall']:.1f} s) = {100 * row['ratio']:.0f} % "
+                  f"of the parse rate; CPU {r['cpu']:.1f} s in all processes ({row['cpu_rate']:,.0f} resources per CPU-second = "
+                  f"{100 * row['cpu_ratio']:.0f} % of the parse's); peak RSS {r['rss_mb']:,.0f} MB (largest process)")
+        print("  outputs of every --workers: " + ("identical" if len(digests) == 1 else "DIFFERENT"))
+        if len(digests) != 1:
+            sys.exit("grade --workers N printed different outputs")
+    return rows
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--patients", type=int, default=1000)
-    ap.add_argument("--keep", type=Path, default=None, help="write the NDJSON here and keep it")
+    ap.add_argument("--patients", type=int, nargs="+", default=[1000, 4000])
+    ap.add_argument("--workers", type=int, nargs="+", default=[1, 2])
+    ap.add_argument("--keep", type=Path, default=None, help="write the NDJSON under this folder and keep it")
     ap.add_argument("--light", action="store_true", help="use the light generator instead of fhir_crs.synthetic")
     ap.add_argument("--long-stay", action="store_true", help="only the long-stay table")
     ap.add_argument("--no-long-stay", action="store_true", help="skip the long-stay table")
+    ap.add_argument("--adversarial", action="store_true", help="only the adversarial-input table")
     ap.add_argument("--long-stay-timeout", type=float, default=120.0)
     ap.add_argument("--long-stay-cell", nargs=2, type=int, metavar=("DAYS", "COURSES"), help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -285,34 +389,22 @@ def main() -> None:
     if args.long_stay:
         long_stay_table(args.long_stay_timeout)
         return
-    tmp = None
-    if args.keep:
-        folder = args.keep
-        folder.mkdir(parents=True, exist_ok=True)
-    else:
-        tmp = tempfile.TemporaryDirectory()
-        folder = Path(tmp.name)
-    t = time.perf_counter()
-    n = generate(folder, args.patients) if args.light else generate_cohort_ndjson(folder, args.patients)
-    size = sum(f.stat().st_size for f in folder.glob("*.ndjson"))
-    print(f"generated {n:,} resources for {args.patients:,} patients ({size / 1e6:.0f} MB) in {time.perf_counter() - t:.1f} s")
-    parsed, secs = bare_parse(folder)
-    print(f"bare JSON parse (orjson, line by line): {parsed / secs:,.0f} resources/s ({secs:.2f} s)")
-    exe = Path(sys.executable).with_name("fhir-crs")
-    cmd = [str(exe) if exe.exists() else "fhir-crs", "grade", str(folder), "--json"]
-    t = time.perf_counter()
-    with open(os.devnull, "wb") as devnull:
-        proc = subprocess.run(cmd, stdout=devnull, stderr=subprocess.PIPE, check=False)
-    secs = time.perf_counter() - t
-    if proc.returncode != 0:
-        sys.exit(f"fhir-crs grade failed ({proc.returncode}): {proc.stderr.decode()[-2000:]}")
-    rss_mb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
-    print(f"fhir-crs grade --json: {n / secs:,.0f} resources/s ({secs:.2f} s, {args.patients / secs:,.0f} patients/s)")
-    print(f"peak RSS of fhir-crs grade: {rss_mb:,.0f} MB")
-    if tmp:
-        tmp.cleanup()
+    if args.adversarial:
+        adversarial_table()
+        return
+    print(f"machine: {os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f} at start "
+          "(wall-clock rates depend on it; the CPU-second rates do not)")
+    rows = [r for p in args.patients for r in cohort_rows(p, args.light, args.keep, args.workers)]
+    print("\nsummary (rate: resources/s wall; % of the bare parse rate of the same files, measured in the same run):")
+    print(f"{'patients':>9} {'resources':>10} {'workers':>8} {'wall s':>8} {'rate':>9} {'% parse':>8} {'CPU s':>7} {'% parse CPU':>12} {'peak RSS MB':>12}")
+    for r in rows:
+        print(f"{r['patients']:>9,} {r['resources']:>10,} {r['workers']:>8} {r['wall']:>8.1f} {r['rate']:>9,.0f} {100 * r['ratio']:>7.0f}% "
+              f"{r['cpu']:>7.1f} {100 * r['cpu_ratio']:>11.0f}% {r['rss_mb']:>12,.0f}")
     if not args.no_long_stay:
+        print()
         long_stay_table(args.long_stay_timeout)
+    print()
+    adversarial_table()
 
 
 if __name__ == "__main__":

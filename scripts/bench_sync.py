@@ -6,12 +6,17 @@ server (scripts/hapi-server), side by side in one run:
 
 1. start it on 127.0.0.1 (HAPI: startup time and RSS) and load N synthetic CAR-T patients (the
    light generator of scripts/bench_grade.py, ~200 resources each) in batches;
-2. `fhir-crs sync` first run: wall time, HTTP requests per patient, resources written, and the
-   share of wall time fhir-crs spent computing (its CPU time) vs waiting on the server (the rest);
-3. `fhir-crs sync` again with no change: the same numbers (should be ~4 requests/patient);
-4. Bulk path: `$export` of the same server streamed through the grader.
+2. `fhir-crs sync` first run: wall time, HTTP requests per night and per patient, resources
+   written, and the share of wall time fhir-crs spent computing (its CPU time) vs waiting on the
+   server (the rest);
+3. a quiet night (no change): requests per night (the change feed: <= 10 whatever the cohort);
+4. a night with 1 % of the patients changed (one new Observation each): requests per night;
+5. Bulk path: `$export` of the same server streamed through the grader (`--bulk`).
 
-Usage: .venv/bin/python scripts/bench_sync.py [--patients 1000] [--workers 4] [--server sekmet|hapi]
+The change feed re-reads `sync_overlap_seconds` before the last high-water mark; the benchmark
+sets it to 5 s and waits that long after loading, so the quiet night is one with no writes.
+
+Usage: .venv/bin/python scripts/bench_sync.py [--patients 200,1000] [--workers 4] [--server sekmet|hapi] [--bulk]
 """
 
 from __future__ import annotations
@@ -31,7 +36,7 @@ from typing import Any
 import orjson
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_grade import bare_parse, generate
+from bench_grade import generate
 
 from fhir_crs.fhir import FhirClient, NoAuth
 from fhir_crs.localserver import HapiFhirServer, LocalFhirServer
@@ -71,9 +76,12 @@ def children_cpu() -> float:
     return ru.ru_utime + ru.ru_stime
 
 
+OVERLAP_S = 5.0
+
+
 def sync(base: str, state: Path, workers: int, server_pid: int | None) -> dict[str, Any]:
     exe = Path(sys.executable).with_name("fhir-crs")
-    env = {**os.environ, "FHIR_CRS_LOOKBACK_DAYS": "100000"}
+    env = {**os.environ, "FHIR_CRS_LOOKBACK_DAYS": "100000", "FHIR_CRS_SYNC_OVERLAP_SECONDS": str(OVERLAP_S)}
     cpu0, srv0, t = children_cpu(), proc_cpu_seconds(server_pid), time.perf_counter()
     out = subprocess.run([str(exe), "sync", "--server", base, "--state", str(state), "--json", "--workers", str(workers)],
                          capture_output=True, text=True, env=env, check=False)
@@ -89,13 +97,25 @@ def sync(base: str, state: Path, workers: int, server_pid: int | None) -> dict[s
 
 def describe(label: str, d: dict[str, Any]) -> str:
     share = min(d["client_cpu"] / d["wall"], 1.0) if d["wall"] else 0.0
-    return (f"{label}: {d['wall']:7.1f} s wall, {d['requests'] / max(d['patients'], 1):5.1f} requests/patient, "
+    return (f"{label}: {d['wall']:7.1f} s wall, {d['requests']:6d} requests per night "
+            f"({d['requests'] / max(d['patients'], 1):5.2f}/patient, {d['changed_patients']} patient(s) re-read), "
             f"in fhir-crs {share:5.1%} (CPU {d['client_cpu']:.1f} s), waiting on the server {1 - share:5.1%} "
             f"(server CPU {d['server_cpu']:.1f} s); graded {d['graded']}, written {d['written']}, errors {len(d['errors'])}")
 
 
-def bench_server(kind: str, tmpd: Path, data: Path, patients: int, workers: int) -> dict[str, Any]:
-    from bench_bulk import bulk_bench
+def change_one_percent(client: FhirClient, patients: int) -> int:
+    """One new temperature Observation for 1 % of the patients (at least one)."""
+    n = max(1, round(patients / 100))
+    for p in range(n):
+        pid = f"bench-{p * (patients // n):05d}"
+        client.post("Observation", {"resourceType": "Observation", "status": "final", "subject": {"reference": f"Patient/{pid}"},
+                                    "code": {"coding": [{"system": "http://loinc.org", "code": "8310-5"}]},
+                                    "effectiveDateTime": "2025-01-02T00:00:00Z",
+                                    "valueQuantity": {"value": 37.2, "unit": "Cel", "system": "http://unitsofmeasure.org", "code": "Cel"}})
+    return n
+
+
+def bench_server(kind: str, tmpd: Path, data: Path, patients: int, workers: int, bulk: bool = False) -> dict[str, Any]:
 
     print(f"== {kind} ==")
     result: dict[str, Any] = {"kind": kind}
@@ -112,11 +132,19 @@ def bench_server(kind: str, tmpd: Path, data: Path, patients: int, workers: int)
         loaded, secs = load(client, data)
         result["load_s"] = secs
         print(f"loaded {loaded:,} resources for {patients:,} patients in {secs:.0f} s ({loaded / secs:,.0f}/s)")
-        result["first"] = sync(server.base, tmpd / f"{kind}-state.sqlite", workers, server.pid)
-        print(describe("sync, first run ", result["first"]))
-        result["again"] = sync(server.base, tmpd / f"{kind}-state.sqlite", workers, server.pid)
-        print(describe("sync, no change ", result["again"]))
-        result["bulk"] = bulk_bench(server.base)
+        time.sleep(OVERLAP_S + 1)  # nothing written within the overlap before the first run
+        state = tmpd / f"{kind}-{patients}-state.sqlite"
+        result["first"] = sync(server.base, state, workers, server.pid)
+        print(describe("sync, first run     ", result["first"]))
+        result["again"] = sync(server.base, state, workers, server.pid)
+        print(describe("sync, quiet night   ", result["again"]))
+        result["changed_n"] = change_one_percent(client, patients)
+        result["one_pct"] = sync(server.base, state, workers, server.pid)
+        print(describe("sync, 1 % changed   ", result["one_pct"]))
+        if bulk:
+            from bench_bulk import bulk_bench
+
+            result["bulk"] = bulk_bench(server.base)
         result["rss_end_mb"] = (server.rss_bytes() or 0) / 2**20
         print(f"{kind} RSS at the end: {result['rss_end_mb']:.0f} MB")
     return result
@@ -132,16 +160,19 @@ def side_by_side(results: list[dict[str, Any]]) -> None:
         ("server RSS start / end (MB)", lambda r: f"{r['rss_start_mb']:.0f} / {r['rss_end_mb']:.0f}"),
         ("load (s)", lambda r: f"{r['load_s']:.0f}"),
         ("sync first run: wall (s)", lambda r: f"{r['first']['wall']:.1f}"),
+        ("sync first run: requests per night", lambda r: f"{r['first']['requests']:,}"),
         ("sync first run: requests/patient", lambda r: f"{r['first']['requests'] / max(r['first']['patients'], 1):.1f}"),
         ("sync first run: in fhir-crs / waiting on server", lambda r: share(r["first"])),
-        ("sync no change: wall (s)", lambda r: f"{r['again']['wall']:.1f}"),
-        ("sync no change: requests/patient", lambda r: f"{r['again']['requests'] / max(r['again']['patients'], 1):.1f}"),
-        ("sync no change: in fhir-crs / waiting on server", lambda r: share(r["again"])),
-        ("bulk $export kick-off to manifest (s)", lambda r: f"{r['bulk']['export_s']:.1f}"),
-        ("bulk download + map + grade (resources/s)", lambda r: f"{r['bulk']['download_grade_rps']:,.0f}"),
+        ("quiet night: wall (s)", lambda r: f"{r['again']['wall']:.1f}"),
+        ("quiet night: requests per night", lambda r: f"{r['again']['requests']:,}"),
+        ("1 % changed: wall (s)", lambda r: f"{r['one_pct']['wall']:.1f}"),
+        ("1 % changed: requests per night", lambda r: f"{r['one_pct']['requests']:,} ({r['one_pct']['changed_patients']} re-read)"),
     ]
+    if all("bulk" in r for r in results):
+        rows += [("bulk $export kick-off to manifest (s)", lambda r: f"{r['bulk']['export_s']:.1f}"),
+                 ("bulk download + map + grade (resources/s)", lambda r: f"{r['bulk']['download_grade_rps']:,.0f}")]
     width = max(len(r[0]) for r in rows)
-    print("\n" + " " * width + "  " + "  ".join(f"{r['kind']:>16}" for r in results))
+    print("\n" + " " * width + "  " + "  ".join(f"{r['kind'] + ' ' + str(r['patients']):>16}" for r in results))
     for label, fn in rows:
         print(f"{label:<{width}}  " + "  ".join(f"{fn(r):>16}" for r in results))
     print(f"load average: {os.getloadavg()[0]:.1f} {os.getloadavg()[1]:.1f} {os.getloadavg()[2]:.1f} (2 cores)")
@@ -149,24 +180,28 @@ def side_by_side(results: list[dict[str, Any]]) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--patients", type=int, default=1000)
+    ap.add_argument("--patients", default="200,1000", help="cohort sizes, comma-separated")
     ap.add_argument("--workers", type=int, default=4)
     ap.add_argument("--server", choices=("sekmet", "hapi"), default="sekmet",
                     help="hapi: run on a local HAPI FHIR JPA server too, side by side with sekmet")
+    ap.add_argument("--bulk", action="store_true", help="also time the Bulk $export path")
     args = ap.parse_args()
     # a kill of the benchmark leaves the `with` blocks, so the servers it started are stopped too
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     print(f"load average at start: {' '.join(f'{x:.1f}' for x in os.getloadavg())} (2 cores)")
     with tempfile.TemporaryDirectory() as tmp:
         tmpd = Path(tmp)
-        data = tmpd / "ndjson"
-        data.mkdir()
-        generate(data, args.patients)
         kinds = ["sekmet", "hapi"] if args.server == "hapi" else ["sekmet"]
-        results = [bench_server(kind, tmpd, data, args.patients, args.workers) for kind in kinds]
+        results = []
+        for n in [int(x) for x in args.patients.split(",") if x.strip()]:
+            data = tmpd / f"ndjson-{n}"
+            data.mkdir()
+            generate(data, n)
+            for kind in kinds:
+                r = bench_server(kind, tmpd / f"{n}", data, n, args.workers, args.bulk)
+                r["patients"] = n
+                results.append(r)
         side_by_side(results)
-        parsed, psecs = bare_parse(data)
-        print(f"raw NDJSON parse of the generated data: {parsed / psecs:,.0f} resources/s")
 
 
 if __name__ == "__main__":

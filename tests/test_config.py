@@ -87,8 +87,9 @@ def test_bad_config_is_one_clear_error(tmp_path: Path, content, message):
 def test_auth_failure_is_exit_5_without_the_token(tmp_path: Path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("FHIR_CRS_TOKEN", "super-secret-token")
-    responses.get("https://fhir.test/r4/Patient/p1", status=401, json={"resourceType": "OperationOutcome", "issue": [
-        {"severity": "error", "code": "login", "diagnostics": "Unknown bearer token"}]})
+    denied = {"resourceType": "OperationOutcome", "issue": [{"severity": "error", "code": "login", "diagnostics": "Unknown bearer token"}]}
+    responses.get("https://fhir.test/r4/Patient/p1", status=401, json=denied)
+    responses.post("https://fhir.test/r4", status=401, json=denied)  # pull batches its first reads
     r = CliRunner().invoke(cli, ["pull", "--patient", "p1", "--server", "https://fhir.test/r4", "--auth", "bearer"])
     assert r.exit_code == 5
     assert "401" in r.stderr and "super-secret-token" not in r.stderr + r.stdout

@@ -99,7 +99,7 @@ def test_sync_and_pull_logs_carry_no_secret_or_phi_and_state_is_owner_only(own_s
     assert bulk.returncode == 0, bulk.stderr
 
     for out in (sync, pull, bulk):
-        assert len(out.stderr.splitlines()) > 5  # -v really logged every request
+        assert len(out.stderr.splitlines()) > 2  # -v really logged every request (pull: 3 batched requests)
         assert TOKEN not in out.stderr and "Bearer" not in out.stderr
         assert leaks(out.stderr, phi) == []
     # sync redacts patient ids by default: a stable keyed hash instead of the id

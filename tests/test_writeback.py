@@ -232,7 +232,9 @@ def test_fetch_uses_date_windows_and_falls_back_when_cart_has_only_local_codes(c
 
     for rtype in ("Procedure", "MedicationAdministration", "Observation"):
         responses.add_callback(responses.GET, f"{BASE}/{rtype}", callback=search)
-    out = fetch_patient(client(), "p1", RunConfig(), code_map)
+    one_by_one = client()
+    one_by_one.batch_supported = False  # the reads one by one (batches: tests/test_sync_feed.py on real servers)
+    out = fetch_patient(one_by_one, "p1", RunConfig(), code_map)
     assert any(r.get("id") == "cart1" for r in out)
     paths = {p for p, _ in windowed}
     assert paths == {"/r4/Procedure", "/r4/MedicationAdministration", "/r4/Observation"}

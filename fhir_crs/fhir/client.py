@@ -177,6 +177,27 @@ class SearchResult:
     # entry that held no resource — nothing a page sent is dropped silently.
     copies: list[Resource] = field(default_factory=list)
     unusable: list[tuple[str, str]] = field(default_factory=list)
+    # the server's clock when it answered the first page: Bundle.meta.lastUpdated, else the HTTP
+    # Date header (ISO instant, UTC); None when the server gave neither
+    server_time: str | None = None
+
+
+def _server_time(bundle: Resource, resp: requests.Response | None) -> str | None:
+    """When the server produced `bundle`, by its own clock (never the client's)."""
+    meta = bundle.get("meta")
+    stamp = meta.get("lastUpdated") if isinstance(meta, dict) else None
+    if isinstance(stamp, str) and stamp.strip():
+        return stamp.strip()
+    date = resp.headers.get("Date") if resp is not None else None
+    if date:
+        try:
+            when = email.utils.parsedate_to_datetime(date)
+        except (TypeError, ValueError, IndexError):
+            return None
+        if when.tzinfo is None:
+            when = when.replace(tzinfo=UTC)
+        return when.astimezone(UTC).isoformat().replace("+00:00", "Z")
+    return None
 
 
 def _key(resource: Resource) -> str | None:
@@ -244,17 +265,20 @@ class SearchIterator(Iterator[Resource]):
     """
 
     def __init__(
-        self, client: FhirClient, url: str, params: list[tuple[str, str]], *, no_cache: bool
+        self, client: FhirClient, url: str, params: list[tuple[str, str]], *, no_cache: bool,
+        first_page: Resource | None = None,
     ) -> None:
         self._includes = _Dedup()
         self.outcomes: list[Resource] = []
         self.pages = 0
         self.restarted = False
         self.total: int | None = None
+        self.server_time: str | None = None
         self._client = client
         self._url = url
         self._params = params
         self._no_cache = no_cache
+        self._first_page = first_page
         self._versions: dict[str, str | None] = {}
         self.copies: list[Resource] = []
         self.unusable: list[tuple[str, str]] = []
@@ -271,29 +295,42 @@ class SearchIterator(Iterator[Resource]):
         return next(self._gen)
 
     def _run(self) -> Iterator[Resource]:
+        for bundle in self.bundles():
+            yield from self._entries(bundle)
+
+    def bundles(self) -> Iterator[Resource]:
+        """The raw pages (Bundles) of the search, in order (history Bundles too: their entries
+        keep `request`/`response`, DELETE entries have no resource). Paging rules as above."""
         client = self._client
         first_headers = {"Cache-Control": "no-cache"} if self._no_cache else {}
-        resp = client._send("GET", self._url, params=self._params, headers=first_headers)
+        resp: requests.Response | None
+        if self._first_page is not None:  # the first page came inside a batch answer
+            resp, bundle = None, self._first_page
+        else:
+            resp = client._send("GET", self._url, params=self._params, headers=first_headers)
+            bundle = client._json(resp, "GET")
+        page_url = (resp.url if resp is not None else None) or self._url
         followed: set[str] = set()
         while True:
-            bundle = client._json(resp, "GET")
             if bundle.get("resourceType") != "Bundle":
                 raise FhirOperationOutcome(
-                    f"GET {_path(resp.url or self._url)} did not return a Bundle "
+                    f"GET {_path(page_url)} did not return a Bundle "
                     f"(got {bundle.get('resourceType')!r}).",
-                    resp.status_code,
+                    resp.status_code if resp is not None else None,
                 )
             self.pages += 1
+            if self.pages == 1:
+                self.server_time = _server_time(bundle, resp)
             if self.total is None and isinstance(bundle.get("total"), int):
                 self.total = bundle["total"]
-            yield from self._entries(bundle)
+            yield bundle
 
             nxt = _next_link(bundle)
             if nxt is None:
                 return
             # Resolve against the URL that returned this page: HAPI gives "[base]?_getpages=..",
             # other servers host-relative "/fhir?_getpages=..".
-            next_url = urljoin(resp.url or self._url, nxt)
+            next_url = urljoin(page_url, nxt)
             if next_url in followed:
                 # hapi-fhir#1300: the last page may still carry a next link (here: one we followed).
                 log.debug("search stopped: next link repeats %s", _path(next_url))
@@ -321,6 +358,8 @@ class SearchIterator(Iterator[Resource]):
                 resp = client._send(
                     "GET", self._url, params=self._params, headers={"Cache-Control": "no-cache"}
                 )
+            bundle = client._json(resp, "GET")
+            page_url = resp.url or next_url
 
     def _entries(self, bundle: Resource) -> list[Resource]:
         """Partition one page by `search.mode`; returns its new matches. The whole page is sorted
@@ -424,6 +463,11 @@ def _param_names(url: str, params: list[tuple[str, str]] | None) -> str:
     names = [k for k, _ in parse_qsl(urlsplit(url).query, keep_blank_values=True)]
     names += [k for k, _ in params or ()]
     return ",".join(dict.fromkeys(names))
+
+
+def _urlencode(params: list[tuple[str, str]]) -> str:
+    # FHIR search values keep `|`, `,` and `:` readable (HAPI accepts them; tomcat relaxed-query-chars)
+    return "&".join(f"{quote(k, safe='_:-.')}={quote(v, safe='|,:-._')}" for k, v in params)
 
 
 def _normalise_params(params: Params | None) -> list[tuple[str, str]]:
@@ -707,6 +751,8 @@ class FhirClient:
         self.max_pages = max(1, max_pages)
         self.user_agent = user_agent
         self.requests_made = 0
+        # False once the server refused a batch of reads (`batch_get` then reads one by one)
+        self.batch_supported = True
         self._owns_session = session is None
         self.session = session if session is not None else requests.Session()
         self._sleep = sleep
@@ -773,9 +819,92 @@ class FhirClient:
             pages=it.pages,
             restarted=it.restarted,
             total=it.total,
+            server_time=it.server_time,
             copies=it.copies,
             unusable=it.unusable,
         )
+
+    def history_iter(self, type_: str, since: str, *, page_size: int | None = None) -> SearchIterator:
+        """``GET [base]/type_/_history?_since=since`` (type-level history: creates, updates and
+        deletes after `since`, by the server's clock). Iterate ``.bundles()`` for the raw pages:
+        DELETE entries carry ``request.method == "DELETE"`` and no resource."""
+        query = [("_since", since)]
+        if page_size or self.page_size:
+            query.append(("_count", str(page_size or self.page_size)))
+        return SearchIterator(self, self._url(f"{quote(type_, safe='')}/_history"), query, no_cache=True)
+
+    def batch_get(
+        self, requests_: Sequence[tuple[str, Params | None]], *, no_cache: bool = True
+    ) -> list[Resource | SearchResult]:
+        """Several reads and searches in ONE ``batch`` Bundle (``POST [base]``), each answered
+        like its own call: ``("Patient/123", None)`` gives the resource (`FhirNotFound` on a 404 /
+        410 entry), ``("Observation", params)`` a `SearchResult` whose further pages are followed
+        by their next links as usual. A server that refuses batches (4xx/5xx on the POST, or
+        ``batch_supported = False``) gets the calls one by one; `batch_supported` remembers that.
+        ``no_cache`` sends ``Cache-Control: no-cache`` with the batch (HAPI answered entries of a
+        batch sent right after a write with the new data: tests/test_sync.py)."""
+        items = [(path, _normalise_params(params) if params is not None else None) for path, params in requests_]
+        if not items:
+            return []
+        if len(items) == 1 or not self.batch_supported:
+            return [self._one(path, params, no_cache) for path, params in items]
+        entries = []
+        for path, params in items:
+            if params is not None and self.page_size and not any(k == "_count" for k, _ in params):
+                params = [*params, ("_count", str(self.page_size))]
+            url = path if params is None else f"{path}?{_urlencode(params)}"
+            entries.append({"request": {"method": "GET", "url": url}})
+            # like every request: the path and the parameter *names* only
+            log.debug("  batch entry GET %s params=%s", _path(self._url(path)), ",".join(dict.fromkeys(k for k, _ in params or ())))
+        bundle = {"resourceType": "Bundle", "type": "batch", "entry": entries}
+        try:
+            resp = self._send("POST", self._url(""), body=orjson.dumps(bundle),
+                              headers={"Cache-Control": "no-cache"} if no_cache else {})
+            answer = self._json(resp, "POST")
+            _check_transaction_response(bundle, answer, self.origin)
+        except (FhirNotFound, FhirOperationOutcome, TransactionMismatch) as exc:
+            log.debug("batch of reads refused (%s); reading one by one from now on", exc)
+            self.batch_supported = False
+            return [self._one(path, params, no_cache) for path, params in items]
+        out: list[Resource | SearchResult] = []
+        for (path, params), entry in zip(items, answer.get("entry") or [], strict=True):
+            out.append(self._batch_entry(path, params, entry, no_cache))
+        return out
+
+    def _one(self, path: str, params: list[tuple[str, str]] | None, no_cache: bool) -> Resource | SearchResult:
+        if params is None:
+            type_, _, id_ = path.partition("/")
+            return self.read(type_, id_)
+        return self.search(path, params, no_cache=no_cache)
+
+    def _batch_entry(self, path: str, params: list[tuple[str, str]] | None, entry: Resource,
+                     no_cache: bool) -> Resource | SearchResult:
+        response = entry.get("response") if isinstance(entry.get("response"), dict) else {}
+        status_text = str(response.get("status", "")).strip()
+        code = int(status_text[:3]) if status_text[:3].isdigit() else 0
+        resource = entry.get("resource") if isinstance(entry.get("resource"), dict) else None
+        if not 200 <= code < 300 or resource is None:
+            diag, _codes = _outcome_text(response.get("outcome") or (resource if resource and resource.get("resourceType") == "OperationOutcome" else None))
+            message = f"GET {_path(self._url(path))} (in a batch) failed: HTTP {status_text or 'without status'}" + (f": {diag}" if diag else "")
+            if code in (404, 410):
+                raise FhirNotFound(message, code, diag)
+            if code in (401, 403):
+                raise FhirAuthError(message, code, diag)
+            if code in RETRY_ANY_METHOD or code == 500:  # the server was busy for that entry: ask it alone
+                return self._one(path, params, no_cache)
+            raise FhirOperationOutcome(message, code or None, diag)
+        if params is None:
+            return resource
+        query = list(params)
+        if self.page_size and not any(k == "_count" for k, _ in query):
+            query.append(("_count", str(self.page_size)))
+        it = SearchIterator(self, self._url(path), query, no_cache=no_cache, first_page=resource)
+        matches = _Dedup()
+        for r in it:
+            matches.add(r)
+        return SearchResult(matches=matches.values(), includes=it.includes, outcomes=it.outcomes, pages=it.pages,
+                            restarted=it.restarted, total=it.total, server_time=it.server_time,
+                            copies=it.copies, unusable=it.unusable)
 
     def transaction(self, bundle: Resource) -> Resource:
         """POST [base] with a transaction (or batch) Bundle; returns the response Bundle.

@@ -11,6 +11,8 @@ from __future__ import annotations
 import re
 from typing import Any
 
+import orjson
+
 from ..events import Event, Finding, Measurement, Skipped
 from ..mapping_files import ClassTable, CodeMap, ObservationKind
 from .common import When, codings, label, parse_datetime, quantity, quantity_units, texts
@@ -162,11 +164,29 @@ def _reference_range(res: dict[str, Any], factor: float) -> tuple[float | None, 
     return None, None
 
 
+_MATCH_CACHE_SIZE = 20_000
+
+
 class ObservationMapper:
     def __init__(self, code_map: CodeMap):
         self.code_map = code_map
+        self._matched: dict[bytes, tuple[ObservationKind | None, bool]] = {}
 
     def match_kind(self, cc: Any) -> tuple[ObservationKind | None, bool]:
+        """The kind a `code` names. A feed repeats a few hundred distinct codes: the answer is
+        kept by the code's JSON text (bounded), so each one is matched once."""
+        try:
+            key = orjson.dumps(cc)
+        except (TypeError, orjson.JSONEncodeError):  # an integer past 64 bits: not cached
+            return self._match_kind(cc)
+        hit = self._matched.get(key)
+        if hit is None:
+            if len(self._matched) >= _MATCH_CACHE_SIZE:
+                self._matched.clear()
+            hit = self._matched[key] = self._match_kind(cc)
+        return hit
+
+    def _match_kind(self, cc: Any) -> tuple[ObservationKind | None, bool]:
         name, by_text = self.code_map.observation_table.match(codings(cc), texts(cc))
         return (self.code_map.observations[name] if name else None), by_text
 

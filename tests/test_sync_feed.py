@@ -1,0 +1,253 @@
+"""Issue 13: nightly sync at cohort scale, on the embedded server (sekmet) and on HAPI JPA.
+
+A cohort of 50 synthetic CAR-T patients plus two vignettes (V04: no CRS until a fever is added;
+V07: grade 3 carried by its three norepinephrine administrations) is synced once (a full read,
+batched: <= 6 requests per patient), then:
+
+* a quiet night costs <= 10 requests in all (the change feed: CapabilityStatement + one
+  type-level `_history?_since=` per graded type — both servers offer history, so both pin the
+  history feed);
+* one new Observation re-grades exactly that patient;
+* a hard DELETE of V07's vasopressor administrations (seen as history DELETE entries) lowers the
+  written grade 3 -> 2;
+* a write racing a running sync is picked up by the next run;
+* `change_feed = "search"` (`_lastUpdated` searches; no deletions in that feed) and `--full`: the
+  full re-read catches a deletion the search feed cannot see and reports it;
+* `change_feed = "per-patient"`: the old per-patient check (4 requests per patient).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import pytest
+from click.testing import CliRunner
+from conftest import ROOT, load_vignette, reset_hapi
+
+from fhir_crs.cli import cli
+from fhir_crs.fhir import FhirClient, NoAuth
+from fhir_crs.localserver import HapiFhirServer, LocalFhirServer
+from fhir_crs.synthetic import generate_cohort
+
+pytestmark = pytest.mark.integration
+SCHEMA = json.loads((ROOT / "tests" / "contracts" / "sync-summary.schema.json").read_text())
+N_SYNTHETIC = 50
+KEEP_OBSERVATIONS = 30  # per synthetic patient: enough to grade, quick to load on both servers
+# The feed re-reads the overlap before the last high-water mark (default 300 s, for in-flight
+# transactions and clock skew). A night is quiet when nothing was written in it: the tests keep the
+# overlap short and load their data longer than that before the first run.
+OVERLAP = "3"
+
+
+@pytest.fixture(scope="module", params=["sekmet", "hapi"])
+def server(request, tmp_path_factory):
+    if request.param == "hapi":
+        hapi = request.getfixturevalue("hapi_server")
+        reset_hapi(hapi)
+        yield hapi
+        return
+    with LocalFhirServer(tmp_path_factory.mktemp("feed-server")) as s:
+        yield s
+
+
+@pytest.fixture(scope="module")
+def cohort(server) -> dict[str, str]:
+    client = FhirClient(server.base, auth=NoAuth(), timeout=300)
+    for bundle in generate_cohort(N_SYNTHETIC, seed=13):
+        kept, n_obs = [], 0
+        for e in bundle["entry"]:
+            if e["resource"]["resourceType"] == "Observation":
+                n_obs += 1
+                if n_obs > KEEP_OBSERVATIONS:
+                    continue
+            kept.append(e)
+        client.transaction(dict(bundle, entry=kept))
+    loaded = {v: load_vignette(client, v) for v in ("V04", "V07")}
+    time.sleep(float(OVERLAP) + 0.5)
+    return loaded
+
+
+def sync(server, state: Path, *extra: str, env: dict[str, str] | None = None) -> dict[str, Any]:
+    r = CliRunner().invoke(cli, ["sync", "--server", server.base, "--state", str(state), "--json", *extra],
+                           env={"FHIR_CRS_LOOKBACK_DAYS": "100000", "FHIR_CRS_IDENTIFIER_SYSTEM": "urn:feed",
+                                "FHIR_CRS_SYNC_OVERLAP_SECONDS": OVERLAP, **(env or {})})
+    assert r.exit_code == 0, r.stderr
+    data = json.loads(r.stdout)
+    jsonschema.validate(data, SCHEMA)
+    return data
+
+
+def crs_grade(client: FhirClient, pid: str, system: str = "urn:feed") -> int:
+    found = [c for c in client.search("Condition", [("subject", f"Patient/{pid}")], no_cache=True).matches
+             if any(i.get("system") == system and i.get("value", "").endswith("-crs") for i in c.get("identifier") or [])]
+    assert len(found) == 1, found
+    code = next(c["code"] for c in found[0]["code"]["coding"] if c["code"].startswith("D89.83"))
+    return int(code[-1])
+
+
+def fever(client: FhirClient, pid: str, hours_after_infusion: float) -> None:
+    t0 = next(c for c in client.search("Procedure", [("patient", pid)], no_cache=True).matches if "1156961008" in json.dumps(c["code"]))
+    start = datetime.fromisoformat((t0.get("performedDateTime") or t0["performedPeriod"]["start"]).replace("Z", "+00:00"))
+    client.post("Observation", {
+        "resourceType": "Observation", "status": "final", "subject": {"reference": f"Patient/{pid}"},
+        "code": {"coding": [{"system": "http://loinc.org", "code": "8310-5"}]},
+        "effectiveDateTime": (start + timedelta(hours=hours_after_infusion)).isoformat().replace("+00:00", "Z"),
+        "valueQuantity": {"value": 38.7, "unit": "Cel", "system": "http://unitsofmeasure.org", "code": "Cel"},
+    })
+
+
+def hard_delete(server, client: FhirClient, refs: list[str]) -> bool:
+    """DELETE `refs`; False when the server refuses. Pinned difference: HAPI (referential
+    integrity on delete, its default) answers 409 while the Condition fhir-crs wrote cites the
+    resource as evidence (Condition.evidence.detail, and its Provenance entity.what), so on a
+    default HAPI graded evidence cannot be hard-deleted at all; sekmet deletes it."""
+    from fhir_crs.fhir.client import VersionConflict
+
+    if isinstance(server, HapiFhirServer):
+        for ref in refs:
+            with pytest.raises(VersionConflict, match="reference"):
+                client.delete_url(ref)
+        return False
+    for ref in refs:
+        client.delete_url(ref)
+    return True
+
+
+def test_quiet_night_new_observation_and_hard_delete(server, cohort, tmp_path):
+    client = FhirClient(server.base, auth=NoAuth())
+    state = tmp_path / "state.sqlite"
+    patients = N_SYNTHETIC + 2
+    first = sync(server, state)
+    assert first["patients"] == patients and first["graded"] == patients and not first["errors"]
+    assert first["change_feed"] == "full" and first["reconciliation"]["reason"] == "first run"
+    assert first["changed_patients"] == patients and first["high_water"]
+    # batched reads and identifier look-ups: <= 6 requests per patient (+ discovery and metadata)
+    assert first["requests"] <= 6 * patients + 4, first["requests"]
+    assert crs_grade(client, cohort["V07"]) == 3
+
+    quiet = sync(server, state)
+    # CapabilityStatement + Patient/Procedure/MedicationAdministration/Observation _history
+    assert quiet["requests"] <= 10, quiet["requests"]
+    assert quiet["change_feed"] == "history"  # both servers offer type-level history
+    assert quiet["graded"] == 0 and quiet["changed_patients"] == 0 and quiet["unchanged"] == patients
+    assert quiet["written"] == {"Condition": 0, "Bundle": 0} and quiet["deleted_resources"] == 0
+    assert quiet["high_water"] >= first["high_water"]
+
+    fever(client, cohort["V04"], 59)  # afebrile hypotension at +60 becomes CRS grade 2
+    one = sync(server, state)
+    assert one["changed_patients"] == 1 and one["graded"] == 1 and one["unchanged"] == patients - 1
+    assert one["written"] == {"Condition": 1, "Bundle": 1}
+    assert crs_grade(client, cohort["V04"]) == 2
+    assert one["requests"] <= 10 + 6, one["requests"]
+
+    pressors = [f"MedicationAdministration/{rid}" for rid in ("v07-medadmin-0007", "v07-medadmin-0008", "v07-medadmin-0011")]
+    if not hard_delete(server, client, pressors):  # HAPI: refused while our Condition cites them
+        assert sync(server, state)["graded"] == 0
+        return
+    gone = sync(server, state)
+    assert gone["deleted_resources"] == 3 and gone["changed_patients"] == 1 and gone["graded"] == 1
+    assert gone["written"]["Condition"] == 1
+    assert crs_grade(client, cohort["V07"]) == 2  # grade 3 needed the vasopressor
+
+    again = sync(server, state)  # the deletions (inside the overlap) are not counted twice
+    assert again["graded"] == 0 and again["deleted_resources"] == 0 and again["requests"] <= 10
+
+
+def test_a_write_racing_the_sync_is_picked_up_by_the_next_run(server, cohort, tmp_path):
+    client = FhirClient(server.base, auth=NoAuth())
+    state = tmp_path / "race.sqlite"
+    listing = tmp_path / "patients.txt"
+    listing.write_text(f"{cohort['V04']}\n{cohort['V07']}\n")
+    env = {"FHIR_CRS_IDENTIFIER_SYSTEM": "urn:race-feed"}
+    sync(server, state, "--patients", str(listing), env=env)
+    time.sleep(float(OVERLAP) + 0.5)
+    fever(client, cohort["V04"], 20)  # a change, so the next run has a patient to read
+    args = [sys.executable, "-m", "fhir_crs", "sync", "--server", server.base, "--state", str(state), "--json", "--workers", "1",
+            "--patients", str(listing)]
+    proc = subprocess.Popen(args, env={**os.environ, "FHIR_CRS_LOOKBACK_DAYS": "100000", "FHIR_CRS_SYNC_OVERLAP_SECONDS": OVERLAP, **env},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path)
+    fed = threading.Event()
+    lines: list[str] = []
+
+    def read() -> None:
+        assert proc.stderr is not None
+        for line in proc.stderr:
+            lines.append(line)
+            if "change feed" in line:
+                fed.set()
+
+    threading.Thread(target=read, daemon=True).start()
+    assert fed.wait(120), "".join(lines)
+    fever(client, cohort["V07"], 30)  # written after the feed was read, while the run re-reads V04
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, "".join(lines)
+    racing = json.loads(out)
+    assert racing["changed_patients"] == 1  # V04 only: V07's write came after the high-water mark
+    nxt = sync(server, state, "--patients", str(listing), env=env)
+    assert nxt["changed_patients"] == 1 and nxt["graded"] == 1  # V07, now
+
+
+def test_search_feed_misses_deletions_and_full_reconciliation_finds_them(server, cohort, tmp_path):
+    """Pinned difference of the feeds (same on both servers): `_lastUpdated` searches see new and
+    changed resources but never a deletion; `--full` re-reads everyone and reports what it found."""
+    client = FhirClient(server.base, auth=NoAuth())
+    pid = load_vignette(client, "V06")  # grade 3 with norepinephrine
+    time.sleep(float(OVERLAP) + 0.5)
+    listing = tmp_path / "patients.txt"
+    listing.write_text(f"{pid}\n{cohort['V04']}\n")
+    state = tmp_path / "search.sqlite"
+    env = {"FHIR_CRS_CHANGE_FEED": "search", "FHIR_CRS_IDENTIFIER_SYSTEM": "urn:search-feed"}
+    first = sync(server, state, "--patients", str(listing), env=env)
+    assert first["graded"] == 2
+    quiet = sync(server, state, "--patients", str(listing), env=env)
+    assert quiet["change_feed"] == "search" and quiet["graded"] == 0 and quiet["requests"] <= 6
+    before = crs_grade(client, pid, "urn:search-feed")
+    pressors = [m for m in client.search("MedicationAdministration", [("patient", pid)], no_cache=True).matches
+                if "#med" in json.dumps(m.get("medicationReference")) or "norepinephrine" in json.dumps(m).lower()]
+    assert pressors
+    if not hard_delete(server, client, [f"MedicationAdministration/{m['id']}" for m in pressors]):
+        return  # HAPI: refused while our Condition cites them (see hard_delete)
+    blind = sync(server, state, "--patients", str(listing), env=env)
+    assert blind["graded"] == 0 and blind["deleted_resources"] == 0  # the search feed cannot see it
+    full = sync(server, state, "--patients", str(listing), "--full", env=env)
+    assert full["change_feed"] == "full" and full["reconciliation"] == {"reason": "--full", "patients": 2, "found_changed": 1}
+    assert crs_grade(client, pid, "urn:search-feed") < before
+
+
+def test_per_patient_fallback(server, cohort, tmp_path):
+    listing = tmp_path / "patients.txt"
+    listing.write_text(f"{cohort['V04']}\n{cohort['V07']}\n")
+    state = tmp_path / "pp.sqlite"
+    env = {"FHIR_CRS_CHANGE_FEED": "per-patient", "FHIR_CRS_IDENTIFIER_SYSTEM": "urn:pp-feed"}
+    sync(server, state, "--patients", str(listing), env=env)
+    quiet = sync(server, state, "--patients", str(listing), env=env)
+    assert quiet["change_feed"] == "per-patient" and quiet["graded"] == 0
+    assert quiet["requests"] == 4 * 2  # the four _summary=count checks per patient
+    assert quiet["high_water"] is None
+
+
+def test_both_servers_answer_batches_of_reads(server, cohort):
+    """Both servers answer a `batch` of GETs entry by entry (HAPI does not list `batch` in its
+    CapabilityStatement but serves it); a missing Patient is a 404 entry."""
+    client = FhirClient(server.base, auth=NoAuth())
+    pid = cohort["V04"]
+    n = client.requests_made
+    patient, obs = client.batch_get([(f"Patient/{pid}", None), ("Observation", [("patient", pid), ("_count", "100")])])
+    assert patient["id"] == pid and len(obs.matches) > 200 and client.batch_supported
+    assert client.requests_made - n == obs.pages  # the batch answered page 1; the rest by next links
+    from fhir_crs.errors import FhirNotFound
+
+    with pytest.raises(FhirNotFound):
+        client.batch_get([("Patient/no-such-patient-x", None), ("Observation", [("patient", pid)])])
+    if isinstance(server, HapiFhirServer):
+        rest = client.capabilities()["rest"][0]
+        assert "batch" not in {i.get("code") for i in rest.get("interaction", [])}
