@@ -54,18 +54,10 @@ def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None):
         _SPARK["seconds"] = float(_SPARK["seconds"]) + time.monotonic() - start  # type: ignore[arg-type]
 
 
-def pytest_runtest_logreport(report: pytest.TestReport) -> None:
-    if "spark" in report.keywords:
-        spark_outcomes: dict[str, str] = _SPARK["outcomes"]  # type: ignore[assignment]
-        if report.failed:
-            spark_outcomes[report.nodeid] = "failed"
-        elif report.skipped:
-            spark_outcomes.setdefault(report.nodeid, "skipped")
-        elif report.when == "call":
-            spark_outcomes.setdefault(report.nodeid, "passed")
-    if "hapi" not in report.keywords:
-        return
-    outcomes: dict[str, str] = _HAPI["outcomes"]  # type: ignore[assignment]
+def _record_outcome(book: dict[str, object], report: pytest.TestReport) -> None:
+    """A test's outcome in `book` (the HAPI or Spark bookkeeping): failed in any phase wins,
+    then skipped, then a passed call."""
+    outcomes: dict[str, str] = book["outcomes"]  # type: ignore[assignment]
     if report.failed:
         outcomes[report.nodeid] = "failed"
     elif report.skipped:
@@ -74,20 +66,28 @@ def pytest_runtest_logreport(report: pytest.TestReport) -> None:
         outcomes.setdefault(report.nodeid, "passed")
 
 
+def _outcome_line(label: str, book: dict[str, object]) -> str:
+    outcomes: dict[str, str] = book["outcomes"]  # type: ignore[assignment]
+    counts = {k: sum(1 for v in outcomes.values() if v == k) for k in ("passed", "failed", "skipped")}
+    return (f"{label}: {len(outcomes)} run (passed {counts['passed']}, failed {counts['failed']}, "
+            f"skipped {counts['skipped']}) in {float(book['seconds']):.0f} s")  # type: ignore[arg-type]
+
+
+def pytest_runtest_logreport(report: pytest.TestReport) -> None:
+    if "spark" in report.keywords:
+        _record_outcome(_SPARK, report)
+    if "hapi" in report.keywords:
+        _record_outcome(_HAPI, report)
+
+
 def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Config) -> None:
     if _SPARK["outcomes"]:
-        spark_outcomes: dict[str, str] = _SPARK["outcomes"]  # type: ignore[assignment]
-        counts = {k: sum(1 for v in spark_outcomes.values() if v == k) for k in ("passed", "failed", "skipped")}
         terminalreporter.write_line(
-            f"Spark engine tests: {len(spark_outcomes)} run (passed {counts['passed']}, failed {counts['failed']}, "
-            f"skipped {counts['skipped']}) in {float(_SPARK['seconds']):.0f} s"  # type: ignore[arg-type]
+            _outcome_line("Spark engine tests", _SPARK)
             + (f"; SparkSession local[2] startup {_SPARK['startup']:.1f} s" if "startup" in _SPARK else ""))
-    outcomes: dict[str, str] = _HAPI["outcomes"]  # type: ignore[assignment]
-    if not outcomes:
+    if not _HAPI["outcomes"]:
         return
-    counts = {k: sum(1 for v in outcomes.values() if v == k) for k in ("passed", "failed", "skipped")}
-    line = (f"HAPI FHIR JPA integration tests: {len(outcomes)} run (passed {counts['passed']}, failed "
-            f"{counts['failed']}, skipped {counts['skipped']}) in {float(_HAPI['seconds']):.0f} s")  # type: ignore[arg-type]
+    line = _outcome_line("HAPI FHIR JPA integration tests", _HAPI)
     if "startup" in _HAPI:
         line += f"; server startup {_HAPI['startup']:.1f} s, RSS {_HAPI['rss_mb']} MB"
     terminalreporter.write_line(line)
@@ -197,6 +197,21 @@ def reset_hapi(server) -> None:
     with FhirClient(server.base, auth=NoAuth(), timeout=300) as client:
         client.post("$expunge", {"resourceType": "Parameters",
                                  "parameter": [{"name": "expungeEverything", "valueBoolean": True}]})
+
+
+def empty_server(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory, name: str):
+    """The body of a module-scoped fixture parametrised over ["sekmet", "hapi"]: an empty server
+    for the module, a fresh sekmet-fhir (in a temporary folder `name`) or the session's HAPI JPA
+    server emptied (`reset_hapi`). Use as `yield from empty_server(request, tmp_path_factory, name)`."""
+    if request.param == "hapi":
+        hapi = request.getfixturevalue("hapi_server")
+        reset_hapi(hapi)
+        yield hapi
+        return
+    from fhir_crs.localserver import LocalFhirServer
+
+    with LocalFhirServer(tmp_path_factory.mktemp(name)) as s:
+        yield s
 
 
 @pytest.fixture(scope="session", params=["sekmet", "hapi"])

@@ -17,7 +17,7 @@ from typing import Any
 import jsonschema
 import pytest
 from click.testing import CliRunner
-from conftest import ROOT, hl7_validate, load_vignette, reset_hapi
+from conftest import ROOT, empty_server, hl7_validate, load_vignette
 
 from fhir_crs.cli import cli
 from fhir_crs.fhir import FhirClient, NoAuth
@@ -31,15 +31,8 @@ COHORT = ("V01", "V06", "V25", "V04", "V11")
 
 @pytest.fixture(scope="module", params=["sekmet", "hapi"])
 def server(request, tmp_path_factory):
-    """An empty server per module: a fresh sekmet-fhir, or the session's HAPI JPA server emptied
-    (`reset_hapi`), since cohort discovery finds every CAR-T patient on the server."""
-    if request.param == "hapi":
-        hapi = request.getfixturevalue("hapi_server")
-        reset_hapi(hapi)
-        yield hapi
-        return
-    with LocalFhirServer(tmp_path_factory.mktemp("sync-server")) as s:
-        yield s
+    """An empty server per module (cohort discovery finds every CAR-T patient on the server)."""
+    yield from empty_server(request, tmp_path_factory, "sync-server")
 
 
 @pytest.fixture(scope="module")

@@ -31,11 +31,11 @@ from typing import Any
 import jsonschema
 import pytest
 from click.testing import CliRunner
-from conftest import ROOT, load_vignette, reset_hapi
+from conftest import ROOT, empty_server, load_vignette
 
 from fhir_crs.cli import cli
 from fhir_crs.fhir import FhirClient, NoAuth
-from fhir_crs.localserver import HapiFhirServer, LocalFhirServer
+from fhir_crs.localserver import HapiFhirServer
 from fhir_crs.synthetic import generate_cohort
 
 pytestmark = pytest.mark.integration
@@ -50,13 +50,7 @@ OVERLAP = "3"
 
 @pytest.fixture(scope="module", params=["sekmet", "hapi"])
 def server(request, tmp_path_factory):
-    if request.param == "hapi":
-        hapi = request.getfixturevalue("hapi_server")
-        reset_hapi(hapi)
-        yield hapi
-        return
-    with LocalFhirServer(tmp_path_factory.mktemp("feed-server")) as s:
-        yield s
+    yield from empty_server(request, tmp_path_factory, "feed-server")
 
 
 @pytest.fixture(scope="module")

@@ -45,7 +45,7 @@ import re
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import UTC
+from datetime import UTC, datetime
 from http import HTTPStatus
 from typing import Any
 from urllib.parse import parse_qsl, quote, urljoin, urlsplit
@@ -182,6 +182,16 @@ class SearchResult:
     server_time: str | None = None
 
 
+def _http_date(value: str) -> datetime | None:
+    """An HTTP-date (`Date`, `Retry-After`) as an aware datetime (UTC when it names no zone);
+    None when it is not one."""
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError):
+        return None
+    return when.replace(tzinfo=UTC) if when.tzinfo is None else when
+
+
 def _server_time(bundle: Resource, resp: requests.Response | None) -> str | None:
     """When the server produced `bundle`, by its own clock (never the client's)."""
     meta = bundle.get("meta")
@@ -189,15 +199,8 @@ def _server_time(bundle: Resource, resp: requests.Response | None) -> str | None
     if isinstance(stamp, str) and stamp.strip():
         return stamp.strip()
     date = resp.headers.get("Date") if resp is not None else None
-    if date:
-        try:
-            when = email.utils.parsedate_to_datetime(date)
-        except (TypeError, ValueError, IndexError):
-            return None
-        if when.tzinfo is None:
-            when = when.replace(tzinfo=UTC)
-        return when.astimezone(UTC).isoformat().replace("+00:00", "Z")
-    return None
+    when = _http_date(date) if date else None
+    return when.astimezone(UTC).isoformat().replace("+00:00", "Z") if when is not None else None
 
 
 def _key(resource: Resource) -> str | None:
@@ -623,13 +626,8 @@ def retry_after_seconds(value: str | None, now: Callable[[], float] = time.time)
         return max(0.0, float(value))
     except ValueError:
         pass
-    try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError, IndexError):
-        return None
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=UTC)
-    return max(0.0, when.timestamp() - now())
+    when = _http_date(value)
+    return max(0.0, when.timestamp() - now()) if when is not None else None
 
 
 _TRANSPORT_ERRORS = (
