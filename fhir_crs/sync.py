@@ -23,8 +23,9 @@ import sqlite3
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor, as_completed
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -127,31 +128,38 @@ class StateStore:
             return None
         return {"last_success": row[0], "high_water": row[1], "result_hash": row[2], "grades": row[3]}
 
+    @contextmanager
+    def _write_txn(self) -> Iterator[None]:
+        """One SQLite write transaction under the store's lock: committed when the block ends,
+        rolled back (and the error raised) when it fails or is interrupted."""
+        with self._lock:
+            self.db.execute("BEGIN IMMEDIATE")
+            try:
+                yield
+                self.db.execute("COMMIT")
+            except BaseException:
+                self.db.execute("ROLLBACK")
+                raise
+
     def put(self, patient: str, high_water: str | None, result_hash: str, grades: str,
             refs: dict[str, str | None] | None = None) -> None:
         """The patient's state after a successful write: its per-patient high-water mark, result
         hash and grades, and (`refs`) the `Type/id` -> version of every resource graded — what
         the change feed is de-duplicated against — all in one SQLite transaction."""
         now = iso(datetime.now(UTC))
-        with self._lock:
-            self.db.execute("BEGIN IMMEDIATE")
-            try:
-                self.db.execute(
-                    "INSERT INTO patient_state (server, patient, last_success, high_water, result_hash, grades) "
-                    "VALUES (?,?,?,?,?,?) ON CONFLICT(server, patient) DO UPDATE SET last_success=excluded.last_success, "
-                    "high_water=excluded.high_water, result_hash=excluded.result_hash, grades=excluded.grades",
-                    (self.server, patient, now, high_water, result_hash, grades),
-                )
-                if refs is not None:
-                    self.db.execute("DELETE FROM graded_refs WHERE server=? AND patient=?", (self.server, patient))
-                    self.db.executemany(
-                        "INSERT INTO graded_refs (server, ref, patient, version) VALUES (?,?,?,?) "
-                        "ON CONFLICT(server, ref) DO UPDATE SET patient=excluded.patient, version=excluded.version",
-                        [(self.server, ref, patient, version) for ref, version in refs.items()])
-                self.db.execute("COMMIT")
-            except BaseException:
-                self.db.execute("ROLLBACK")
-                raise
+        with self._write_txn():
+            self.db.execute(
+                "INSERT INTO patient_state (server, patient, last_success, high_water, result_hash, grades) "
+                "VALUES (?,?,?,?,?,?) ON CONFLICT(server, patient) DO UPDATE SET last_success=excluded.last_success, "
+                "high_water=excluded.high_water, result_hash=excluded.result_hash, grades=excluded.grades",
+                (self.server, patient, now, high_water, result_hash, grades),
+            )
+            if refs is not None:
+                self.db.execute("DELETE FROM graded_refs WHERE server=? AND patient=?", (self.server, patient))
+                self.db.executemany(
+                    "INSERT INTO graded_refs (server, ref, patient, version) VALUES (?,?,?,?) "
+                    "ON CONFLICT(server, ref) DO UPDATE SET patient=excluded.patient, version=excluded.version",
+                    [(self.server, ref, patient, version) for ref, version in refs.items()])
 
     def graded(self, refs: Iterable[str]) -> dict[str, tuple[str, str | None]]:
         """`Type/id` -> (patient, version graded) for those of `refs` that were graded."""
@@ -212,19 +220,13 @@ class StateStore:
             return self.db.execute("SELECT 1 FROM cohort WHERE server=? AND scope=? LIMIT 1", (self.server, scope)).fetchone() is not None
 
     def set_cohort(self, scope: str, members: dict[str, str], replace: bool) -> None:
-        with self._lock:
-            self.db.execute("BEGIN IMMEDIATE")
-            try:
-                if replace:
-                    self.db.execute("DELETE FROM cohort WHERE server=? AND scope=?", (self.server, scope))
-                self.db.executemany(
-                    "INSERT INTO cohort (server, scope, patient, last_infusion) VALUES (?,?,?,?) "
-                    "ON CONFLICT(server, scope, patient) DO UPDATE SET last_infusion=MAX(last_infusion, excluded.last_infusion)",
-                    [(self.server, scope, p, when) for p, when in members.items()])
-                self.db.execute("COMMIT")
-            except BaseException:
-                self.db.execute("ROLLBACK")
-                raise
+        with self._write_txn():
+            if replace:
+                self.db.execute("DELETE FROM cohort WHERE server=? AND scope=?", (self.server, scope))
+            self.db.executemany(
+                "INSERT INTO cohort (server, scope, patient, last_infusion) VALUES (?,?,?,?) "
+                "ON CONFLICT(server, scope, patient) DO UPDATE SET last_infusion=MAX(last_infusion, excluded.last_infusion)",
+                [(self.server, scope, p, when) for p, when in members.items()])
 
     def touch(self, patient: str) -> None:
         with self._lock:
