@@ -123,6 +123,7 @@ def _map_unit(index: int) -> _UnitResult:
         store.maybe_spill()
     mapper.finish()
     store._spill_copies()
+    store._spill_patients()
     store.skipped.spill()
     return _UnitResult(mapper.count, resources, mapper.medications, list(mapper._kept), bool(mapper._superseded))
 

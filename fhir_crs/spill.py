@@ -148,6 +148,7 @@ class SpillStore:
         self._copies: dict[int, list[tuple[str, Any]]] = {}
         self._buffered = 0
         self._patients: dict[int, list[tuple[Any, ...]]] = {}
+        self._lost: dict[int, list[int]] = {}  # patient partition -> input positions of copies struck from it
         self._patient_parts: set[int] = set()
         self._runs: dict[str, list[Path]] = {"superseded": [], "winners": []}
 
@@ -160,13 +161,25 @@ class SpillStore:
 
     # -- 1. map ---------------------------------------------------------------------------------
     def spill_kept(self, ref: str, kept: Any) -> None:
-        self._copies.setdefault(partition_of(ref, self.partitions), []).append((ref, kept))
-        self._buffered += 1 + len(kept.events)
+        """A mapped copy: its events go straight to its patient's partition (most copies are
+        their resource's only one, so they never move again); what settling needs — version,
+        skip, flags, a deferred MedicationAdministration — goes to its Type/id partition.
+        A copy that later loses to another version is struck from the patient partition
+        (`_lost`), never copied there again."""
+        written = kept.patient is not None and kept.skipped is None and kept.deferred is None
+        if written:
+            self._add_patient(kept)
+            events: list[Any] = []
+        else:
+            events = kept.events
+        self._copies.setdefault(partition_of(ref, self.partitions), []).append((ref, kept, events, written))
+        self._buffered += 1
 
     def maybe_spill(self) -> None:
         """Between resources: write buffered copies / skips once the buffers are full."""
         if self._buffered >= SPILL_EVENTS:
             self._spill_copies()
+            self._spill_patients()
         if len(self.skipped._tail) >= SPILL_SKIPS:
             self.skipped.spill()
 
@@ -174,8 +187,8 @@ class SpillStore:
         enc = self.codec.encode
         for part, items in self._copies.items():
             _append_pickle(self._path("copies", part, self.tag), [
-                (ref, k.key, k.version, k.ref, k.patient, [enc(e) for e in k.events], k.skipped,
-                 k.flags or None, k.deferred) for ref, k in items])
+                (ref, k.key, k.version, k.ref, k.patient, [enc(e) for e in events], k.skipped,
+                 k.flags or None, k.deferred, written) for ref, k, events, written in items])
         self._copies.clear()
         self._buffered = 0
 
@@ -183,6 +196,7 @@ class SpillStore:
     def settle(self, mapper: Any) -> None:
         """Each Type/id's winner (`mapper.settle`), one Type/id partition at a time."""
         self._spill_copies()
+        self._spill_patients()
         self.skipped.spill()
         for part in range(self.partitions):
             self.settle_partition(mapper, part)
@@ -197,22 +211,44 @@ class SpillStore:
         paths = self._inputs("copies", part)
         for path in paths:
             for batch in _read_pickles(path):
-                for ref, key, version, cited, patient, events, skipped, flags, deferred in batch:
-                    k = _Kept(key, version, cited, patient, events, skipped, set(flags) if flags else set(), deferred)
-                    groups.setdefault(ref, []).append(k)
+                for rec in batch:
+                    group = groups.get(rec[0])
+                    if group is None:
+                        groups[rec[0]] = [rec]
+                    else:
+                        group.append(rec)
             path.unlink(missing_ok=True)
         superseded: list[tuple[int, Skipped]] = []
         winners: list[tuple[int, Skipped]] = []
-        for ref, copies in groups.items():
-            if len(copies) > 1 and len(paths) > 1:  # copies from several processes: back in input order
-                copies.sort(key=lambda k: k.key[2])
+        flags = self.flags
+        for ref, recs in groups.items():
+            if len(recs) == 1 and recs[0][8] is None:  # one copy, nothing deferred: it wins as it is
+                _, key, _, _, patient, _, skipped, fl, _, written = recs[0]
+                if skipped is None:
+                    mapper.mapped += 1
+                    if patient is not None and not written:
+                        self._add_patient(_Kept(key, recs[0][2], recs[0][3], patient, recs[0][5]))
+                else:
+                    winners.append((key[2], skipped))
+                if patient is not None and fl:
+                    flags.setdefault(patient, set()).update(fl)
+                continue
+            if len(recs) > 1 and len(paths) > 1:  # copies from several processes: back in input order
+                recs.sort(key=lambda r: r[1][2])
+            copies = [_Kept(key, version, cited, patient, events, skipped, set(fl) if fl else set(), deferred)
+                      for _, key, version, cited, patient, events, skipped, fl, deferred, _ in recs]
+            written = {r[1][2]: r[4] for r in recs if r[9]}  # input position -> patient, of copies already in a patient partition
             w, lost = mapper.settle(ref, copies)
             superseded += lost
+            for k in copies:  # (`lost` names each skip at its place in the input, not always the loser's)
+                seq = k.key[2]
+                if seq in written and (k is not w or w.skipped is not None):
+                    self._lost.setdefault(partition_of(written[seq], self.partitions), []).append(seq)
             if w.patient is not None and w.flags:
-                self.flags.setdefault(w.patient, set()).update(w.flags)
+                flags.setdefault(w.patient, set()).update(w.flags)
             if w.skipped is not None:
                 winners.append((w.key[2], w.skipped))
-            elif w.patient is not None:
+            elif w.patient is not None and w.key[2] not in written:
                 self._add_patient(w)
         self._write_run("superseded", part, superseded)
         self._write_run("winners", part, winners)
@@ -231,6 +267,9 @@ class SpillStore:
             _append_pickle(self._path("patients", part, self.tag), items)
             self._patient_parts.add(part)
         self._patients.clear()
+        for part, seqs in self._lost.items():
+            _append_pickle(self._path("lost", part, self.tag), seqs)
+        self._lost.clear()
         self._buffered = 0
 
     def _write_run(self, kind: str, part: int, items: list[tuple[int, Skipped]]) -> None:
@@ -244,12 +283,18 @@ class SpillStore:
 
     # -- 3. grade -------------------------------------------------------------------------------
     def patient_partitions(self) -> list[int]:
+        """The patient partitions on disk, whichever process wrote them (the map stage writes
+        its copies' events there, settling only what it maps or moves itself)."""
+        self._patient_parts.update(int(p.name[9:13]) for p in self.directory.glob("patients-*.pickle"))
         return sorted(self._patient_parts)
 
     def load_patients(self, part: int) -> tuple[dict[str, list[Event]], dict[str, list[str]]]:
         """The events and resource refs of one patient partition, each patient's in input order."""
         types = self.codec.types
+        lost = {seq for path in self._inputs("lost", part) for batch in _read_pickles(path) for seq in batch}
         records = [r for path in self._inputs("patients", part) for batch in _read_pickles(path) for r in batch]
+        if lost:
+            records = [r for r in records if r[0] not in lost]
         records.sort(key=lambda r: r[0])
         events: dict[str, list[Event]] = {}
         sources: dict[str, list[str]] = {}
@@ -260,7 +305,7 @@ class SpillStore:
         return events, sources
 
     def drop_patients(self, part: int) -> None:
-        for path in self._inputs("patients", part):
+        for path in self._inputs("patients", part) + self._inputs("lost", part):
             path.unlink(missing_ok=True)
 
     def skips(self, tail: Iterable[Skipped]) -> Iterator[Skipped]:

@@ -53,6 +53,10 @@ def resource_ref(src: SourceResource) -> str:
     return f"{rtype}/anon-{digest}"
 
 
+_PATIENT_REFS: dict[str, tuple[str | None, str]] = {}  # subject.reference text -> patient_of's answer
+_PATIENT_REFS_MAX = 65_536
+
+
 _DATETIME_FIELDS = (
     "effectiveDateTime", "effectiveInstant", "effectivePeriod", "performedDateTime", "performedPeriod",
     "onsetDateTime", "onsetPeriod", "abatementDateTime", "recordedDate", "birthDate", "deceasedDateTime",
@@ -144,6 +148,20 @@ class ResourceMapper:
         """(Patient/id, or None with the reason): the patient a resource belongs to (no state:
         the Spark engine keys resources by it before mapping them)."""
         r = src.resource
+        subject = r.get("subject")
+        raw = subject.get("reference") if type(subject) is dict else None
+        if type(raw) is str:  # the subject decides: kept per reference text (a patient's resources share it)
+            hit = _PATIENT_REFS.get(raw)
+            if hit is not None:
+                return hit
+            target = raw.strip()
+            if not target.startswith(("#", "urn:")):  # those depend on the enclosing Bundle: not kept
+                if len(_PATIENT_REFS) >= _PATIENT_REFS_MAX:
+                    _PATIENT_REFS.clear()
+                parts = split_reference(target)
+                hit = _PATIENT_REFS[raw] = ((f"Patient/{parts[1]}", "") if parts and parts[0] == "Patient" else
+                                            (None, f"subject {target} is not a resolvable Patient reference"))
+                return hit
         for f in _SUBJECT_FIELDS.get(r["resourceType"], ("subject", "patient")):
             target = reference_target(r.get(f))
             if target is None:

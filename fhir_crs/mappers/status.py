@@ -84,8 +84,27 @@ def _decide(table: dict[str, str], raw: Any, field: str) -> tuple[str | None, st
     return None, None
 
 
+_DECIDED: dict[tuple[Any, str], tuple[str | None, str | None, str]] = {}  # (resourceType, status text) -> decision
+_DECIDED_MAX = 4096  # feeds send a handful of spellings; odd input cannot grow it without bound
+
+
 def status_decision(res: dict[str, Any]) -> tuple[str | None, str | None, str]:
-    """(skip reason, flag, skip code) for a resource's status; reason and flag None when it is used."""
+    """(skip reason, flag, skip code) for a resource's status; reason and flag None when it is used.
+    The decision depends only on the type and the status text, so it is kept per spelling."""
+    rtype = res.get("resourceType")
+    raw = res.get("status")
+    if type(raw) is str and rtype != "Condition":
+        key = (rtype, raw)
+        hit = _DECIDED.get(key)
+        if hit is None:
+            if len(_DECIDED) >= _DECIDED_MAX:
+                _DECIDED.clear()
+            hit = _DECIDED[key] = _status_decision(res)
+        return hit
+    return _status_decision(res)
+
+
+def _status_decision(res: dict[str, Any]) -> tuple[str | None, str | None, str]:
     rtype = res.get("resourceType")
     if rtype == "Condition":
         for field, table in (("verificationStatus", _CONDITION_VERIFICATION), ("clinicalStatus", _CONDITION_CLINICAL)):
