@@ -245,7 +245,7 @@ def write_case(client: Any, case: GradedCase, settings: GradingSettings, identif
                 return WriteOutcome(tl.patient, infusion, "unchanged", {})
         if "crs" in stored and stored_hash(stored["crs"]) == new_hash and "summary" in existing and (
             ("icans" in stored) == ("icans" in write.resources)
-        ):
+        ) and not _retracted(stored):
             return WriteOutcome(tl.patient, infusion, "unchanged", {n: f"{types[n]}/{existing[n][0]}" for n in existing})
         tx = transaction_for(write, existing)
         changes = []
@@ -291,6 +291,14 @@ def write_case(client: Any, case: GradedCase, settings: GradingSettings, identif
             written[name] = "/".join(parts[-2:]) if len(parts) >= 2 else loc
         return WriteOutcome(tl.patient, infusion, "updated" if existing else "created", written, changes=changes)
     raise FhirServerError(f"could not write {tl.patient} after {attempts} version conflicts: {last_error}")
+
+
+def _retracted(stored: dict[str, dict[str, Any]]) -> bool:
+    """A stored case that a sync retracted (its infusion had vanished) is rewritten when it is back."""
+    from .writeback.retract import bundle_is_retracted, is_entered_in_error
+
+    return any(is_entered_in_error(r) for n, r in stored.items() if n != "summary") or (
+        "summary" in stored and bundle_is_retracted(stored["summary"]))
 
 
 def pull_patient(client: Any, patient_id: str, cfg: Any, settings: GradingSettings | None = None,
