@@ -18,7 +18,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from .pipeline import WriteOutcome
+from .pipeline import WriteOutcome, read_many
 from .settings import GradingSettings
 
 TYPES = {"crs": "Condition", "icans": "Condition", "summary": "Bundle"}
@@ -58,8 +58,12 @@ def retract_case(client: Any, record: CaseRecord, settings: GradingSettings, map
     last_error: Exception | None = None
     for _ in range(attempts):
         stored: dict[str, dict[str, Any]] = {}
-        for name, ident in record.identifiers.items():
-            found = client.search(TYPES[name], [("identifier", f"{ident['system']}|{ident['value']}")], no_cache=True).matches
+        # the identifier look-ups in one batch, as write_case does (a server refusing batches: one by one)
+        names = [n for n in TYPES if n in record.identifiers]
+        looked_up = read_many(client, [(TYPES[n], [("identifier", f"{record.identifiers[n]['system']}|"
+                                                                  f"{record.identifiers[n]['value']}")]) for n in names])
+        for name, result in zip(names, looked_up, strict=True):
+            ident, found = record.identifiers[name], result.matches
             if len(found) > 1:
                 raise DuplicateTargetError(
                     f"{len(found)} {TYPES[name]} resources on the server carry identifier {ident['system']}|{ident['value']}: "

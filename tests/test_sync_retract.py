@@ -373,3 +373,27 @@ def test_bulk_only_first_run_records_what_it_graded_so_deleted_files_apply(serve
         assert gone["deleted_resources"] == 2 and gone["retracted_cases"] == 1
         assert_retracted(server, client, written(client, case_key(pid, infusion)), anchors, "was deleted")
         assert cases_in_state(state, pid) == []
+
+
+def test_a_state_store_from_before_written_cases_still_retracts(server, tmp_path):
+    """A state store written before cases were recorded (no `written_cases` rows): the stored
+    grades' infusions give the case keys, and the vanished case is retracted all the same (the
+    note cannot name the infusion record it never stored)."""
+    client = FhirClient(server.base, auth=NoAuth())
+    pid = load_vignette(client, "V30")
+    time.sleep(float(OVERLAP) + 0.5)
+    listing = tmp_path / "patients.txt"
+    listing.write_text(pid + "\n")
+    state = tmp_path / "legacy.sqlite"
+    sync(server, state, "--patients", str(listing))
+    (infusion,) = cases_in_state(state, pid)
+    anchors = infusion_refs(state, pid)
+    with sqlite3.connect(state) as db:
+        db.execute("DELETE FROM written_cases")
+    for ref in anchors:
+        set_status(client, ref, "entered-in-error")
+    gone = sync(server, state, "--patients", str(listing))
+    assert gone["retracted_cases"] == 1
+    assert_retracted(server, client, written(client, case_key(pid, infusion)), [], "(reference not recorded)")
+    for ref in anchors:
+        set_status(client, ref, "completed")
