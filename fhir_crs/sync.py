@@ -31,7 +31,16 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from .changefeed import ChangeFeed, FeedRead, iter_cart_entries, minus, parse_instant, version_newer_or_same
+from .changefeed import (
+    SHARED_TYPES,
+    ChangeFeed,
+    FeedEntry,
+    FeedRead,
+    iter_cart_entries,
+    minus,
+    parse_instant,
+    version_newer_or_same,
+)
 from .errors import ConfigError, FhirCrsError
 from .grading.result import iso
 from .interrupt import Interrupted, StopSignal
@@ -67,6 +76,11 @@ CREATE TABLE IF NOT EXISTS graded_refs (
     PRIMARY KEY (server, ref)
 );
 CREATE INDEX IF NOT EXISTS graded_refs_patient ON graded_refs (server, patient);
+CREATE TABLE IF NOT EXISTS medication_refs (
+    server TEXT NOT NULL, medication TEXT NOT NULL, patient TEXT NOT NULL, version TEXT,
+    PRIMARY KEY (server, medication, patient)
+);
+CREATE INDEX IF NOT EXISTS medication_refs_patient ON medication_refs (server, patient);
 CREATE TABLE IF NOT EXISTS cohort (
     server TEXT NOT NULL, scope TEXT NOT NULL, patient TEXT NOT NULL, last_infusion TEXT NOT NULL,
     PRIMARY KEY (server, scope, patient)
@@ -142,10 +156,12 @@ class StateStore:
                 raise
 
     def put(self, patient: str, high_water: str | None, result_hash: str, grades: str,
-            refs: dict[str, str | None] | None = None) -> None:
+            refs: dict[str, str | None] | None = None, medications: dict[str, str | None] | None = None) -> None:
         """The patient's state after a successful write: its per-patient high-water mark, result
-        hash and grades, and (`refs`) the `Type/id` -> version of every resource graded — what
-        the change feed is de-duplicated against — all in one SQLite transaction."""
+        hash and grades, (`refs`) the `Type/id` -> version of every resource graded — what the
+        change feed is de-duplicated against — and (`medications`, with `refs`) the
+        `Medication/id` -> version its graded MedicationAdministrations reference (None: it
+        could not be read), all in one SQLite transaction."""
         now = iso(datetime.now(UTC))
         with self._write_txn():
             self.db.execute(
@@ -160,6 +176,25 @@ class StateStore:
                     "INSERT INTO graded_refs (server, ref, patient, version) VALUES (?,?,?,?) "
                     "ON CONFLICT(server, ref) DO UPDATE SET patient=excluded.patient, version=excluded.version",
                     [(self.server, ref, patient, version) for ref, version in refs.items()])
+                self.db.execute("DELETE FROM medication_refs WHERE server=? AND patient=?", (self.server, patient))
+                self.db.executemany(
+                    "INSERT INTO medication_refs (server, medication, patient, version) VALUES (?,?,?,?)",
+                    [(self.server, ref, patient, version) for ref, version in (medications or {}).items()])
+
+    def medication_users(self, refs: Iterable[str]) -> dict[str, list[tuple[str, str | None]]]:
+        """`Medication/id` -> [(patient, version graded; None: referenced but not read)] for
+        those of `refs` a graded MedicationAdministration references."""
+        out: dict[str, list[tuple[str, str | None]]] = {}
+        todo = sorted(set(refs))
+        with self._lock:
+            for i in range(0, len(todo), 500):
+                chunk = todo[i:i + 500]
+                rows = self.db.execute(
+                    "SELECT medication, patient, version FROM medication_refs WHERE server=? AND medication IN "
+                    f"({','.join('?' * len(chunk))}) ORDER BY medication, patient", (self.server, *chunk)).fetchall()
+                for med, patient, version in rows:
+                    out.setdefault(med, []).append((patient, version))
+        return out
 
     def graded(self, refs: Iterable[str]) -> dict[str, tuple[str, str | None]]:
         """`Type/id` -> (patient, version graded) for those of `refs` that were graded."""
@@ -318,7 +353,7 @@ def discover_members(client: Any, code_map: CodeMap, lookback_days: float,
                      now: datetime | None = None) -> tuple[dict[str, str], str | None]:
     """({patient: its last CAR-T administration in the look-back window}, the server's clock at the
     first answer)."""
-    from .changefeed import FeedEntry, patient_of
+    from .changefeed import patient_of
 
     now = now or datetime.now(UTC)
     not_before = now - timedelta(days=lookback_days)
@@ -396,6 +431,21 @@ def has_changes(client: Any, patient: str, since: str) -> bool:
     return (res.total or 0) > 0 or bool(res.matches)
 
 
+def _shared(entry: FeedEntry) -> bool:
+    """A feed entry of a type outside the patient compartment (Medication)."""
+    return entry.ref.split("/", 1)[0] in SHARED_TYPES
+
+
+def _later(a: FeedEntry, b: FeedEntry) -> bool:
+    """Is feed entry `a` a later version of its resource than `b` (numeric versionIds, else the
+    time it was written; a deletion wins a tie)?"""
+    if a.version and b.version and a.version.isdigit() and b.version.isdigit() and a.version != b.version:
+        return int(a.version) > int(b.version)
+    if a.last_updated and b.last_updated and a.last_updated != b.last_updated:
+        return a.last_updated > b.last_updated
+    return a.deleted and not b.deleted
+
+
 def _high_water(resources: Iterable[dict[str, Any]]) -> str | None:
     stamps = [((r.get("meta") or {}).get("lastUpdated")) for r in resources]
     stamps = [s for s in stamps if isinstance(s, str)]
@@ -405,6 +455,30 @@ def _high_water(resources: Iterable[dict[str, Any]]) -> str | None:
 def _result_hash(case_json: list[dict[str, Any]]) -> str:
     keep = [{k: c[k] for k in ("patient", "infusion", "crs", "icans", "adjacent")} for c in case_json]
     return hashlib.sha256(json.dumps(keep, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _medication_refs(resources: Iterable[dict[str, Any]]) -> dict[str, str | None]:
+    """`Medication/id` -> meta.versionId ("" without one; None when it was not read: deleted or
+    missing) of every server Medication a graded MedicationAdministration references
+    (`medicationReference`; contained `#id` ones are part of the administration)."""
+    from .mappers.common import split_reference
+
+    resources = list(resources)
+    read: dict[str, str] = {}
+    for r in resources:
+        if r.get("resourceType") == "Medication" and isinstance(r.get("id"), str):
+            vid = (r.get("meta") or {}).get("versionId") if isinstance(r.get("meta"), dict) else None
+            read[f"Medication/{r['id']}"] = vid if isinstance(vid, str) else ""
+    out: dict[str, str | None] = {}
+    for r in resources:
+        if r.get("resourceType") != "MedicationAdministration":
+            continue
+        ref = (r.get("medicationReference") or {}).get("reference") if isinstance(r.get("medicationReference"), dict) else None
+        target = split_reference(ref) if isinstance(ref, str) and not ref.startswith("#") else None
+        if target is not None and target[0] == "Medication":
+            key = f"Medication/{target[1]}"
+            out[key] = read.get(key)
+    return out
 
 
 def _refs(resources: Iterable[dict[str, Any]]) -> dict[str, str | None]:
@@ -491,9 +565,12 @@ class Sync:
                 cohort_now = set(explicit) if explicit is not None else set(self.state.cohort(scope, now - timedelta(days=lookback)))
             read = feed.read(self.since)
             patients = sorted(cohort_now) if explicit is None else explicit
-            graded = self.state.graded(e.ref for e in read.entries if e.patient is None)
-            targets = {e.patient or graded.get(e.ref, ("",))[0] for e in read.entries} & cohort_now
-            return NightPlan(patients, targets, None, None, read, sum(1 for e in read.entries if e.deleted and e.ref in graded))
+            compartment = [e for e in read.entries if not _shared(e)]
+            graded = self.state.graded(e.ref for e in compartment if e.patient is None)
+            targets = {e.patient or graded.get(e.ref, ("",))[0] for e in compartment} & cohort_now
+            med_targets, med_deleted = self._medication_changes(read.entries, cohort_now)
+            return NightPlan(patients, targets | med_targets, None, None, read,
+                             sum(1 for e in compartment if e.deleted and e.ref in graded) + len(med_deleted))
         if full_reason is not None or (explicit is None and not self.state.has_cohort(scope)):
             full_reason = full_reason or "first run"
             if explicit is None:
@@ -519,6 +596,8 @@ class Sync:
         targets: set[str] = set()
         deleted: set[str] = set()
         for e in read.entries:
+            if _shared(e):
+                continue  # Medication: below, through the administrations that reference it
             held = graded.get(e.ref)
             patient = e.patient or (held[0] if held else None)
             if patient is None or patient not in in_cohort:
@@ -531,8 +610,36 @@ class Sync:
             if held is not None and held[0] == patient and version_newer_or_same(held[1], e.version):
                 continue  # this version was graded (the overlap re-reads the previous night's end)
             targets.add(patient)
+        med_targets, med_deleted = self._medication_changes(read.entries, in_cohort)
+        targets |= med_targets
+        deleted |= med_deleted
         targets |= in_cohort - self.state.known(in_cohort)  # new to the cohort, or never finished
         return NightPlan(patients, targets, read.server_time, None, read, len(deleted), members)
+
+    def _medication_changes(self, entries: list[FeedEntry], cohort: set[str]) -> tuple[set[str], set[str]]:
+        """(cohort patients to re-read, deleted Medications that count) for the Medication entries
+        of the feed: a changed or new version re-reads every cohort patient whose graded
+        administrations reference it, unless that version was what they graded (the overlap); a
+        deletion re-reads those that graded it while it existed (not those that already graded
+        its absence)."""
+        latest: dict[str, FeedEntry] = {}
+        for e in entries:  # each Medication's latest state in the feed (a PUT then a DELETE: deleted)
+            if _shared(e) and (e.ref not in latest or _later(e, latest[e.ref])):
+                latest[e.ref] = e
+        users = self.state.medication_users(latest)
+        targets: set[str] = set()
+        deleted: set[str] = set()
+        for e in latest.values():
+            for patient, held in users.get(e.ref, ()):
+                if patient not in cohort:
+                    continue
+                if e.deleted:
+                    if held is not None:
+                        targets.add(patient)
+                        deleted.add(e.ref)
+                elif not version_newer_or_same(held, e.version):
+                    targets.add(patient)
+        return targets, deleted
 
     def _server_now(self) -> str | None:
         """The server's clock, from one tiny search (never the client's clock)."""
@@ -635,10 +742,12 @@ class Sync:
             resources = fetch_patient(self.client, patient, self.cfg, self.code_map)
             self.stop.check()
             run = grade_resources(resources, self.settings, self.code_map.directory, origin=f"Patient/{patient}")
-            self.commit(patient, run.cases, run.skipped, _high_water(resources) or since, prior, _refs(resources))
+            self.commit(patient, run.cases, run.skipped, _high_water(resources) or since, prior, _refs(resources),
+                        _medication_refs(resources))
 
     def commit(self, patient: str, cases: list[Any], skipped: list[Any], high_water: str | None,
-               prior: dict[str, Any] | None, refs: dict[str, str | None] | None = None) -> None:
+               prior: dict[str, Any] | None, refs: dict[str, str | None] | None = None,
+               medications: dict[str, str | None] | None = None) -> None:
         """Write back one patient's graded cases if the result changed, then record the state.
 
         The state row is written only after every write succeeded (resumability)."""
@@ -653,7 +762,7 @@ class Sync:
         if prior is not None and prior.get("result_hash") == new_hash:
             self._count(unchanged=1)
             if not self.dry_run:
-                self.state.put(patient, high_water, new_hash, prior.get("grades") or "", refs)
+                self.state.put(patient, high_water, new_hash, prior.get("grades") or "", refs, medications)
             return
         self._count(changed=1)
         for case in cases:
@@ -674,7 +783,7 @@ class Sync:
         if not self.dry_run:
             grades = json.dumps({c["infusion"]: {"crs": c["crs"]["astct"]["grade"], "icans": c["icans"]["astct"]["grade"]}
                                  for c in case_json})
-            self.state.put(patient, high_water, new_hash, grades, refs)
+            self.state.put(patient, high_water, new_hash, grades, refs, medications)
 
     def _count(self, changed: int = 0, unchanged: int = 0) -> None:
         with self._guard:
