@@ -31,7 +31,16 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from .changefeed import ChangeFeed, FeedRead, iter_cart_entries, minus, parse_instant, version_newer_or_same
+from .changefeed import (
+    SHARED_TYPES,
+    ChangeFeed,
+    FeedEntry,
+    FeedRead,
+    iter_cart_entries,
+    minus,
+    parse_instant,
+    version_newer_or_same,
+)
 from .errors import ConfigError, FhirCrsError
 from .grading.result import iso
 from .interrupt import Interrupted, StopSignal
@@ -73,6 +82,11 @@ CREATE TABLE IF NOT EXISTS written_cases (
     infusion_refs TEXT NOT NULL,
     PRIMARY KEY (server, patient, infusion)
 );
+CREATE TABLE IF NOT EXISTS medication_refs (
+    server TEXT NOT NULL, medication TEXT NOT NULL, patient TEXT NOT NULL, version TEXT,
+    PRIMARY KEY (server, medication, patient)
+);
+CREATE INDEX IF NOT EXISTS medication_refs_patient ON medication_refs (server, patient);
 CREATE TABLE IF NOT EXISTS cohort (
     server TEXT NOT NULL, scope TEXT NOT NULL, patient TEXT NOT NULL, last_infusion TEXT NOT NULL,
     PRIMARY KEY (server, scope, patient)
@@ -148,11 +162,14 @@ class StateStore:
                 raise
 
     def put(self, patient: str, high_water: str | None, result_hash: str, grades: str,
-            refs: dict[str, str | None] | None = None, cases: list[CaseRecord] | None = None) -> None:
+            refs: dict[str, str | None] | None = None, medications: dict[str, str | None] | None = None,
+            cases: list[CaseRecord] | None = None) -> None:
         """The patient's state after a successful write: its per-patient high-water mark, result
         hash and grades, (`refs`) the `Type/id` -> version of every resource graded — what the
-        change feed is de-duplicated against — and (`cases`) the cases written on the server
-        (what a vanished infusion retracts), all in one SQLite transaction."""
+        change feed is de-duplicated against — (`medications`, with `refs`) the
+        `Medication/id` -> version its graded MedicationAdministrations reference (None: it
+        could not be read), and (`cases`) the cases written on the server (what a vanished
+        infusion retracts), all in one SQLite transaction."""
         now = iso(datetime.now(UTC))
         with self._write_txn():
             if cases is not None:
@@ -173,6 +190,25 @@ class StateStore:
                     "INSERT INTO graded_refs (server, ref, patient, version) VALUES (?,?,?,?) "
                     "ON CONFLICT(server, ref) DO UPDATE SET patient=excluded.patient, version=excluded.version",
                     [(self.server, ref, patient, version) for ref, version in refs.items()])
+                self.db.execute("DELETE FROM medication_refs WHERE server=? AND patient=?", (self.server, patient))
+                self.db.executemany(
+                    "INSERT INTO medication_refs (server, medication, patient, version) VALUES (?,?,?,?)",
+                    [(self.server, ref, patient, version) for ref, version in (medications or {}).items()])
+
+    def medication_users(self, refs: Iterable[str]) -> dict[str, list[tuple[str, str | None]]]:
+        """`Medication/id` -> [(patient, version graded; None: referenced but not read)] for
+        those of `refs` a graded MedicationAdministration references."""
+        out: dict[str, list[tuple[str, str | None]]] = {}
+        todo = sorted(set(refs))
+        with self._lock:
+            for i in range(0, len(todo), 500):
+                chunk = todo[i:i + 500]
+                rows = self.db.execute(
+                    "SELECT medication, patient, version FROM medication_refs WHERE server=? AND medication IN "
+                    f"({','.join('?' * len(chunk))}) ORDER BY medication, patient", (self.server, *chunk)).fetchall()
+                for med, patient, version in rows:
+                    out.setdefault(med, []).append((patient, version))
+        return out
 
     def cases(self, patient: str) -> dict[str, CaseRecord]:
         """The cases written for `patient` (infusion start -> record)."""
@@ -192,14 +228,18 @@ class StateStore:
                 out.add(patient)
         return out
 
-    def stage_refs(self, rows: list[tuple[str, str, str | None]]) -> None:
-        """(`Type/id`, patient, version) of resources a bulk export streamed, kept in a temporary
-        table on disk (memory stays flat) until their patient's state is put (`staged_refs`)."""
+    def stage_refs(self, rows: list[tuple[str, str, str | None]], meds: Iterable[tuple[str, str]] = ()) -> None:
+        """(`Type/id`, patient, version) of resources a bulk export streamed, and (`Medication/id`,
+        patient) its administrations reference, kept in temporary tables on disk (memory stays
+        flat) until their patient's state is put (`staged_refs`, `staged_medications`)."""
         with self._lock:
             self.db.execute("CREATE TEMP TABLE IF NOT EXISTS staged_refs (ref TEXT PRIMARY KEY, patient TEXT NOT NULL, version TEXT)")
             self.db.execute("CREATE INDEX IF NOT EXISTS temp.staged_refs_patient ON staged_refs (patient)")
+            self.db.execute("CREATE TEMP TABLE IF NOT EXISTS staged_meds (medication TEXT NOT NULL, patient TEXT NOT NULL, "
+                            "PRIMARY KEY (patient, medication))")
             self.db.executemany("INSERT INTO staged_refs (ref, patient, version) VALUES (?,?,?) "
                                 "ON CONFLICT(ref) DO UPDATE SET patient=excluded.patient, version=excluded.version", rows)
+            self.db.executemany("INSERT OR IGNORE INTO staged_meds (medication, patient) VALUES (?,?)", list(meds))
 
     def staged_refs(self, patient: str) -> dict[str, str | None]:
         with self._lock:
@@ -208,6 +248,14 @@ class StateStore:
             except sqlite3.OperationalError:  # nothing was staged
                 return {}
         return {r[0]: r[1] for r in rows}
+
+    def staged_medications(self, patient: str) -> list[str]:
+        with self._lock:
+            try:
+                rows = self.db.execute("SELECT medication FROM staged_meds WHERE patient=?", (patient,)).fetchall()
+            except sqlite3.OperationalError:
+                return []
+        return [r[0] for r in rows]
 
     def graded(self, refs: Iterable[str]) -> dict[str, tuple[str, str | None]]:
         """`Type/id` -> (patient, version graded) for those of `refs` that were graded."""
@@ -368,7 +416,7 @@ def discover_members(client: Any, code_map: CodeMap, lookback_days: float,
                      now: datetime | None = None) -> tuple[dict[str, str], str | None]:
     """({patient: its last CAR-T administration in the look-back window}, the server's clock at the
     first answer)."""
-    from .changefeed import FeedEntry, patient_of
+    from .changefeed import patient_of
 
     now = now or datetime.now(UTC)
     not_before = now - timedelta(days=lookback_days)
@@ -446,6 +494,21 @@ def has_changes(client: Any, patient: str, since: str) -> bool:
     return (res.total or 0) > 0 or bool(res.matches)
 
 
+def _shared(entry: FeedEntry) -> bool:
+    """A feed entry of a type outside the patient compartment (Medication)."""
+    return entry.ref.split("/", 1)[0] in SHARED_TYPES
+
+
+def _later(a: FeedEntry, b: FeedEntry) -> bool:
+    """Is feed entry `a` a later version of its resource than `b` (numeric versionIds, else the
+    time it was written; a deletion wins a tie)?"""
+    if a.version and b.version and a.version.isdigit() and b.version.isdigit() and a.version != b.version:
+        return int(a.version) > int(b.version)
+    if a.last_updated and b.last_updated and a.last_updated != b.last_updated:
+        return a.last_updated > b.last_updated
+    return a.deleted and not b.deleted
+
+
 def _high_water(resources: Iterable[dict[str, Any]]) -> str | None:
     stamps = [((r.get("meta") or {}).get("lastUpdated")) for r in resources]
     stamps = [s for s in stamps if isinstance(s, str)]
@@ -474,6 +537,30 @@ def _fates(record: CaseRecord, fetched: list[dict[str, Any]] | None) -> dict[str
 def _result_hash(case_json: list[dict[str, Any]]) -> str:
     keep = [{k: c[k] for k in ("patient", "infusion", "crs", "icans", "adjacent")} for c in case_json]
     return hashlib.sha256(json.dumps(keep, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _medication_refs(resources: Iterable[dict[str, Any]]) -> dict[str, str | None]:
+    """`Medication/id` -> meta.versionId ("" without one; None when it was not read: deleted or
+    missing) of every server Medication a graded MedicationAdministration references
+    (`medicationReference`; contained `#id` ones are part of the administration)."""
+    from .mappers.common import split_reference
+
+    resources = list(resources)
+    read: dict[str, str] = {}
+    for r in resources:
+        if r.get("resourceType") == "Medication" and isinstance(r.get("id"), str):
+            vid = (r.get("meta") or {}).get("versionId") if isinstance(r.get("meta"), dict) else None
+            read[f"Medication/{r['id']}"] = vid if isinstance(vid, str) else ""
+    out: dict[str, str | None] = {}
+    for r in resources:
+        if r.get("resourceType") != "MedicationAdministration":
+            continue
+        ref = (r.get("medicationReference") or {}).get("reference") if isinstance(r.get("medicationReference"), dict) else None
+        target = split_reference(ref) if isinstance(ref, str) and not ref.startswith("#") else None
+        if target is not None and target[0] == "Medication":
+            key = f"Medication/{target[1]}"
+            out[key] = read.get(key)
+    return out
 
 
 def _refs(resources: Iterable[dict[str, Any]]) -> dict[str, str | None]:
@@ -564,9 +651,12 @@ class Sync:
             if explicit is None:
                 cohort_now = set(self._with_written(cohort_now, not_before))
             patients = sorted(cohort_now) if explicit is None else explicit
-            graded = self.state.graded(e.ref for e in read.entries if e.patient is None)
-            targets = {e.patient or graded.get(e.ref, ("",))[0] for e in read.entries} & cohort_now
-            return NightPlan(patients, targets, None, None, read, sum(1 for e in read.entries if e.deleted and e.ref in graded))
+            compartment = [e for e in read.entries if not _shared(e)]
+            graded = self.state.graded(e.ref for e in compartment if e.patient is None)
+            targets = {e.patient or graded.get(e.ref, ("",))[0] for e in compartment} & cohort_now
+            med_targets, med_deleted = self._medication_changes(read.entries, cohort_now)
+            return NightPlan(patients, targets | med_targets, None, None, read,
+                             sum(1 for e in compartment if e.deleted and e.ref in graded) + len(med_deleted))
         if full_reason is not None or (explicit is None and not self.state.has_cohort(scope)):
             full_reason = full_reason or "first run"
             if explicit is None:
@@ -592,6 +682,8 @@ class Sync:
         targets: set[str] = set()
         deleted: set[str] = set()
         for e in read.entries:
+            if _shared(e):
+                continue  # Medication: below, through the administrations that reference it
             held = graded.get(e.ref)
             patient = e.patient or (held[0] if held else None)
             if patient is None or patient not in in_cohort:
@@ -604,6 +696,9 @@ class Sync:
             if held is not None and held[0] == patient and version_newer_or_same(held[1], e.version):
                 continue  # this version was graded (the overlap re-reads the previous night's end)
             targets.add(patient)
+        med_targets, med_deleted = self._medication_changes(read.entries, in_cohort)
+        targets |= med_targets
+        deleted |= med_deleted
         targets |= in_cohort - self.state.known(in_cohort)  # new to the cohort, or never finished
         return NightPlan(patients, targets, read.server_time, None, read, len(deleted), members)
 
@@ -618,6 +713,31 @@ class Sync:
             log.info("%d patient(s) with written cases are no longer found by CAR-T discovery: re-read for retraction",
                      len(extra))
         return sorted(found | extra)
+
+    def _medication_changes(self, entries: list[FeedEntry], cohort: set[str]) -> tuple[set[str], set[str]]:
+        """(cohort patients to re-read, deleted Medications that count) for the Medication entries
+        of the feed: a changed or new version re-reads every cohort patient whose graded
+        administrations reference it, unless that version was what they graded (the overlap); a
+        deletion re-reads those that graded it while it existed (not those that already graded
+        its absence)."""
+        latest: dict[str, FeedEntry] = {}
+        for e in entries:  # each Medication's latest state in the feed (a PUT then a DELETE: deleted)
+            if _shared(e) and (e.ref not in latest or _later(e, latest[e.ref])):
+                latest[e.ref] = e
+        users = self.state.medication_users(latest)
+        targets: set[str] = set()
+        deleted: set[str] = set()
+        for e in latest.values():
+            for patient, held in users.get(e.ref, ()):
+                if patient not in cohort:
+                    continue
+                if e.deleted:
+                    if held is not None:
+                        targets.add(patient)
+                        deleted.add(e.ref)
+                elif not version_newer_or_same(held, e.version):
+                    targets.add(patient)
+        return targets, deleted
 
     def _server_now(self) -> str | None:
         """The server's clock, from one tiny search (never the client's clock)."""
@@ -721,10 +841,11 @@ class Sync:
             self.stop.check()
             run = grade_resources(resources, self.settings, self.code_map.directory, origin=f"Patient/{patient}")
             self.commit(patient, run.cases, run.skipped, _high_water(resources) or since, prior, _refs(resources),
-                        fetched=resources)
+                        _medication_refs(resources), fetched=resources)
 
     def commit(self, patient: str, cases: list[Any], skipped: list[Any], high_water: str | None,
                prior: dict[str, Any] | None, refs: dict[str, str | None] | None = None,
+               medications: dict[str, str | None] | None = None,
                fetched: Iterable[dict[str, Any]] | None = None) -> None:
         """Write back one patient's graded cases if the result changed, retract the written cases
         that no longer exist (their infusion vanished: `fetched`, what was read, says how), then
@@ -745,7 +866,7 @@ class Sync:
         if prior is not None and prior.get("result_hash") == new_hash and not gone:
             self._count(unchanged=1)
             if not self.dry_run:
-                self.state.put(patient, high_water, new_hash, prior.get("grades") or "", refs)
+                self.state.put(patient, high_water, new_hash, prior.get("grades") or "", refs, medications)
             return
         self._count(changed=1)
         written_cases: list[CaseRecord] = []
@@ -788,7 +909,7 @@ class Sync:
         if not self.dry_run:
             grades = json.dumps({c["infusion"]: {"crs": c["crs"]["astct"]["grade"], "icans": c["icans"]["astct"]["grade"]}
                                  for c in case_json})
-            self.state.put(patient, high_water, new_hash, grades, refs, cases=written_cases)
+            self.state.put(patient, high_water, new_hash, grades, refs, medications, cases=written_cases)
 
     def _gone(self, patient: str, prior: dict[str, Any] | None, infusions: set[str]) -> list[CaseRecord]:
         """The written cases of `patient` whose infusion is not among tonight's `infusions`. A
@@ -869,6 +990,8 @@ def run_bulk(client: Any, cfg: Any, settings: GradingSettings, state: StateStore
             # what each patient's grading read (Type/id -> version), staged on disk as it streams by,
             # so that a later run's history DELETEs or deleted[] files find what they delete
             staged: list[tuple[str, str, str | None]] = []
+            staged_meds: list[tuple[str, str]] = []
+            med_versions: dict[str, str] = {}  # Medication/id -> versionId ("" without one), as read
             exported: set[str] = set()
             for rtype, item in items:
                 stop.check()
@@ -878,20 +1001,27 @@ def run_bulk(client: Any, cfg: Any, settings: GradingSettings, state: StateStore
                     if rtype == "Patient":
                         note_patient(item)  # its names, MRN and birth date never reach a log line
                     owner = patient_of(item) if isinstance(item, dict) else None
+                    meta = item.get("meta") if isinstance(item, dict) and isinstance(item.get("meta"), dict) else {}
+                    vid = meta.get("versionId") if isinstance(meta.get("versionId"), str) else None
+                    if rtype == "Medication" and isinstance(item.get("id"), str):
+                        med_versions[f"Medication/{item['id']}"] = vid or ""
                     if owner is not None and isinstance(item.get("id"), str):
                         exported.add(owner)
-                        meta = item.get("meta") if isinstance(item.get("meta"), dict) else {}
-                        vid = meta.get("versionId")
-                        staged.append((f"{rtype}/{item['id']}", owner, vid if isinstance(vid, str) else None))
+                        staged.append((f"{rtype}/{item['id']}", owner, vid))
+                        if rtype == "MedicationAdministration":
+                            staged_meds += [(m, owner) for m in _medication_refs([item])]
                         if len(staged) >= 5000:
-                            state.stage_refs(staged)
-                            staged = []
+                            state.stage_refs(staged, staged_meds)
+                            staged, staged_meds = [], []
                     mapper.add(SourceResource(item, f"bulk:{rtype}"))
-            if staged:
-                state.stage_refs(staged)
+            if staged or staged_meds:
+                state.stage_refs(staged, staged_meds)
             for ref in mapper.missing_medications():
                 try:
-                    mapper.add(SourceResource(client.read(*ref.split("/", 1)), f"read:{ref}"))
+                    med = client.read(*ref.split("/", 1))
+                    vid = (med.get("meta") or {}).get("versionId") if isinstance(med.get("meta"), dict) else None
+                    med_versions[ref] = vid if isinstance(vid, str) else ""
+                    mapper.add(SourceResource(med, f"read:{ref}"))
                 except FhirCrsError as exc:
                     log.warning("%s referenced by a MedicationAdministration could not be read: %s", ref, exc)
             graded = grade_mapping(mapper.finish(), settings, mapper.count)
@@ -908,7 +1038,8 @@ def run_bulk(client: Any, cfg: Any, settings: GradingSettings, state: StateStore
             for patient, cases in sorted(by_patient.items()):
                 try:
                     sync.commit(patient, cases, [], manifest.transaction_time, state.get(patient),
-                                refs=state.staged_refs(patient))
+                                refs=state.staged_refs(patient),
+                                medications={m: med_versions.get(m) for m in state.staged_medications(patient)})
                 except FhirCrsError as exc:
                     sync.summary.errors.append({"patient": f"Patient/{patient}", "error": str(exc)})
                 done += 1
