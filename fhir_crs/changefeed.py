@@ -5,9 +5,13 @@ high-water mark, for all patients at once (issue 13).
                            or `Type?_lastUpdated=gt…` (creates and updates; `_elements=subject` on
                            Observations) or, when neither is offered, no feed ("per-patient": the
                            sync falls back to its per-patient change check)
+                        -> Medication too (not in the patient compartment: its entries name no
+                           patient; the sync maps them through the MedicationAdministrations it
+                           graded), read the same way, and simply not read ("none") where the
+                           server offers neither — it never turns the whole feed off
     -> one `FeedEntry` per resource version seen (Type/id, version, patient, deleted?, resource)
 
-A quiet night costs one request per graded type (4) plus the CapabilityStatement, whatever the
+A quiet night costs one request per graded type (5) plus the CapabilityStatement, whatever the
 cohort size. The feed itself does not decide what is new to the sync: `Sync` de-duplicates the
 entries against the versions it graded last time (state store) and maps them to its cohort.
 The time the feed was read at is the server's clock (the first page's Bundle.meta.lastUpdated or
@@ -27,7 +31,11 @@ from .errors import FhirNotFound, FhirOperationOutcome
 
 log = logging.getLogger("fhir_crs.sync")
 
-FEED_TYPES = ("Patient", "Procedure", "MedicationAdministration", "Observation")
+# the patient-compartment types: without a feed for each of them there is no cohort feed
+COMPARTMENT_TYPES = ("Patient", "Procedure", "MedicationAdministration", "Observation")
+# read when the server offers a feed for them, else left out ("none")
+SHARED_TYPES = ("Medication",)
+FEED_TYPES = (*COMPARTMENT_TYPES, *SHARED_TYPES)
 FEED_MODES = ("auto", "history", "search", "per-patient")
 # the Observation feed can be large on a busy server: only what maps a change to its patient
 SEARCH_ELEMENTS = {"Observation": "subject"}
@@ -148,13 +156,13 @@ class ChangeFeed:
         if self._modes is not None:
             return self._modes
         if self.mode != "auto":
-            self._modes = dict.fromkeys(FEED_TYPES, self.mode)
+            self._modes = {t: "none" if self.mode == "per-patient" and t in SHARED_TYPES else self.mode for t in FEED_TYPES}
             return self._modes
         try:
             cap = self.client.capabilities()
         except (FhirNotFound, FhirOperationOutcome) as exc:
             log.warning("no CapabilityStatement (%s): per-patient change checks", exc)
-            self._modes = dict.fromkeys(FEED_TYPES, "per-patient")
+            self._modes = {t: "none" if t in SHARED_TYPES else "per-patient" for t in FEED_TYPES}
             return self._modes
         declared: dict[str, dict[str, Any]] = {}
         for rest in cap.get("rest") or ():
@@ -171,13 +179,17 @@ class ChangeFeed:
                 out[rtype] = "history"
             elif "search-type" in interactions and "_lastUpdated" in params:
                 out[rtype] = "search"
+            elif rtype in SHARED_TYPES:
+                out[rtype] = "none"
+                log.warning("the server offers neither %s/_history nor _lastUpdated searches on it: changed %s "
+                            "resources are seen only by a full re-read", rtype, rtype)
             else:
                 out[rtype] = "per-patient"
         self._modes = out
         return out
 
     def available(self) -> bool:
-        return "per-patient" not in self.modes().values()
+        return all(self.modes()[t] != "per-patient" for t in COMPARTMENT_TYPES)
 
     def read(self, since: str) -> FeedRead:
         """Every change to the graded types after `since` (an instant by the server's clock)."""
@@ -185,10 +197,12 @@ class ChangeFeed:
         entries: list[FeedEntry] = []
         server_time: str | None = None
         for rtype in FEED_TYPES:
+            if modes[rtype] == "none":
+                continue
             got, stamp = self._read_type(rtype, since, modes)
             entries.extend(got)
             server_time = server_time or stamp  # the first answer: before any data was read
-        kinds = set(modes.values())
+        kinds = {m for m in modes.values() if m != "none"}
         return FeedRead(kinds.pop() if len(kinds) == 1 else "mixed", server_time, entries, modes)
 
     def _read_type(self, rtype: str, since: str, modes: dict[str, str]) -> tuple[list[FeedEntry], str | None]:

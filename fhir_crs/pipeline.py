@@ -127,6 +127,17 @@ def _unusable(*results: Any) -> list[Skipped]:
     return [Skipped(where, why, "no_resource") for r in results for where, why in getattr(r, "unusable", ())]
 
 
+def read_many(client: Any, calls: list[tuple[str, list[tuple[str, str]] | None]]) -> list[Any]:
+    """Reads (`("Patient/1", None)`) and searches (`("Observation", params)`, no-cache) in one
+    `batch` Bundle where the client offers `batch_get` (it falls back to one by one for a server
+    refusing batches), else one by one (issue 13: <= 6 requests per patient)."""
+    batch = getattr(client, "batch_get", None)
+    if batch is not None:
+        return list(batch(calls))
+    return [client.read(*path.split("/", 1)) if params is None else client.search(path, params, no_cache=True)
+            for path, params in calls]
+
+
 def fetch_patient(client: Any, patient_id: str, cfg: Any, code_map: CodeMap) -> FetchedResources:
     """Everything graded for one patient, fetched in date windows around the CAR-T infusions.
 
@@ -147,12 +158,7 @@ def fetch_patient(client: Any, patient_id: str, cfg: Any, code_map: CodeMap) -> 
     from .timeline import find_infusions
 
     def many(calls: list[tuple[str, list[tuple[str, str]] | None]]) -> list[Any]:
-        # one batch Bundle where the client offers it (issue 13: <= 6 requests per patient)
-        batch = getattr(client, "batch_get", None)
-        if batch is not None:
-            return batch(calls)
-        return [client.read(*path.split("/", 1)) if params is None else client.search(path, params, no_cache=True)
-                for path, params in calls]
+        return read_many(client, calls)
 
     proc_codes, drug_codes = cart_codes(code_map)
     calls: list[tuple[str, list[tuple[str, str]] | None]] = [(f"Patient/{patient_id}", None)]
@@ -196,7 +202,8 @@ def write_case(client: Any, case: GradedCase, settings: GradingSettings, identif
                allow_convention_change: bool = False, before_write: Callable[[], None] | None = None) -> WriteOutcome:
     """Idempotent write-back of one case in ONE transaction (all or nothing).
 
-    Existing Conditions/Bundle are found by identifier; if the stored content hash matches,
+    Existing Conditions/Bundle are found by identifier (the three look-ups in one `batch` where
+    the client offers it, one by one otherwise); if the stored content hash matches,
     nothing is written. A stored Condition graded with other settings or mapping tables (the
     conventions extension, conventions.py) is not overwritten unless `allow_convention_change`
     (ConventionChangeError naming what differs; a dry run reports it as "refused"). Otherwise
@@ -223,8 +230,11 @@ def write_case(client: Any, case: GradedCase, settings: GradingSettings, identif
     for _ in range(attempts):
         existing: dict[str, tuple[str, str | None]] = {}
         stored: dict[str, dict[str, Any]] = {}
-        for name, ident in ids.items():
-            found = client.search(types[name], [("identifier", f"{ident['system']}|{ident['value']}")], no_cache=True).matches
+        # the three identifier look-ups in one batch (a server refusing batches: one by one)
+        looked_up = read_many(client, [(types[name], [("identifier", f"{ident['system']}|{ident['value']}")])
+                                       for name, ident in ids.items()])
+        for (name, ident), result in zip(ids.items(), looked_up, strict=True):
+            found = result.matches
             if len(found) > 1:
                 raise DuplicateTargetError(
                     f"{len(found)} {types[name]} resources on the server carry identifier {ident['system']}|{ident['value']}: "
@@ -245,7 +255,7 @@ def write_case(client: Any, case: GradedCase, settings: GradingSettings, identif
                 return WriteOutcome(tl.patient, infusion, "unchanged", {})
         if "crs" in stored and stored_hash(stored["crs"]) == new_hash and "summary" in existing and (
             ("icans" in stored) == ("icans" in write.resources)
-        ):
+        ) and not _retracted(stored):
             return WriteOutcome(tl.patient, infusion, "unchanged", {n: f"{types[n]}/{existing[n][0]}" for n in existing})
         tx = transaction_for(write, existing)
         changes = []
@@ -291,6 +301,14 @@ def write_case(client: Any, case: GradedCase, settings: GradingSettings, identif
             written[name] = "/".join(parts[-2:]) if len(parts) >= 2 else loc
         return WriteOutcome(tl.patient, infusion, "updated" if existing else "created", written, changes=changes)
     raise FhirServerError(f"could not write {tl.patient} after {attempts} version conflicts: {last_error}")
+
+
+def _retracted(stored: dict[str, dict[str, Any]]) -> bool:
+    """A stored case that a sync retracted (its infusion had vanished) is rewritten when it is back."""
+    from .writeback.retract import bundle_is_retracted, is_entered_in_error
+
+    return any(is_entered_in_error(r) for n, r in stored.items() if n != "summary") or (
+        "summary" in stored and bundle_is_retracted(stored["summary"]))
 
 
 def pull_patient(client: Any, patient_id: str, cfg: Any, settings: GradingSettings | None = None,

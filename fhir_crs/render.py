@@ -125,6 +125,7 @@ def render_sync_summary(data: dict[str, Any], console: Console) -> None:
         ("patients in cohort", data["patients"]), ("graded", data["graded"]), ("grades changed", data["changed"]),
         ("unchanged", data["unchanged"]), ("Conditions written", data["written"]["Condition"]),
         ("Bundles written", data["written"]["Bundle"]), ("Provenances written", data.get("provenance_written", 0)),
+        ("cases retracted", data.get("retracted_cases", 0)),
         ("HTTP requests", data["requests"]),
         ("seconds", data["seconds"]), ("errors", len(data["errors"])),
     ):

@@ -31,13 +31,23 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from .changefeed import ChangeFeed, FeedRead, iter_cart_entries, minus, parse_instant, version_newer_or_same
+from .changefeed import (
+    SHARED_TYPES,
+    ChangeFeed,
+    FeedEntry,
+    FeedRead,
+    iter_cart_entries,
+    minus,
+    parse_instant,
+    version_newer_or_same,
+)
 from .errors import ConfigError, FhirCrsError
 from .grading.result import iso
 from .interrupt import Interrupted, StopSignal
 from .logs import note_patient, note_patient_id
 from .mapping_files import CodeMap, cart_codes, load_code_map
 from .pipeline import fetch_patient, grade_resources, write_case
+from .retraction import CaseRecord, retract_case
 from .settings import GradingSettings
 
 log = logging.getLogger("fhir_crs.sync")
@@ -67,6 +77,16 @@ CREATE TABLE IF NOT EXISTS graded_refs (
     PRIMARY KEY (server, ref)
 );
 CREATE INDEX IF NOT EXISTS graded_refs_patient ON graded_refs (server, patient);
+CREATE TABLE IF NOT EXISTS written_cases (
+    server TEXT NOT NULL, patient TEXT NOT NULL, infusion TEXT NOT NULL, identifiers TEXT NOT NULL,
+    infusion_refs TEXT NOT NULL,
+    PRIMARY KEY (server, patient, infusion)
+);
+CREATE TABLE IF NOT EXISTS medication_refs (
+    server TEXT NOT NULL, medication TEXT NOT NULL, patient TEXT NOT NULL, version TEXT,
+    PRIMARY KEY (server, medication, patient)
+);
+CREATE INDEX IF NOT EXISTS medication_refs_patient ON medication_refs (server, patient);
 CREATE TABLE IF NOT EXISTS cohort (
     server TEXT NOT NULL, scope TEXT NOT NULL, patient TEXT NOT NULL, last_infusion TEXT NOT NULL,
     PRIMARY KEY (server, scope, patient)
@@ -142,12 +162,22 @@ class StateStore:
                 raise
 
     def put(self, patient: str, high_water: str | None, result_hash: str, grades: str,
-            refs: dict[str, str | None] | None = None) -> None:
+            refs: dict[str, str | None] | None = None, medications: dict[str, str | None] | None = None,
+            cases: list[CaseRecord] | None = None) -> None:
         """The patient's state after a successful write: its per-patient high-water mark, result
-        hash and grades, and (`refs`) the `Type/id` -> version of every resource graded — what
-        the change feed is de-duplicated against — all in one SQLite transaction."""
+        hash and grades, (`refs`) the `Type/id` -> version of every resource graded — what the
+        change feed is de-duplicated against — (`medications`, with `refs`) the
+        `Medication/id` -> version its graded MedicationAdministrations reference (None: it
+        could not be read), and (`cases`) the cases written on the server (what a vanished
+        infusion retracts), all in one SQLite transaction."""
         now = iso(datetime.now(UTC))
         with self._write_txn():
+            if cases is not None:
+                self.db.execute("DELETE FROM written_cases WHERE server=? AND patient=?", (self.server, patient))
+                self.db.executemany(
+                    "INSERT INTO written_cases (server, patient, infusion, identifiers, infusion_refs) VALUES (?,?,?,?,?)",
+                    [(self.server, patient, c.infusion, json.dumps(c.identifiers, sort_keys=True), json.dumps(list(c.infusion_refs)))
+                     for c in cases])
             self.db.execute(
                 "INSERT INTO patient_state (server, patient, last_success, high_water, result_hash, grades) "
                 "VALUES (?,?,?,?,?,?) ON CONFLICT(server, patient) DO UPDATE SET last_success=excluded.last_success, "
@@ -160,6 +190,72 @@ class StateStore:
                     "INSERT INTO graded_refs (server, ref, patient, version) VALUES (?,?,?,?) "
                     "ON CONFLICT(server, ref) DO UPDATE SET patient=excluded.patient, version=excluded.version",
                     [(self.server, ref, patient, version) for ref, version in refs.items()])
+                self.db.execute("DELETE FROM medication_refs WHERE server=? AND patient=?", (self.server, patient))
+                self.db.executemany(
+                    "INSERT INTO medication_refs (server, medication, patient, version) VALUES (?,?,?,?)",
+                    [(self.server, ref, patient, version) for ref, version in (medications or {}).items()])
+
+    def medication_users(self, refs: Iterable[str]) -> dict[str, list[tuple[str, str | None]]]:
+        """`Medication/id` -> [(patient, version graded; None: referenced but not read)] for
+        those of `refs` a graded MedicationAdministration references."""
+        out: dict[str, list[tuple[str, str | None]]] = {}
+        todo = sorted(set(refs))
+        with self._lock:
+            for i in range(0, len(todo), 500):
+                chunk = todo[i:i + 500]
+                rows = self.db.execute(
+                    "SELECT medication, patient, version FROM medication_refs WHERE server=? AND medication IN "
+                    f"({','.join('?' * len(chunk))}) ORDER BY medication, patient", (self.server, *chunk)).fetchall()
+                for med, patient, version in rows:
+                    out.setdefault(med, []).append((patient, version))
+        return out
+
+    def cases(self, patient: str) -> dict[str, CaseRecord]:
+        """The cases written for `patient` (infusion start -> record)."""
+        with self._lock:
+            rows = self.db.execute("SELECT infusion, identifiers, infusion_refs FROM written_cases WHERE server=? AND patient=?",
+                                   (self.server, patient)).fetchall()
+        return {r[0]: CaseRecord(patient, r[0], json.loads(r[1]), tuple(json.loads(r[2]))) for r in rows}
+
+    def case_patients(self, not_before: datetime | None = None) -> set[str]:
+        """Patients with a written case whose infusion is on or after `not_before` (all: None)."""
+        with self._lock:
+            rows = self.db.execute("SELECT patient, infusion FROM written_cases WHERE server=?", (self.server,)).fetchall()
+        out = set()
+        for patient, when in rows:
+            at = parse_instant(when)
+            if not_before is None or (at is not None and at >= not_before):
+                out.add(patient)
+        return out
+
+    def stage_refs(self, rows: list[tuple[str, str, str | None]], meds: Iterable[tuple[str, str]] = ()) -> None:
+        """(`Type/id`, patient, version) of resources a bulk export streamed, and (`Medication/id`,
+        patient) its administrations reference, kept in temporary tables on disk (memory stays
+        flat) until their patient's state is put (`staged_refs`, `staged_medications`)."""
+        with self._lock:
+            self.db.execute("CREATE TEMP TABLE IF NOT EXISTS staged_refs (ref TEXT PRIMARY KEY, patient TEXT NOT NULL, version TEXT)")
+            self.db.execute("CREATE INDEX IF NOT EXISTS temp.staged_refs_patient ON staged_refs (patient)")
+            self.db.execute("CREATE TEMP TABLE IF NOT EXISTS staged_meds (medication TEXT NOT NULL, patient TEXT NOT NULL, "
+                            "PRIMARY KEY (patient, medication))")
+            self.db.executemany("INSERT INTO staged_refs (ref, patient, version) VALUES (?,?,?) "
+                                "ON CONFLICT(ref) DO UPDATE SET patient=excluded.patient, version=excluded.version", rows)
+            self.db.executemany("INSERT OR IGNORE INTO staged_meds (medication, patient) VALUES (?,?)", list(meds))
+
+    def staged_refs(self, patient: str) -> dict[str, str | None]:
+        with self._lock:
+            try:
+                rows = self.db.execute("SELECT ref, version FROM staged_refs WHERE patient=?", (patient,)).fetchall()
+            except sqlite3.OperationalError:  # nothing was staged
+                return {}
+        return {r[0]: r[1] for r in rows}
+
+    def staged_medications(self, patient: str) -> list[str]:
+        with self._lock:
+            try:
+                rows = self.db.execute("SELECT medication FROM staged_meds WHERE patient=?", (patient,)).fetchall()
+            except sqlite3.OperationalError:
+                return []
+        return [r[0] for r in rows]
 
     def graded(self, refs: Iterable[str]) -> dict[str, tuple[str, str | None]]:
         """`Type/id` -> (patient, version graded) for those of `refs` that were graded."""
@@ -286,6 +382,7 @@ class SyncSummary:
     high_water: str | None = None  # the cohort high-water mark after this run (server clock)
     change_feed: str = "per-patient"  # "history" | "search" | "mixed" | "per-patient" | "full"
     reconciliation: dict[str, Any] | None = None  # a full re-read: why, and what it found
+    retracted_cases: int = 0  # written cases retracted: their CAR-T infusion was deleted, entered-in-error or moved
 
     def to_json(self) -> dict[str, Any]:
         out = {
@@ -300,6 +397,7 @@ class SyncSummary:
             "changed_patients": self.changed_patients, "deleted_resources": self.deleted_resources,
             "high_water": self.high_water, "change_feed": self.change_feed,
             "reconciliation": self.reconciliation,
+            "retracted_cases": self.retracted_cases,
         }
         if self.dry_run:
             out["would_write"] = self.would_write
@@ -318,7 +416,7 @@ def discover_members(client: Any, code_map: CodeMap, lookback_days: float,
                      now: datetime | None = None) -> tuple[dict[str, str], str | None]:
     """({patient: its last CAR-T administration in the look-back window}, the server's clock at the
     first answer)."""
-    from .changefeed import FeedEntry, patient_of
+    from .changefeed import patient_of
 
     now = now or datetime.now(UTC)
     not_before = now - timedelta(days=lookback_days)
@@ -396,15 +494,73 @@ def has_changes(client: Any, patient: str, since: str) -> bool:
     return (res.total or 0) > 0 or bool(res.matches)
 
 
+def _shared(entry: FeedEntry) -> bool:
+    """A feed entry of a type outside the patient compartment (Medication)."""
+    return entry.ref.split("/", 1)[0] in SHARED_TYPES
+
+
+def _later(a: FeedEntry, b: FeedEntry) -> bool:
+    """Is feed entry `a` a later version of its resource than `b` (numeric versionIds, else the
+    time it was written; a deletion wins a tie)?"""
+    if a.version and b.version and a.version.isdigit() and b.version.isdigit() and a.version != b.version:
+        return int(a.version) > int(b.version)
+    if a.last_updated and b.last_updated and a.last_updated != b.last_updated:
+        return a.last_updated > b.last_updated
+    return a.deleted and not b.deleted
+
+
 def _high_water(resources: Iterable[dict[str, Any]]) -> str | None:
     stamps = [((r.get("meta") or {}).get("lastUpdated")) for r in resources]
     stamps = [s for s in stamps if isinstance(s, str)]
     return max(stamps) if stamps else None
 
 
+def _fates(record: CaseRecord, fetched: list[dict[str, Any]] | None) -> dict[str, str]:
+    """What became of each infusion record of a vanished case, from what tonight read (`fetched`)."""
+    from .mappers.status import normalise
+
+    by_ref = {f"{r.get('resourceType')}/{r.get('id')}": r for r in fetched or () if isinstance(r, dict)}
+    out = {}
+    for ref in record.infusion_refs:
+        r = by_ref.get(ref)
+        if fetched is None:
+            out[ref] = "is no longer found as a CAR-T infusion on the server"
+        elif r is None:
+            out[ref] = "was deleted (no longer found on the server)"
+        elif normalise(str(r.get("status") or "")) == "entered-in-error":
+            out[ref] = "was marked entered-in-error"
+        else:
+            out[ref] = "no longer starts a CAR-T infusion at that time (moved to another time, or its status or code changed)"
+    return out
+
+
 def _result_hash(case_json: list[dict[str, Any]]) -> str:
     keep = [{k: c[k] for k in ("patient", "infusion", "crs", "icans", "adjacent")} for c in case_json]
     return hashlib.sha256(json.dumps(keep, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _medication_refs(resources: Iterable[dict[str, Any]]) -> dict[str, str | None]:
+    """`Medication/id` -> meta.versionId ("" without one; None when it was not read: deleted or
+    missing) of every server Medication a graded MedicationAdministration references
+    (`medicationReference`; contained `#id` ones are part of the administration)."""
+    from .mappers.common import split_reference
+
+    resources = list(resources)
+    read: dict[str, str] = {}
+    for r in resources:
+        if r.get("resourceType") == "Medication" and isinstance(r.get("id"), str):
+            vid = (r.get("meta") or {}).get("versionId") if isinstance(r.get("meta"), dict) else None
+            read[f"Medication/{r['id']}"] = vid if isinstance(vid, str) else ""
+    out: dict[str, str | None] = {}
+    for r in resources:
+        if r.get("resourceType") != "MedicationAdministration":
+            continue
+        ref = (r.get("medicationReference") or {}).get("reference") if isinstance(r.get("medicationReference"), dict) else None
+        target = split_reference(ref) if isinstance(ref, str) and not ref.startswith("#") else None
+        if target is not None and target[0] == "Medication":
+            key = f"Medication/{target[1]}"
+            out[key] = read.get(key)
+    return out
 
 
 def _refs(resources: Iterable[dict[str, Any]]) -> dict[str, str | None]:
@@ -477,8 +633,10 @@ class Sync:
         full_reason = ("--full" if self.full else "first run" if high_water is None
                        else "settings or mapping tables changed" if graded_with != self.conventions
                        else f"periodic reconciliation (every {reconcile_days:g} days)" if due else None)
+        not_before = now - timedelta(days=lookback)
         if not feed.available():
-            patients = explicit if explicit is not None else discover_cohort(self.client, self.code_map, lookback)
+            patients = explicit if explicit is not None else self._with_written(
+                discover_cohort(self.client, self.code_map, lookback), not_before)
             return NightPlan(patients, set(patients) if self.full else None, None, "--full" if self.full else None)
         if self.since and not self.full:
             full_reason = None  # --since: the changes after that instant, whatever the stored state
@@ -490,15 +648,20 @@ class Sync:
             else:
                 cohort_now = set(explicit) if explicit is not None else set(self.state.cohort(scope, now - timedelta(days=lookback)))
             read = feed.read(self.since)
+            if explicit is None:
+                cohort_now = set(self._with_written(cohort_now, not_before))
             patients = sorted(cohort_now) if explicit is None else explicit
-            graded = self.state.graded(e.ref for e in read.entries if e.patient is None)
-            targets = {e.patient or graded.get(e.ref, ("",))[0] for e in read.entries} & cohort_now
-            return NightPlan(patients, targets, None, None, read, sum(1 for e in read.entries if e.deleted and e.ref in graded))
+            compartment = [e for e in read.entries if not _shared(e)]
+            graded = self.state.graded(e.ref for e in compartment if e.patient is None)
+            targets = {e.patient or graded.get(e.ref, ("",))[0] for e in compartment} & cohort_now
+            med_targets, med_deleted = self._medication_changes(read.entries, cohort_now)
+            return NightPlan(patients, targets | med_targets, None, None, read,
+                             sum(1 for e in compartment if e.deleted and e.ref in graded) + len(med_deleted))
         if full_reason is not None or (explicit is None and not self.state.has_cohort(scope)):
             full_reason = full_reason or "first run"
             if explicit is None:
                 members, server_time = discover_members(self.client, self.code_map, lookback, now)
-                patients = sorted(members)
+                patients = self._with_written(members, not_before)
             else:
                 members, patients = {}, explicit
                 server_time = self._server_now()
@@ -510,8 +673,8 @@ class Sync:
             procs, drugs = cart_codes(self.code_map)
             for patient, at in iter_cart_entries(read.entries, set(procs), set(drugs), now - timedelta(days=lookback)):
                 members[patient] = max(members.get(patient, iso(at) or ""), iso(at) or "")
-            cohort = self.state.cohort(scope, now - timedelta(days=lookback))
-            patients = sorted(set(cohort) | set(members))
+            cohort = self.state.cohort(scope, not_before)
+            patients = self._with_written(set(cohort) | set(members), not_before)
         else:
             patients = explicit
         in_cohort = set(patients)
@@ -519,6 +682,8 @@ class Sync:
         targets: set[str] = set()
         deleted: set[str] = set()
         for e in read.entries:
+            if _shared(e):
+                continue  # Medication: below, through the administrations that reference it
             held = graded.get(e.ref)
             patient = e.patient or (held[0] if held else None)
             if patient is None or patient not in in_cohort:
@@ -531,8 +696,48 @@ class Sync:
             if held is not None and held[0] == patient and version_newer_or_same(held[1], e.version):
                 continue  # this version was graded (the overlap re-reads the previous night's end)
             targets.add(patient)
+        med_targets, med_deleted = self._medication_changes(read.entries, in_cohort)
+        targets |= med_targets
+        deleted |= med_deleted
         targets |= in_cohort - self.state.known(in_cohort)  # new to the cohort, or never finished
         return NightPlan(patients, targets, read.server_time, None, read, len(deleted), members)
+
+    def _with_written(self, discovered: Iterable[str], not_before: datetime) -> list[str]:
+        """The discovered cohort plus the patients with a written case whose infusion is inside
+        the look-back window: discovery no longer finds a patient whose only CAR-T infusion was
+        deleted or entered-in-error, but that patient must still be re-read, so that what was
+        written for the vanished case is retracted."""
+        found = set(discovered)
+        extra = self.state.case_patients(not_before) - found
+        if extra:
+            log.info("%d patient(s) with written cases are no longer found by CAR-T discovery: re-read for retraction",
+                     len(extra))
+        return sorted(found | extra)
+
+    def _medication_changes(self, entries: list[FeedEntry], cohort: set[str]) -> tuple[set[str], set[str]]:
+        """(cohort patients to re-read, deleted Medications that count) for the Medication entries
+        of the feed: a changed or new version re-reads every cohort patient whose graded
+        administrations reference it, unless that version was what they graded (the overlap); a
+        deletion re-reads those that graded it while it existed (not those that already graded
+        its absence)."""
+        latest: dict[str, FeedEntry] = {}
+        for e in entries:  # each Medication's latest state in the feed (a PUT then a DELETE: deleted)
+            if _shared(e) and (e.ref not in latest or _later(e, latest[e.ref])):
+                latest[e.ref] = e
+        users = self.state.medication_users(latest)
+        targets: set[str] = set()
+        deleted: set[str] = set()
+        for e in latest.values():
+            for patient, held in users.get(e.ref, ()):
+                if patient not in cohort:
+                    continue
+                if e.deleted:
+                    if held is not None:
+                        targets.add(patient)
+                        deleted.add(e.ref)
+                elif not version_newer_or_same(held, e.version):
+                    targets.add(patient)
+        return targets, deleted
 
     def _server_now(self) -> str | None:
         """The server's clock, from one tiny search (never the client's clock)."""
@@ -635,13 +840,20 @@ class Sync:
             resources = fetch_patient(self.client, patient, self.cfg, self.code_map)
             self.stop.check()
             run = grade_resources(resources, self.settings, self.code_map.directory, origin=f"Patient/{patient}")
-            self.commit(patient, run.cases, run.skipped, _high_water(resources) or since, prior, _refs(resources))
+            self.commit(patient, run.cases, run.skipped, _high_water(resources) or since, prior, _refs(resources),
+                        _medication_refs(resources), fetched=resources)
 
     def commit(self, patient: str, cases: list[Any], skipped: list[Any], high_water: str | None,
-               prior: dict[str, Any] | None, refs: dict[str, str | None] | None = None) -> None:
-        """Write back one patient's graded cases if the result changed, then record the state.
+               prior: dict[str, Any] | None, refs: dict[str, str | None] | None = None,
+               medications: dict[str, str | None] | None = None,
+               fetched: Iterable[dict[str, Any]] | None = None) -> None:
+        """Write back one patient's graded cases if the result changed, retract the written cases
+        that no longer exist (their infusion vanished: `fetched`, what was read, says how), then
+        record the state.
 
         The state row is written only after every write succeeded (resumability)."""
+        from .writeback import identifiers
+
         case_json = [c.to_json(self.settings) for c in cases]
         with self._guard:
             self.summary.graded += 1
@@ -650,13 +862,15 @@ class Sync:
             for s in skipped:
                 self.summary.skipped[s.code] += 1
         new_hash = _result_hash(case_json)
-        if prior is not None and prior.get("result_hash") == new_hash:
+        gone = self._gone(patient, prior, {c["infusion"] for c in case_json})
+        if prior is not None and prior.get("result_hash") == new_hash and not gone:
             self._count(unchanged=1)
             if not self.dry_run:
-                self.state.put(patient, high_water, new_hash, prior.get("grades") or "", refs)
+                self.state.put(patient, high_water, new_hash, prior.get("grades") or "", refs, medications)
             return
         self._count(changed=1)
-        for case in cases:
+        written_cases: list[CaseRecord] = []
+        for case, cj in zip(cases, case_json, strict=True):
             self.stop.check()
             outcome = write_case(self.client, case, self.settings, self.cfg.identifier_system, dry_run=self.dry_run,
                                  mappings_dir=self.code_map.directory, allow_convention_change=self.allow_convention_change,
@@ -671,10 +885,49 @@ class Sync:
                 with self._guard:
                     for ref in outcome.written.values():
                         self.summary.written[ref.split("/", 1)[0]] += 1
+            if outcome.written and outcome.status in ("created", "updated", "unchanged"):
+                written_cases.append(CaseRecord(patient, cj["infusion"], identifiers(case, self.cfg.identifier_system),
+                                                tuple(dict.fromkeys(r.split("/_history", 1)[0]
+                                                                    for r in cj.get("infusion_evidence") or ()))))
+        fetched = list(fetched) if fetched is not None else None
+        for record in gone:  # after the new cases: a moved infusion's new case is written first
+            self.stop.check()
+            outcome = retract_case(self.client, record, self.settings, self.code_map.directory, _fates(record, fetched),
+                                   dry_run=self.dry_run, before_write=self.stop.check)
+            with self._guard:
+                if outcome.status == "dry-run":
+                    self.summary.would_write.extend({"patient": outcome.patient, "infusion": outcome.infusion, **change}
+                                                    for change in outcome.changes)
+                elif outcome.status == "retracted":
+                    self.summary.retracted_cases += 1
+                    for ref in outcome.written.values():
+                        self.summary.written[ref.split("/", 1)[0]] += 1
+            if outcome.status == "retracted":
+                log.warning("Patient/%s: the case of the CAR-T infusion at %s is gone from the server; what was written for "
+                            "it is retracted (entered-in-error): %s", patient, record.infusion,
+                            ", ".join(v for k, v in outcome.written.items() if k != "provenance"))
         if not self.dry_run:
             grades = json.dumps({c["infusion"]: {"crs": c["crs"]["astct"]["grade"], "icans": c["icans"]["astct"]["grade"]}
                                  for c in case_json})
-            self.state.put(patient, high_water, new_hash, grades, refs)
+            self.state.put(patient, high_water, new_hash, grades, refs, medications, cases=written_cases)
+
+    def _gone(self, patient: str, prior: dict[str, Any] | None, infusions: set[str]) -> list[CaseRecord]:
+        """The written cases of `patient` whose infusion is not among tonight's `infusions`. A
+        state store from before cases were recorded: the infusions of its stored grades (their
+        identifiers from the patient and the infusion start)."""
+        from .writeback.build import case_identifiers
+
+        recorded = self.state.cases(patient)
+        if not recorded and prior is not None and prior.get("grades"):
+            try:
+                old = json.loads(prior["grades"])
+            except ValueError:
+                old = {}
+            for inf in old if isinstance(old, dict) else ():
+                at = parse_instant(inf)
+                if at is not None:
+                    recorded[inf] = CaseRecord(patient, inf, case_identifiers(patient, at, self.cfg.identifier_system))
+        return [r for inf, r in sorted(recorded.items()) if inf not in infusions]
 
     def _count(self, changed: int = 0, unchanged: int = 0) -> None:
         with self._guard:
@@ -731,7 +984,15 @@ def run_bulk(client: Any, cfg: Any, settings: GradingSettings, state: StateStore
     done = 0
     try:
         if since is None:
+            from .changefeed import patient_of
+
             mapper = ResourceMapper(sync.code_map)
+            # what each patient's grading read (Type/id -> version), staged on disk as it streams by,
+            # so that a later run's history DELETEs or deleted[] files find what they delete
+            staged: list[tuple[str, str, str | None]] = []
+            staged_meds: list[tuple[str, str]] = []
+            med_versions: dict[str, str] = {}  # Medication/id -> versionId ("" without one), as read
+            exported: set[str] = set()
             for rtype, item in items:
                 stop.check()
                 if rtype is None:
@@ -739,10 +1000,28 @@ def run_bulk(client: Any, cfg: Any, settings: GradingSettings, state: StateStore
                 else:
                     if rtype == "Patient":
                         note_patient(item)  # its names, MRN and birth date never reach a log line
+                    owner = patient_of(item) if isinstance(item, dict) else None
+                    meta = item.get("meta") if isinstance(item, dict) and isinstance(item.get("meta"), dict) else {}
+                    vid = meta.get("versionId") if isinstance(meta.get("versionId"), str) else None
+                    if rtype == "Medication" and isinstance(item.get("id"), str):
+                        med_versions[f"Medication/{item['id']}"] = vid or ""
+                    if owner is not None and isinstance(item.get("id"), str):
+                        exported.add(owner)
+                        staged.append((f"{rtype}/{item['id']}", owner, vid))
+                        if rtype == "MedicationAdministration":
+                            staged_meds += [(m, owner) for m in _medication_refs([item])]
+                        if len(staged) >= 5000:
+                            state.stage_refs(staged, staged_meds)
+                            staged, staged_meds = [], []
                     mapper.add(SourceResource(item, f"bulk:{rtype}"))
+            if staged or staged_meds:
+                state.stage_refs(staged, staged_meds)
             for ref in mapper.missing_medications():
                 try:
-                    mapper.add(SourceResource(client.read(*ref.split("/", 1)), f"read:{ref}"))
+                    med = client.read(*ref.split("/", 1))
+                    vid = (med.get("meta") or {}).get("versionId") if isinstance(med.get("meta"), dict) else None
+                    med_versions[ref] = vid if isinstance(vid, str) else ""
+                    mapper.add(SourceResource(med, f"read:{ref}"))
                 except FhirCrsError as exc:
                     log.warning("%s referenced by a MedicationAdministration could not be read: %s", ref, exc)
             graded = grade_mapping(mapper.finish(), settings, mapper.count)
@@ -751,10 +1030,16 @@ def run_bulk(client: Any, cfg: Any, settings: GradingSettings, state: StateStore
             by_patient: dict[str, list[Any]] = {}
             for case in graded.cases:
                 by_patient.setdefault(case.timeline.patient.split("/", 1)[1], []).append(case)
+            # a patient of the export with a case written earlier but none tonight: its infusion
+            # vanished (deleted or entered-in-error), so what was written is retracted
+            for patient in sorted((state.case_patients() & exported) - set(by_patient)):
+                by_patient[patient] = []
             sync.summary.patients = len(by_patient)
             for patient, cases in sorted(by_patient.items()):
                 try:
-                    sync.commit(patient, cases, [], manifest.transaction_time, state.get(patient))
+                    sync.commit(patient, cases, [], manifest.transaction_time, state.get(patient),
+                                refs=state.staged_refs(patient),
+                                medications={m: med_versions.get(m) for m in state.staged_medications(patient)})
                 except FhirCrsError as exc:
                     sync.summary.errors.append({"patient": f"Patient/{patient}", "error": str(exc)})
                 done += 1

@@ -3,7 +3,10 @@ takes about a minute) the sync process or the FHIR server is killed at a random 
 restarted on the same data: sekmet's SQLite, HAPI's H2 file), with the graded output forced
 to change every run so every run writes. Afterwards a clean run completes and every case has
 exactly one CRS Condition and one summary Bundle (ICANS Condition where graded): none lost, none
-duplicated, and the grades equal the offline ones."""
+duplicated, and the grades equal the offline ones. Those runs are full re-reads (each changes the
+conventions); the second test kills inside incremental (change-feed) nights instead, with new,
+amended and hard-deleted resources in flight (6 nights on sekmet, 2 on HAPI), and checks the
+high-water mark and convergence to what a `--full` run writes."""
 
 from __future__ import annotations
 
@@ -124,5 +127,169 @@ def test_killed_syncs_and_servers_leave_exactly_one_write_per_case(kind: str, ru
     finally:
         if kind == "hapi" and server.proc is not None and server.proc.poll() is not None:
             server.start()  # leave the shared server running for the rest of the session
+        elif kind != "hapi":
+            server.stop()
+
+
+# ----------------------------------------------------------------------------- kills inside incremental nights
+
+FEED_SYSTEM = "urn:fhir-crs:faults-feed"
+FEED_COHORT = ("V04", "V07", "V06")
+V07_PRESSORS = ("v07-medadmin-0007", "v07-medadmin-0008", "v07-medadmin-0011")
+OVERLAP = "2"
+
+
+def _temperature(pid: str, at: str, celsius: float, oid: str) -> dict:
+    return {"resourceType": "Observation", "id": oid, "status": "final", "subject": {"reference": f"Patient/{pid}"},
+            "code": {"coding": [{"system": "http://loinc.org", "code": "8310-5"}]}, "effectiveDateTime": at,
+            "valueQuantity": {"value": celsius, "unit": "Cel", "system": "http://unitsofmeasure.org", "code": "Cel"}}
+
+
+def _plus_hours(stamp: str, hours: float) -> str:
+    from datetime import datetime, timedelta
+
+    return (datetime.fromisoformat(stamp.replace("Z", "+00:00")) + timedelta(hours=hours)).isoformat().replace("+00:00", "Z")
+
+
+def _feed_state(state: Path) -> tuple[str | None, str | None, dict[str, str]]:
+    """(the cohort high-water mark, the last run's status, patient -> last_success) of the store."""
+    import sqlite3
+
+    db = sqlite3.connect(state)
+    try:
+        hw = db.execute("SELECT high_water FROM feed_state").fetchone()
+        run = db.execute("SELECT status FROM runs ORDER BY id DESC LIMIT 1").fetchone()
+        done = dict(db.execute("SELECT patient, last_success FROM patient_state").fetchall())
+    finally:
+        db.close()
+    return (hw[0] if hw else None), (run[0] if run else None), done
+
+
+@pytest.mark.parametrize(("kind", "nights"), [("sekmet", 6), ("hapi", 2)])
+def test_killed_incremental_nights_converge_to_what_a_full_run_writes(kind: str, nights: int, tmp_path: Path, request):
+    """Kills (of the sync, or of the server) inside change-feed nights with changes in flight:
+    every night V04's fever Observation is created or amended (CRS 0 <-> 2), a new Observation
+    is added and the previous night's one hard-deleted, and on sekmet V07's three vasopressor
+    administrations are hard-deleted and re-created in turn (grade 3 <-> 2; HAPI refuses to
+    delete evidence our Condition cites). After each killed night the high-water mark is where it
+    was, unless the run had re-graded every changed patient. A final clean night converges:
+    a `--full` run with a fresh state store then writes nothing (the server holds what a full
+    run gives) and every case has exactly one CRS Condition and one summary Bundle."""
+    from datetime import UTC, datetime
+
+    from fhir_crs.events import iso
+
+    rng = random.Random(20261203)
+    if kind == "hapi":
+        shared = request.getfixturevalue("hapi_server")
+        reset_hapi(shared)
+        server = shared
+
+        def restart():
+            return shared.start()
+    else:
+        workdir = tmp_path / "server"
+        port = free_port()
+        server = LocalFhirServer(workdir, port=port).start()
+
+        def restart():
+            return LocalFhirServer(workdir, port=port).start()
+    try:
+        client = FhirClient(server.base, auth=NoAuth())
+        patients = {v: load_vignette(client, v) for v in FEED_COHORT}
+        v07 = {e["resource"]["id"]: e["resource"] for e in json.loads((VIGNETTES / "V07.json").read_text())["entry"]}
+        infusion = {v: grade_paths([VIGNETTES / f"{v}.json"])["cases"][0]["infusion"] for v in FEED_COHORT}
+        listing = tmp_path / "patients.txt"
+        listing.write_text("\n".join(patients.values()) + "\n")
+        state = tmp_path / "state.sqlite"
+        env = {**os.environ, "FHIR_CRS_IDENTIFIER_SYSTEM": FEED_SYSTEM, "FHIR_CRS_MAX_RETRIES": "1",
+               "FHIR_CRS_TOTAL_TIME_CAP": "8", "FHIR_CRS_TIMEOUT": "5", "FHIR_CRS_SYNC_OVERLAP_SECONDS": OVERLAP}
+        base_args = [sys.executable, "-m", "fhir_crs", "sync", "--patients", str(listing), "--json", "--workers", "2"]
+
+        def run(*extra: str, store: Path = state) -> dict:
+            done = subprocess.run([*base_args, "--server", server.base, "--state", str(store), *extra], env=env,
+                                  capture_output=True, text=True, timeout=300, cwd=tmp_path)
+            assert done.returncode == 0, done.stderr
+            return json.loads(done.stdout)
+
+        fever_id, extra_ids = "ff-v04-fever", []
+        pressors_present = True
+
+        def changes(i: int) -> set[str]:
+            """Tonight's changes in flight; returns the patients they touch."""
+            nonlocal pressors_present
+            c = FhirClient(server.base, auth=NoAuth())
+            touched = {patients["V04"]}
+            c.put(f"Observation/{fever_id}", _temperature(patients["V04"], _plus_hours(infusion["V04"], 59),
+                                                          38.7 if i % 2 == 0 else 37.0, fever_id))
+            vig = rng.choice(FEED_COHORT)
+            oid = f"ff-extra-{i}"
+            c.put(f"Observation/{oid}", _temperature(patients[vig], _plus_hours(infusion[vig], 30 + i), 36.8, oid))
+            touched.add(patients[vig])
+            if extra_ids:  # yesterday's extra Observation, hard-deleted (graded, cited by nothing)
+                prev = extra_ids.pop()
+                c.delete_url(f"Observation/{prev[0]}")
+                touched.add(prev[1])
+            extra_ids.append((oid, patients[vig]))
+            if kind == "sekmet" and i % 2 == 1:  # V07's vasopressors deleted, then re-created
+                for rid in V07_PRESSORS:
+                    if pressors_present:
+                        c.delete_url(f"MedicationAdministration/{rid}")
+                    else:
+                        c.put(f"MedicationAdministration/{rid}", v07[rid])
+                pressors_present = not pressors_present
+                touched.add(patients["V07"])
+            return touched
+
+        first = run()
+        assert first["change_feed"] == "full" and not first["errors"]
+        time.sleep(float(OVERLAP) + 0.5)
+        changes(-2)  # a warm-up night (not killed): how long an incremental night with writes takes here
+        t = time.monotonic()
+        warm = run()
+        duration = time.monotonic() - t
+        assert warm["change_feed"] == "history" and warm["changed_patients"] >= 1 and warm["written"]["Condition"] >= 1
+        kills = {"sync": 0, "server": 0}
+        advanced = {"yes": 0, "no": 0}
+        for i in range(nights):
+            hw_before, _, _ = _feed_state(state)
+            touched = changes(i)
+            started = iso(datetime.now(UTC))  # the store's format (UTC, to the second)
+            proc = subprocess.Popen([*base_args, "--server", server.base, "--state", str(state)], env=env,
+                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=tmp_path)
+            time.sleep(rng.uniform(0.2, 1.1) * duration)  # before, during and after the writes
+            if i % 2 == 0:
+                proc.kill()
+                kills["sync"] += 1
+                proc.wait(timeout=30)
+            else:
+                server.kill()
+                kills["server"] += 1
+                proc.wait(timeout=60)
+                server = restart()
+            hw_after, status, done = _feed_state(state)
+            if hw_after != hw_before:  # advanced: only after every changed patient was re-graded
+                assert all(done.get(p, "") >= (started or "") for p in touched), (status, touched, done)
+            advanced["yes" if hw_after != hw_before else "no"] += 1
+        assert kills == {"sync": (nights + 1) // 2, "server": nights // 2}
+        print(f"{kind}: {nights} killed nights, the high-water mark advanced in {advanced['yes']}")
+        final = run()
+        assert not final["errors"] and final["change_feed"] == "history"
+        again = run()  # converged: a quiet night
+        assert again["graded"] == 0 and again["written"] == {"Condition": 0, "Bundle": 0}
+        # what a full re-read with no state would write: nothing — the server already holds it
+        full = run("--full", store=tmp_path / "fresh.sqlite")
+        assert not full["errors"] and full["written"] == {"Condition": 0, "Bundle": 0}, full
+        client = FhirClient(server.base, auth=NoAuth())
+        found = client.search("Condition", [("identifier", f"{FEED_SYSTEM}|")], no_cache=True).matches
+        found += client.search("Bundle", [("identifier", f"{FEED_SYSTEM}|")], no_cache=True).matches
+        values = [(r["identifier"] if isinstance(r["identifier"], dict) else r["identifier"][0])["value"] for r in found]
+        assert sorted(values) == sorted(set(values)), values  # exactly one resource per identifier
+        for vignette, pid in patients.items():
+            kinds = {v.rsplit("-", 1)[1] for v in values if v.startswith(f"{pid}-")}
+            assert {"crs", "summary"} <= kinds, (vignette, kinds)  # V04: written since its fever
+    finally:
+        if kind == "hapi" and server.proc is not None and server.proc.poll() is not None:
+            server.start()
         elif kind != "hapi":
             server.stop()

@@ -2,11 +2,15 @@
 
 A cohort of 50 synthetic CAR-T patients plus two vignettes (V04: no CRS until a fever is added;
 V07: grade 3 carried by its three norepinephrine administrations) is synced once (a full read,
-batched: <= 6 requests per patient), then:
+batched: <= 6 requests per patient in all, 4 per patient here: two read batches, one batch of the
+write-back's identifier look-ups, the transaction), then:
 
 * a quiet night costs <= 10 requests in all (the change feed: CapabilityStatement + one
-  type-level `_history?_since=` per graded type — both servers offer history, so both pin the
-  history feed);
+  type-level `_history?_since=` per graded type and Medication: 6 — both servers offer history,
+  so both pin the history feed);
+* a changed Medication (shared, outside the patient compartment) re-grades exactly the cohort
+  patients whose graded administrations reference it: it stops, then again becomes, a
+  vasopressor (grade 3 -> 2 -> 3); a hard DELETE of it (sekmet) lowers the grade;
 * one new Observation re-grades exactly that patient;
 * a hard DELETE of V07's vasopressor administrations (seen as history DELETE entries) lowers the
   written grade 3 -> 2;
@@ -124,13 +128,16 @@ def test_quiet_night_new_observation_and_hard_delete(server, cohort, tmp_path):
     assert first["patients"] == patients and first["graded"] == patients and not first["errors"]
     assert first["change_feed"] == "full" and first["reconciliation"]["reason"] == "first run"
     assert first["changed_patients"] == patients and first["high_water"]
-    # batched reads and identifier look-ups: <= 6 requests per patient (+ discovery and metadata)
-    assert first["requests"] <= 6 * patients + 4, first["requests"]
+    # issue 13: <= 6 requests per patient, all included (discovery, metadata). Per patient: two
+    # read batches, one batch of the three identifier look-ups, the transaction = 4
+    assert first["requests"] <= 6 * patients, first["requests"]
+    assert first["requests"] <= 4 * patients + 4, first["requests"]
     assert crs_grade(client, cohort["V07"]) == 3
 
     quiet = sync(server, state)
-    # CapabilityStatement + Patient/Procedure/MedicationAdministration/Observation _history
+    # CapabilityStatement + Patient/Procedure/MedicationAdministration/Observation/Medication _history
     assert quiet["requests"] <= 10, quiet["requests"]
+    assert quiet["requests"] == 6, quiet["requests"]
     assert quiet["change_feed"] == "history"  # both servers offer type-level history
     assert quiet["graded"] == 0 and quiet["changed_patients"] == 0 and quiet["unchanged"] == patients
     assert quiet["written"] == {"Condition": 0, "Bundle": 0} and quiet["deleted_resources"] == 0
@@ -154,6 +161,70 @@ def test_quiet_night_new_observation_and_hard_delete(server, cohort, tmp_path):
 
     again = sync(server, state)  # the deletions (inside the overlap) are not counted twice
     assert again["graded"] == 0 and again["deleted_resources"] == 0 and again["requests"] <= 10
+
+
+PRESSORS_V07 = ("v07-medadmin-0007", "v07-medadmin-0008", "v07-medadmin-0011")
+
+
+def _shared_pressor_patients(client: FhirClient, med_id: str, prefixes: tuple[str, ...]) -> list[str]:
+    """V07 twice (ids prefixed), its three norepinephrine administrations pointing at one shared
+    server Medication `med_id` instead of their contained one; returns the Patient ids."""
+    raw = (ROOT / "fixtures" / "R4" / "vignettes" / "V07.json").read_text()
+    medication = None
+    entries = []
+    for prefix in prefixes:
+        for e in json.loads(raw.replace("v07-", f"{prefix}-v07-"))["entry"]:
+            r = e["resource"]
+            if r["resourceType"] == "MedicationAdministration" and r["id"].removeprefix(f"{prefix}-") in PRESSORS_V07:
+                (contained,) = r.pop("contained")
+                medication = {**contained, "id": med_id}
+                r["medicationReference"] = {"reference": f"Medication/{med_id}"}
+            entries.append({"resource": r, "request": {"method": "PUT", "url": f"{r['resourceType']}/{r['id']}"}})
+    assert medication is not None
+    client.put(f"Medication/{med_id}", medication)
+    client.transaction({"resourceType": "Bundle", "type": "transaction", "entry": entries})
+    return [f"{prefix}-v07-patient" for prefix in prefixes]
+
+
+def test_a_changed_medication_regrades_the_patients_whose_administrations_reference_it(server, cohort, tmp_path):
+    client = FhirClient(server.base, auth=NoAuth())
+    med = "mf-pressor"
+    pa, pb = _shared_pressor_patients(client, med, ("mfa", "mfb"))
+    time.sleep(float(OVERLAP) + 0.5)
+    listing = tmp_path / "patients.txt"
+    listing.write_text(f"{pa}\n{pb}\n{cohort['V04']}\n")
+    state = tmp_path / "med.sqlite"
+    env = {"FHIR_CRS_IDENTIFIER_SYSTEM": "urn:med-feed"}
+
+    def night() -> dict[str, Any]:
+        return sync(server, state, "--patients", str(listing), env=env)
+
+    def grades() -> list[int]:
+        return [crs_grade(client, p, "urn:med-feed") for p in (pa, pb)]
+
+    first = night()
+    assert first["graded"] == 3 and not first["errors"] and grades() == [3, 3]  # norepinephrine: grade 3
+    quiet = night()
+    assert quiet["graded"] == 0 and quiet["changed_patients"] == 0 and quiet["requests"] == 6  # + Medication/_history
+    pressor = client.read("Medication", med)
+    saline = {**pressor, "code": {"text": "sodium chloride 0.9% 250 mL"},
+              "ingredient": [{"itemCodeableConcept": {"coding": [{"system": "http://www.nlm.nih.gov/research/umls/rxnorm",
+                                                                  "code": "313002"}], "text": "sodium chloride"}}]}
+    client.put(f"Medication/{med}", saline)  # the shared Medication stops being a vasopressor
+    changed = night()
+    assert changed["changed_patients"] == 2 and changed["graded"] == 2 and changed["unchanged"] == 1  # not V04
+    assert changed["written"]["Condition"] == 2 and grades() == [2, 2]
+    client.put(f"Medication/{med}", {**pressor, "id": med})  # and becomes one again
+    back = night()
+    assert back["changed_patients"] == 2 and grades() == [3, 3]
+    again = night()  # the Medication's version (inside the overlap) was graded: not re-read
+    assert again["graded"] == 0 and again["changed_patients"] == 0
+    if not hard_delete(server, client, [f"Medication/{med}"]):  # HAPI: refused while administrations cite it
+        return
+    gone = night()
+    assert gone["deleted_resources"] == 1 and gone["changed_patients"] == 2 and grades() == [2, 2]
+    after = night()  # its absence was graded: the DELETE entry (inside the overlap) is not counted twice
+    assert after["graded"] == 0 and after["deleted_resources"] == 0
 
 
 def test_a_write_racing_the_sync_is_picked_up_by_the_next_run(server, cohort, tmp_path):

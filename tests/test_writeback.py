@@ -1,16 +1,18 @@
 """Write-back: the Condition and summary Bundle validate against R4B and round-trip; the write
-protocol (conditional create, unchanged replay, version conflict, duplicate identifiers) is
-reproduced with `responses` as HAPI behaves."""
+protocol (identifier look-ups in one batch, conditional create, unchanged replay, If-Match and
+version conflicts, duplicate identifiers, convention changes) on the embedded sekmet-fhir and on
+HAPI JPA. Only the local-codes fetch fallback stays imitated with `responses`."""
 
 from __future__ import annotations
 
 import json
 import re
+import uuid
 from pathlib import Path
 
 import pytest
 import responses
-from conftest import ROOT
+from conftest import ROOT, load_vignette
 from fhir.resources.R4B.bundle import Bundle
 from fhir.resources.R4B.condition import Condition
 from fhir.resources.R4B.provenance import Provenance
@@ -72,27 +74,68 @@ def _searchset(*resources):
     return {"resourceType": "Bundle", "type": "searchset", "entry": [{"resource": r, "search": {"mode": "match"}} for r in resources]}
 
 
-def _tx_response(n, status="201 Created", ids=()):
-    """The answer to the case transaction: its Condition(s), the summary Bundle, then the
-    Provenance (`ids`: the ids of the first entries, when they were updated in place)."""
-    types = ["Condition"] * (n - 2) + ["Bundle", "Provenance"]
-    names = [*ids, *(f"new{i}" for i in range(len(ids), n))]
-    return {"resourceType": "Bundle", "type": "transaction-response",
-            "entry": [{"response": {"status": status, "location": f"{BASE}/{t}/{i}/_history/1"}} for i, t in zip(names, types, strict=True)]}
-
-
 def client():
     return FhirClient(BASE, auth=NoAuth(), sleep=lambda s: None)
 
 
-@responses.activate
-def test_first_write_creates_in_one_transaction_with_its_provenance(case):
-    c, settings = case
-    responses.get(re.compile(BASE + r"/(Condition|Bundle)\?.*"), json=_searchset())
-    responses.post(BASE, json=_tx_response(4))
-    out = write_case(client(), c, settings, SYSTEM)
+# ----------------------------------------------------------------------------- the write protocol, on real servers
+#
+# Every write-back test below writes V25 (loaded on the server and graded from it, so the
+# references resolve) to the embedded sekmet-fhir and to HAPI JPA, each test under its own
+# identifier system. `Recording` keeps the transactions sent; `requests_made` counts requests.
+
+
+@pytest.fixture(scope="module", params=["sekmet", "hapi"])
+def server(request):
+    return request.getfixturevalue("sekmet_server" if request.param == "sekmet" else "hapi_server")
+
+
+@pytest.fixture(scope="module")
+def graded(server):
+    """V25 loaded on `server` and graded from it: (its case, the settings)."""
+    from fhir_crs.config import RunConfig
+    from fhir_crs.pipeline import pull_patient
+
+    with FhirClient(server.base, auth=NoAuth()) as c:
+        run = pull_patient(c, load_vignette(c, "V25"), RunConfig(server=server.base)).run
+    return run.cases[0], run.settings
+
+
+class Recording(FhirClient):
+    """A real client that keeps every transaction it sends; `before_tx` runs (once) before the
+    first one is sent — a second writer changing the server in between."""
+
+    def __init__(self, base: str, before_tx=None):
+        super().__init__(base, auth=NoAuth(), max_retries=1)
+        self.sent: list[dict] = []
+        self.before_tx = before_tx
+
+    def transaction(self, bundle):
+        if bundle.get("type") == "transaction":
+            self.sent.append(json.loads(json.dumps(bundle)))
+            hook, self.before_tx = self.before_tx, None
+            if hook is not None:
+                hook()
+        return super().transaction(bundle)
+
+
+def _system() -> str:
+    return f"urn:fhir-crs:wb-{uuid.uuid4().hex[:10]}"
+
+
+def _ident(system: str, write, name: str) -> str:
+    return f"{system}|{write.identifiers[name]['value']}"
+
+
+def test_first_write_creates_in_one_transaction_with_its_provenance(server, graded):
+    c, settings = graded
+    system = _system()
+    rec = Recording(server.base)
+    out = write_case(rec, c, settings, system)
     assert out.status == "created"
-    posted = json.loads(responses.calls[-1].request.body)
+    # one batch of the three identifier look-ups, then the transaction (issue 13: <= 6 per patient)
+    assert rec.requests_made == 2 and rec.batch_supported
+    (posted,) = rec.sent
     assert posted["type"] == "transaction" and len(posted["entry"]) == 4
     *writes, prov_entry = posted["entry"]
     assert all(e["request"]["method"] == "PUT" and "?identifier=" in e["request"]["url"] for e in writes)
@@ -120,64 +163,170 @@ def test_first_write_creates_in_one_transaction_with_its_provenance(case):
     assert tables == sorted(tables) and {"devices.toml", "medications.toml", "observations.toml", "procedures.toml",
                                          "units.toml"} <= set(tables) and "grading.toml" not in tables
     assert prov["policy"] == [f"urn:fhir-crs:conventions:sha256:{parts['sha256']}"]
-    assert {ch["action"] for ch in out.changes} == {"create"} and out.written["provenance"] == "Provenance/new3"
-
-
-@responses.activate
-def test_replay_with_same_content_writes_nothing(case):
-    c, settings = case
-    w = build_case_write(c, settings, SYSTEM)
-    stored = {k: {**v, "id": f"id-{k}", "meta": {"versionId": "1"}} for k, v in w.resources.items()}
+    assert {ch["action"] for ch in out.changes} == {"create"}
+    # on the server: the Provenance's targets are the resources written (fullUrls resolved)
+    stored = rec.read(*out.written["provenance"].split("/"))
+    assert sorted(t["reference"].split("/_history")[0] for t in stored["target"]) == sorted(
+        out.written[n] for n in ("crs", "icans", "summary"))
     for name, rtype in (("crs", "Condition"), ("icans", "Condition"), ("summary", "Bundle")):
-        value = w.identifiers[name]["value"]
-        responses.get(f"{BASE}/{rtype}", match=[responses.matchers.query_param_matcher(
-            {"identifier": f"{SYSTEM}|{value}", "_count": "200"})], json=_searchset(stored[name]))
-    out = write_case(client(), c, settings, SYSTEM)
-    assert out.status == "unchanged"
-    assert not [call for call in responses.calls if call.request.method == "POST"]
+        (found,) = rec.search(rtype, [("identifier", _ident(system, build_case_write(c, settings, system), name))],
+                              no_cache=True).matches
+        assert f"{rtype}/{found['id']}" == out.written[name]
 
 
-@responses.activate
-def test_version_conflict_rereads_and_reapplies(case):
-    c, settings = case
-    old = {"resourceType": "Condition", "id": "c1", "meta": {"versionId": "4"}, "extension": [
-        {"url": "urn:fhir-crs:StructureDefinition:content-hash", "valueString": "stale"},
-        current_conventions(settings, ROOT / "mappings").extension()]}
-    responses.get(re.compile(BASE + r"/Condition\?.*-crs&.*"), json=_searchset(old))
-    responses.get(re.compile(BASE + r"/Condition\?.*-icans&.*"), json=_searchset())
-    responses.get(re.compile(BASE + r"/Bundle\?.*"), json=_searchset())
-    conflict = {"resourceType": "OperationOutcome", "issue": [{"severity": "error", "code": "processing",
-                "diagnostics": "HAPI-0989: Trying to update Condition/c1/_history/4 but this is not the current version"}]}
-    responses.post(BASE, status=409, json=conflict)
-    responses.post(BASE, json=_tx_response(4, "200 OK", ids=["c1"]))
-    out = write_case(client(), c, settings, SYSTEM)
-    assert out.status == "updated"
-    posts = [call for call in responses.calls if call.request.method == "POST"]
-    assert len(posts) == 2
-    entry = json.loads(posts[-1].request.body)["entry"][0]
-    assert entry["request"] == {"method": "PUT", "url": "Condition/c1", "ifMatch": 'W/"4"'}
+def test_replay_with_same_content_writes_nothing(server, graded):
+    c, settings = graded
+    system = _system()
+    assert write_case(Recording(server.base), c, settings, system).status == "created"
+    rec = Recording(server.base)
+    out = write_case(rec, c, settings, system)
+    assert out.status == "unchanged" and rec.sent == []
+    assert rec.requests_made == 1  # the batch of identifier look-ups only
+    assert set(out.written) == {"crs", "icans", "summary"}
 
 
-@responses.activate
-def test_two_resources_with_one_identifier_is_a_data_quality_error(case):
-    c, settings = case
-    dup = [{"resourceType": "Condition", "id": f"c{i}", "meta": {"versionId": "1"}} for i in (1, 2)]
-    responses.get(re.compile(BASE + r"/Condition\?.*"), json=_searchset(*dup))
+def test_identifier_lookups_one_by_one_when_the_server_refuses_batches(server, graded, tmp_path: Path):
+    """A server refusing `batch` (here a proxy in front of the server answering 405 to POST [base]
+    until the write): the three look-ups go one by one and the write still happens, once."""
+    from loopback import LoopbackServer
+
+    c, settings = graded
+    system = _system()
+    with LoopbackServer(tmp_path / "no-batch") as proxy:
+        proxy.proxy(server.base)
+        proxy.route("POST", "/fhir", status=405, json={"resourceType": "OperationOutcome", "issue": [
+            {"severity": "error", "code": "not-supported", "diagnostics": "batch is not supported"}]})
+
+        def allow_the_transaction():
+            proxy._routes.clear()
+            proxy._write()
+
+        rec = Recording(proxy.base, before_tx=allow_the_transaction)
+        out = write_case(rec, c, settings, system)
+        assert out.status == "created" and not rec.batch_supported and len(rec.sent) == 1
+        seen = [(r["method"], r["path"]) for r in proxy.requests()]
+        assert seen == [("POST", "/fhir"), ("GET", "/fhir/Condition"), ("GET", "/fhir/Condition"),
+                        ("GET", "/fhir/Bundle"), ("POST", "/fhir")]
+        again = Recording(proxy.base)
+        again.batch_supported = False
+        assert write_case(again, c, settings, system).status == "unchanged" and again.requests_made == 3
+
+
+def test_version_conflict_rereads_and_reapplies(server, graded):
+    """A second writer updates the stored CRS Condition between the look-ups and the transaction:
+    the If-Match fails (HAPI 409, sekmet 412), write_case re-reads and re-applies on the new version."""
+    from fhir_crs.settings import load_settings
+
+    c, settings = graded
+    system = _system()
+    first = write_case(Recording(server.base), c, settings, system)
+    cid = first.written["crs"].split("/")[1]
+    plain = FhirClient(server.base, auth=NoAuth())
+
+    def other_writer():
+        current = plain.read("Condition", cid)
+        current["note"] = [*current.get("note", []), {"text": "edited by someone else"}]
+        plain.put(f"Condition/{cid}", current)
+
+    changed = load_settings(ROOT / "mappings", ["resolution_clear_h=25"])  # a result that must be written
+    rec = Recording(server.base, before_tx=other_writer)
+    out = write_case(rec, c, changed, system, allow_convention_change=True)
+    assert out.status == "updated" and len(rec.sent) == 2
+    assert rec.sent[0]["entry"][0]["request"] == {"method": "PUT", "url": f"Condition/{cid}", "ifMatch": 'W/"1"'}
+    assert rec.sent[1]["entry"][0]["request"] == {"method": "PUT", "url": f"Condition/{cid}", "ifMatch": 'W/"2"'}
+    stored = plain.read("Condition", cid)
+    assert stored["meta"]["versionId"] == "3" and "edited by someone else" not in json.dumps(stored["note"])
+
+
+def test_two_resources_with_one_identifier_is_a_data_quality_error(server, graded):
+    c, settings = graded
+    system = _system()
+    plain = FhirClient(server.base, auth=NoAuth())
+    write_case(plain, c, settings, system)
+    (stored,) = plain.search("Condition", [("identifier", _ident(system, build_case_write(c, settings, system), "crs"))],
+                             no_cache=True).matches
+    plain.post("Condition", {k: v for k, v in stored.items() if k not in ("id", "meta")})
+    rec = Recording(server.base)
     with pytest.raises(DuplicateTargetError, match="2 Condition resources"):
-        write_case(client(), c, settings, SYSTEM)
-    assert not [call for call in responses.calls if call.request.method == "POST"]
+        write_case(rec, c, settings, system)
+    assert rec.sent == []
 
 
-@responses.activate
-def test_conditional_write_matching_two_resources_is_not_retried(case):
-    c, settings = case
-    responses.get(re.compile(BASE + r"/(Condition|Bundle)\?.*"), json=_searchset())
-    responses.post(BASE, status=412, json={"resourceType": "OperationOutcome", "issue": [{"severity": "error",
-                   "code": "multiple-matches", "diagnostics": "Failed to UPDATE resource with match URL "
-                   "\"Condition?identifier=x\" because this search matched 2 resources"}]})
+def test_conditional_write_matching_two_resources_is_not_retried(server, graded):
+    """Nothing found at look-up time, then two Conditions with the identifier appear before the
+    transaction: its conditional update matches both (412 on both servers) — reported, not retried."""
+    c, settings = graded
+    system = _system()
+    crs = build_case_write(c, settings, system).resources["crs"]
+    plain = FhirClient(server.base, auth=NoAuth())
+
+    def two_writers():
+        for _ in range(2):
+            plain.post("Condition", crs)
+
+    rec = Recording(server.base, before_tx=two_writers)
     with pytest.raises(DuplicateTargetError):
-        write_case(client(), c, settings, SYSTEM)
-    assert len([call for call in responses.calls if call.request.method == "POST"]) == 1
+        write_case(rec, c, settings, system)
+    assert len(rec.sent) == 1
+
+
+def test_stored_condition_graded_with_other_conventions_is_not_overwritten(server, graded, tmp_path: Path):
+    """A rerun with other settings or tables refuses to overwrite, naming what differs; with
+    allow_convention_change it writes (If-Match on the stored version, Provenance included)."""
+    import shutil
+
+    from fhir_crs.settings import load_settings
+
+    c, settings = graded
+    system = _system()
+    old_tables = tmp_path / "mappings"
+    shutil.copytree(ROOT / "mappings", old_tables)
+    with (old_tables / "observations.toml").open("a") as f:
+        f.write('\n[site_extra_temperature]\ngroup = "vital"\nunit = "Cel"\ncodes = ["urn:site|T1"]\n')
+    old_settings = load_settings(None, ["resolution_clear_h=36", "fever_c=38.3"])
+    old = write_case(Recording(server.base), c, old_settings, system, mappings_dir=old_tables)
+    assert old.status == "created"
+    stored = build_case_write(c, old_settings, system)
+    ids = {n: old.written[n].split("/")[1] for n in ("crs", "icans", "summary")}
+    rec = Recording(server.base)
+    with pytest.raises(ConventionChangeError) as exc:
+        write_case(rec, c, settings, system, mappings_dir=ROOT / "mappings")
+    msg = str(exc.value)
+    assert exc.value.exit_code == 9 and f"not overwriting Condition/{ids['crs']}" in msg
+    assert "fever_c 38.3 -> 38.0" in msg and "resolution_clear_h 36.0 -> 24.0" in msg
+    assert "mapping tables: observations.toml (changed)" in msg and "--allow-convention-change" in msg
+    assert rec.sent == []
+    # a dry run reports it instead of failing
+    dry = write_case(rec, c, settings, system, mappings_dir=ROOT / "mappings", dry_run=True)
+    assert dry.status == "refused" and dry.message == msg and rec.sent == []
+    assert [(ch["kind"], ch["action"], ch["old_grade"], ch["new_grade"]) for ch in dry.changes] == [
+        ("crs", "update", stored_grade(stored.resources["crs"]), c.crs["astct"].grade),
+        ("icans", "update", stored_grade(stored.resources["icans"]), c.icans["astct"].grade),
+        ("summary", "update", None, None), ("provenance", "create", None, None)]
+    # allowed: written with If-Match, and the new conventions recorded
+    out = write_case(rec, c, settings, system, mappings_dir=ROOT / "mappings", allow_convention_change=True)
+    assert out.status == "updated"
+    (sent,) = rec.sent
+    entries = sent["entry"]
+    assert entries[0]["request"] == {"method": "PUT", "url": f"Condition/{ids['crs']}", "ifMatch": 'W/"1"'}
+    assert current_conventions(settings, ROOT / "mappings").extension() in entries[0]["resource"]["extension"]
+    assert entries[-1]["resource"]["activity"]["coding"][0]["code"] == "UPDATE"
+    assert [t["reference"] for t in entries[-1]["resource"]["target"]] == [
+        f"Condition/{ids['crs']}", f"Condition/{ids['icans']}", f"Bundle/{ids['summary']}"]
+    assert rec.read("Condition", ids["crs"])["meta"]["versionId"] == "2"
+
+
+def test_a_stored_condition_without_recorded_conventions_is_not_overwritten(server, graded):
+    c, settings = graded
+    system = _system()
+    legacy = dict(build_case_write(c, settings, system).resources["crs"])
+    legacy["extension"] = [{"url": "urn:fhir-crs:StructureDefinition:content-hash", "valueString": "old"}]
+    plain = FhirClient(server.base, auth=NoAuth())
+    plain.post("Condition", legacy)
+    rec = Recording(server.base)
+    with pytest.raises(ConventionChangeError, match="records no settings or mapping-table hashes"):
+        write_case(rec, c, settings, system)
+    assert rec.sent == []
 
 
 def test_golden_condition_shape_is_stable(case, tmp_path: Path):
@@ -240,63 +389,6 @@ def test_fetch_uses_date_windows_and_falls_back_when_cart_has_only_local_codes(c
     assert paths == {"/r4/Procedure", "/r4/MedicationAdministration", "/r4/Observation"}
     obs_q = next(q for p, q in windowed if p == "/r4/Observation")
     assert obs_q["date"] == ["ge2025-03-03T08:00:00Z", "le2025-06-18T08:00:00Z"]  # 7 days before, 100 after
-
-
-@responses.activate
-def test_stored_condition_graded_with_other_conventions_is_not_overwritten(case, tmp_path: Path):
-    """A rerun with other settings or tables refuses to overwrite, naming what differs; with
-    allow_convention_change it writes (If-Match on the stored version, Provenance included)."""
-    import shutil
-
-    from fhir_crs.settings import load_settings
-
-    c, settings = case
-    old_tables = tmp_path / "mappings"
-    shutil.copytree(ROOT / "mappings", old_tables)
-    with (old_tables / "observations.toml").open("a") as f:
-        f.write('\n[site_extra_temperature]\ngroup = "vital"\nunit = "Cel"\ncodes = ["urn:site|T1"]\n')
-    old_settings = load_settings(None, ["resolution_clear_h=36", "fever_c=38.3"])
-    stored = build_case_write(c, old_settings, SYSTEM, conventions=current_conventions(old_settings, old_tables))
-    for name, rtype in (("crs", "Condition"), ("icans", "Condition"), ("summary", "Bundle")):
-        value = stored.identifiers[name]["value"]
-        body = {**stored.resources[name], "id": f"id-{name}", "meta": {"versionId": "7"}}
-        responses.get(f"{BASE}/{rtype}", match=[responses.matchers.query_param_matcher(
-            {"identifier": f"{SYSTEM}|{value}", "_count": "200"})], json=_searchset(body))
-    with pytest.raises(ConventionChangeError) as exc:
-        write_case(client(), c, settings, SYSTEM, mappings_dir=ROOT / "mappings")
-    msg = str(exc.value)
-    assert exc.value.exit_code == 9 and "not overwriting Condition/id-crs" in msg
-    assert "fever_c 38.3 -> 38.0" in msg and "resolution_clear_h 36.0 -> 24.0" in msg
-    assert "mapping tables: observations.toml (changed)" in msg and "--allow-convention-change" in msg
-    assert not [call for call in responses.calls if call.request.method == "POST"]
-    # a dry run reports it instead of failing
-    dry = write_case(client(), c, settings, SYSTEM, mappings_dir=ROOT / "mappings", dry_run=True)
-    assert dry.status == "refused" and dry.message == msg
-    assert [(ch["kind"], ch["action"], ch["old_grade"], ch["new_grade"]) for ch in dry.changes] == [
-        ("crs", "update", stored_grade(stored.resources["crs"]), c.crs["astct"].grade),
-        ("icans", "update", stored_grade(stored.resources["icans"]), c.icans["astct"].grade),
-        ("summary", "update", None, None), ("provenance", "create", None, None)]
-    # allowed: written with If-Match, and the new conventions recorded
-    responses.post(BASE, json=_tx_response(4, "200 OK", ids=["id-crs", "id-icans", "id-summary"]))
-    out = write_case(client(), c, settings, SYSTEM, mappings_dir=ROOT / "mappings", allow_convention_change=True)
-    assert out.status == "updated"
-    entries = json.loads(responses.calls[-1].request.body)["entry"]
-    assert entries[0]["request"] == {"method": "PUT", "url": "Condition/id-crs", "ifMatch": 'W/"7"'}
-    assert current_conventions(settings, ROOT / "mappings").extension() in entries[0]["resource"]["extension"]
-    assert entries[-1]["resource"]["activity"]["coding"][0]["code"] == "UPDATE"
-    assert [t["reference"] for t in entries[-1]["resource"]["target"]] == ["Condition/id-crs", "Condition/id-icans", "Bundle/id-summary"]
-
-
-@responses.activate
-def test_a_stored_condition_without_recorded_conventions_is_not_overwritten(case):
-    c, settings = case
-    legacy = {"resourceType": "Condition", "id": "c9", "meta": {"versionId": "2"}, "extension": [
-        {"url": "urn:fhir-crs:StructureDefinition:content-hash", "valueString": "old"}]}
-    responses.get(re.compile(BASE + r"/Condition\?.*-crs&.*"), json=_searchset(legacy))
-    responses.get(re.compile(BASE + r"/Condition\?.*-icans&.*"), json=_searchset())
-    responses.get(re.compile(BASE + r"/Bundle\?.*"), json=_searchset())
-    with pytest.raises(ConventionChangeError, match="records no settings or mapping-table hashes"):
-        write_case(client(), c, settings, SYSTEM)
 
 
 def test_comments_in_a_table_do_not_count_as_a_change(case, tmp_path: Path):

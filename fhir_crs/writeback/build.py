@@ -76,8 +76,12 @@ SYSTEM_NAMES = {
 def identifiers(case: GradedCase, system: str) -> dict[str, dict[str, str]]:
     """Stable identifiers of what is written for one case (patient + infusion start)."""
     tl = case.timeline
-    pid = tl.patient.split("/", 1)[1]
-    key = f"{pid}-{tl.infusion:%Y%m%dT%H%M%SZ}"
+    return case_identifiers(tl.patient.split("/", 1)[1], tl.infusion, system)
+
+
+def case_identifiers(patient_id: str, infusion: datetime, system: str) -> dict[str, dict[str, str]]:
+    """The identifiers of one case from its key: patient id + infusion start (as the timeline holds it)."""
+    key = f"{patient_id}-{infusion:%Y%m%dT%H%M%SZ}"
     return {name: {"system": system, "value": f"{key}-{name}"} for name in ("crs", "icans", "summary")}
 
 

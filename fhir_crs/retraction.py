@@ -1,0 +1,120 @@
+"""Retraction of a written case whose CAR-T infusion no longer exists (issue 13, "Deletions
+count as changes").
+
+The sync's state store remembers, for every case it wrote, the patient, the infusion start (day
+0), the identifiers of what was written and the references of the infusion records (`CaseRecord`).
+When a later grading of that patient no longer finds the case (its infusion was hard-deleted,
+marked entered-in-error, or moved to another time), `retract_case` finds the written Conditions
+and summary Bundle by identifier and replaces them, in ONE transaction with a Provenance, by their
+retracted form (writeback/retract.py). Idempotent: what is already retracted is not written
+again, and when nothing is left on the server there is nothing to do.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from .pipeline import WriteOutcome, read_many
+from .settings import GradingSettings
+
+TYPES = {"crs": "Condition", "icans": "Condition", "summary": "Bundle"}
+
+
+@dataclass(frozen=True, slots=True)
+class CaseRecord:
+    """A case the sync wrote: what is needed to find it again and to say what vanished."""
+
+    patient: str  # Patient id
+    infusion: str  # the infusion start (ISO instant), the case's key
+    identifiers: dict[str, dict[str, str]]  # "crs" / "icans" / "summary" -> {"system", "value"}
+    infusion_refs: tuple[str, ...] = ()  # "Type/id" of the infusion records (MedicationAdministration, Procedure)
+
+
+def retract_case(client: Any, record: CaseRecord, settings: GradingSettings, mappings_dir: Path,
+                 fates: dict[str, str], dry_run: bool = False, attempts: int = 3,
+                 before_write: Callable[[], None] | None = None) -> WriteOutcome:
+    """Retract what was written for `record` (see module doc). `fates`: infusion reference ->
+    what became of it (for the note). Status of the outcome: "retracted", "unchanged" (already
+    retracted), "absent" (nothing written for it on the server), "dry-run"."""
+    from . import __version__
+    from .conventions import current_conventions
+    from .errors import DuplicateTargetError, FhirServerError
+    from .fhir.client import PreconditionFailed, VersionConflict
+    from .writeback import CaseWrite, provenance, stored_grade
+    from .writeback.retract import (
+        bundle_is_retracted,
+        is_entered_in_error,
+        retracted_bundle,
+        retracted_condition,
+        retraction_note,
+        retraction_transaction,
+    )
+
+    patient = f"Patient/{record.patient}"
+    last_error: Exception | None = None
+    for _ in range(attempts):
+        stored: dict[str, dict[str, Any]] = {}
+        # the identifier look-ups in one batch, as write_case does (a server refusing batches: one by one)
+        names = [n for n in TYPES if n in record.identifiers]
+        looked_up = read_many(client, [(TYPES[n], [("identifier", f"{record.identifiers[n]['system']}|"
+                                                                  f"{record.identifiers[n]['value']}")]) for n in names])
+        for name, result in zip(names, looked_up, strict=True):
+            ident, found = record.identifiers[name], result.matches
+            if len(found) > 1:
+                raise DuplicateTargetError(
+                    f"{len(found)} {TYPES[name]} resources on the server carry identifier {ident['system']}|{ident['value']}: "
+                    "a data-quality problem to fix on the server (not retried).")
+            if found:
+                stored[name] = found[0]
+        if not stored:
+            return WriteOutcome(patient, record.infusion, "absent", {})
+        existing = {n: (r["id"], f'W/"{v}"' if (v := (r.get("meta") or {}).get("versionId")) else None) for n, r in stored.items()}
+        refs = {n: f"{TYPES[n]}/{existing[n][0]}" for n in stored}
+        recorded = datetime.now(UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+        note = retraction_note(record.infusion, fates, recorded, __version__)
+        new: dict[str, dict[str, Any]] = {}
+        for name, res in stored.items():
+            if name == "summary":
+                if not bundle_is_retracted(res):
+                    new[name] = retracted_bundle(res, note, recorded)
+            elif not is_entered_in_error(res):
+                new[name] = retracted_condition(res, note, recorded)
+        if not new:
+            return WriteOutcome(patient, record.infusion, "unchanged", refs)
+        write = CaseWrite(record.identifiers, conventions=current_conventions(settings, mappings_dir), recorded=recorded)
+        prov = provenance(write, [refs[n] for n in new], "NULLIFY")
+        gone = list(fates) or ["the CAR-T infusion"]
+        prov["entity"] = [{"role": "source", "what": {"display": f"{ref} (no longer found as this case's CAR-T infusion)"}}
+                          for ref in gone]
+        tx = retraction_transaction(new, {n: existing[n] for n in new}, prov)
+        changes = [{"resource": refs[n], "kind": n, "action": "retract",
+                    "old_grade": stored_grade(stored[n]) if n != "summary" else None, "new_grade": None,
+                    "request": f"PUT {refs[n]}"} for n in new]
+        changes.append({"resource": "Provenance", "kind": "provenance", "action": "create",
+                        "old_grade": None, "new_grade": None, "request": "POST Provenance"})
+        if dry_run:
+            return WriteOutcome(patient, record.infusion, "dry-run", {n: f"PUT {refs[n]}" for n in new}, tx, changes)
+        if before_write is not None:
+            before_write()
+        try:
+            response = client.transaction(tx)
+        except VersionConflict as exc:
+            last_error = exc
+            continue
+        except PreconditionFailed as exc:
+            if exc.multiple_matches:
+                raise DuplicateTargetError(f"conditional write matched more than one resource: {exc}") from exc
+            last_error = exc
+            continue
+        written = {n: refs[n] for n in new}
+        entries = response.get("entry") or []
+        if len(entries) > len(new):
+            loc = ((entries[len(new)].get("response") or {}).get("location") or "")
+            parts = loc.split("/_history")[0].rsplit("/", 2)
+            written["provenance"] = "/".join(parts[-2:]) if len(parts) >= 2 else loc
+        return WriteOutcome(patient, record.infusion, "retracted", written, changes=changes)
+    raise FhirServerError(f"could not retract {patient} (infusion {record.infusion}) after {attempts} version conflicts: {last_error}")
