@@ -1,7 +1,9 @@
 """Stage 2 of the flow (FHIR JSON -> mappers -> **events** -> timeline -> grading -> write-back).
 
 The typed vocabulary the mappers produce and the timeline/graders consume. Everything is a
-small frozen dataclass; times are timezone-aware UTC datetimes; every event keeps the reference
+small slots dataclass, hashable by value and never changed once made (the events are not
+`frozen=True` only because a frozen dataclass's __init__ costs 2-4x more, and the mappers build
+one per resource); times are timezone-aware UTC datetimes; every event keeps the reference
 (`Type/id`) of the resource it came from so that grades can cite their evidence.
 """
 
@@ -71,7 +73,7 @@ SKIP_CODES: dict[str, str] = {
 NOT_A_DATA_PROBLEM = frozenset({"unused_type", "superseded"})  # an older copy is normal in incremental pulls
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True, unsafe_hash=True)
 class Measurement:
     """A numeric observation converted to the kind's canonical unit.
 
@@ -93,7 +95,7 @@ class Measurement:
     date_only: bool = False
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True, unsafe_hash=True)
 class Finding:
     """A coded/text observation: O2 device, level of consciousness, seizure, oedema, culture …
 
@@ -111,7 +113,7 @@ class Finding:
     indications: frozenset[str] = frozenset()  # O2 device rows: mappings/reasons.toml classes of the text
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True, unsafe_hash=True)
 class DrugGiven:
     """A MedicationAdministration: a point dose or an infusion interval [start, end).
 
@@ -138,7 +140,7 @@ class DrugGiven:
     notes: tuple[str, ...] = ()
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True, unsafe_hash=True)
 class ProcedureDone:
     """A Procedure: CAR-T infusion, respiratory support, blood purification, procedure window …"""
 
@@ -153,7 +155,7 @@ class ProcedureDone:
     indication_by_text: bool = False
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True, unsafe_hash=True)
 class PatientInfo:
     """Demographics needed for grading (age-based thresholds) and grade 5."""
 

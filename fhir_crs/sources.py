@@ -29,9 +29,10 @@ SUFFIXES_NDJSON = (".ndjson", ".jsonl", ".ndjson.gz", ".jsonl.gz")
 GZIP_MAGIC = b"\x1f\x8b"
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class SourceResource:
-    """One resource and its context (the enclosing Bundle's fullUrl index, if any)."""
+    """One resource and its context (the enclosing Bundle's fullUrl index, if any). Not changed
+    once made (not `frozen=True`: one is built per resource read, and a frozen __init__ costs more)."""
 
     resource: dict[str, Any]
     origin: str

@@ -148,6 +148,7 @@ class SpillStore:
         self._copies: dict[int, list[tuple[str, Any]]] = {}
         self._buffered = 0
         self._patients: dict[int, list[tuple[Any, ...]]] = {}
+        self._parts: dict[str, int] = {}  # patient -> partition (a patient's resources come together)
         self._lost: dict[int, list[int]] = {}  # patient partition -> input positions of copies struck from it
         self._patient_parts: set[int] = set()
         self._runs: dict[str, list[Path]] = {"superseded": [], "winners": []}
@@ -169,10 +170,18 @@ class SpillStore:
         written = kept.patient is not None and kept.skipped is None and kept.deferred is None
         if written:
             self._add_patient(kept)
-            events: list[Any] = []
+        if written and not kept.flags:  # the usual copy: five fields (the rest are known)
+            rec: tuple[Any, ...] = (ref, kept.key, kept.version, kept.ref, kept.patient)
         else:
-            events = kept.events
-        self._copies.setdefault(partition_of(ref, self.partitions), []).append((ref, kept, events, written))
+            enc = self.codec.encode
+            rec = (ref, kept.key, kept.version, kept.ref, kept.patient, [] if written else [enc(e) for e in kept.events],
+                   kept.skipped, kept.flags or None, kept.deferred, written)
+        part = partition_of(ref, self.partitions)
+        copies = self._copies.get(part)
+        if copies is None:
+            self._copies[part] = [rec]
+        else:
+            copies.append(rec)
         self._buffered += 1
 
     def maybe_spill(self) -> None:
@@ -184,11 +193,10 @@ class SpillStore:
             self.skipped.spill()
 
     def _spill_copies(self) -> None:
-        enc = self.codec.encode
+        """Copy records: (ref, key, version, cited, patient) for a copy already in its patient
+        partition with no flags, else (..., events, skip, flags, deferred, in a patient partition)."""
         for part, items in self._copies.items():
-            _append_pickle(self._path("copies", part, self.tag), [
-                (ref, k.key, k.version, k.ref, k.patient, [enc(e) for e in events], k.skipped,
-                 k.flags or None, k.deferred, written) for ref, k, events, written in items])
+            _append_pickle(self._path("copies", part, self.tag), items)
         self._copies.clear()
         self._buffered = 0
 
@@ -222,6 +230,10 @@ class SpillStore:
         winners: list[tuple[int, Skipped]] = []
         flags = self.flags
         for ref, recs in groups.items():
+            if len(recs[0]) == 5 and len(recs) == 1:  # the usual copy: its resource's only one, in its patient partition
+                mapper.mapped += 1
+                continue
+            recs = [r if len(r) > 5 else (*r, [], None, None, None, True) for r in recs]
             if len(recs) == 1 and recs[0][8] is None:  # one copy, nothing deferred: it wins as it is
                 _, key, _, _, patient, _, skipped, fl, _, written = recs[0]
                 if skipped is None:
@@ -257,7 +269,11 @@ class SpillStore:
 
     def _add_patient(self, w: Any) -> None:
         enc = self.codec.encode
-        part = partition_of(w.patient, self.partitions)
+        part = self._parts.get(w.patient)
+        if part is None:
+            if len(self._parts) >= 65_536:
+                self._parts.clear()
+            part = self._parts[w.patient] = partition_of(w.patient, self.partitions)
         self._patients.setdefault(part, []).append(
             (w.key[2], w.patient, w.ref, [e if type(e) is tuple else enc(e) for e in w.events]))
         self._buffered += 1 + len(w.events)

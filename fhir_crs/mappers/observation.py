@@ -171,6 +171,7 @@ class ObservationMapper:
     def __init__(self, code_map: CodeMap):
         self.code_map = code_map
         self._matched: dict[bytes, tuple[ObservationKind | None, bool]] = {}
+        self._units: dict[tuple[str, ...], tuple[float | None, str, str | None]] = {}
 
     def match_kind(self, cc: Any) -> tuple[ObservationKind | None, bool]:
         """The kind a `code` names. A feed repeats a few hundred distinct codes: the answer is
@@ -272,7 +273,7 @@ class ObservationMapper:
                 value *= 1000.0
                 flags.add("unit_assumed")
                 spellings = ["/uL"]
-            conv, raw_unit, note = to_canonical(kind, value, spellings, self.code_map)
+            conv, raw_unit, note = self._to_canonical(kind, value, spellings)
             if conv is None:
                 return Skipped(ref, f"{kind.name}: {note}", "unit_error")
             if note:
@@ -292,6 +293,20 @@ class ObservationMapper:
                 matched_by_text=by_text, date_only=start.precision != "time",
             )
         ]
+
+    def _to_canonical(self, kind: ObservationKind, value: float, spellings: list[str]) -> tuple[float | None, str, str | None]:
+        """`units.to_canonical`, its unit decision kept per (kind, spellings): a feed sends a few
+        spellings per kind. The value is multiplied by the same factor (x 1.0 when the unit is
+        already the kind's: exact for every float)."""
+        key = (kind.name, *spellings)
+        plan = self._units.get(key)
+        if plan is None:
+            if len(self._units) >= _MATCH_CACHE_SIZE:
+                self._units.clear()
+            factor, unit, note = to_canonical(kind, 1.0, spellings, self.code_map)
+            plan = self._units[key] = (factor, unit, note)
+        factor, unit, note = plan
+        return (None if factor is None else value * factor), unit, note
 
     def _temperature(self, value: float, spellings: list[str], ref: str, flags: set[str]) -> tuple[float, str, str | None] | Skipped:
         units = [self.code_map.canonical_unit(u) for u in spellings]
