@@ -169,15 +169,19 @@ def _ndjson_head_problem(name: str, head: bytes) -> Skipped | None:
     return bad
 
 
-def _ndjson_line(name: str, lineno: int, line: bytes) -> Iterator[SourceResource | Skipped]:
-    if not line.strip():
-        return
+def _ndjson_item(name: str, lineno: int, line: bytes) -> SourceResource | Skipped | Iterator[SourceResource | Skipped] | None:
+    """What one NDJSON line holds: None for a blank line, the one item of the usual line (a
+    resource, or the skip naming the line), else an iterator of items (a Bundle, a list) —
+    the line loops take the usual case without a generator per line."""
+    if not line or line.isspace():  # (as `not line.strip()`, without copying the line)
+        return None
     try:
         value = loads(line)  # tolerant: BOM on any line, 1e309/NaN mark their resource, lone surrogates
     except (ValueError, UnicodeDecodeError) as exc:
-        yield _invalid_json(f"{name}:{lineno}", exc)
-        return
-    yield from _entries(value, f"{name}:{lineno}")
+        return _invalid_json(f"{name}:{lineno}", exc)
+    if type(value) is dict and type(rtype := value.get("resourceType")) is str and rtype != "Bundle":
+        return SourceResource(value, f"{name}:{lineno}")  # what _entries yields for it
+    return _entries(value, f"{name}:{lineno}")
 
 
 def _ndjson_stream(name: str, raw: IO[bytes]) -> Iterator[SourceResource | Skipped]:
@@ -195,7 +199,13 @@ def _ndjson_stream(name: str, raw: IO[bytes]) -> Iterator[SourceResource | Skipp
             yield bad
             return
         for lineno, line in enumerate(stream(), 1):
-            yield from _ndjson_line(name, lineno, line)
+            item = _ndjson_item(name, lineno, line)
+            if item is None:
+                continue
+            if type(item) is SourceResource or type(item) is Skipped:
+                yield item
+            else:
+                yield from item
     except (OSError, EOFError, zlib.error) as exc:
         yield Skipped(f"{name}:{lineno + 1}" if lineno else name, f"gzip data is corrupt or truncated ({exc})", "bad_gzip")
 
@@ -280,6 +290,7 @@ def iter_ndjson_range(f: Path, start: int, end: int, lines_before: int) -> Itera
         fh = f.open("rb")
     except OSError as exc:
         raise InputError(f"Cannot read {f}: {exc.strerror or exc}.") from exc
+    name = str(f)
     with fh:
         fh.seek(start)
         pos = start
@@ -290,7 +301,13 @@ def iter_ndjson_range(f: Path, start: int, end: int, lines_before: int) -> Itera
                     break
                 pos += len(line)
                 lineno += 1
-                yield from _ndjson_line(str(f), lineno, line)
+                item = _ndjson_item(name, lineno, line)
+                if item is None:
+                    continue
+                if type(item) is SourceResource or type(item) is Skipped:
+                    yield item
+                else:
+                    yield from item
         except OSError as exc:
             yield Skipped(f"{f}:{lineno + 1}" if lineno else str(f), f"gzip data is corrupt or truncated ({exc})", "bad_gzip")
 

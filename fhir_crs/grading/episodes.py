@@ -56,6 +56,29 @@ class Episode:
     death_alternative: bool = False
     death_refs: list[str] = field(default_factory=list)
 
+    @staticmethod
+    def copies(episodes: list[Episode]) -> list[Episode]:
+        """What copy.deepcopy gives for a list of episodes (every field is a time, a bool, an
+        int or a list of strings; lists shared between episodes stay shared in the copy), at a
+        fraction of its cost: graders get their own episodes to add flags to."""
+        lists: dict[int, list[str]] = {}
+
+        def own(v: list[str]) -> list[str]:
+            c = lists.get(id(v))
+            if c is None:
+                c = lists[id(v)] = list(v)
+            return c
+
+        seen: dict[int, Episode] = {}
+        out = []
+        for e in episodes:
+            c = seen.get(id(e))
+            if c is None:
+                c = seen[id(e)] = Episode(e.onset, own(e.onset_refs), e.resolved, e.index, e.masked_from, own(e.masking_refs),
+                                          e.provisional, own(e.flags), e.death, e.death_alternative, own(e.death_refs))
+            out.append(c)
+        return out
+
     def end_bound(self, tl: CaseTimeline) -> datetime:
         if self.resolved is not None:
             return self.resolved

@@ -12,7 +12,6 @@ O(log n + the items it returns). Grading a case is therefore O(n log n + output)
 
 from __future__ import annotations
 
-import copy
 from bisect import bisect_left, bisect_right
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Sequence
@@ -244,7 +243,7 @@ class CaseState:
         """Fever-anchored episodes given a system's extra abnormalities; computed once per
         distinct `extra`, each caller gets its own copy (graders add flags to them)."""
         key = ("episodes", tuple((a, b, tuple(refs)) for a, b, refs in extra))
-        return copy.deepcopy(self._get(key, lambda: detect_episodes(self.tl, self.s, extra)))
+        return Episode.copies(self._get(key, lambda: detect_episodes(self.tl, self.s, extra)))
 
 
 def case_state(tl: CaseTimeline, s: GradingSettings) -> CaseState:

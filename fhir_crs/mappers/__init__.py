@@ -76,6 +76,7 @@ def bad_datetime(r: dict[str, Any]) -> str | None:
     return None
 
 
+_NO_VERSION = (-1, float("-inf"), 0)  # version_of's key for a resource without meta
 _ETAG = re.compile(r'(?:[Ww]/)?"([^"]+)"')
 
 
@@ -83,7 +84,11 @@ def version_of(r: dict[str, Any]) -> tuple[str | None, tuple[int, float, int]]:
     """(versionId as sent, sort key without the input order): numeric versionId (an absent or
     non-numeric one sorts below every number; an ETag form `W/"3"` is version 3), then
     meta.lastUpdated."""
-    meta = r.get("meta") if isinstance(r.get("meta"), dict) else {}
+    meta = r.get("meta")
+    if meta is None:
+        return None, _NO_VERSION
+    if not isinstance(meta, dict):
+        meta = {}
     raw = meta.get("versionId")
     vid = raw.strip() if isinstance(raw, str) and raw.strip() else (str(raw) if isinstance(raw, int) and not isinstance(raw, bool) else None)
     if vid is not None and (m := _ETAG.fullmatch(vid)):

@@ -238,25 +238,26 @@ class ObservationMapper:
         self, kind: ObservationKind, res: dict[str, Any], ref: str, start: When, end: When | None,
         by_text: bool, flags: set[str],
     ) -> list[Event] | Skipped:
+        name = kind.name
         if kind.value in ("coded", "boolean"):
             return self._finding(kind, res, ref, start, end, by_text)
         if "dataAbsentReason" in res and not any(k.startswith("value") for k in res):
-            if kind.name in ("ice_score", "capd_score", "cartox10_score"):
+            if name in ("ice_score", "capd_score", "cartox10_score"):
                 # "unable to perform" the assessment is itself an ICANS finding.
-                return [Finding("unable_" + kind.name, start.time, "unable", ref, label(res["dataAbsentReason"]), matched_by_text=by_text)]
+                return [Finding("unable_" + name, start.time, "unable", ref, label(res["dataAbsentReason"]), matched_by_text=by_text)]
             return Skipped(ref, f"no value (dataAbsentReason: {label(res['dataAbsentReason'])})", "no_value")
         num = _numeric_value(res)
         if num is None:
-            if kind.name in ("ice_score", "capd_score", "cartox10_score"):
+            if name in ("ice_score", "capd_score", "cartox10_score"):
                 _, ts = _value_texts(res)
                 if ts and re.search(r"unable|not (able|possible)|cannot", " ".join(ts), re.IGNORECASE):
-                    return [Finding("unable_" + kind.name, start.time, "unable", ref, ts[0], matched_by_text=by_text)]
-            return Skipped(ref, f"{kind.name}: no numeric value", "no_value")
+                    return [Finding("unable_" + name, start.time, "unable", ref, ts[0], matched_by_text=by_text)]
+            return Skipped(ref, f"{name}: no numeric value", "no_value")
         value, spellings = num
         if start.precision != "time" and kind.group != "lab":
-            return Skipped(ref, f"{kind.name}: effective time has {start.precision} precision only", "imprecise_time")
+            return Skipped(ref, f"{name}: effective time has {start.precision} precision only", "imprecise_time")
         raw_value, raw_unit = value, None
-        if kind.name == "temperature":
+        if name == "temperature":
             out = self._temperature(value, spellings, ref, flags)
             if isinstance(out, Skipped):
                 return out
@@ -264,34 +265,31 @@ class ObservationMapper:
             if note:
                 flags.add(note)
         else:
-            if kind.name in ("fio2", "spo2"):
+            if name in ("fio2", "spo2"):
                 units = [self.code_map.canonical_unit(u) for u in spellings]
                 if value <= 1.0 and (not units or units[0] in ("1", "%")):
                     value *= 100.0  # fraction sent as "%" or "1" (terminology.md §1.3 FiO2 trap)
                     spellings = ["%"]
-            if kind.name == "anc" and not spellings and value < 50:
+            if name == "anc" and not spellings and value < 50:
                 value *= 1000.0
                 flags.add("unit_assumed")
                 spellings = ["/uL"]
             conv, raw_unit, note = self._to_canonical(kind, value, spellings)
             if conv is None:
-                return Skipped(ref, f"{kind.name}: {note}", "unit_error")
+                return Skipped(ref, f"{name}: {note}", "unit_error")
             if note:
                 flags.add(note)
             factor = conv / value if value else 1.0
             value = conv
         if (kind.min is not None and value < kind.min) or (kind.max is not None and value > kind.max):
-            return Skipped(ref, f"{kind.name}: implausible value {raw_value:g} {raw_unit or ''}".rstrip() + " (quarantined)", "implausible_value")
+            return Skipped(ref, f"{name}: implausible value {raw_value:g} {raw_unit or ''}".rstrip() + " (quarantined)", "implausible_value")
         lln = uln = None
         if kind.group == "lab":
-            f = factor if kind.name != "temperature" else 1.0
+            f = factor if name != "temperature" else 1.0
             lln, uln = _reference_range(res, f)
         return [
-            Measurement(
-                kind=kind.name, time=start.time, value=value, unit=kind.unit, ref=ref,
-                raw_value=raw_value, raw_unit=raw_unit, uln=uln, lln=lln,
-                matched_by_text=by_text, date_only=start.precision != "time",
-            )
+            Measurement(name, start.time, value, kind.unit, ref, raw_value, raw_unit, uln, lln, by_text,
+                        start.precision != "time")  # (positional: the field order of Measurement)
         ]
 
     def _to_canonical(self, kind: ObservationKind, value: float, spellings: list[str]) -> tuple[float | None, str, str | None]:
