@@ -197,6 +197,23 @@ def fetch_patient(client: Any, patient_id: str, cfg: Any, code_map: CodeMap) -> 
     return FetchedResources(resources, _unusable(procs, meds, obs))
 
 
+def send_transaction(client: Any, tx: dict[str, Any]) -> tuple[dict[str, Any] | None, Exception | None]:
+    """Send one write transaction: (response, None), or (None, the conflict) when a version
+    conflict (HAPI 409 / spec 412) says re-read and retry; more than one match for a conditional
+    identifier raises DuplicateTargetError (a data-quality error, never retried)."""
+    from .errors import DuplicateTargetError
+    from .fhir.client import PreconditionFailed, VersionConflict
+
+    try:
+        return client.transaction(tx), None
+    except VersionConflict as exc:
+        return None, exc
+    except PreconditionFailed as exc:
+        if exc.multiple_matches:
+            raise DuplicateTargetError(f"conditional write matched more than one resource: {exc}") from exc
+        return None, exc
+
+
 def write_case(client: Any, case: GradedCase, settings: GradingSettings, identifier_system: str,
                dry_run: bool = False, attempts: int = 3, mappings_dir: Path | None = None,
                allow_convention_change: bool = False, before_write: Callable[[], None] | None = None) -> WriteOutcome:
@@ -218,7 +235,6 @@ def write_case(client: Any, case: GradedCase, settings: GradingSettings, identif
 
     from .conventions import ConventionChangeError, Conventions, current_conventions
     from .errors import DuplicateTargetError, FhirServerError
-    from .fhir.client import PreconditionFailed, VersionConflict
     from .writeback import build_case_write, identifiers, stored_grade, stored_hash, transaction_for
 
     ids = identifiers(case, identifier_system)
@@ -283,15 +299,9 @@ def write_case(client: Any, case: GradedCase, settings: GradingSettings, identif
             raise ConventionChangeError(refusal)
         if before_write is not None:
             before_write()
-        try:
-            response = client.transaction(tx)
-        except VersionConflict as exc:
-            last_error = exc
-            continue
-        except PreconditionFailed as exc:
-            if exc.multiple_matches:
-                raise DuplicateTargetError(f"conditional write matched more than one resource: {exc}") from exc
-            last_error = exc
+        response, conflict = send_transaction(client, tx)
+        if response is None:
+            last_error = conflict
             continue
         written = {}
         names = [*write.resources, "provenance"]

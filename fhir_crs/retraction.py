@@ -18,7 +18,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from .pipeline import WriteOutcome, read_many
+from .pipeline import WriteOutcome, read_many, send_transaction
 from .settings import GradingSettings
 
 TYPES = {"crs": "Condition", "icans": "Condition", "summary": "Bundle"}
@@ -43,7 +43,6 @@ def retract_case(client: Any, record: CaseRecord, settings: GradingSettings, map
     from . import __version__
     from .conventions import current_conventions
     from .errors import DuplicateTargetError, FhirServerError
-    from .fhir.client import PreconditionFailed, VersionConflict
     from .writeback import CaseWrite, provenance, stored_grade
     from .writeback.retract import (
         bundle_is_retracted,
@@ -100,15 +99,9 @@ def retract_case(client: Any, record: CaseRecord, settings: GradingSettings, map
             return WriteOutcome(patient, record.infusion, "dry-run", {n: f"PUT {refs[n]}" for n in new}, tx, changes)
         if before_write is not None:
             before_write()
-        try:
-            response = client.transaction(tx)
-        except VersionConflict as exc:
-            last_error = exc
-            continue
-        except PreconditionFailed as exc:
-            if exc.multiple_matches:
-                raise DuplicateTargetError(f"conditional write matched more than one resource: {exc}") from exc
-            last_error = exc
+        response, conflict = send_transaction(client, tx)
+        if response is None:
+            last_error = conflict
             continue
         written = {n: refs[n] for n in new}
         entries = response.get("entry") or []
