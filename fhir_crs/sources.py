@@ -70,7 +70,7 @@ def _decompress(path: str | Path, data: bytes) -> bytes | Skipped:
     try:
         return gzip.decompress(data)
     except (OSError, EOFError, zlib.error) as exc:
-        return Skipped(str(path), f"gzip data is corrupt or truncated ({exc})", "bad_gzip")
+        return _bad_gzip(str(path), 0, exc)
 
 
 def _not_json_text(path: str | Path, data: bytes) -> Skipped | None:
@@ -192,13 +192,24 @@ def _ndjson_stream(name: str, raw: IO[bytes]) -> Iterator[SourceResource | Skipp
         raw.seek(0)
         return gzip.GzipFile(fileobj=raw) if gzipped else raw
 
-    lineno = 0
     try:
         bad = _ndjson_head_problem(name, stream().read(4096))
-        if bad is not None:
-            yield bad
-            return
-        for lineno, line in enumerate(stream(), 1):
+        lines = stream()
+    except (OSError, EOFError, zlib.error) as exc:
+        yield _bad_gzip(name, 0, exc)
+        return
+    if bad is not None:
+        yield bad
+        return
+    yield from _ndjson_lines(name, lines, 0)
+
+
+def _ndjson_lines(name: str, lines: Iterable[bytes], lineno: int) -> Iterator[SourceResource | Skipped]:
+    """The items of NDJSON `lines` (the first is line `lineno` + 1 of the file `name`); a read
+    error of the stream ends them with a `bad_gzip` skip naming the line it stopped at."""
+    try:
+        for line in lines:
+            lineno += 1
             item = _ndjson_item(name, lineno, line)
             if item is None:
                 continue
@@ -207,7 +218,12 @@ def _ndjson_stream(name: str, raw: IO[bytes]) -> Iterator[SourceResource | Skipp
             else:
                 yield from item
     except (OSError, EOFError, zlib.error) as exc:
-        yield Skipped(f"{name}:{lineno + 1}" if lineno else name, f"gzip data is corrupt or truncated ({exc})", "bad_gzip")
+        yield _bad_gzip(name, lineno, exc)
+
+
+def _bad_gzip(name: str, lines_read: int, exc: BaseException) -> Skipped:
+    """The skip of a gzip stream that broke after `lines_read` lines (0: the file as a whole)."""
+    return Skipped(f"{name}:{lines_read + 1}" if lines_read else name, f"gzip data is corrupt or truncated ({exc})", "bad_gzip")
 
 
 def iter_ndjson_split(f: Path, start: int, end: int) -> Iterator[SourceResource | Skipped]:
@@ -290,26 +306,18 @@ def iter_ndjson_range(f: Path, start: int, end: int, lines_before: int) -> Itera
         fh = f.open("rb")
     except OSError as exc:
         raise InputError(f"Cannot read {f}: {exc.strerror or exc}.") from exc
-    name = str(f)
+
+    def lines() -> Iterator[bytes]:  # the lines that start before `end`
+        pos = start
+        for line in fh:
+            if end >= 0 and pos >= end:
+                return
+            pos += len(line)
+            yield line
+
     with fh:
         fh.seek(start)
-        pos = start
-        lineno = lines_before
-        try:
-            for line in fh:
-                if end >= 0 and pos >= end:
-                    break
-                pos += len(line)
-                lineno += 1
-                item = _ndjson_item(name, lineno, line)
-                if item is None:
-                    continue
-                if type(item) is SourceResource or type(item) is Skipped:
-                    yield item
-                else:
-                    yield from item
-        except OSError as exc:
-            yield Skipped(f"{f}:{lineno + 1}" if lineno else str(f), f"gzip data is corrupt or truncated ({exc})", "bad_gzip")
+        yield from _ndjson_lines(str(f), lines(), lines_before)
 
 
 def _iter_file(f: Path) -> Iterator[SourceResource | Skipped]:
