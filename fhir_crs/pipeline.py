@@ -197,6 +197,42 @@ def fetch_patient(client: Any, patient_id: str, cfg: Any, code_map: CodeMap) -> 
     return FetchedResources(resources, _unusable(procs, meds, obs))
 
 
+WRITTEN_TYPES = {"crs": "Condition", "icans": "Condition", "summary": "Bundle"}  # what a case writes, by identifier name
+
+
+def find_written(client: Any, ids: dict[str, dict[str, str]]) -> tuple[dict[str, tuple[str, str | None]], dict[str, dict[str, Any]]]:
+    """What the server holds under a case's identifiers (`ids`: name -> {"system", "value"}):
+    (name -> (id, If-Match ETag or None), name -> the resource), the look-ups in one `batch`
+    (a server refusing batches: one by one). More than one match is a data-quality error that
+    is reported and never retried (DuplicateTargetError)."""
+    from .errors import DuplicateTargetError
+
+    existing: dict[str, tuple[str, str | None]] = {}
+    stored: dict[str, dict[str, Any]] = {}
+    looked_up = read_many(client, [(WRITTEN_TYPES[name], [("identifier", f"{ident['system']}|{ident['value']}")])
+                                   for name, ident in ids.items()])
+    for (name, ident), result in zip(ids.items(), looked_up, strict=True):
+        found = result.matches
+        if len(found) > 1:
+            raise DuplicateTargetError(
+                f"{len(found)} {WRITTEN_TYPES[name]} resources on the server carry identifier {ident['system']}|{ident['value']}: "
+                "a data-quality problem to fix on the server (not retried)."
+            )
+        if found:
+            r = found[0]
+            version = (r.get("meta") or {}).get("versionId")
+            existing[name] = (r["id"], f'W/"{version}"' if version else None)
+            stored[name] = r
+    return existing, stored
+
+
+def location_ref(entry: dict[str, Any]) -> str:
+    """`Type/id` of what a transaction response entry's `location` names (its `_history` part dropped)."""
+    loc = ((entry.get("response") or {}).get("location") or "")
+    parts = loc.split("/_history")[0].rsplit("/", 2)
+    return "/".join(parts[-2:]) if len(parts) >= 2 else loc
+
+
 def send_transaction(client: Any, tx: dict[str, Any]) -> tuple[dict[str, Any] | None, Exception | None]:
     """Send one write transaction: (response, None), or (None, the conflict) when a version
     conflict (HAPI 409 / spec 412) says re-read and retry; more than one match for a conditional
@@ -234,33 +270,17 @@ def write_case(client: Any, case: GradedCase, settings: GradingSettings, identif
     from datetime import UTC, datetime
 
     from .conventions import ConventionChangeError, Conventions, current_conventions
-    from .errors import DuplicateTargetError, FhirServerError
+    from .errors import FhirServerError
     from .writeback import build_case_write, identifiers, stored_grade, stored_hash, transaction_for
 
     ids = identifiers(case, identifier_system)
-    types = {"crs": "Condition", "icans": "Condition", "summary": "Bundle"}
+    types = WRITTEN_TYPES
     tl = case.timeline
     infusion = iso(tl.infusion) or ""
     conventions = current_conventions(settings, mappings_dir or load_code_map(None).directory)
     last_error: Exception | None = None
     for _ in range(attempts):
-        existing: dict[str, tuple[str, str | None]] = {}
-        stored: dict[str, dict[str, Any]] = {}
-        # the three identifier look-ups in one batch (a server refusing batches: one by one)
-        looked_up = read_many(client, [(types[name], [("identifier", f"{ident['system']}|{ident['value']}")])
-                                       for name, ident in ids.items()])
-        for (name, ident), result in zip(ids.items(), looked_up, strict=True):
-            found = result.matches
-            if len(found) > 1:
-                raise DuplicateTargetError(
-                    f"{len(found)} {types[name]} resources on the server carry identifier {ident['system']}|{ident['value']}: "
-                    "a data-quality problem to fix on the server (not retried)."
-                )
-            if found:
-                r = found[0]
-                version = (r.get("meta") or {}).get("versionId")
-                existing[name] = (r["id"], f'W/"{version}"' if version else None)
-                stored[name] = r
+        existing, stored = find_written(client, ids)
         recorded = datetime.now(UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
         write = build_case_write(case, settings, identifier_system, include_icans_if_zero="icans" in existing,
                                  recorded=recorded, conventions=conventions)
@@ -306,9 +326,7 @@ def write_case(client: Any, case: GradedCase, settings: GradingSettings, identif
         written = {}
         names = [*write.resources, "provenance"]
         for name, entry in zip(names, response.get("entry") or [], strict=False):
-            loc = ((entry.get("response") or {}).get("location") or "")
-            parts = loc.split("/_history")[0].rsplit("/", 2)
-            written[name] = "/".join(parts[-2:]) if len(parts) >= 2 else loc
+            written[name] = location_ref(entry)
         return WriteOutcome(tl.patient, infusion, "updated" if existing else "created", written, changes=changes)
     raise FhirServerError(f"could not write {tl.patient} after {attempts} version conflicts: {last_error}")
 

@@ -18,10 +18,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from .pipeline import WriteOutcome, read_many, send_transaction
+from .pipeline import WRITTEN_TYPES, WriteOutcome, find_written, location_ref, send_transaction
 from .settings import GradingSettings
-
-TYPES = {"crs": "Condition", "icans": "Condition", "summary": "Bundle"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -42,7 +40,7 @@ def retract_case(client: Any, record: CaseRecord, settings: GradingSettings, map
     retracted), "absent" (nothing written for it on the server), "dry-run"."""
     from . import __version__
     from .conventions import current_conventions
-    from .errors import DuplicateTargetError, FhirServerError
+    from .errors import FhirServerError
     from .writeback import CaseWrite, provenance, stored_grade
     from .writeback.retract import (
         bundle_is_retracted,
@@ -56,23 +54,10 @@ def retract_case(client: Any, record: CaseRecord, settings: GradingSettings, map
     patient = f"Patient/{record.patient}"
     last_error: Exception | None = None
     for _ in range(attempts):
-        stored: dict[str, dict[str, Any]] = {}
-        # the identifier look-ups in one batch, as write_case does (a server refusing batches: one by one)
-        names = [n for n in TYPES if n in record.identifiers]
-        looked_up = read_many(client, [(TYPES[n], [("identifier", f"{record.identifiers[n]['system']}|"
-                                                                  f"{record.identifiers[n]['value']}")]) for n in names])
-        for name, result in zip(names, looked_up, strict=True):
-            ident, found = record.identifiers[name], result.matches
-            if len(found) > 1:
-                raise DuplicateTargetError(
-                    f"{len(found)} {TYPES[name]} resources on the server carry identifier {ident['system']}|{ident['value']}: "
-                    "a data-quality problem to fix on the server (not retried).")
-            if found:
-                stored[name] = found[0]
+        existing, stored = find_written(client, {n: record.identifiers[n] for n in WRITTEN_TYPES if n in record.identifiers})
         if not stored:
             return WriteOutcome(patient, record.infusion, "absent", {})
-        existing = {n: (r["id"], f'W/"{v}"' if (v := (r.get("meta") or {}).get("versionId")) else None) for n, r in stored.items()}
-        refs = {n: f"{TYPES[n]}/{existing[n][0]}" for n in stored}
+        refs = {n: f"{WRITTEN_TYPES[n]}/{existing[n][0]}" for n in stored}
         recorded = datetime.now(UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
         note = retraction_note(record.infusion, fates, recorded, __version__)
         new: dict[str, dict[str, Any]] = {}
@@ -106,8 +91,6 @@ def retract_case(client: Any, record: CaseRecord, settings: GradingSettings, map
         written = {n: refs[n] for n in new}
         entries = response.get("entry") or []
         if len(entries) > len(new):
-            loc = ((entries[len(new)].get("response") or {}).get("location") or "")
-            parts = loc.split("/_history")[0].rsplit("/", 2)
-            written["provenance"] = "/".join(parts[-2:]) if len(parts) >= 2 else loc
+            written["provenance"] = location_ref(entries[len(new)])
         return WriteOutcome(patient, record.infusion, "retracted", written, changes=changes)
     raise FhirServerError(f"could not retract {patient} (infusion {record.infusion}) after {attempts} version conflicts: {last_error}")
