@@ -101,10 +101,15 @@ def patient_of(resource: dict[str, Any]) -> str | None:
     return None
 
 
-def _version(resource: dict[str, Any]) -> str | None:
+def version_id(resource: dict[str, Any]) -> str | None:
+    """`meta.versionId` as sent (a string, possibly empty), None without one."""
     meta = resource.get("meta")
     vid = meta.get("versionId") if isinstance(meta, dict) else None
-    return vid if isinstance(vid, str) and vid else None
+    return vid if isinstance(vid, str) else None
+
+
+def _version(resource: dict[str, Any]) -> str | None:
+    return version_id(resource) or None
 
 
 def version_newer_or_same(held: str | None, seen: str | None) -> bool:

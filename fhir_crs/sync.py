@@ -39,6 +39,7 @@ from .changefeed import (
     iter_cart_entries,
     minus,
     parse_instant,
+    version_id,
     version_newer_or_same,
 )
 from .errors import ConfigError, FhirCrsError
@@ -549,8 +550,7 @@ def _medication_refs(resources: Iterable[dict[str, Any]]) -> dict[str, str | Non
     read: dict[str, str] = {}
     for r in resources:
         if r.get("resourceType") == "Medication" and isinstance(r.get("id"), str):
-            vid = (r.get("meta") or {}).get("versionId") if isinstance(r.get("meta"), dict) else None
-            read[f"Medication/{r['id']}"] = vid if isinstance(vid, str) else ""
+            read[f"Medication/{r['id']}"] = version_id(r) or ""
     out: dict[str, str | None] = {}
     for r in resources:
         if r.get("resourceType") != "MedicationAdministration":
@@ -569,8 +569,7 @@ def _refs(resources: Iterable[dict[str, Any]]) -> dict[str, str | None]:
     for r in resources:
         rtype, rid = r.get("resourceType"), r.get("id")
         if isinstance(rtype, str) and isinstance(rid, str) and rid:
-            vid = (r.get("meta") or {}).get("versionId") if isinstance(r.get("meta"), dict) else None
-            out[f"{rtype}/{rid}"] = vid if isinstance(vid, str) else None
+            out[f"{rtype}/{rid}"] = version_id(r)
     return out
 
 
@@ -1001,8 +1000,7 @@ def run_bulk(client: Any, cfg: Any, settings: GradingSettings, state: StateStore
                     if rtype == "Patient":
                         note_patient(item)  # its names, MRN and birth date never reach a log line
                     owner = patient_of(item) if isinstance(item, dict) else None
-                    meta = item.get("meta") if isinstance(item, dict) and isinstance(item.get("meta"), dict) else {}
-                    vid = meta.get("versionId") if isinstance(meta.get("versionId"), str) else None
+                    vid = version_id(item) if isinstance(item, dict) else None
                     if rtype == "Medication" and isinstance(item.get("id"), str):
                         med_versions[f"Medication/{item['id']}"] = vid or ""
                     if owner is not None and isinstance(item.get("id"), str):
@@ -1019,8 +1017,7 @@ def run_bulk(client: Any, cfg: Any, settings: GradingSettings, state: StateStore
             for ref in mapper.missing_medications():
                 try:
                     med = client.read(*ref.split("/", 1))
-                    vid = (med.get("meta") or {}).get("versionId") if isinstance(med.get("meta"), dict) else None
-                    med_versions[ref] = vid if isinstance(vid, str) else ""
+                    med_versions[ref] = version_id(med) or ""
                     mapper.add(SourceResource(med, f"read:{ref}"))
                 except FhirCrsError as exc:
                     log.warning("%s referenced by a MedicationAdministration could not be read: %s", ref, exc)
