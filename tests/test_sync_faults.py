@@ -33,6 +33,45 @@ RUNS = 20
 
 
 
+class KillableServer:
+    """The FHIR server of a kill test: for HAPI the session's server (emptied, then killed and
+    restarted on its port and H2 data), for sekmet one of the test's own (restarted on its
+    folder and port); `base` stays the same across restarts."""
+
+    def __init__(self, kind: str, tmp_path: Path, request):
+        self.kind = kind
+        if kind == "hapi":
+            self.server = request.getfixturevalue("hapi_server")
+            reset_hapi(self.server)
+        else:
+            self._workdir, self._port = tmp_path / "server", free_port()
+            self.server = LocalFhirServer(self._workdir, port=self._port).start()
+
+    @property
+    def base(self) -> str:
+        return self.server.base
+
+    def kill_during(self, proc: subprocess.Popen, i: int, kills: dict[str, int]) -> None:
+        """Run i's kill: the sync process (even i), or the server (odd i), which is restarted."""
+        if i % 2 == 0:
+            proc.kill()
+            kills["sync"] += 1
+            proc.wait(timeout=30)
+        else:
+            self.server.kill()
+            kills["server"] += 1
+            proc.wait(timeout=60)
+            self.server = (self.server.start() if self.kind == "hapi"
+                           else LocalFhirServer(self._workdir, port=self._port).start())
+
+    def close(self) -> None:
+        if self.kind == "hapi":
+            if self.server.proc is not None and self.server.proc.poll() is not None:
+                self.server.start()  # leave the shared server running for the rest of the session
+        else:
+            self.server.stop()
+
+
 def _search_all(client: FhirClient, rtype: str) -> list[dict]:
     found = client.search(rtype, [("identifier", f"{SYSTEM}|")], no_cache=True).matches
     out = []
@@ -47,20 +86,7 @@ def _search_all(client: FhirClient, rtype: str) -> list[dict]:
 @pytest.mark.parametrize(("kind", "runs"), [("sekmet", RUNS), ("hapi", 4)])
 def test_killed_syncs_and_servers_leave_exactly_one_write_per_case(kind: str, runs: int, tmp_path: Path, request):
     rng = random.Random(20261125)
-    if kind == "hapi":  # the session's HAPI server: emptied, killed and restarted on its port and H2 data
-        shared = request.getfixturevalue("hapi_server")
-        reset_hapi(shared)
-        server = shared
-
-        def restart():
-            return shared.start()
-    else:
-        workdir = tmp_path / "server"
-        port = free_port()
-        server = LocalFhirServer(workdir, port=port).start()
-
-        def restart():
-            return LocalFhirServer(workdir, port=port).start()
+    server = KillableServer(kind, tmp_path, request)
     try:
         client = FhirClient(server.base, auth=NoAuth())
         patients = {v: load_vignette(client, v) for v in COHORT}
@@ -86,15 +112,7 @@ def test_killed_syncs_and_servers_leave_exactly_one_write_per_case(kind: str, ru
                     "--allow-convention-change"]
             proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=tmp_path)
             time.sleep(rng.uniform(0.2, 1.1) * duration)  # before, during and after the writes
-            if i % 2 == 0:
-                proc.kill()
-                kills["sync"] += 1
-                proc.wait(timeout=30)
-            else:
-                server.kill()
-                kills["server"] += 1
-                proc.wait(timeout=60)
-                server = restart()
+            server.kill_during(proc, i, kills)
             if i % 7 == 6 or i == runs - 2:
                 state.unlink(missing_ok=True)  # lost state must not create duplicates either
         final = subprocess.run(
@@ -125,10 +143,7 @@ def test_killed_syncs_and_servers_leave_exactly_one_write_per_case(kind: str, ru
         # cases were rewritten in place (new versions), never re-created
         assert max(int(c["meta"]["versionId"]) for c in conditions) >= 2
     finally:
-        if kind == "hapi" and server.proc is not None and server.proc.poll() is not None:
-            server.start()  # leave the shared server running for the rest of the session
-        elif kind != "hapi":
-            server.stop()
+        server.close()
 
 
 # ----------------------------------------------------------------------------- kills inside incremental nights
@@ -180,20 +195,7 @@ def test_killed_incremental_nights_converge_to_what_a_full_run_writes(kind: str,
     from fhir_crs.events import iso
 
     rng = random.Random(20261203)
-    if kind == "hapi":
-        shared = request.getfixturevalue("hapi_server")
-        reset_hapi(shared)
-        server = shared
-
-        def restart():
-            return shared.start()
-    else:
-        workdir = tmp_path / "server"
-        port = free_port()
-        server = LocalFhirServer(workdir, port=port).start()
-
-        def restart():
-            return LocalFhirServer(workdir, port=port).start()
+    server = KillableServer(kind, tmp_path, request)
     try:
         client = FhirClient(server.base, auth=NoAuth())
         patients = {v: load_vignette(client, v) for v in FEED_COHORT}
@@ -258,15 +260,7 @@ def test_killed_incremental_nights_converge_to_what_a_full_run_writes(kind: str,
             proc = subprocess.Popen([*base_args, "--server", server.base, "--state", str(state)], env=env,
                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=tmp_path)
             time.sleep(rng.uniform(0.2, 1.1) * duration)  # before, during and after the writes
-            if i % 2 == 0:
-                proc.kill()
-                kills["sync"] += 1
-                proc.wait(timeout=30)
-            else:
-                server.kill()
-                kills["server"] += 1
-                proc.wait(timeout=60)
-                server = restart()
+            server.kill_during(proc, i, kills)
             hw_after, status, done = _feed_state(state)
             if hw_after != hw_before:  # advanced: only after every changed patient was re-graded
                 assert all(done.get(p, "") >= (started or "") for p in touched), (status, touched, done)
@@ -289,7 +283,4 @@ def test_killed_incremental_nights_converge_to_what_a_full_run_writes(kind: str,
             kinds = {v.rsplit("-", 1)[1] for v in values if v.startswith(f"{pid}-")}
             assert {"crs", "summary"} <= kinds, (vignette, kinds)  # V04: written since its fever
     finally:
-        if kind == "hapi" and server.proc is not None and server.proc.poll() is not None:
-            server.start()
-        elif kind != "hapi":
-            server.stop()
+        server.close()
