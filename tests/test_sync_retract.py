@@ -124,13 +124,27 @@ def set_status(client: FhirClient, ref: str, status: str) -> None:
     client.put(ref, res)
 
 
+def load_settled(client: FhirClient, vignette: str) -> str:
+    """Load a vignette's patient and wait out the feed overlap, so that the next night's feed
+    starts after the load (the load itself is not a change of that night)."""
+    pid = load_vignette(client, vignette)
+    time.sleep(float(OVERLAP) + 0.5)
+    return pid
+
+
+def patients_file(tmp_path: Path, pid: str) -> Path:
+    """A `--patients` listing of one patient."""
+    listing = tmp_path / "patients.txt"
+    listing.write_text(pid + "\n")
+    return listing
+
+
 def test_an_entered_in_error_infusion_retracts_its_case_and_its_return_restores_it(server, tmp_path):
     """V29 (CRS 1, ICANS 3; its only CAR-T record is one MedicationAdministration), discovered
     by its CAR-T code. Marking that record entered-in-error takes the patient out of the cohort;
     the change feed still re-reads it, and both Conditions and the Bundle are retracted."""
     client = FhirClient(server.base, auth=NoAuth())
-    pid = load_vignette(client, "V29")
-    time.sleep(float(OVERLAP) + 0.5)
+    pid = load_settled(client, "V29")
     state = tmp_path / "state.sqlite"
     first = sync(server, state)
     assert first["graded"] == 1 and first["retracted_cases"] == 0
@@ -173,10 +187,8 @@ def test_a_moved_infusion_writes_the_new_case_and_retracts_the_old(server, tmp_p
     """V07's CAR-T administration and procedure move one day later: the case at the new day 0 is
     written, the one at the old day 0 retracted (the same patient, two keys)."""
     client = FhirClient(server.base, auth=NoAuth())
-    pid = load_vignette(client, "V07")
-    time.sleep(float(OVERLAP) + 0.5)
-    listing = tmp_path / "patients.txt"
-    listing.write_text(pid + "\n")
+    pid = load_settled(client, "V07")
+    listing = patients_file(tmp_path, pid)
     state = tmp_path / "moved.sqlite"
     sync(server, state, "--patients", str(listing))
     (old_infusion,) = cases_in_state(state, pid)
@@ -216,8 +228,7 @@ def test_a_hard_deleted_infusion_retracts_on_a_history_night_and_on_a_full_night
     from fhir_crs.fhir.client import VersionConflict
 
     client = FhirClient(server.base, auth=NoAuth())
-    pid = load_vignette(client, "V26")
-    time.sleep(float(OVERLAP) + 0.5)
+    pid = load_settled(client, "V26")
     state = tmp_path / "deleted.sqlite"
     sync(server, state)
     (infusion,) = cases_in_state(state, pid)
@@ -234,8 +245,7 @@ def test_a_hard_deleted_infusion_retracts_on_a_history_night_and_on_a_full_night
 
     # the search feed cannot see a deletion; the full re-read re-reads the written case's patient
     # although CAR-T discovery no longer finds it, and retracts
-    pid2 = load_vignette(client, "V02")
-    time.sleep(float(OVERLAP) + 0.5)
+    pid2 = load_settled(client, "V02")
     state2 = tmp_path / "search.sqlite"
     env = {"FHIR_CRS_CHANGE_FEED": "search"}
     first = sync(server, state2, env=env)
@@ -380,10 +390,8 @@ def test_a_state_store_from_before_written_cases_still_retracts(server, tmp_path
     grades' infusions give the case keys, and the vanished case is retracted all the same (the
     note cannot name the infusion record it never stored)."""
     client = FhirClient(server.base, auth=NoAuth())
-    pid = load_vignette(client, "V30")
-    time.sleep(float(OVERLAP) + 0.5)
-    listing = tmp_path / "patients.txt"
-    listing.write_text(pid + "\n")
+    pid = load_settled(client, "V30")
+    listing = patients_file(tmp_path, pid)
     state = tmp_path / "legacy.sqlite"
     sync(server, state, "--patients", str(listing))
     (infusion,) = cases_in_state(state, pid)
