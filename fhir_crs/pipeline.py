@@ -233,13 +233,17 @@ def location_ref(entry: dict[str, Any]) -> str:
     return "/".join(parts[-2:]) if len(parts) >= 2 else loc
 
 
-def send_transaction(client: Any, tx: dict[str, Any]) -> tuple[dict[str, Any] | None, Exception | None]:
-    """Send one write transaction: (response, None), or (None, the conflict) when a version
-    conflict (HAPI 409 / spec 412) says re-read and retry; more than one match for a conditional
+def send_transaction(client: Any, tx: dict[str, Any], before_write: Callable[[], None] | None = None,
+                     ) -> tuple[dict[str, Any] | None, Exception | None]:
+    """Send one write transaction (`before_write` runs right before: the sync raises there when a
+    stop was requested): (response, None), or (None, the conflict) when a version conflict
+    (HAPI 409 / spec 412) says re-read and retry; more than one match for a conditional
     identifier raises DuplicateTargetError (a data-quality error, never retried)."""
     from .errors import DuplicateTargetError
     from .fhir.client import PreconditionFailed, VersionConflict
 
+    if before_write is not None:
+        before_write()
     try:
         return client.transaction(tx), None
     except VersionConflict as exc:
@@ -317,9 +321,7 @@ def write_case(client: Any, case: GradedCase, settings: GradingSettings, identif
                                 tx, changes, refusal)
         if refusal:
             raise ConventionChangeError(refusal)
-        if before_write is not None:
-            before_write()
-        response, conflict = send_transaction(client, tx)
+        response, conflict = send_transaction(client, tx, before_write)
         if response is None:
             last_error = conflict
             continue

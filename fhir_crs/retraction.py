@@ -82,9 +82,7 @@ def retract_case(client: Any, record: CaseRecord, settings: GradingSettings, map
                         "old_grade": None, "new_grade": None, "request": "POST Provenance"})
         if dry_run:
             return WriteOutcome(patient, record.infusion, "dry-run", {n: f"PUT {refs[n]}" for n in new}, tx, changes)
-        if before_write is not None:
-            before_write()
-        response, conflict = send_transaction(client, tx)
+        response, conflict = send_transaction(client, tx, before_write)
         if response is None:
             last_error = conflict
             continue
