@@ -73,6 +73,11 @@ CREATE TABLE IF NOT EXISTS feed_state (
     server TEXT NOT NULL, scope TEXT NOT NULL, high_water TEXT NOT NULL, last_full TEXT, conventions TEXT,
     PRIMARY KEY (server, scope)
 );
+CREATE TABLE IF NOT EXISTS feed_retry (
+    server TEXT NOT NULL, scope TEXT NOT NULL, high_water TEXT NOT NULL, last_full TEXT, conventions TEXT,
+    patients TEXT NOT NULL,
+    PRIMARY KEY (server, scope)
+);
 CREATE TABLE IF NOT EXISTS graded_refs (
     server TEXT NOT NULL, ref TEXT NOT NULL, patient TEXT NOT NULL, version TEXT,
     PRIMARY KEY (server, ref)
@@ -293,12 +298,38 @@ class StateStore:
         return (row[0], row[1], row[2]) if row else (None, None, None)
 
     def set_feed(self, scope: str, high_water: str, last_full: str | None, conventions: str | None) -> None:
-        with self._lock:
+        """Advance the cohort high-water mark of `scope` (every changed patient was written):
+        the retry record of an unfinished night, if any, is done with it (one transaction)."""
+        with self._write_txn():
             self.db.execute(
                 "INSERT INTO feed_state (server, scope, high_water, last_full, conventions) VALUES (?,?,?,?,?) "
                 "ON CONFLICT(server, scope) DO UPDATE SET high_water=excluded.high_water, last_full=excluded.last_full, "
                 "conventions=excluded.conventions",
                 (self.server, scope, high_water, last_full, conventions))
+            self.db.execute("DELETE FROM feed_retry WHERE server=? AND scope=?", (self.server, scope))
+
+    def retry(self, scope: str) -> Retry | None:
+        """The unfinished night of `scope` (some changed patients were not written), if any."""
+        with self._lock:
+            row = self.db.execute("SELECT high_water, last_full, conventions, patients FROM feed_retry "
+                                  "WHERE server=? AND scope=?", (self.server, scope)).fetchone()
+        if row is None:
+            return None
+        try:
+            patients = json.loads(row[3])
+        except ValueError:
+            patients = None
+        if not isinstance(patients, list) or not all(isinstance(p, str) for p in patients):
+            return None  # unreadable: as if there were none, so the next night reads from the official mark
+        return Retry(row[0], row[1], row[2], frozenset(patients))
+
+    def set_retry(self, scope: str, retry: Retry) -> None:
+        with self._lock:
+            self.db.execute(
+                "INSERT INTO feed_retry (server, scope, high_water, last_full, conventions, patients) VALUES (?,?,?,?,?,?) "
+                "ON CONFLICT(server, scope) DO UPDATE SET high_water=excluded.high_water, last_full=excluded.last_full, "
+                "conventions=excluded.conventions, patients=excluded.patients",
+                (self.server, scope, retry.high_water, retry.last_full, retry.conventions, json.dumps(sorted(retry.patients))))
 
     def cohort(self, scope: str, not_before: datetime) -> dict[str, str]:
         """The stored discovered cohort: patient -> last CAR-T administration, those on or after `not_before`."""
@@ -360,6 +391,20 @@ class StateStore:
         self.db.close()
 
 
+@dataclass(frozen=True, slots=True)
+class Retry:
+    """A night that did not write every changed patient (errors, or interrupted by a signal). The
+    cohort high-water mark stays where it was (it says: every change before it is written), but
+    the next night need not re-read everything that night re-read: it reads the change feed from
+    this night's own mark (`high_water`) and re-reads `patients` in full, the ones that failed or
+    were not reached. `last_full` and `conventions` are what a successful night would have stored."""
+
+    high_water: str
+    last_full: str | None
+    conventions: str | None
+    patients: frozenset[str]
+
+
 @dataclass(slots=True)
 class SyncSummary:
     patients: int = 0
@@ -384,6 +429,7 @@ class SyncSummary:
     change_feed: str = "per-patient"  # "history" | "search" | "mixed" | "per-patient" | "full"
     reconciliation: dict[str, Any] | None = None  # a full re-read: why, and what it found
     retracted_cases: int = 0  # written cases retracted: their CAR-T infusion was deleted, entered-in-error or moved
+    retry_patients: int = 0  # patients this night did not write, re-read in full by the next (errors, interruption)
 
     def to_json(self) -> dict[str, Any]:
         out = {
@@ -399,6 +445,7 @@ class SyncSummary:
             "high_water": self.high_water, "change_feed": self.change_feed,
             "reconciliation": self.reconciliation,
             "retracted_cases": self.retracted_cases,
+            "retry_patients": self.retry_patients,
         }
         if self.dry_run:
             out["would_write"] = self.would_write
@@ -584,6 +631,7 @@ class NightPlan:
     feed: FeedRead | None = None
     deleted: int = 0
     members: dict[str, str] = field(default_factory=dict)  # discovered cohort members to store
+    retried: int = 0  # patients carried over from an unfinished night (re-read in full)
 
 
 class Sync:
@@ -606,6 +654,7 @@ class Sync:
         self.summary = SyncSummary(dry_run=dry_run)
         self._locks: dict[str, threading.Lock] = {}
         self._guard = threading.Lock()
+        self._unwritten: set[str] = set()  # patients of this run that failed or were not reached
 
     def _lock_for(self, patient: str) -> threading.Lock:
         with self._guard:
@@ -627,6 +676,9 @@ class Sync:
         now = datetime.now(UTC)
         feed = ChangeFeed(self.client, getattr(cfg, "change_feed", "auto"))
         high_water, last_full, graded_with = self.state.feed(scope)
+        retry = self.state.retry(scope) if self.since is None else None
+        if retry is not None:  # an unfinished night: continue from it (its mark, its settings)
+            high_water, last_full, graded_with = retry.high_water, retry.last_full, retry.conventions
         reconcile_days = float(getattr(cfg, "reconcile_days", 7.0))
         due = bool(reconcile_days and last_full and (parse_instant(last_full) or now) <= now - timedelta(days=reconcile_days))
         full_reason = ("--full" if self.full else "first run" if high_water is None
@@ -699,7 +751,11 @@ class Sync:
         targets |= med_targets
         deleted |= med_deleted
         targets |= in_cohort - self.state.known(in_cohort)  # new to the cohort, or never finished
-        return NightPlan(patients, targets, read.server_time, None, read, len(deleted), members)
+        retried = (retry.patients & in_cohort) if retry is not None else set()
+        if retried:
+            log.info("%d patient(s) the last run did not write are re-read in full", len(retried))
+        targets |= retried
+        return NightPlan(patients, targets, read.server_time, None, read, len(deleted), members, len(retried))
 
     def _with_written(self, discovered: Iterable[str], not_before: datetime) -> list[str]:
         """The discovered cohort plus the patients with a written case whose infusion is inside
@@ -745,8 +801,11 @@ class Sync:
     def night(self, explicit: list[str] | None, scope: str) -> SyncSummary:
         """One nightly run: plan (cohort + change feed), re-read and re-grade the changed
         patients, then advance the cohort high-water mark — only when every changed patient was
-        written (no error, no interruption, not a dry run), so a failed or killed night is
-        re-read from the same mark and nothing is skipped."""
+        written (no error, no interruption, not a dry run), so nothing is skipped. A night that
+        failed or was stopped records a Retry instead: the next night reads the feed from this
+        night's mark and re-reads in full the patients it did not write (not the whole cohort,
+        which a failed first run would otherwise cost every night until one ran clean). A night
+        killed outright records nothing: the next one starts from the stored state."""
         plan = self.plan(explicit, scope)
         s = self.summary
         s.change_feed = "full" if plan.full_reason else (plan.feed.mode if plan.feed else "per-patient")
@@ -771,9 +830,15 @@ class Sync:
             s.high_water = plan.high_water
         else:
             s.high_water = self.state.feed(scope)[0]
-            if plan.high_water and not ok:
-                log.warning("the cohort high-water mark is not advanced (%s): the next run re-reads these changes",
-                            "dry run" if self.dry_run else "interrupted" if self.stop.is_set() else "errors")
+            if plan.high_water and not ok and self.since is None and not self.dry_run:
+                unwritten = frozenset(self._unwritten)
+                self.state.set_retry(scope, Retry(plan.high_water, last_full, self.conventions, unwritten))
+                s.retry_patients = len(unwritten)
+                log.warning("the cohort high-water mark is not advanced (%s): the next run reads the changes since this "
+                            "run started and re-reads in full the %d patient(s) not written tonight",
+                            "interrupted" if self.stop.is_set() else "errors", len(unwritten))
+            elif plan.high_water and not ok:
+                log.warning("the cohort high-water mark is not advanced (%s)", "dry run" if self.dry_run else "--since")
         self.state.finish_run(self._run_id, self._status(), s.to_json())
         return summary
 
@@ -801,11 +866,14 @@ class Sync:
                     fut.result()
                 except Interrupted:
                     self.summary.not_done += 1  # left for the next run (no write was started)
+                    self._unwritten.add(p)
                 except FhirCrsError as exc:
                     self.summary.errors.append({"patient": f"Patient/{p}", "error": str(exc)})
+                    self._unwritten.add(p)
                     log.error("Patient/%s: %s", p, exc)
                 except Exception as exc:  # a bug must not stop the other patients
                     self.summary.errors.append({"patient": f"Patient/{p}", "error": f"{type(exc).__name__}: {exc}"})
+                    self._unwritten.add(p)
                     log.exception("Patient/%s failed", p)
                 done += 1
                 self.progress(p, done, len(patients), len(self.summary.errors))

@@ -17,7 +17,9 @@ write-back's identifier look-ups, the transaction), then:
 * a write racing a running sync is picked up by the next run;
 * `change_feed = "search"` (`_lastUpdated` searches; no deletions in that feed) and `--full`: the
   full re-read catches a deletion the search feed cannot see and reports it;
-* `change_feed = "per-patient"`: the old per-patient check (4 requests per patient).
+* `change_feed = "per-patient"`: the old per-patient check (4 requests per patient);
+* a first run with one failing patient: the next night re-reads that patient only, not everyone
+  (the retry of an unfinished night), and the mark advances once it is written.
 """
 
 from __future__ import annotations
@@ -74,11 +76,11 @@ def cohort(server) -> dict[str, str]:
     return loaded
 
 
-def sync(server, state: Path, *extra: str, env: dict[str, str] | None = None) -> dict[str, Any]:
+def sync(server, state: Path, *extra: str, env: dict[str, str] | None = None, exit_code: int = 0) -> dict[str, Any]:
     r = CliRunner().invoke(cli, ["sync", "--server", server.base, "--state", str(state), "--json", *extra],
                            env={"FHIR_CRS_LOOKBACK_DAYS": "100000", "FHIR_CRS_IDENTIFIER_SYSTEM": "urn:feed",
                                 "FHIR_CRS_SYNC_OVERLAP_SECONDS": OVERLAP, **(env or {})})
-    assert r.exit_code == 0, r.stderr
+    assert r.exit_code == exit_code, r.stderr
     data = json.loads(r.stdout)
     jsonschema.validate(data, SCHEMA)
     return data
@@ -316,3 +318,45 @@ def test_both_servers_answer_batches_of_reads(server, cohort):
     if isinstance(server, HapiFhirServer):
         rest = client.capabilities()["rest"][0]
         assert "batch" not in {i.get("code") for i in rest.get("interaction", [])}
+
+
+def test_a_failed_patient_is_retried_alone_not_the_whole_first_run(server, cohort, tmp_path):
+    """A first run (a full read) where one patient fails keeps no high-water mark; before the
+    retry record the next night was a first run again and re-read the whole cohort. Now it reads
+    the feed from the failed night's own mark and re-reads only the patient it did not write.
+    The failure is a real data-quality error: two Conditions on the server carry that patient's
+    CRS identifier (a conditional write must not pick one), fixed between nights by deleting one."""
+    client = FhirClient(server.base, auth=NoAuth())
+    failing = cohort["V07"]  # grade 3: a CRS Condition is written (under this test's own identifier system)
+    fine = load_vignette(client, "V04")  # a new copy (the vignette POSTs: new ids)
+    time.sleep(float(OVERLAP) + 0.5)
+    listing = tmp_path / "patients.txt"
+    listing.write_text(f"{failing}\n{fine}\n{cohort['V04']}\n")
+    env = {"FHIR_CRS_IDENTIFIER_SYSTEM": "urn:retry-feed"}
+    sync(server, tmp_path / "scratch.sqlite", "--patients", str(listing), env=env)  # writes every case once
+    (crs,) = [c for c in client.search("Condition", [("subject", f"Patient/{failing}")], no_cache=True).matches
+              if any(i.get("system") == "urn:retry-feed" and i.get("value", "").endswith("-crs") for i in c.get("identifier") or [])]
+    _, twin, location = client.post("Condition", {k: v for k, v in crs.items() if k not in ("id", "meta")})
+    twin_ref = f"Condition/{(twin or {}).get('id') or (location or '').split('/_history')[0].rsplit('/', 1)[-1]}"
+    assert twin_ref != f"Condition/{crs['id']}"
+    time.sleep(float(OVERLAP) + 0.5)
+
+    state = tmp_path / "state.sqlite"
+    first = sync(server, state, "--patients", str(listing), env=env, exit_code=1)
+    assert first["change_feed"] == "full" and first["graded"] == 3
+    assert [e["patient"] for e in first["errors"]] == [f"Patient/{failing}"]
+    assert "2 Condition resources on the server carry identifier urn:retry-feed|" in first["errors"][0]["error"]
+    assert first["high_water"] is None and first["retry_patients"] == 1  # no mark: not everyone was written
+
+    again = sync(server, state, "--patients", str(listing), env=env, exit_code=1)  # still broken
+    assert again["change_feed"] == "history", again["change_feed"]  # not a first run again
+    assert again["changed_patients"] == 1 and again["graded"] == 1 and again["unchanged"] == 2
+    assert again["retry_patients"] == 1 and again["high_water"] is None
+    assert again["requests"] <= 6 + 4, again["requests"]  # the feed, and one patient's reads and look-ups
+
+    client.delete_url(twin_ref)  # the data-quality problem fixed on the server
+    fixed = sync(server, state, "--patients", str(listing), env=env)
+    assert fixed["changed_patients"] == 1 and not fixed["errors"] and fixed["retry_patients"] == 0
+    assert fixed["high_water"]  # everyone written: the mark is set
+    quiet = sync(server, state, "--patients", str(listing), env=env)
+    assert quiet["changed_patients"] == 0 and quiet["requests"] == 6 and quiet["retry_patients"] == 0
