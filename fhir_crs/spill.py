@@ -167,16 +167,17 @@ class SpillStore:
         skip, flags, a deferred MedicationAdministration — goes to its Type/id partition.
         A copy that later loses to another version is struck from the patient partition
         (`_lost`), never copied there again."""
-        written = kept.patient is not None and kept.skipped is None and kept.deferred is None
+        patient = kept.patient
+        written = patient is not None and kept.skipped is None and kept.deferred is None
         if written:
             self._add_patient(kept)
         if written and not kept.flags:  # the usual copy: five fields (the rest are known)
-            rec: tuple[Any, ...] = (ref, kept.key, kept.version, kept.ref, kept.patient)
+            rec: tuple[Any, ...] = (ref, kept.key, kept.version, kept.ref, patient)
         else:
             enc = self.codec.encode
-            rec = (ref, kept.key, kept.version, kept.ref, kept.patient, [] if written else [enc(e) for e in kept.events],
+            rec = (ref, kept.key, kept.version, kept.ref, patient, [] if written else [enc(e) for e in kept.events],
                    kept.skipped, kept.flags or None, kept.deferred, written)
-        part = partition_of(ref, self.partitions)
+        part = zlib.crc32(ref.encode()) % self.partitions  # partition_of(ref, ...), inline
         copies = self._copies.get(part)
         if copies is None:
             self._copies[part] = [rec]
@@ -268,15 +269,22 @@ class SpillStore:
             self._spill_patients()
 
     def _add_patient(self, w: Any) -> None:
-        enc = self.codec.encode
-        part = self._parts.get(w.patient)
+        patient, events = w.patient, w.events
+        part = self._parts.get(patient)
         if part is None:
             if len(self._parts) >= 65_536:
                 self._parts.clear()
-            part = self._parts[w.patient] = partition_of(w.patient, self.partitions)
-        self._patients.setdefault(part, []).append(
-            (w.key[2], w.patient, w.ref, [e if type(e) is tuple else enc(e) for e in w.events]))
-        self._buffered += 1 + len(w.events)
+            part = self._parts[patient] = partition_of(patient, self.partitions)
+        if len(events) == 1 and type(events[0]) is not tuple:  # the usual copy: one event
+            encoded = [self.codec.encode(events[0])]
+        else:
+            enc = self.codec.encode
+            encoded = [e if type(e) is tuple else enc(e) for e in events]
+        records = self._patients.get(part)
+        if records is None:
+            records = self._patients[part] = []
+        records.append((w.key[2], patient, w.ref, encoded))
+        self._buffered += 1 + len(events)
 
     def _spill_patients(self) -> None:
         for part, items in self._patients.items():

@@ -277,10 +277,10 @@ class ResourceMapper:
         kept.patient = patient
         if rtype == "Observation":
             out = self.obs.map(r, ref, flags)
-            if isinstance(out, Skipped):
-                kept.skipped = out
+            if type(out) is list:
+                kept.events = out  # a new list, the resource's own
             else:
-                kept.events.extend(out)
+                kept.skipped = out
         elif rtype == "Procedure" or rtype == "Condition":
             p = (self.procs if rtype == "Procedure" else self.conditions).map(r, ref, flags)
             if isinstance(p, Skipped):
