@@ -90,6 +90,15 @@ def _read_pickles(path: Path) -> Iterator[Any]:
                 return
 
 
+_NO_TIME = float("-inf")  # the lastUpdated part of the version key of a resource without one
+
+
+def _usual(rec: tuple[str, int, str]) -> tuple[Any, ...]:
+    """The five-field copy record of a three-field one (no versionId, no lastUpdated)."""
+    ref, seq, patient = rec
+    return ref, (-1, _NO_TIME, seq), None, ref, patient
+
+
 class SkipLog:
     """The list of skips, kept on disk past `SPILL_SKIPS` entries. Supports what the mappers do
     with a list (append, len, dropping the entries of the resource being mapped) and iteration
@@ -171,8 +180,12 @@ class SpillStore:
         written = patient is not None and kept.skipped is None and kept.deferred is None
         if written:
             self._add_patient(kept)
+        key = kept.key
         if written and not kept.flags:  # the usual copy: five fields (the rest are known)
-            rec: tuple[Any, ...] = (ref, kept.key, kept.version, kept.ref, patient)
+            if kept.version is None and key[0] == -1 and key[1] == _NO_TIME and kept.ref == ref:
+                rec: tuple[Any, ...] = (ref, key[2], patient)  # and without meta: three
+            else:
+                rec = (ref, key, kept.version, kept.ref, patient)
         else:
             enc = self.codec.encode
             rec = (ref, kept.key, kept.version, kept.ref, patient, [] if written else [enc(e) for e in kept.events],
@@ -194,8 +207,9 @@ class SpillStore:
             self.skipped.spill()
 
     def _spill_copies(self) -> None:
-        """Copy records: (ref, key, version, cited, patient) for a copy already in its patient
-        partition with no flags, else (..., events, skip, flags, deferred, in a patient partition)."""
+        """Copy records: (ref, input position, patient) for a copy already in its patient partition
+        with no flags and no version, (ref, key, version, cited, patient) for one with a version,
+        else (..., events, skip, flags, deferred, in a patient partition)."""
         for part, items in self._copies.items():
             _append_pickle(self._path("copies", part, self.tag), items)
         self._copies.clear()
@@ -231,10 +245,10 @@ class SpillStore:
         winners: list[tuple[int, Skipped]] = []
         flags = self.flags
         for ref, recs in groups.items():
-            if len(recs[0]) == 5 and len(recs) == 1:  # the usual copy: its resource's only one, in its patient partition
+            if len(recs) == 1 and len(recs[0]) <= 5:  # the usual copy: its resource's only one, in its patient partition
                 mapper.mapped += 1
                 continue
-            recs = [r if len(r) > 5 else (*r, [], None, None, None, True) for r in recs]
+            recs = [r if len(r) > 5 else (*(r if len(r) == 5 else _usual(r)), [], None, None, None, True) for r in recs]
             if len(recs) == 1 and recs[0][8] is None:  # one copy, nothing deferred: it wins as it is
                 _, key, _, _, patient, _, skipped, fl, _, written = recs[0]
                 if skipped is None:
@@ -323,9 +337,16 @@ class SpillStore:
         events: dict[str, list[Event]] = {}
         sources: dict[str, list[str]] = {}
         for _seq, patient, ref, evs in records:
+            refs = sources.get(patient)
+            if refs is None:
+                refs = sources[patient] = []
+            refs.append(ref)
             if evs:  # a patient is graded when it has events (as in MappingResult.events)
-                events.setdefault(patient, []).extend(types[c](*v) for c, v in evs)
-            sources.setdefault(patient, []).append(ref)
+                mine = events.get(patient)
+                if mine is None:
+                    mine = events[patient] = []
+                for c, v in evs:
+                    mine.append(types[c](*v))
         return events, sources
 
     def drop_patients(self, part: int) -> None:
