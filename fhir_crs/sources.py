@@ -20,6 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
+import orjson
+
 from .errors import InputError
 from .events import SKIP_CODES, Skipped
 from .jsonread import loads
@@ -176,9 +178,12 @@ def _ndjson_item(name: str, lineno: int, line: bytes) -> SourceResource | Skippe
     if not line or line.isspace():  # (as `not line.strip()`, without copying the line)
         return None
     try:
-        value = loads(line)  # tolerant: BOM on any line, 1e309/NaN mark their resource, lone surrogates
-    except (ValueError, UnicodeDecodeError) as exc:
-        return _invalid_json(f"{name}:{lineno}", exc)
+        value = orjson.loads(line)  # the usual line (`loads` reads what orjson refuses another way)
+    except ValueError:
+        try:
+            value = loads(line)  # tolerant: BOM on any line, 1e309/NaN mark their resource, lone surrogates
+        except (ValueError, UnicodeDecodeError) as exc:
+            return _invalid_json(f"{name}:{lineno}", exc)
     if type(value) is dict and type(rtype := value.get("resourceType")) is str and rtype != "Bundle":
         return SourceResource(value, f"{name}:{lineno}")  # what _entries yields for it
     return _entries(value, f"{name}:{lineno}")

@@ -63,11 +63,20 @@ _DATETIME_FIELDS = (
 )
 
 
+_DATETIME_KEYS: dict[tuple[Any, ...], tuple[str, ...]] = {}  # a resource's keys, in order -> its _DATETIME_FIELDS
+_DATETIME_KEYS_MAX = 4096  # a feed sends a few shapes per type; odd input cannot grow it without bound
+
+
 def bad_datetime(r: dict[str, Any]) -> str | None:
-    """The first date/time a grader would read that is present but impossible (month 13, +25:00 …)."""
-    for key in _DATETIME_FIELDS:
-        if key not in r:
-            continue
+    """The first date/time a grader would read that is present but impossible (month 13, +25:00 …).
+    Which of the fields a resource has is kept per key sequence (resources of a feed share a few)."""
+    shape = tuple(r)
+    present = _DATETIME_KEYS.get(shape)
+    if present is None:
+        if len(_DATETIME_KEYS) >= _DATETIME_KEYS_MAX:
+            _DATETIME_KEYS.clear()
+        present = _DATETIME_KEYS[shape] = tuple(key for key in _DATETIME_FIELDS if key in r)
+    for key in present:
         v = r[key]
         values = [(f"{key}.{k}", v.get(k)) for k in ("start", "end") if k in v] if isinstance(v, dict) else [(key, v)]
         for where, value in values:

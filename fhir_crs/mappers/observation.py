@@ -8,6 +8,7 @@ quarantined, never silently converted) and FiO2 sent as a fraction.
 
 from __future__ import annotations
 
+import math
 import re
 from typing import Any
 
@@ -15,7 +16,7 @@ import orjson
 
 from ..events import Event, Finding, Measurement, Skipped
 from ..mapping_files import ClassTable, CodeMap, ObservationKind
-from .common import When, codings, label, parse_datetime, quantity, quantity_units, texts
+from .common import When, _parse_datetime, codings, label, parse_datetime, quantity, quantity_units, texts
 from .reasons import classify
 from .status import status_decision
 from .units import CELSIUS, FAHRENHEIT, f_to_c, to_canonical
@@ -172,6 +173,9 @@ class ObservationMapper:
         self.code_map = code_map
         self._matched: dict[bytes, tuple[ObservationKind | None, bool]] = {}
         self._units: dict[tuple[str, ...], tuple[float | None, str, str | None]] = {}
+        self._classified: dict[tuple[str, ...], frozenset[str]] = {}
+        self._canonical: dict[tuple[str, ...], tuple[str, ...]] = {}
+        self._temperature_units: dict[tuple[str, ...], str] = {}
 
     def match_kind(self, cc: Any) -> tuple[ObservationKind | None, bool]:
         """The kind a `code` names. A feed repeats a few hundred distinct codes: the answer is
@@ -198,6 +202,16 @@ class ObservationMapper:
         if flag:
             flags.add(flag)
         kind, by_text = self.match_kind(res.get("code"))
+        if kind is not None and "component" not in res and kind.value != "components":
+            # the usual vital sign / lab: one value, no components (what the general way below
+            # gives for it, without its lists)
+            when = res.get("effectiveDateTime")
+            if type(when) is str:
+                start = _parse_datetime(when)
+                if start is not None:
+                    if start.tz_assumed:
+                        flags.add("timezone_assumed")
+                    return self._one(kind, res, ref, start, None, by_text, flags)
         components = [c for c in res.get("component") or [] if isinstance(c, dict)]
         if kind is None and not components:
             return Skipped(ref, f"code not in mappings/observations.toml: {label(res.get('code'))}", "unmapped_code")
@@ -246,6 +260,9 @@ class ObservationMapper:
                 # "unable to perform" the assessment is itself an ICANS finding.
                 return [Finding("unable_" + name, start.time, "unable", ref, label(res["dataAbsentReason"]), matched_by_text=by_text)]
             return Skipped(ref, f"no value (dataAbsentReason: {label(res['dataAbsentReason'])})", "no_value")
+        vq = res.get("valueQuantity")
+        if type(vq) is dict:
+            return self._quantity(kind, vq, res, ref, start, by_text, flags)
         num = _numeric_value(res)
         if num is None:
             if name in ("ice_score", "capd_score", "cartox10_score"):
@@ -253,7 +270,32 @@ class ObservationMapper:
                 if ts and re.search(r"unable|not (able|possible)|cannot", " ".join(ts), re.IGNORECASE):
                     return [Finding("unable_" + name, start.time, "unable", ref, ts[0], matched_by_text=by_text)]
             return Skipped(ref, f"{name}: no numeric value", "no_value")
-        value, spellings = num
+        return self._measurement(kind, res, ref, start, num[0], num[1], by_text, flags)
+
+    def _quantity(
+        self, kind: ObservationKind, vq: dict[str, Any], res: dict[str, Any], ref: str, start: When, by_text: bool,
+        flags: set[str],
+    ) -> list[Event] | Skipped:
+        """`_one` of a valueQuantity (no dataAbsentReason): `_numeric_value` read in place."""
+        v = vq.get("value")
+        if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v):
+            return self._measurement(kind, res, ref, start, None, [], by_text, flags)
+        c, u = vq.get("code"), vq.get("unit")
+        spellings = [c, u] if type(c) is str and type(u) is str and c and u else [str(x) for x in (c, u) if x]
+        return self._measurement(kind, res, ref, start, float(v), spellings, by_text, flags)
+
+    def _measurement(
+        self, kind: ObservationKind, res: dict[str, Any], ref: str, start: When, value: float | None,
+        spellings: list[str], by_text: bool, flags: set[str],
+    ) -> list[Event] | Skipped:
+        """The event of a numeric value (None: there is none) in the units `spellings` names."""
+        name = kind.name
+        if value is None:
+            if name in ("ice_score", "capd_score", "cartox10_score"):
+                _, ts = _value_texts(res)
+                if ts and re.search(r"unable|not (able|possible)|cannot", " ".join(ts), re.IGNORECASE):
+                    return [Finding("unable_" + name, start.time, "unable", ref, ts[0], matched_by_text=by_text)]
+            return Skipped(ref, f"{name}: no numeric value", "no_value")
         if start.precision != "time" and kind.group != "lab":
             return Skipped(ref, f"{name}: effective time has {start.precision} precision only", "imprecise_time")
         raw_value, raw_unit = value, None
@@ -266,7 +308,7 @@ class ObservationMapper:
                 flags.add(note)
         else:
             if name in ("fio2", "spo2"):
-                units = [self.code_map.canonical_unit(u) for u in spellings]
+                units = self._canonical_units(spellings)
                 if value <= 1.0 and (not units or units[0] in ("1", "%")):
                     value *= 100.0  # fraction sent as "%" or "1" (terminology.md §1.3 FiO2 trap)
                     spellings = ["%"]
@@ -292,6 +334,27 @@ class ObservationMapper:
                         start.precision != "time")  # (positional: the field order of Measurement)
         ]
 
+    def _canonical_units(self, spellings: list[str]) -> tuple[str, ...]:
+        """`CodeMap.canonical_unit` of each spelling, kept per spellings (bounded)."""
+        key = tuple(spellings)
+        hit = self._canonical.get(key)
+        if hit is None:
+            if len(self._canonical) >= _MATCH_CACHE_SIZE:
+                self._canonical.clear()
+            hit = self._canonical[key] = tuple(self.code_map.canonical_unit(u) for u in spellings)
+        return hit
+
+    def _indications(self, words: list[str]) -> frozenset[str]:
+        """mappings/reasons.toml classes of an O2 device row's texts, kept per texts (a feed
+        charts a few device wordings over and over; bounded)."""
+        key = tuple(words)
+        hit = self._classified.get(key)
+        if hit is None:
+            if len(self._classified) >= _MATCH_CACHE_SIZE:
+                self._classified.clear()
+            hit = self._classified[key] = classify(self.code_map.reasons, [], words)[0]
+        return hit
+
     def _to_canonical(self, kind: ObservationKind, value: float, spellings: list[str]) -> tuple[float | None, str, str | None]:
         """`units.to_canonical`, its unit decision kept per (kind, spellings): a feed sends a few
         spellings per kind. The value is multiplied by the same factor (x 1.0 when the unit is
@@ -307,8 +370,13 @@ class ObservationMapper:
         return (None if factor is None else value * factor), unit, note
 
     def _temperature(self, value: float, spellings: list[str], ref: str, flags: set[str]) -> tuple[float, str, str | None] | Skipped:
-        units = [self.code_map.canonical_unit(u) for u in spellings]
-        unit = next((u for u in units if u in (CELSIUS, FAHRENHEIT)), units[0] if units else "")
+        key = tuple(spellings)
+        unit = self._temperature_units.get(key)
+        if unit is None:  # the first °C / °F spelling, else the first; kept per spellings (bounded)
+            if len(self._temperature_units) >= _MATCH_CACHE_SIZE:
+                self._temperature_units.clear()
+            units = self._canonical_units(spellings)
+            unit = self._temperature_units[key] = next((u for u in units if u in (CELSIUS, FAHRENHEIT)), units[0] if units else "")
         if unit == FAHRENHEIT:
             if value < 50:
                 flags.add("unit_error")
@@ -341,7 +409,7 @@ class ObservationMapper:
             cls, dev_text = self.code_map.devices.match(v_codes, v_texts)
             if cls is None:
                 return Skipped(ref, f"O2 device value not in mappings/devices.toml: {(v_texts or ['(empty)'])[0]!r}", "unmapped_value")
-            indications, _ = classify(self.code_map.reasons, [], v_texts + note_texts)  # "home CPAP", "for airway protection"
+            indications = self._indications(v_texts + note_texts)  # "home CPAP", "for airway protection"
             return [Finding(name, start.time, cls, ref, (v_texts or [""])[0], t_end, by_text or dev_text, indications)]
         if name == "consciousness":
             level = None
