@@ -5,7 +5,6 @@ reproduced on a deliberately non-atomic server and shown not to happen under syn
 
 from __future__ import annotations
 
-import contextlib
 import json
 import threading
 import time
@@ -129,11 +128,15 @@ def test_the_same_patient_many_times_in_parallel_is_written_once(server, cohort,
 
 
 class RacyServer:
-    """A deliberately non-atomic conditional create (search, pause, create) — hapi-fhir#3141."""
+    """A deliberately non-atomic conditional create (search, pause, create) — hapi-fhir#3141.
 
-    def __init__(self) -> None:
+    `together`: a barrier every transaction waits at between its "no match" check and its
+    create, so that the race happens however late a thread starts on a loaded machine."""
+
+    def __init__(self, together: threading.Barrier | None = None) -> None:
         self.store: list[dict[str, Any]] = []
         self.requests_made = 0
+        self.together = together
 
     def search(self, rtype: str, params: Any, no_cache: bool = False) -> Any:
         from fhir_crs.fhir import SearchResult
@@ -149,7 +152,8 @@ class RacyServer:
             if "?identifier=" in url:
                 rtype, ident = url.split("?identifier=")
                 exists = [r for r in self.store if r["resourceType"] == rtype and f"{r['ident']['system']}|{r['ident']['value']}" == ident]
-                time.sleep(0.05)  # the window in which a parallel request also sees "no match"
+                if self.together is not None:
+                    self.together.wait(timeout=60)  # every racing request has seen "no match"
                 if not exists:
                     res = dict(e["resource"], id=f"r{len(self.store)}", meta={"versionId": "1"})
                     res["ident"] = res["identifier"][0] if isinstance(res["identifier"], list) else res["identifier"]
@@ -159,24 +163,26 @@ class RacyServer:
 
 
 def test_parallel_conditional_creates_duplicate_unless_serialised():
-    from fhir_crs.errors import DuplicateTargetError
     from fhir_crs.pipeline import run_paths, write_case
 
     run = run_paths([VIGNETTES / "V11.json"])
     case, settings = run.cases[0], run.settings
-    racy = RacyServer()
+    racy = RacyServer(threading.Barrier(8))
+    failed: list[BaseException] = []
 
     def racing() -> None:
-        # a thread that starts late (a loaded machine) finds the duplicates the race made: reported
-        with contextlib.suppress(DuplicateTargetError):
+        try:
             write_case(racy, case, settings, "urn:race")
+        except BaseException as exc:  # reported below, not lost in the thread
+            failed.append(exc)
 
     threads = [threading.Thread(target=racing) for _ in range(8)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
-    assert len([r for r in racy.store if r["resourceType"] == "Condition"]) > 1  # the race, reproduced
+    assert not failed, failed
+    assert len([r for r in racy.store if r["resourceType"] == "Condition"]) == 8  # the race, reproduced: one each
 
     serial = RacyServer()
     lock = threading.Lock()  # what Sync does per patient
