@@ -90,6 +90,7 @@ def _read_pickles(path: Path) -> Iterator[Any]:
                 return
 
 
+_FIRST = operator.itemgetter(0)
 _NO_TIME = float("-inf")  # the lastUpdated part of the version key of a resource without one
 
 
@@ -313,7 +314,7 @@ class SpillStore:
     def _write_run(self, kind: str, part: int, items: list[tuple[int, Skipped]]) -> None:
         if not items:
             return
-        items.sort(key=lambda x: x[0])
+        items.sort(key=_FIRST)
         path = self._path(kind, part)
         for i in range(0, len(items), SPILL_SKIPS):
             _append_pickle(path, items[i:i + SPILL_SKIPS])
@@ -333,7 +334,7 @@ class SpillStore:
         records = [r for path in self._inputs("patients", part) for batch in _read_pickles(path) for r in batch]
         if lost:
             records = [r for r in records if r[0] not in lost]
-        records.sort(key=lambda r: r[0])
+        records.sort(key=_FIRST)
         events: dict[str, list[Event]] = {}
         sources: dict[str, list[str]] = {}
         for _seq, patient, ref, evs in records:

@@ -15,6 +15,7 @@ for procedure windows (W, likewise a handful).
 
 from __future__ import annotations
 
+import operator
 from bisect import bisect_left, bisect_right
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -25,6 +26,8 @@ from .events import DrugGiven, Event, Finding, Measurement, PatientInfo, Procedu
 from .settings import GradingSettings
 
 H = timedelta(hours=1)
+_TIME = operator.attrgetter("time")
+_START = operator.attrgetter("start")
 MIN = timedelta(minutes=1)
 
 PPV = frozenset({"cpap", "bipap", "noninvasive_ventilation", "invasive_ventilation"})
@@ -235,7 +238,23 @@ def _build(
     flow_rows: list[Measurement] = []
     fio2_rows: list[Measurement] = []
     last = t0
+    route: dict[str, list[Any]] = {  # measurement kind -> its series (labs: by kind)
+        "temperature": tl.temps, "sbp": tl.sbp, "sbp_arterial": tl.sbp, "spo2": tl.spo2, "weight": weights,
+        "o2_flow": flow_rows, "fio2": fio2_rows, "ice_score": tl.neuro, "capd_score": tl.neuro,
+        "cartox10_score": tl.neuro, "rass": tl.neuro, "gcs_total": tl.neuro,
+    }
+    labs = tl.labs
     for e in events:
+        if type(e) is Measurement:  # the usual event: what the general way below does for it
+            t = e.time
+            if t >= lo and (window_end is None or t < window_end):
+                if e.matched_by_text:
+                    tl.text_matched.add(e.ref)
+                if t > last:
+                    last = t
+                series = route.get(e.kind)
+                (labs[e.kind] if series is None else series).append(e)
+            continue
         if isinstance(e, PatientInfo):
             continue
         t = e.time if isinstance(e, Measurement | Finding) else e.start
@@ -247,23 +266,8 @@ def _build(
             tl.text_matched.add(e.ref)  # recognised (or its indication decided) by text, not a code
         last = max(last, t)
         if isinstance(e, Measurement):
-            k = e.kind
-            if k == "temperature":
-                tl.temps.append(e)
-            elif k in ("sbp", "sbp_arterial"):
-                tl.sbp.append(e)
-            elif k == "spo2":
-                tl.spo2.append(e)
-            elif k == "weight":
-                weights.append(e)
-            elif k == "o2_flow":
-                flow_rows.append(e)
-            elif k == "fio2":
-                fio2_rows.append(e)
-            elif k in ("ice_score", "capd_score", "cartox10_score", "rass", "gcs_total"):
-                tl.neuro.append(e)
-            else:
-                tl.labs[k].append(e)
+            series = route.get(e.kind)
+            (labs[e.kind] if series is None else series).append(e)
         elif isinstance(e, Finding):
             if e.kind == "o2_device":
                 device_rows.append(e)
@@ -285,11 +289,11 @@ def _build(
         last = max(last, tl.deceased)
     tl.last_time = last
     for coll in (tl.temps, tl.sbp, tl.spo2, tl.neuro, tl.findings):
-        coll.sort(key=lambda e: e.time)
+        coll.sort(key=_TIME)
     for series in tl.labs.values():
-        series.sort(key=lambda e: e.time)
-    tl.drugs.sort(key=lambda d: d.start)
-    tl.procedures.sort(key=lambda p: p.start)
+        series.sort(key=_TIME)
+    tl.drugs.sort(key=_START)
+    tl.procedures.sort(key=_START)
 
     _derive_anc(tl)
     pre_weights = [w for w in weights if w.time <= t0 + 12 * H]
