@@ -165,7 +165,7 @@ def quantity(q: Any) -> tuple[float, str] | None:
     if not isinstance(q, dict):
         return None
     v = q.get("value")
-    if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v):
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
         return None
     unit = q.get("code") or q.get("unit") or ""
     return float(v), str(unit)

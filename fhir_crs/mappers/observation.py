@@ -278,7 +278,7 @@ class ObservationMapper:
     ) -> list[Event] | Skipped:
         """`_one` of a valueQuantity (no dataAbsentReason): `_numeric_value` read in place."""
         v = vq.get("value")
-        if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v):
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):  # (a tuple: cheaper than a union)
             return self._measurement(kind, res, ref, start, None, [], by_text, flags)
         c, u = vq.get("code"), vq.get("unit")
         spellings = [c, u] if type(c) is str and type(u) is str and c and u else [str(x) for x in (c, u) if x]
