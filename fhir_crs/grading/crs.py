@@ -19,7 +19,7 @@ from datetime import datetime, timedelta
 
 from ..settings import GradingSettings
 from ..timeline import CaseTimeline, Support
-from .episodes import Episode, is_fever
+from .episodes import Episode
 from .result import Criterion, EpisodeResult, SystemResult
 from .state import Cover, case_state
 
@@ -173,16 +173,11 @@ class CrsGrader:
             if pre:
                 res.flag("prophylaxis_masking")
                 res.cite([pre[0].ref])
-        lo_c = s.display_rounding_low_c
-        for m in tl.temps:
-            if m.time >= tl.infusion and not is_fever(m, s) and m.raw_unit != "[degF]" and lo_c <= m.value < s.fever_c:
-                res.flag("display_rounding")
-                self.used("display_rounding_low_c", "fever_compare_decimals")
-                break
+        if self.state.display_rounding:
+            res.flag("display_rounding")
+            self.used("display_rounding_low_c", "fever_compare_decimals")
         look = timedelta(hours=s.preinfusion_fever_lookback_h)
-        if first_onset is not None and first_onset - tl.infusion <= look and any(
-            tl.infusion - look <= m.time < tl.infusion and is_fever(m, s) for m in tl.temps
-        ):
+        if first_onset is not None and first_onset - tl.infusion <= look and self.state.fever_before_infusion:
             res.flag("fever_preinfusion")
             self.used("preinfusion_fever_lookback_h")
         for name in ("unit_error", "timezone_assumed", "age_unknown", "infusion_end_assumed", "observation_gap",

@@ -235,6 +235,24 @@ class CaseState:
         return self._get("fevers", lambda: FeverIndex(self.tl, self.s))
 
     @property
+    def display_rounding(self) -> bool:
+        """Is a post-infusion °C reading below the fever threshold that a display would round up?"""
+        def build() -> bool:
+            tl, s, lo_c = self.tl, self.s, self.s.display_rounding_low_c
+            return any(m.time >= tl.infusion and not is_fever(m, s) and m.raw_unit != "[degF]" and lo_c <= m.value < s.fever_c
+                       for m in tl.temps)
+        return self._get("display_rounding", build)
+
+    @property
+    def fever_before_infusion(self) -> bool:
+        """A fever within `preinfusion_fever_lookback_h` before the infusion?"""
+        def build() -> bool:
+            tl, s = self.tl, self.s
+            look = timedelta(hours=s.preinfusion_fever_lookback_h)
+            return any(tl.infusion - look <= m.time < tl.infusion and is_fever(m, s) for m in tl.temps)
+        return self._get("fever_before_infusion", build)
+
+    @property
     def organs(self) -> list[OrganGrade]:
         return self._get("organs", lambda: organ_series(self.tl, self.s))
 
