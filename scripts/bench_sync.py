@@ -77,13 +77,17 @@ def children_cpu() -> float:
 
 
 OVERLAP_S = 5.0
+# per request: a transaction or a read batch of one patient on a server holding 200k+ resources can
+# wait behind the other workers' requests on a busy 2-core machine; the default 30 s is a production setting
+REQUEST_TIMEOUT_S = 180.0
 
 
 def sync(base: str, state: Path, workers: int, server_pid: int | None) -> dict[str, Any]:
     exe = Path(sys.executable).with_name("fhir-crs")
     env = {**os.environ, "FHIR_CRS_LOOKBACK_DAYS": "100000", "FHIR_CRS_SYNC_OVERLAP_SECONDS": str(OVERLAP_S)}
     cpu0, srv0, t = children_cpu(), proc_cpu_seconds(server_pid), time.perf_counter()
-    out = subprocess.run([str(exe), "sync", "--server", base, "--state", str(state), "--json", "--workers", str(workers)],
+    out = subprocess.run([str(exe), "sync", "--server", base, "--state", str(state), "--json", "--workers", str(workers),
+                          "--timeout", str(REQUEST_TIMEOUT_S)],
                          capture_output=True, text=True, env=env, check=False)
     wall = time.perf_counter() - t
     if out.returncode not in (0, 1):
