@@ -264,12 +264,8 @@ class ObservationMapper:
         if type(vq) is dict:
             return self._quantity(kind, vq, res, ref, start, by_text, flags)
         num = _numeric_value(res)
-        if num is None:
-            if name in ("ice_score", "capd_score", "cartox10_score"):
-                _, ts = _value_texts(res)
-                if ts and re.search(r"unable|not (able|possible)|cannot", " ".join(ts), re.IGNORECASE):
-                    return [Finding("unable_" + name, start.time, "unable", ref, ts[0], matched_by_text=by_text)]
-            return Skipped(ref, f"{name}: no numeric value", "no_value")
+        if num is None:  # "unable to assess" scores, else a no_value skip
+            return self._measurement(kind, res, ref, start, None, [], by_text, flags)
         return self._measurement(kind, res, ref, start, num[0], num[1], by_text, flags)
 
     def _quantity(
