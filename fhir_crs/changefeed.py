@@ -210,6 +210,13 @@ class ChangeFeed:
         kinds = {m for m in modes.values() if m != "none"}
         return FeedRead(kinds.pop() if len(kinds) == 1 else "mixed", server_time, entries, modes)
 
+    def read_shared(self, since: str) -> list[FeedEntry]:
+        """The changes to the shared types (Medication) after `since` alone: what a patient-level
+        Bulk `$export?_since=` cannot carry (Medication is outside the Patient compartment)."""
+        modes = dict(self.modes())
+        return [e for rtype in SHARED_TYPES if modes.get(rtype, "none") != "none"
+                for e in self._read_type(rtype, since, modes)[0]]
+
     def _read_type(self, rtype: str, since: str, modes: dict[str, str]) -> tuple[list[FeedEntry], str | None]:
         if modes[rtype] == "history":
             it = self.client.history_iter(rtype, since)

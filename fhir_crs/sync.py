@@ -769,12 +769,12 @@ class Sync:
                      len(extra))
         return sorted(found | extra)
 
-    def _medication_changes(self, entries: list[FeedEntry], cohort: set[str]) -> tuple[set[str], set[str]]:
+    def _medication_changes(self, entries: list[FeedEntry], cohort: set[str] | None) -> tuple[set[str], set[str]]:
         """(cohort patients to re-read, deleted Medications that count) for the Medication entries
         of the feed: a changed or new version re-reads every cohort patient whose graded
         administrations reference it, unless that version was what they graded (the overlap); a
         deletion re-reads those that graded it while it existed (not those that already graded
-        its absence)."""
+        its absence). `cohort` None: every patient the state store knows (the Bulk path)."""
         latest: dict[str, FeedEntry] = {}
         for e in entries:  # each Medication's latest state in the feed (a PUT then a DELETE: deleted)
             if _shared(e) and (e.ref not in latest or _later(e, latest[e.ref])):
@@ -784,7 +784,7 @@ class Sync:
         deleted: set[str] = set()
         for e in latest.values():
             for patient, held in users.get(e.ref, ()):
-                if patient not in cohort:
+                if cohort is not None and patient not in cohort:
                     continue
                 if e.deleted:
                     if held is not None:
@@ -1110,12 +1110,16 @@ def run_bulk(client: Any, cfg: Any, settings: GradingSettings, state: StateStore
                 done += 1
         else:
             touched: set[str] = set()
+            med_entries: list[FeedEntry] = []  # Medications: through the administrations that graded them
             for rtype, item in items:
                 stop.check()
                 if rtype is None or not isinstance(item, dict):
                     continue
                 if rtype == "Patient" and isinstance(item.get("id"), str):
                     touched.add(item["id"])
+                if rtype == "Medication" and isinstance(item.get("id"), str):
+                    med_entries.append(FeedEntry(f"Medication/{item['id']}", version_id(item), None, resource=item))
+                    continue
                 ref = (item.get("subject") or item.get("patient") or {}).get("reference", "") if isinstance(item.get("subject") or item.get("patient"), dict) else ""
                 if ref.startswith("Patient/"):
                     touched.add(ref.split("/", 1)[1])
@@ -1124,8 +1128,19 @@ def run_bulk(client: Any, cfg: Any, settings: GradingSettings, state: StateStore
             for rtype, rid in exporter.iter_deleted(manifest):
                 if rtype is None:
                     sync.summary.errors.append({"patient": "(bulk export)", "error": f"deleted[] file: {rid}"})
+                elif rtype == "Medication":
+                    med_entries.append(FeedEntry(f"Medication/{rid}", None, None, deleted=True))
                 else:
                     deleted_refs.append(f"{rtype}/{rid}")
+            # a patient-level export carries no Medication (outside the Patient compartment): its
+            # changes and deletions since the last export come from the server's Medication feed
+            # (one history or _lastUpdated read), so a re-coded or deleted Medication re-grades
+            # exactly the patients whose administrations graded it
+            med_entries += ChangeFeed(client, getattr(cfg, "change_feed", "auto")).read_shared(
+                minus(since, float(getattr(cfg, "sync_overlap_seconds", 300.0))))
+            med_targets, med_deleted = sync._medication_changes(med_entries, None)
+            touched |= med_targets
+            sync.summary.deleted_resources += len(med_deleted)
             graded = state.graded(deleted_refs)
             for ref in deleted_refs:
                 if ref in graded:

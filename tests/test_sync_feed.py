@@ -229,6 +229,58 @@ def test_a_changed_medication_regrades_the_patients_whose_administrations_refere
     assert after["graded"] == 0 and after["deleted_resources"] == 0
 
 
+def test_bulk_nights_see_a_changed_or_deleted_medication(server, cohort, tmp_path):
+    """`sync --bulk`: a patient-level `$export?_since=` carries no Medication (outside the Patient
+    compartment), so before this a re-coded or deleted shared Medication never re-graded its
+    users on the Bulk path. A Bulk night now also reads the Medication feed since the last export
+    (one `_history` read) and re-grades exactly the patients whose graded administrations
+    reference the changed version: grade 3 -> 2 when it stops being a vasopressor, back to 3, and
+    (sekmet; HAPI refuses the DELETE while administrations cite it) 2 after a hard DELETE."""
+    client = FhirClient(server.base, auth=NoAuth(), timeout=300)
+    med = "mb-pressor"
+    pa, pb = _shared_pressor_patients(client, med, ("mba", "mbb"))
+    gid = "g-med-bulk"
+    client.put(f"Group/{gid}", {"resourceType": "Group", "id": gid, "type": "person", "actual": True,
+                                "member": [{"entity": {"reference": f"Patient/{p}"}} for p in (pa, pb)]})
+    time.sleep(float(OVERLAP) + 0.5)
+    state = tmp_path / "med-bulk.sqlite"
+    env = {"FHIR_CRS_IDENTIFIER_SYSTEM": "urn:med-bulk", "FHIR_CRS_BULK_MAX_POLL": "1"}
+
+    def night() -> dict[str, Any]:
+        data = sync(server, state, "--bulk", "--group", gid, env=env)
+        assert data["change_feed"] == "bulk" and not data["errors"], data["errors"]
+        return data
+
+    def grades() -> list[int]:
+        return [crs_grade(client, p, "urn:med-bulk") for p in (pa, pb)]
+
+    first = night()
+    assert first["graded"] == 2 and grades() == [3, 3]
+    time.sleep(1.1)  # the next export's _since is the first one's transactionTime (whole seconds)
+    quiet = night()
+    assert quiet["changed_patients"] == 0 and quiet["graded"] == 0
+    pressor = client.read("Medication", med)
+    saline = {**pressor, "code": {"text": "sodium chloride 0.9% 250 mL"},
+              "ingredient": [{"itemCodeableConcept": {"coding": [{"system": "http://www.nlm.nih.gov/research/umls/rxnorm",
+                                                                  "code": "313002"}], "text": "sodium chloride"}}]}
+    client.put(f"Medication/{med}", saline)
+    time.sleep(1.1)
+    changed = night()
+    assert changed["changed_patients"] == 2 and changed["graded"] == 2 and grades() == [2, 2]
+    client.put(f"Medication/{med}", {**pressor, "id": med})
+    time.sleep(1.1)
+    back = night()
+    assert back["changed_patients"] == 2 and grades() == [3, 3]
+    time.sleep(1.1)
+    again = night()  # that version was graded (the feed's overlap re-reads it): nobody re-read
+    assert again["changed_patients"] == 0 and again["graded"] == 0
+    if not hard_delete(server, client, [f"Medication/{med}"]):
+        return
+    time.sleep(1.1)
+    gone = night()
+    assert gone["deleted_resources"] == 1 and gone["changed_patients"] == 2 and grades() == [2, 2]
+
+
 def test_a_write_racing_the_sync_is_picked_up_by_the_next_run(server, cohort, tmp_path):
     client = FhirClient(server.base, auth=NoAuth())
     state = tmp_path / "race.sqlite"
