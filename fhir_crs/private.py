@@ -54,6 +54,23 @@ def private_dir(path: Path) -> Path:
     return path
 
 
+def tighten_tree(root: Path) -> Path:
+    """Make every folder under `root` (itself included) 0700 and every file 0600: for trees
+    another writer filled with its own umask's modes (Spark writes its Parquet part files,
+    `_SUCCESS` and `.crc` files 0644). Symbolic links are neither followed nor changed."""
+    root = Path(root)
+    if not POSIX:
+        return root
+    for folder, dirs, files in os.walk(root):
+        os.chmod(folder, DIR_MODE)
+        for name in files:
+            p = os.path.join(folder, name)
+            if not os.path.islink(p):
+                os.chmod(p, FILE_MODE)
+        dirs[:] = [d for d in dirs if not os.path.islink(os.path.join(folder, d))]
+    return root
+
+
 def create_private_file(path: Path) -> Path:
     """Make sure `path` exists as a 0600 file (created empty if absent, tightened if not),
     e.g. before SQLite opens it — its -wal/-shm/-journal files copy the database's mode."""

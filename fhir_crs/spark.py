@@ -454,7 +454,7 @@ def prepare_out_dir(out: Path) -> Path:
 
 def write_out_dir(run: SparkRun, spark: Any, tmp: Path, out: Path, fmt: str, settings: GradingSettings) -> dict[str, Any]:
     """`--out DIR`: cases (one JSON line each, or Parquet), skips, and summary.json."""
-    from .private import create_private_file, write_private_bytes
+    from .private import create_private_file, tighten_tree, write_private_bytes
 
     summary = {"resources_read": run.resources_read, "resources_used": run.resources_read - run.skipped,
                "cases": run.cases, "skipped": run.skipped, "skip_codes": dict(sorted(run.skip_codes.items())),
@@ -477,6 +477,7 @@ def write_out_dir(run: SparkRun, spark: Any, tmp: Path, out: Path, fmt: str, set
                     for row in rows:
                         fh.write(row + b"\n")
         write_private_bytes(tmp / "summary.json", orjson.dumps(summary, option=orjson.OPT_INDENT_2) + b"\n")
+        tighten_tree(tmp)  # Spark's Parquet part files come with the umask's modes (0644): owner-only, as the rest
         if out.exists():
             out.rmdir()  # empty, checked before the run
         tmp.rename(out)

@@ -150,6 +150,10 @@ def test_out_dir_json_lines_and_parquet(spark: Any, tmp_path: Path) -> None:
     got = sorted((row.patient, row.infusion, row.crs_astct_grade, json.loads(row.case_json)["crs"]["astct"]["grade"]) for row in rows)
     assert got == sorted((c["patient"], c["infusion"], c["crs"]["astct"]["grade"], c["crs"]["astct"]["grade"]) for c in local["cases"])
     assert spark.read.parquet(str(pq / "skipped.parquet")).count() == len(local["skipped"])
+    # Spark writes its part files with the umask's modes (0644 here): every one is owner-only too
+    modes = {str(p.relative_to(pq)): stat.S_IMODE(p.stat().st_mode) for p in [pq, *pq.rglob("*")]}
+    assert any(name.startswith("cases.parquet/part-") for name in modes), sorted(modes)
+    assert {name: m for name, m in modes.items() if m != (0o700 if (pq / name).is_dir() else 0o600)} == {}
 
 
 # The stated bound (spark.py): a Python worker holds one patient's compact events, its cases and at
