@@ -111,6 +111,7 @@ class Finding:
     end: datetime | None = None
     matched_by_text: bool = False
     indications: frozenset[str] = frozenset()  # O2 device rows: mappings/reasons.toml classes of the text
+    indication_by_text: bool = False  # Conditions: `indications` decided by the code's text, not a code
 
 
 @dataclass(slots=True, unsafe_hash=True)
@@ -153,6 +154,7 @@ class ProcedureDone:
     matched_by_text: bool = False
     indications: frozenset[str] = frozenset()  # mappings/reasons.toml classes of reasonCode / text
     indication_by_text: bool = False
+    reason_refs: tuple[str, ...] = ()  # `Condition/id` of each reasonReference, resolved per patient (timeline)
 
 
 @dataclass(slots=True, unsafe_hash=True)

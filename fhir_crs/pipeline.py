@@ -194,7 +194,32 @@ def fetch_patient(client: Any, patient_id: str, cfg: Any, code_map: CodeMap) -> 
     seen = {f"{r.get('resourceType')}/{r.get('id')}" for r in resources}
     # the infusion record itself is kept even if a server's date search misses it
     resources += [r for r in found if f"{r.get('resourceType')}/{r.get('id')}" not in seen]
-    return FetchedResources(resources, _unusable(procs, meds, obs))
+    conditions = reason_conditions(client, patient_id, resources)
+    return FetchedResources(resources + [c for res in conditions for c in _copies(res)], _unusable(procs, meds, obs, *conditions))
+
+
+def reason_conditions(client: Any, patient_id: str, resources: list[dict[str, Any]]) -> list[Any]:
+    """The patient's Conditions that its Procedures name in `reasonReference` (an indication
+    such as respiratory failure, decided by the Condition's code): one `Condition?patient=&_id=`
+    search per 50 of them, none when no Procedure has one. `_include=Procedure:reason-reference`
+    is not used: sekmet-fhir ignores it silently. Restricted to the patient, so a reference to
+    another patient's Condition never reads it."""
+    from .mappers.common import reference_target, split_reference
+
+    wanted: set[str] = set()
+    for r in resources:
+        if r.get("resourceType") != "Procedure":
+            continue
+        for rr in r.get("reasonReference") or ():
+            target = reference_target(rr) if isinstance(rr, dict) else None
+            parts = split_reference(target) if target and not target.startswith("#") else None
+            if parts and parts[0] == "Condition":
+                wanted.add(parts[1])
+    if not wanted:
+        return []
+    ids = sorted(wanted)
+    return read_many(client, [("Condition", [("patient", patient_id), ("_id", ",".join(ids[i:i + 50]))])
+                              for i in range(0, len(ids), 50)])
 
 
 WRITTEN_TYPES = {"crs": "Condition", "icans": "Condition", "summary": "Bundle"}  # what a case writes, by identifier name

@@ -204,6 +204,28 @@ def find_infusions(events: list[Event]) -> list[tuple[datetime, list[str]]]:
     return out
 
 
+def _with_reasons(p: ProcedureDone, by_condition: dict[str, Finding], tl: CaseTimeline) -> ProcedureDone:
+    """A Procedure's `reasonReference` Conditions (the patient's own, mapped as Findings): their
+    indication classes join the Procedure's own — they never replace them, so a finding that
+    raises a grade (respiratory failure) is never hidden by another reason — and their wording
+    joins its reason text. `reason_refs` keeps the Conditions that added a class (cited beside
+    the Procedure as evidence of the support segment), none else. A class decided by text is
+    flagged as the Procedure's own text would be. O(reasonReferences)."""
+    from dataclasses import replace
+
+    found = [by_condition[r] for r in p.reason_refs if r in by_condition]
+    extra = [c for c in found if c.indications]
+    if not extra:
+        return replace(p, reason_refs=())
+    classes = p.indications.union(*(c.indications for c in extra))
+    by_text = p.indication_by_text or any(c.indication_by_text for c in extra)
+    words = [c.text or c.detail for c in extra]
+    reason = "; ".join([p.reason, *words]) if p.reason else "; ".join(words)
+    if by_text:
+        tl.text_matched.add(p.ref)
+    return replace(p, indications=classes, indication_by_text=by_text, reason=reason, reason_refs=tuple(c.ref for c in extra))
+
+
 def build_timelines(patient: str, events: list[Event], flags: set[str], s: GradingSettings) -> list[CaseTimeline]:
     infusions = find_infusions(events)
     info = next((e for e in events if isinstance(e, PatientInfo)), None)
@@ -244,6 +266,7 @@ def _build(
         "cartox10_score": tl.neuro, "rass": tl.neuro, "gcs_total": tl.neuro,
     }
     labs = tl.labs
+    by_condition: dict[str, Finding] = {}  # Condition/id -> its Finding (indication classes)
     for e in events:
         if type(e) is Measurement:  # the usual event: what the general way below does for it
             t = e.time
@@ -257,6 +280,10 @@ def _build(
             continue
         if isinstance(e, PatientInfo):
             continue
+        if type(e) is Finding and e.ref.startswith("Condition/"):
+            by_condition[e.ref.split("/_history/", 1)[0]] = e  # a reasonReference target, whatever its time
+            if e.kind == "indication":
+                continue  # only a reason: not a finding of the course
         t = e.time if isinstance(e, Measurement | Finding) else e.start
         if not keep(t):
             continue
@@ -294,6 +321,7 @@ def _build(
         series.sort(key=_TIME)
     tl.drugs.sort(key=_START)
     tl.procedures.sort(key=_START)
+    tl.procedures = [_with_reasons(p, by_condition, tl) if p.reason_refs else p for p in tl.procedures]
 
     _derive_anc(tl)
     pre_weights = [w for w in weights if w.time <= t0 + 12 * H]
@@ -528,7 +556,7 @@ def _support(tl: CaseTimeline, device_rows: list[Finding], flow_rows: list[Measu
             else:
                 later = [t for t in ends_invasive if t > p.start]
                 end = min(later) if later else max(end_of_data, p.start + MIN)
-            segments.append(Support("invasive_ventilation", p.start, end, [p.ref], source="procedure", reason=p.reason,
+            segments.append(Support("invasive_ventilation", p.start, end, [p.ref, *p.reason_refs], source="procedure", reason=p.reason,
                                     indications=p.indications))
         elif kind in SUPPORT_PROCEDURES:
             if p.end is not None:
@@ -536,7 +564,8 @@ def _support(tl: CaseTimeline, device_rows: list[Finding], flow_rows: list[Measu
             else:
                 later = [d.time for d in device_rows if d.time > p.start and d.detail != kind]
                 end = min(later) if later else min(p.start + carry, max(end_of_data, p.start + MIN))
-            segments.append(Support(kind, p.start, end, [p.ref], source="procedure", reason=p.reason, indications=p.indications))
+            segments.append(Support(kind, p.start, end, [p.ref, *p.reason_refs], source="procedure", reason=p.reason,
+                                    indications=p.indications))
     segments.sort(key=lambda g: g.start)
     # Procedure reasons (indication, home use) apply to overlapping observation rows of the same device.
     # O(S x P) for S segments and P procedure segments (procedures are few; rows are many).

@@ -221,6 +221,65 @@ def test_positive_pressure_indication_code_first_then_text_negation_aware(reason
         assert ("matched_by_text" in astct["flags"]) is by_text
 
 
+def _condition(cid: str, code: dict[str, Any], recorded_h: float = 29.5, status: str = "confirmed") -> dict[str, Any]:
+    return {"resourceType": "Condition", "id": cid, "subject": {"reference": "Patient/p1"}, "code": code,
+            "verificationStatus": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/condition-ver-status",
+                                               "code": status}]},
+            "recordedDate": at(recorded_h)}
+
+
+def _ppv_with_reference(conditions: list[dict[str, Any]], ref: str, contained: dict[str, Any] | None = None,
+                        reason_text: str | None = None) -> dict[str, Any]:
+    """_ppv_case, the intubation's indication given only by `reasonReference` (no display)."""
+    intub = proc("112798008", 30)
+    intub["reasonReference"] = [{"reference": ref}]
+    if contained is not None:
+        intub["contained"] = [contained]
+    if reason_text is not None:
+        intub["reasonCode"] = [{"text": reason_text}]
+    rows = [patient(), cart(0), *vitals_baseline(120, skip=set(map(float, FEVER_H))), *[temp(h, 39.0) for h in FEVER_H],
+            *[bp(h, 118) for h in FEVER_H], obs("59408-5", 29, 97, "%"), intub, proc("1258985005", 30, 40), *conditions]
+    out = grade_resources(rows).to_json()
+    return out["cases"][0]["crs"]["astct"] | {"_skipped": out["skipped"]}
+
+
+RESP_FAILURE = {"coding": [{"system": SCT, "code": "409622000"}]}  # coded only: no text, no display
+SEIZURE = {"coding": [{"system": SCT, "code": "91175000"}]}
+
+
+@pytest.mark.parametrize(("conditions", "ref", "contained", "reason_text", "counts", "by_text"), [
+    # a coded respiratory failure Condition (problem list, no display on the reference): PPV counts
+    ([_condition("rf1", RESP_FAILURE)], "Condition/rf1", None, None, True, False),
+    ([_condition("rf1", RESP_FAILURE)], "https://ehr.example.org/fhir/Condition/rf1/_history/2", None, None, True, False),
+    # recorded long before day 0: a reason, whatever its time (not a finding of the course)
+    ([_condition("rf1", RESP_FAILURE, recorded_h=-400)], "Condition/rf1", None, None, True, False),
+    ([], "#c1", {**_condition("c1", RESP_FAILURE), "subject": None}, None, True, False),  # contained
+    ([_condition("rf1", {"text": "acute hypoxemic respiratory failure"})], "Condition/rf1", None, None, True, True),
+    # seizure (a Condition fhir-crs grades ICANS from) as the reason: not hypoxic, PPV does not count
+    ([_condition("sz1", SEIZURE)], "Condition/sz1", None, None, False, False),
+    # the Procedure's own text says respiratory failure, the Condition seizure: both join, and
+    # respiratory failure wins (a finding that raises a grade is never hidden), flagged by text
+    ([_condition("sz1", SEIZURE)], "Condition/sz1", None, "hypoxemic respiratory failure", True, True),
+    # a refuted Condition is no indication; a reference to a Condition not in the input neither
+    ([_condition("rf1", RESP_FAILURE, status="refuted")], "Condition/rf1", None, None, False, False),
+    ([], "Condition/elsewhere", None, None, False, False),
+])
+def test_positive_pressure_indication_from_a_referenced_condition(conditions, ref, contained, reason_text, counts, by_text):
+    """Procedure.reasonReference -> Condition: before, only the reference's display was read,
+    so a coded problem-list Condition behind a bare reference was lost as an indication."""
+    astct = _ppv_with_reference(conditions, ref, contained, reason_text)
+    assert astct["grade"] == (4 if counts else 1), astct["criteria"][-2:]
+    assert ("ppv_not_attributed" in astct["flags"]) is (not counts)
+    if counts:
+        assert ("matched_by_text" in astct["flags"]) is by_text
+        for c in conditions:  # the Condition that decided the indication is cited beside the Procedure
+            assert f"Condition/{c['id']}" in astct["evidence"], astct["evidence"]
+    skipped = {s["resource"]: s["code"] for s in astct["_skipped"]}
+    for c in conditions:
+        if c["verificationStatus"]["coding"][0]["code"] == "confirmed":
+            assert f"Condition/{c['id']}" not in skipped  # used (its classes were read), not condition_not_used
+
+
 def test_site_local_indication_code_in_the_editable_table(tmp_path):
     d = tmp_path / "mappings"
     shutil.copytree(ROOT / "mappings", d)

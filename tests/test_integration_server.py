@@ -183,3 +183,63 @@ def test_missing_server_config_is_one_clear_error(tmp_path: Path, monkeypatch):
     monkeypatch.delenv("FHIR_CRS_SERVER", raising=False)
     r = CliRunner().invoke(cli, ["pull", "--patient", "x"])
     assert r.exit_code == 2 and "no FHIR server configured" in r.stderr
+
+
+def test_pull_reads_the_condition_a_procedure_names_as_its_reason(server, client):
+    """An intubation whose only indication is `reasonReference` to the patient's coded
+    respiratory-failure Condition (no display, no hypoxia charted): `pull` reads that Condition
+    (one `Condition?patient=&_id=` search; sekmet ignores `_include=Procedure:reason-reference`),
+    so positive pressure counts for CRS (ASTCT 4) as it does offline; without the Condition on
+    the server it does not (ASTCT 1, flagged ppv_not_attributed). Pinned difference: HAPI refuses
+    to store a reasonReference to a Condition it does not hold (HAPI-1094, referential
+    integrity), so there the second patient's intubation has no reasonReference at all."""
+    import uuid
+
+    from factory import SCT, bp, cart, obs, patient, proc, temp, vitals_baseline
+
+    from fhir_crs.errors import FhirOperationOutcome
+    from fhir_crs.localserver import HapiFhirServer
+
+    fever_h = [24, 28, 32, 36]
+
+    def rows(pid: str, with_condition: bool) -> list[dict[str, Any]]:
+        intub = proc("112798008", 30)
+        intub["reasonReference"] = [{"reference": f"Condition/{pid}-rf"}]
+        out = [patient(), cart(0), *vitals_baseline(120, skip=set(map(float, fever_h))), *[temp(h, 39.0) for h in fever_h],
+               *[bp(h, 118) for h in fever_h], obs("59408-5", 29, 97, "%"), intub, proc("1258985005", 30, 40)]
+        if with_condition:
+            out.append({"resourceType": "Condition", "id": f"{pid}-rf", "subject": {"reference": "Patient/p1"},
+                        "code": {"coding": [{"system": SCT, "code": "409622000"}]},
+                        "clinicalStatus": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/condition-clinical",
+                                                       "code": "active"}]},
+                        "recordedDate": "2025-01-01T00:00:00Z"})
+        text = json.dumps(out).replace('"Patient/p1"', f'"Patient/{pid}"').replace('"id": "p1"', f'"id": "{pid}"')
+        resources = json.loads(text)
+        for r in resources:
+            if r["resourceType"] != "Patient" and not r["id"].startswith(pid):
+                r["id"] = f"{pid}-{r['id']}"
+        return resources
+
+    grades = {}
+    for with_condition in (True, False):
+        pid = f"rr-{uuid.uuid4().hex[:10]}"
+        resources = rows(pid, with_condition)
+
+        def load(resources: list[dict[str, Any]]) -> None:
+            client.transaction({"resourceType": "Bundle", "type": "transaction", "entry": [
+                {"resource": r, "request": {"method": "PUT", "url": f"{r['resourceType']}/{r['id']}"}} for r in resources]})
+
+        if not with_condition and isinstance(server, HapiFhirServer):
+            with pytest.raises(FhirOperationOutcome, match="HAPI-1094"):
+                load(resources)
+            for r in resources:
+                r.pop("reasonReference", None)
+        load(resources)
+        code, data, err = pull(server.base, pid)
+        assert code == 0, err
+        (case,) = data["cases"]
+        grades[with_condition] = case["crs"]["astct"]
+        if with_condition:
+            assert f"Condition/{pid}-rf" in json.dumps(case)  # the reason cites the Condition
+    assert grades[True]["grade"] == 4 and "ppv_not_attributed" not in grades[True]["flags"]
+    assert grades[False]["grade"] == 1 and "ppv_not_attributed" in grades[False]["flags"]

@@ -4,7 +4,10 @@ Problem lists and encounter diagnoses often carry the ICANS findings (seizure, c
 raised ICP signs, motor weakness, intracranial haemorrhage) and haemophagocytosis as Conditions
 rather than Observations. They are matched with the same codes and text as the Observation
 kinds in mappings/observations.toml; the onset time places them on the timeline. Any other
-Condition is not used for grading (named skip)."""
+Condition is not used for grading (named skip) — unless mappings/reasons.toml classifies it as an
+indication (respiratory failure, seizure, hypotension …): then it becomes an `indication` Finding,
+so that a Procedure whose `reasonReference` points at it takes its classes (timeline.py), and every
+mapped Condition carries its indication classes the same way."""
 
 from __future__ import annotations
 
@@ -14,6 +17,7 @@ from ..events import Finding, Skipped
 from ..mapping_files import CodeMap
 from .common import codings, label, parse_datetime, texts
 from .observation import edema_extent, seizure_type
+from .reasons import classify
 from .status import status_decision
 
 CONDITION_KINDS = ("seizure", "cerebral_edema", "icp_sign", "motor_weakness", "intracranial_hemorrhage", "hemophagocytosis")
@@ -24,9 +28,13 @@ class ConditionMapper:
         self.code_map = code_map
 
     def map(self, res: dict[str, Any], ref: str, flags: set[str]) -> Finding | Skipped:
-        name, by_text = self.code_map.observation_table.match(codings(res.get("code")), texts(res.get("code")))
+        code = res.get("code")
+        name, by_text = self.code_map.observation_table.match(codings(code), texts(code))
+        indications, ind_by_text = classify(self.code_map.reasons, codings(code), texts(code))
         if name not in CONDITION_KINDS:
-            return Skipped(ref, f"Condition not used for grading: {label(res.get('code'))}", "condition_not_used")
+            if not indications:
+                return Skipped(ref, f"Condition not used for grading: {label(code)}", "condition_not_used")
+            name, by_text = "indication", ind_by_text
         why, _, code = status_decision(res)
         if why:
             return Skipped(ref, why, code)
@@ -50,6 +58,8 @@ class ConditionMapper:
             detail = seizure_type(text, minutes)
         elif name == "cerebral_edema":
             detail = edema_extent(text)
+        elif name == "indication":
+            detail = ",".join(sorted(indications))
         else:
             detail = "present"
-        return Finding(name, when.time, detail, ref, text, end.time if end else None, by_text)
+        return Finding(name, when.time, detail, ref, text, end.time if end else None, by_text, indications, ind_by_text)
