@@ -139,6 +139,7 @@ class DrugGiven:
     bolus: bool = False
     matched_by_text: bool = False
     notes: tuple[str, ...] = ()
+    reason_refs: tuple[str, ...] = ()  # a fluid's `reasonReference` Conditions (timeline: for hypotension, a bolus)
 
 
 @dataclass(slots=True, unsafe_hash=True)

@@ -199,22 +199,16 @@ def fetch_patient(client: Any, patient_id: str, cfg: Any, code_map: CodeMap) -> 
 
 
 def reason_conditions(client: Any, patient_id: str, resources: list[dict[str, Any]]) -> list[Any]:
-    """The patient's Conditions that its Procedures name in `reasonReference` (an indication
-    such as respiratory failure, decided by the Condition's code): one `Condition?patient=&_id=`
-    search per 50 of them, none when no Procedure has one. `_include=Procedure:reason-reference`
-    is not used: sekmet-fhir ignores it silently. Restricted to the patient, so a reference to
-    another patient's Condition never reads it."""
-    from .mappers.common import reference_target, split_reference
+    """The patient's Conditions that its Procedures and MedicationAdministrations name in
+    `reasonReference` (an indication such as respiratory failure or hypotension, decided by the
+    Condition's code): one `Condition?patient=&_id=` search per 50 of them, none when no resource
+    names one. `_include=Procedure:reason-reference` is not used: sekmet-fhir ignores it
+    silently. Restricted to the patient, so a reference to another patient's Condition is never
+    read."""
+    from .mappers.reasons import reason_references
 
-    wanted: set[str] = set()
-    for r in resources:
-        if r.get("resourceType") != "Procedure":
-            continue
-        for rr in r.get("reasonReference") or ():
-            target = reference_target(rr) if isinstance(rr, dict) else None
-            parts = split_reference(target) if target and not target.startswith("#") else None
-            if parts and parts[0] == "Condition":
-                wanted.add(parts[1])
+    wanted = {ref.split("/", 1)[1] for r in resources if r.get("resourceType") in ("Procedure", "MedicationAdministration")
+              for ref in reason_references(r)[2]}
     if not wanted:
         return []
     ids = sorted(wanted)

@@ -226,6 +226,22 @@ def _with_reasons(p: ProcedureDone, by_condition: dict[str, Finding], tl: CaseTi
     return replace(p, indications=classes, indication_by_text=by_text, reason=reason, reason_refs=tuple(c.ref for c in extra))
 
 
+def _fluid_with_reasons(d: DrugGiven, by_condition: dict[str, Finding], tl: CaseTimeline) -> DrugGiven:
+    """A fluid whose `reasonReference` names the patient's hypotension Condition is a bolus (a
+    fluid given for hypotension, criteria §1.3), as a coded reasonCode would make it; the
+    Condition is then cited with it (`reason_refs`), flagged when its text decided."""
+    from dataclasses import replace
+
+    hits = [by_condition[r] for r in d.reason_refs if r in by_condition and "hypotension" in by_condition[r].indications]
+    if not hits:
+        return replace(d, reason_refs=())
+    by_text = all(c.indication_by_text for c in hits)
+    if by_text:
+        tl.text_matched.add(d.ref)
+    return replace(d, bolus=True, notes=(*d.notes, "bolus_by_indication_text" if by_text else "bolus_by_indication"),
+                   reason_refs=tuple(c.ref for c in hits))
+
+
 def build_timelines(patient: str, events: list[Event], flags: set[str], s: GradingSettings) -> list[CaseTimeline]:
     infusions = find_infusions(events)
     info = next((e for e in events if isinstance(e, PatientInfo)), None)
@@ -322,6 +338,7 @@ def _build(
     tl.drugs.sort(key=_START)
     tl.procedures.sort(key=_START)
     tl.procedures = [_with_reasons(p, by_condition, tl) if p.reason_refs else p for p in tl.procedures]
+    tl.drugs = [_fluid_with_reasons(d, by_condition, tl) if d.reason_refs else d for d in tl.drugs]
 
     _derive_anc(tl)
     pre_weights = [w for w in weights if w.time <= t0 + 12 * H]
@@ -482,7 +499,8 @@ def _hypotension(tl: CaseTimeline, s: GradingSettings) -> None:
             used.add(partner)
             tl.hypotension.append(Hypotension(m.time, m.value, thr, [m.ref, low[partner].ref], "confirmed"))
             continue
-        treated = [b.ref for b in tl.boluses[bisect_left(bolus_starts, m.time):bisect_right(bolus_starts, m.time + treat)]] + [
+        treated = [r for b in tl.boluses[bisect_left(bolus_starts, m.time):bisect_right(bolus_starts, m.time + treat)]
+                   for r in (b.ref, *b.reason_refs)] + [
             c.refs[0] for c in tl.pressors[bisect_left(course_starts, m.time):bisect_right(course_starts, m.time + treat)]
         ]
         if treated:

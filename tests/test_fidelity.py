@@ -332,6 +332,36 @@ def test_fluids_for_hypotension_coded_first_negation_aware(reason, dosage_text, 
         assert ("matched_by_text" in astct["flags"]) is by_text
 
 
+HYPOTENSION = {"coding": [{"system": "http://hl7.org/fhir/sid/icd-10-cm", "code": "I95.9"}]}  # coded only
+
+
+@pytest.mark.parametrize(("conditions", "ref", "contained", "treated", "by_text"), [
+    ([_condition("hy1", HYPOTENSION)], "Condition/hy1", None, True, False),
+    ([], "#c1", {**_condition("c1", HYPOTENSION), "subject": None}, True, False),
+    ([_condition("hy1", {"text": "hypotension"})], "Condition/hy1", None, True, True),
+    ([{k: v for k, v in _condition("hy1", HYPOTENSION).items() if k != "recordedDate"}], "Condition/hy1", None, True, False),  # undated
+    ([{**_condition("hy1", HYPOTENSION), "recordedDate": "2025-03-10"}], "Condition/hy1", None, True, False),  # a date only
+    ([_condition("hy1", HYPOTENSION, status="refuted")], "Condition/hy1", None, False, False),
+    ([_condition("rf1", RESP_FAILURE)], "Condition/rf1", None, False, False),  # a reason, not hypotension
+    ([], "Condition/elsewhere", None, False, False),
+])
+def test_a_fluid_given_for_a_referenced_hypotension_condition_is_a_bolus(conditions, ref, contained, treated, by_text):
+    """MedicationAdministration.reasonReference -> the patient's hypotension Condition: the
+    100 mL fluid treats the single low SBP (§1.3), and the Condition is cited with it."""
+    fluid = med("313002", 30.2, 30.5, dose=100, dose_unit="mL")
+    fluid["reasonReference"] = [{"reference": ref}]
+    if contained is not None:
+        fluid["contained"] = [*fluid.get("contained", []), contained]
+    rows = [patient(), cart(0), obs("29463-7", -12, 70, "kg"), *vitals_baseline(120, skip=set(map(float, FEVER_H))),
+            *[temp(h, 39.0) for h in FEVER_H], bp(30, 82), fluid, *conditions]
+    astct = grade_resources(rows).to_json()["cases"][0]["crs"]["astct"]
+    assert astct["grade"] == (2 if treated else 1), astct["criteria"][-2:]
+    if treated:
+        assert ("matched_by_text" in astct["flags"]) is by_text
+        for c in conditions:
+            assert f"Condition/{c['id']}" in astct["evidence"], astct["evidence"]
+
+
 # ---- 4. a severe second episode counts by default ---------------------------------------------
 
 def _biphasic() -> list[dict[str, Any]]:

@@ -185,6 +185,16 @@ def test_missing_server_config_is_one_clear_error(tmp_path: Path, monkeypatch):
     assert r.exit_code == 2 and "no FHIR server configured" in r.stderr
 
 
+def _as_patient(rows: list[dict[str, Any]], pid: str) -> list[dict[str, Any]]:
+    """The factory's rows (patient p1) as patient `pid`, every id prefixed so patients never collide."""
+    text = json.dumps(rows).replace('"Patient/p1"', f'"Patient/{pid}"').replace('"id": "p1"', f'"id": "{pid}"')
+    resources = json.loads(text)
+    for r in resources:
+        if r["resourceType"] != "Patient" and not r["id"].startswith(pid):
+            r["id"] = f"{pid}-{r['id']}"
+    return resources
+
+
 def test_pull_reads_the_condition_a_procedure_names_as_its_reason(server, client):
     """An intubation whose only indication is `reasonReference` to the patient's coded
     respiratory-failure Condition (no display, no hypoxia charted): `pull` reads that Condition
@@ -213,12 +223,7 @@ def test_pull_reads_the_condition_a_procedure_names_as_its_reason(server, client
                         "clinicalStatus": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/condition-clinical",
                                                        "code": "active"}]},
                         "recordedDate": "2025-01-01T00:00:00Z"})
-        text = json.dumps(out).replace('"Patient/p1"', f'"Patient/{pid}"').replace('"id": "p1"', f'"id": "{pid}"')
-        resources = json.loads(text)
-        for r in resources:
-            if r["resourceType"] != "Patient" and not r["id"].startswith(pid):
-                r["id"] = f"{pid}-{r['id']}"
-        return resources
+        return _as_patient(out, pid)
 
     grades = {}
     for with_condition in (True, False):
@@ -243,3 +248,32 @@ def test_pull_reads_the_condition_a_procedure_names_as_its_reason(server, client
             assert f"Condition/{pid}-rf" in json.dumps(case)  # the reason cites the Condition
     assert grades[True]["grade"] == 4 and "ppv_not_attributed" not in grades[True]["flags"]
     assert grades[False]["grade"] == 1 and "ppv_not_attributed" in grades[False]["flags"]
+
+
+def test_pull_reads_the_hypotension_condition_a_fluid_names_as_its_reason(server, client):
+    """A 100 mL fluid whose only indication is `reasonReference` to the patient's coded
+    hypotension Condition treats the single low SBP (criteria §1.3): `pull` reads the Condition
+    (MedicationAdministrations name reasons too), so ASTCT is 2 with the Condition cited, as offline."""
+    import uuid
+
+    from factory import bp, cart, med, obs, patient, temp, vitals_baseline
+
+    fever_h = [24, 28, 32, 36]
+    pid = f"fl-{uuid.uuid4().hex[:10]}"
+    fluid = med("313002", 30.2, 30.5, dose=100, dose_unit="mL")
+    fluid["reasonReference"] = [{"reference": f"Condition/{pid}-hy"}]
+    hypotension = {"resourceType": "Condition", "id": f"{pid}-hy", "subject": {"reference": "Patient/p1"},
+                   "code": {"coding": [{"system": "http://hl7.org/fhir/sid/icd-10-cm", "code": "I95.9"}]},
+                   "clinicalStatus": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/condition-clinical",
+                                                  "code": "active"}]}}
+    rows = [patient(), cart(0), obs("29463-7", -12, 70, "kg"), *vitals_baseline(120, skip=set(map(float, fever_h))),
+            *[temp(h, 39.0) for h in fever_h], bp(30, 82), fluid, hypotension]
+    resources = _as_patient(rows, pid)
+    client.transaction({"resourceType": "Bundle", "type": "transaction", "entry": [
+        {"resource": r, "request": {"method": "PUT", "url": f"{r['resourceType']}/{r['id']}"}} for r in resources]})
+    code, data, err = pull(server.base, pid)
+    assert code == 0, err
+    (case,) = data["cases"]
+    astct = case["crs"]["astct"]
+    assert astct["grade"] == 2, (astct["criteria"], data.get("skipped"))
+    assert any(r.split("/_history/")[0] == f"Condition/{pid}-hy" for r in astct["evidence"]), astct["evidence"]

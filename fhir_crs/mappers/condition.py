@@ -11,6 +11,7 @@ mapped Condition carries its indication classes the same way."""
 
 from __future__ import annotations
 
+from datetime import datetime, timezone
 from typing import Any
 
 from ..events import Finding, Skipped
@@ -20,6 +21,7 @@ from .observation import edema_extent, seizure_type
 from .reasons import classify
 from .status import status_decision
 
+UNDATED = datetime(1900, 1, 1, tzinfo=timezone.utc)  # an indication Condition without a usable time: never on a timeline
 CONDITION_KINDS = ("seizure", "cerebral_edema", "icp_sign", "motor_weakness", "intracranial_hemorrhage", "hemophagocytosis")
 
 
@@ -45,21 +47,22 @@ class ConditionMapper:
                 break
         if when is None and isinstance(res.get("onsetPeriod"), dict):
             when = parse_datetime(res["onsetPeriod"].get("start"))
+        text = " ".join(texts(res.get("code")) + [n.get("text", "") for n in res.get("note") or [] if isinstance(n, dict)])
+        if name == "indication":  # only a reasonReference target: its classes count whatever its time (or none)
+            at = when.time if when is not None and when.precision == "time" else UNDATED
+            return Finding(name, at, ",".join(sorted(indications)), ref, text, None, by_text, indications, ind_by_text)
         if when is None:
             return Skipped(ref, "no onset or recorded date/time", "no_time")
         if when.precision != "time":
             return Skipped(ref, f"{name}: onset has {when.precision} precision only", "imprecise_time")
         if when.tz_assumed:
             flags.add("timezone_assumed")
-        text = " ".join(texts(res.get("code")) + [n.get("text", "") for n in res.get("note") or [] if isinstance(n, dict)])
         end = parse_datetime(res.get("abatementDateTime"))
         if name == "seizure":
             minutes = (end.time - when.time).total_seconds() / 60 if end else None
             detail = seizure_type(text, minutes)
         elif name == "cerebral_edema":
             detail = edema_extent(text)
-        elif name == "indication":
-            detail = ",".join(sorted(indications))
         else:
             detail = "present"
         return Finding(name, when.time, detail, ref, text, end.time if end else None, by_text, indications, ind_by_text)

@@ -16,7 +16,7 @@ from typing import Any
 from ..events import DrugGiven, Skipped
 from ..mapping_files import CodeMap
 from .common import codings, label, parse_datetime, quantity, texts
-from .reasons import affirmed, classify
+from .reasons import affirmed, classify, reason_references
 from .status import status_decision
 
 _IV = re.compile(r"\b(IV|intravenous|i\.v\.|intra-?venous|infusion|central line|peripheral line)\b", re.IGNORECASE)
@@ -211,15 +211,20 @@ class MedicationMapper:
         if problem:
             return Skipped(ref, f"{drug}: {problem} (quarantined, never evidence)", "implausible_value")
         bolus = affirmed(_BOLUS, dtext)  # "not a bolus" / "no bolus" is not one
+        reason_refs: tuple[str, ...] = ()
         if spec.drug_class == "fluid":
             # a fluid given FOR hypotension is a bolus: coded reasonCode first, then text (flagged)
-            codes_ = [c for rc in res.get("reasonCode") or [] for c in codings(rc)]
+            contained_codes, contained_words, condition_refs = reason_references(res)
+            codes_ = [c for rc in res.get("reasonCode") or [] for c in codings(rc)] + contained_codes
             words = [t for rc in res.get("reasonCode") or [] for t in texts(rc)] + [
-                rr["display"] for rr in res.get("reasonReference") or [] if isinstance(rr, dict) and isinstance(rr.get("display"), str)]
+                rr["display"] for rr in res.get("reasonReference") or [] if isinstance(rr, dict) and isinstance(rr.get("display"), str)
+            ] + contained_words
             indications, ind_text = classify(self.code_map.reasons, codes_, words)
             if "hypotension" in indications and not bolus:
                 bolus = True
                 notes.append("bolus_by_indication_text" if ind_text else "bolus_by_indication")
+            elif not bolus:
+                reason_refs = tuple(condition_refs)  # the patient's Conditions decide at the timeline
         if spec.drug_class == "vasopressor" and point and rate_value is None:
             bolus = True  # a push dose, not an infusion (grading-criteria §1.4)
         if point and rate_value is not None and spec.drug_class in ("vasopressor", "inotrope", "sedative"):
@@ -228,5 +233,5 @@ class MedicationMapper:
             drug=drug, drug_class=spec.drug_class, start=start, end=end, ref=ref, route=route,
             dose_value=dose_value, dose_unit=dose_unit, rate_value=rate_value, rate_unit=rate_unit,
             rate_ug_min=rate_ug_min, rate_ug_kg_min=rate_ug_kg_min, rate_u_min=rate_u_min,
-            volume_ml=volume_ml, bolus=bolus, matched_by_text=by_text, notes=tuple(notes),
+            volume_ml=volume_ml, bolus=bolus, matched_by_text=by_text, notes=tuple(notes), reason_refs=reason_refs,
         )

@@ -10,8 +10,8 @@ from typing import Any
 
 from ..events import ProcedureDone, Skipped
 from ..mapping_files import CodeMap
-from .common import codings, label, parse_datetime, reference_target, split_reference, texts
-from .reasons import classify
+from .common import codings, label, parse_datetime, texts
+from .reasons import classify, reason_references
 from .status import status_decision
 
 _DEVICE_TO_KIND = {
@@ -63,20 +63,12 @@ class ProcedureMapper:
         for rc in res.get("reasonCode") or []:
             reason_codes.extend(codings(rc))
             reason_parts.extend(texts(rc) or [c for _, c in codings(rc)])
-        reason_refs: list[str] = []
         for rr in res.get("reasonReference") or []:
             if isinstance(rr, dict) and isinstance(rr.get("display"), str):
                 reason_parts.append(rr["display"])
-            target = reference_target(rr)
-            if target is None:
-                continue
-            if target.startswith("#"):  # a contained Condition: its code is a reason code of this Procedure
-                for c in res.get("contained") or []:
-                    if isinstance(c, dict) and c.get("resourceType") == "Condition" and c.get("id") == target[1:]:
-                        reason_codes.extend(codings(c.get("code")))
-                        reason_parts.extend(texts(c.get("code")))
-            elif (parts := split_reference(target)) and parts[0] == "Condition":
-                reason_refs.append(f"Condition/{parts[1]}")  # its classes join at the timeline (same patient)
+        contained_codes, contained_words, reason_refs = reason_references(res)
+        reason_codes += contained_codes
+        reason_parts += contained_words
         for n in res.get("note") or []:
             if isinstance(n, dict) and isinstance(n.get("text"), str):
                 reason_parts.append(n["text"])

@@ -15,6 +15,7 @@ import re
 from collections.abc import Iterable
 
 from ..mapping_files import ClassTable
+from .common import codings, reference_target, split_reference, texts
 
 _NEG_BEFORE = re.compile(
     r"(?:\b(?:no|not|non|without|denies|denied|negative|neg|never|absent|excluded|free)\b|\bruled?\s+out\b|\br/o\b|\bexclud\w*\b|\babsence\s+of\b)"
@@ -51,3 +52,24 @@ def classify(table: ClassTable, codings: Iterable[tuple[str, str]], texts: Itera
             if any(affirmed(p, t) for p in m.text) and not any(p.search(t) for p in m.exclude):
                 found.add(m.name)
     return frozenset(found), bool(found)
+
+
+def reason_references(res: dict) -> tuple[list[tuple[str, str]], list[str], list[str]]:
+    """A resource's `reasonReference`s to Conditions: (codings and texts of the contained ones —
+    reason codes of the resource itself —, `Condition/id` of the others, whose classes join at
+    the timeline from the patient's own Conditions)."""
+    codes: list[tuple[str, str]] = []
+    words: list[str] = []
+    refs: list[str] = []
+    for rr in res.get("reasonReference") or ():
+        target = reference_target(rr)
+        if target is None:
+            continue
+        if target.startswith("#"):
+            for c in res.get("contained") or ():
+                if isinstance(c, dict) and c.get("resourceType") == "Condition" and c.get("id") == target[1:]:
+                    codes.extend(codings(c.get("code")))
+                    words.extend(texts(c.get("code")))
+        elif (parts := split_reference(target)) and parts[0] == "Condition":
+            refs.append(f"Condition/{parts[1]}")
+    return codes, words, refs
