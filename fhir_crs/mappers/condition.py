@@ -11,7 +11,7 @@ mapped Condition carries its indication classes the same way."""
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
 from ..events import Finding, Skipped
@@ -21,7 +21,7 @@ from .observation import edema_extent, seizure_type
 from .reasons import classify
 from .status import status_decision
 
-UNDATED = datetime(1900, 1, 1, tzinfo=timezone.utc)  # an indication Condition without a usable time: never on a timeline
+UNDATED = datetime(1900, 1, 1, tzinfo=UTC)  # an indication Condition without a usable time: never on a timeline
 CONDITION_KINDS = ("seizure", "cerebral_edema", "icp_sign", "motor_weakness", "intracranial_hemorrhage", "hemophagocytosis")
 
 
