@@ -28,14 +28,19 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from .errors import FhirNotFound, FhirOperationOutcome
+from .mappers.condition import is_own_output
 
 log = logging.getLogger("fhir_crs.sync")
 
 # the patient-compartment types: without a feed for each of them there is no cohort feed
 COMPARTMENT_TYPES = ("Patient", "Procedure", "MedicationAdministration", "Observation")
+# in the compartment too, but read only when the server offers a feed for them ("none" otherwise:
+# then a change to them is seen at the patient's next re-read, with a warning)
+OPTIONAL_TYPES = ("Condition",)
 # read when the server offers a feed for them, else left out ("none")
 SHARED_TYPES = ("Medication",)
-FEED_TYPES = (*COMPARTMENT_TYPES, *SHARED_TYPES)
+FEED_TYPES = (*COMPARTMENT_TYPES, *OPTIONAL_TYPES, *SHARED_TYPES)
+_NONE_WHEN_ABSENT = (*OPTIONAL_TYPES, *SHARED_TYPES)
 FEED_MODES = ("auto", "history", "search", "per-patient")
 # the Observation feed can be large on a busy server: only what maps a change to its patient
 SEARCH_ELEMENTS = {"Observation": "subject"}
@@ -140,6 +145,8 @@ def _entry(rtype: str, entry: dict[str, Any]) -> FeedEntry | None:
                          last_updated=parse_instant(response.get("lastModified")))
     if resource is None or resource.get("resourceType") != rtype or not isinstance(resource.get("id"), str):
         return None
+    if is_own_output(resource):
+        return None  # a grade Condition fhir-crs wrote: not a change of the data graded
     meta = resource.get("meta") if isinstance(resource.get("meta"), dict) else {}
     return FeedEntry(f"{rtype}/{resource['id']}", _version(resource), patient_of(resource), resource=resource,
                      last_updated=parse_instant(meta.get("lastUpdated")))
@@ -161,13 +168,13 @@ class ChangeFeed:
         if self._modes is not None:
             return self._modes
         if self.mode != "auto":
-            self._modes = {t: "none" if self.mode == "per-patient" and t in SHARED_TYPES else self.mode for t in FEED_TYPES}
+            self._modes = {t: "none" if self.mode == "per-patient" and t in _NONE_WHEN_ABSENT else self.mode for t in FEED_TYPES}
             return self._modes
         try:
             cap = self.client.capabilities()
         except (FhirNotFound, FhirOperationOutcome) as exc:
             log.warning("no CapabilityStatement (%s): per-patient change checks", exc)
-            self._modes = {t: "none" if t in SHARED_TYPES else "per-patient" for t in FEED_TYPES}
+            self._modes = {t: "none" if t in _NONE_WHEN_ABSENT else "per-patient" for t in FEED_TYPES}
             return self._modes
         declared: dict[str, dict[str, Any]] = {}
         for rest in cap.get("rest") or ():
@@ -184,7 +191,7 @@ class ChangeFeed:
                 out[rtype] = "history"
             elif "search-type" in interactions and "_lastUpdated" in params:
                 out[rtype] = "search"
-            elif rtype in SHARED_TYPES:
+            elif rtype in _NONE_WHEN_ABSENT:
                 out[rtype] = "none"
                 log.warning("the server offers neither %s/_history nor _lastUpdated searches on it: changed %s "
                             "resources are seen only by a full re-read", rtype, rtype)

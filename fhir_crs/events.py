@@ -62,6 +62,7 @@ SKIP_CODES: dict[str, str] = {
     "implausible_value": "value outside the plausible range (quarantined)",
     "unit_error": "unit missing, unknown or inconsistent with the value (quarantined)",
     "condition_not_used": "Condition not used for grading",
+    "own_output": "a grade fhir-crs wrote, read back: never an input",
     "verification_status": "Condition verificationStatus excludes it",
     # case level (pipeline)
     "no_infusion": "patient without a CAR-T infusion (day 0): not graded",
@@ -70,7 +71,7 @@ SKIP_CODES: dict[str, str] = {
 
 # Skips that say nothing about data quality: fhir-crs simply does not read these resources
 # (`--strict` does not count them).
-NOT_A_DATA_PROBLEM = frozenset({"unused_type", "superseded"})  # an older copy is normal in incremental pulls
+NOT_A_DATA_PROBLEM = frozenset({"unused_type", "superseded", "own_output"})  # an older copy is normal in incremental pulls
 
 
 @dataclass(slots=True, unsafe_hash=True)

@@ -146,7 +146,8 @@ def fetch_patient(client: Any, patient_id: str, cfg: Any, code_map: CodeMap) -> 
     contained product Medication) all the patient's Procedures and MedicationAdministrations are
     read once instead; 3. within [first infusion - window_before_days, last infusion +
     window_after_days]: Procedures (`date`), MedicationAdministrations (`effective-time`, with
-    `_include` of their Medications) and Observations (`date`).
+    `_include` of their Medications) and Observations (`date`); and all the patient's Conditions
+    (problem-list and encounter-diagnosis findings are often undated or dated long before).
 
     Every search sends `Cache-Control: no-cache`: HAPI otherwise answers an identical search
     within 60 s from its stored result, which would miss data charted since (seen on a real HAPI).
@@ -184,36 +185,20 @@ def fetch_patient(client: Any, patient_id: str, cfg: Any, code_map: CodeMap) -> 
         infusions = infusions_in(everything)
     lo = iso(infusions[0][0] - timedelta(days=cfg.window_before_days))
     hi = iso(infusions[-1][0] + timedelta(days=cfg.window_after_days))
-    procs, meds, obs = many([
+    procs, meds, obs, conditions = many([
         ("Procedure", [("patient", patient_id), ("date", f"ge{lo}"), ("date", f"le{hi}")]),
         ("MedicationAdministration", [("patient", patient_id), ("effective-time", f"ge{lo}"), ("effective-time", f"le{hi}"),
                                       ("_include", "MedicationAdministration:medication")]),
         ("Observation", [("patient", patient_id), ("date", f"ge{lo}"), ("date", f"le{hi}")]),
+        # every Condition, undated ones too: problem-list seizures, oedema, HLH, and the reasons
+        # Procedures and fluids name (fhir-crs's own grade Conditions are named skips, own_output)
+        ("Condition", [("patient", patient_id)]),
     ])
-    resources = [patient, *_copies(procs), *_copies(meds), *meds.includes, *_copies(obs)]
+    resources = [patient, *_copies(procs), *_copies(meds), *meds.includes, *_copies(obs), *_copies(conditions)]
     seen = {f"{r.get('resourceType')}/{r.get('id')}" for r in resources}
     # the infusion record itself is kept even if a server's date search misses it
     resources += [r for r in found if f"{r.get('resourceType')}/{r.get('id')}" not in seen]
-    conditions = reason_conditions(client, patient_id, resources)
-    return FetchedResources(resources + [c for res in conditions for c in _copies(res)], _unusable(procs, meds, obs, *conditions))
-
-
-def reason_conditions(client: Any, patient_id: str, resources: list[dict[str, Any]]) -> list[Any]:
-    """The patient's Conditions that its Procedures and MedicationAdministrations name in
-    `reasonReference` (an indication such as respiratory failure or hypotension, decided by the
-    Condition's code): one `Condition?patient=&_id=` search per 50 of them, none when no resource
-    names one. `_include=Procedure:reason-reference` is not used: sekmet-fhir ignores it
-    silently. Restricted to the patient, so a reference to another patient's Condition is never
-    read."""
-    from .mappers.reasons import reason_references
-
-    wanted = {ref.split("/", 1)[1] for r in resources if r.get("resourceType") in ("Procedure", "MedicationAdministration")
-              for ref in reason_references(r)[2]}
-    if not wanted:
-        return []
-    ids = sorted(wanted)
-    return read_many(client, [("Condition", [("patient", patient_id), ("_id", ",".join(ids[i:i + 50]))])
-                              for i in range(0, len(ids), 50)])
+    return FetchedResources(resources, _unusable(procs, meds, obs, conditions))
 
 
 WRITTEN_TYPES = {"crs": "Condition", "icans": "Condition", "summary": "Bundle"}  # what a case writes, by identifier name

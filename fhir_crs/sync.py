@@ -46,6 +46,7 @@ from .errors import ConfigError, FhirCrsError
 from .grading.result import iso
 from .interrupt import Interrupted, StopSignal
 from .logs import note_patient, note_patient_id
+from .mappers.condition import is_own_output
 from .mapping_files import CodeMap, cart_codes, load_code_map
 from .pipeline import fetch_patient, grade_resources, write_case
 from .retraction import CaseRecord, retract_case
@@ -533,13 +534,18 @@ def scope_of(explicit: list[str] | None, group_id: str | None) -> str:
 
 
 def has_changes(client: Any, patient: str, since: str) -> bool:
-    """Any Patient/Observation/MedicationAdministration/Procedure updated after `since`?"""
+    """Any Patient/Observation/MedicationAdministration/Procedure/Condition updated after
+    `since`? Conditions last, read rather than counted: the grade Conditions fhir-crs itself
+    wrote are not changes (a count would re-read every written patient every night)."""
     for rtype in CHANGE_TYPES:
         res = client.search(rtype, [("patient", patient), ("_lastUpdated", "gt" + since), ("_summary", "count")], no_cache=True)
         if (res.total or 0) > 0 or res.matches:
             return True
     res = client.search("Patient", [("_id", patient), ("_lastUpdated", "gt" + since), ("_summary", "count")], no_cache=True)
-    return (res.total or 0) > 0 or bool(res.matches)
+    if (res.total or 0) > 0 or res.matches:
+        return True
+    res = client.search("Condition", [("patient", patient), ("_lastUpdated", "gt" + since)], no_cache=True)
+    return any(not is_own_output(r) for r in res.matches)
 
 
 def _shared(entry: FeedEntry) -> bool:
@@ -1071,7 +1077,7 @@ def run_bulk(client: Any, cfg: Any, settings: GradingSettings, state: StateStore
                     vid = version_id(item) if isinstance(item, dict) else None
                     if rtype == "Medication" and isinstance(item.get("id"), str):
                         med_versions[f"Medication/{item['id']}"] = vid or ""
-                    if owner is not None and isinstance(item.get("id"), str):
+                    if owner is not None and isinstance(item.get("id"), str) and not is_own_output(item):
                         exported.add(owner)
                         staged.append((f"{rtype}/{item['id']}", owner, vid))
                         if rtype == "MedicationAdministration":
@@ -1120,6 +1126,8 @@ def run_bulk(client: Any, cfg: Any, settings: GradingSettings, state: StateStore
                 if rtype == "Medication" and isinstance(item.get("id"), str):
                     med_entries.append(FeedEntry(f"Medication/{item['id']}", version_id(item), None, resource=item))
                     continue
+                if is_own_output(item):
+                    continue  # a grade Condition this sync wrote: not a change of the data
                 ref = (item.get("subject") or item.get("patient") or {}).get("reference", "") if isinstance(item.get("subject") or item.get("patient"), dict) else ""
                 if ref.startswith("Patient/"):
                     touched.add(ref.split("/", 1)[1])

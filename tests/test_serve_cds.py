@@ -157,7 +157,7 @@ def test_discovery_lists_the_one_service_with_its_prefetch(serve):
     jsonschema.validate(data, DISCOVERY)
     (service,) = data["services"]
     assert service["id"] == SERVICE and service["hook"] == "patient-view"
-    assert set(service["prefetch"]) == {"patient", "procedures", "medications", "vitals", "labs", "assessments"}
+    assert set(service["prefetch"]) == {"patient", "procedures", "medications", "vitals", "labs", "assessments", "conditions"}
     assert service["prefetch"]["patient"] == "Patient/{{context.patientId}}"
     assert "category=vital-signs" in service["prefetch"]["vitals"] and "category=laboratory" in service["prefetch"]["labs"]
 
@@ -187,7 +187,7 @@ def test_prefetch_only_grades_like_the_offline_path(serve, sekmet_server, loaded
     for ref in driving["evidence"]:
         assert ref.split("/")[0] in card["detail"]
     assert "| Lee 2014 |" in card["detail"] and "| CTCAE v5 |" in card["detail"]
-    assert "Data: prefetch (patient, procedures, medications, vitals, labs, assessments)." in card["detail"]
+    assert "Data: prefetch (patient, procedures, medications, vitals, labs, assessments, conditions)." in card["detail"]
     (link,) = card["links"]
     assert link["type"] == "smart" and link["url"] == f"{serve.base}/launch"
     assert len(front.requests()) == before  # nothing fetched anywhere
@@ -200,7 +200,7 @@ def test_server_only_reads_with_the_pull_path(serve, front, loaded):
         "access_token": TOKEN, "token_type": "Bearer", "expires_in": 300, "scope": "patient/*.read", "subject": "cds"}))))
     want = offline("V06")
     assert f"CRS grade {want['crs']['astct']['grade']}, ICANS grade {want['icans']['astct']['grade']}" in card["summary"]
-    assert "read from the FHIR server (patient, procedures, medications, vitals, labs, assessments)" in card["detail"]
+    assert "read from the FHIR server (patient, procedures, medications, vitals, labs, assessments, conditions)" in card["detail"]
     sent = front.requests()[before:]
     assert sent and all(r["headers"].get("Authorization") == f"Bearer {TOKEN}" for r in sent)
     assert any(r["path"] == "/fhir/Observation" and "date=" in r["query"] for r in sent)  # windowed
@@ -263,6 +263,29 @@ def test_rising_card_when_the_grade_went_up_in_the_last_24h(serve, monkeypatch):
     cards = cards_of(serve.hook(request(pid, prefetch={**prefetch, "procedures": bundle([factory.cart(0, pid=pid)]),
                                                        "vitals": bundle([factory.temp(8, 39.2, pid=pid)])})))
     assert [c["summary"][:5] for c in cards] == ["CAR-T"]
+
+
+def test_a_problem_list_seizure_is_read_from_the_conditions_prefetch(serve):
+    """`conditions` (Condition?patient=): a seizure charted only as a Condition grades ICANS as
+    offline. An EHR registered before the key existed (no `conditions`, no fhirServer) still
+    gets its grade, with a note on the card that Conditions were not read (never a silent gap)."""
+    pid = "fit1"
+
+    def bundle(resources: list[dict[str, Any]]) -> dict[str, Any]:
+        return {"resourceType": "Bundle", "type": "searchset", "entry": [{"resource": r} for r in resources]}
+
+    seizure = {"resourceType": "Condition", "id": "fit1-sz", "subject": {"reference": f"Patient/{pid}"},
+               "code": {"coding": [{"system": "http://snomed.info/sct", "code": "91175000"}], "text": "Generalized seizure"},
+               "onsetDateTime": factory.at(30)}
+    prefetch = {"patient": factory.patient(pid), "procedures": bundle([factory.cart(0, pid=pid)]),
+                "medications": bundle([]), "vitals": bundle(factory.vitals_baseline(until_h=60, every=4, pid=pid)),
+                "labs": bundle([]), "assessments": bundle([])}
+    with_conditions = grade_card(cards_of(serve.hook(request(pid, prefetch={**prefetch, "conditions": bundle([seizure])}))))
+    assert with_conditions["summary"].endswith("CRS grade 0, ICANS grade 3 (ASTCT)"), with_conditions["summary"]
+    assert "Condition/fit1-sz" in with_conditions["detail"] and "were not read" not in with_conditions["detail"]
+    old_ehr = grade_card(cards_of(serve.hook(request(pid, prefetch=prefetch))))
+    assert old_ehr["summary"].endswith("ICANS grade 0 (ASTCT)")
+    assert "no prefetch 'conditions' and no fhirServer" in old_ehr["detail"] and "may be under-called" in old_ehr["detail"]
 
 
 def _error(resp: requests.Response, status: int) -> str:

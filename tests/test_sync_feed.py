@@ -6,7 +6,7 @@ batched: <= 6 requests per patient in all, 4 per patient here: two read batches,
 write-back's identifier look-ups, the transaction), then:
 
 * a quiet night costs <= 10 requests in all (the change feed: CapabilityStatement + one
-  type-level `_history?_since=` per graded type and Medication: 6 — both servers offer history,
+  type-level `_history?_since=` per graded type, Condition and Medication: 7 — both servers offer history,
   so both pin the history feed);
 * a changed Medication (shared, outside the patient compartment) re-grades exactly the cohort
   patients whose graded administrations reference it: it stops, then again becomes, a
@@ -17,7 +17,8 @@ write-back's identifier look-ups, the transaction), then:
 * a write racing a running sync is picked up by the next run;
 * `change_feed = "search"` (`_lastUpdated` searches; no deletions in that feed) and `--full`: the
   full re-read catches a deletion the search feed cannot see and reports it;
-* `change_feed = "per-patient"`: the old per-patient check (4 requests per patient);
+* `change_feed = "per-patient"`: the old per-patient check (5 requests per patient: four counts and
+  the Condition read that tells fhir-crs's own grade Conditions from changes);
 * a first run with one failing patient: the next night re-reads that patient only, not everyone
   (the retry of an unfinished night), and the mark advances once it is written.
 """
@@ -94,6 +95,33 @@ def crs_grade(client: FhirClient, pid: str, system: str = "urn:feed") -> int:
     return int(code[-1])
 
 
+def icans_grade(client: FhirClient, pid: str, system: str = "urn:feed") -> int | None:
+    """The written ICANS grade (None: no ICANS Condition written, i.e. none found)."""
+    found = [c for c in client.search("Condition", [("subject", f"Patient/{pid}")], no_cache=True).matches
+             if any(i.get("system") == system and i.get("value", "").endswith("-icans") for i in c.get("identifier") or [])]
+    if not found:
+        return None
+    assert len(found) == 1, found
+    code = next(c["code"] for c in found[0]["code"]["coding"] if c["code"].startswith("G92.0"))
+    return int(code[-1])
+
+
+def _infusion_start(client: FhirClient, pid: str) -> datetime:
+    t0 = next(c for c in client.search("Procedure", [("patient", pid)], no_cache=True).matches if "1156961008" in json.dumps(c["code"]))
+    return datetime.fromisoformat((t0.get("performedDateTime") or t0["performedPeriod"]["start"]).replace("Z", "+00:00"))
+
+
+def seizure(client: FhirClient, pid: str, hours_after_infusion: float) -> None:
+    """A generalized seizure on the problem list: a Condition, coded, with its onset."""
+    client.post("Condition", {
+        "resourceType": "Condition", "subject": {"reference": f"Patient/{pid}"},
+        "category": [{"coding": [{"system": "http://terminology.hl7.org/CodeSystem/condition-category", "code": "problem-list-item"}]}],
+        "clinicalStatus": {"coding": [{"system": "http://terminology.hl7.org/CodeSystem/condition-clinical", "code": "resolved"}]},
+        "code": {"coding": [{"system": "http://snomed.info/sct", "code": "91175000"}], "text": "Generalized tonic-clonic seizure"},
+        "onsetDateTime": (_infusion_start(client, pid) + timedelta(hours=hours_after_infusion)).isoformat().replace("+00:00", "Z"),
+    })
+
+
 def fever(client: FhirClient, pid: str, hours_after_infusion: float) -> None:
     t0 = next(c for c in client.search("Procedure", [("patient", pid)], no_cache=True).matches if "1156961008" in json.dumps(c["code"]))
     start = datetime.fromisoformat((t0.get("performedDateTime") or t0["performedPeriod"]["start"]).replace("Z", "+00:00"))
@@ -139,7 +167,7 @@ def test_quiet_night_new_observation_and_hard_delete(server, cohort, tmp_path):
     quiet = sync(server, state)
     # CapabilityStatement + Patient/Procedure/MedicationAdministration/Observation/Medication _history
     assert quiet["requests"] <= 10, quiet["requests"]
-    assert quiet["requests"] == 6, quiet["requests"]
+    assert quiet["requests"] == 7, quiet["requests"]
     assert quiet["change_feed"] == "history"  # both servers offer type-level history
     assert quiet["graded"] == 0 and quiet["changed_patients"] == 0 and quiet["unchanged"] == patients
     assert quiet["written"] == {"Condition": 0, "Bundle": 0} and quiet["deleted_resources"] == 0
@@ -151,6 +179,17 @@ def test_quiet_night_new_observation_and_hard_delete(server, cohort, tmp_path):
     assert one["written"] == {"Condition": 1, "Bundle": 1}
     assert crs_grade(client, cohort["V04"]) == 2
     assert one["requests"] <= 10 + 6, one["requests"]
+
+    # a seizure charted only on the problem list (a Condition, no Observation) is a change of
+    # the data: the Condition feed re-grades exactly that patient, and pull reads the Condition
+    # (before, pull/sync never read Conditions: ICANS grade 0 online, 3 offline)
+    assert icans_grade(client, cohort["V04"]) is None
+    seizure(client, cohort["V04"], 62)
+    fit = sync(server, state)
+    assert fit["changed_patients"] == 1 and fit["graded"] == 1, fit
+    assert fit["written"] == {"Condition": 2, "Bundle": 1}  # the new ICANS one; the case's content hash is on all three
+    assert icans_grade(client, cohort["V04"]) == 3
+    assert sync(server, state)["changed_patients"] == 0  # its own ICANS Condition is not a change
 
     pressors = [f"MedicationAdministration/{rid}" for rid in ("v07-medadmin-0007", "v07-medadmin-0008", "v07-medadmin-0011")]
     if not hard_delete(server, client, pressors):  # HAPI: refused while our Condition cites them
@@ -207,7 +246,7 @@ def test_a_changed_medication_regrades_the_patients_whose_administrations_refere
     first = night()
     assert first["graded"] == 3 and not first["errors"] and grades() == [3, 3]  # norepinephrine: grade 3
     quiet = night()
-    assert quiet["graded"] == 0 and quiet["changed_patients"] == 0 and quiet["requests"] == 6  # + Medication/_history
+    assert quiet["graded"] == 0 and quiet["changed_patients"] == 0 and quiet["requests"] == 7  # + Medication/_history
     pressor = client.read("Medication", med)
     saline = {**pressor, "code": {"text": "sodium chloride 0.9% 250 mL"},
               "ingredient": [{"itemCodeableConcept": {"coding": [{"system": "http://www.nlm.nih.gov/research/umls/rxnorm",
@@ -328,7 +367,7 @@ def test_search_feed_misses_deletions_and_full_reconciliation_finds_them(server,
     first = sync(server, state, "--patients", str(listing), env=env)
     assert first["graded"] == 2
     quiet = sync(server, state, "--patients", str(listing), env=env)
-    assert quiet["change_feed"] == "search" and quiet["graded"] == 0 and quiet["requests"] <= 6
+    assert quiet["change_feed"] == "search" and quiet["graded"] == 0 and quiet["requests"] <= 7
     before = crs_grade(client, pid, "urn:search-feed")
     pressors = [m for m in client.search("MedicationAdministration", [("patient", pid)], no_cache=True).matches
                 if "#med" in json.dumps(m.get("medicationReference")) or "norepinephrine" in json.dumps(m).lower()]
@@ -350,7 +389,7 @@ def test_per_patient_fallback(server, cohort, tmp_path):
     sync(server, state, "--patients", str(listing), env=env)
     quiet = sync(server, state, "--patients", str(listing), env=env)
     assert quiet["change_feed"] == "per-patient" and quiet["graded"] == 0
-    assert quiet["requests"] == 4 * 2  # the four _summary=count checks per patient
+    assert quiet["requests"] == 5 * 2  # four _summary=count checks and the Condition read, per patient
     assert quiet["high_water"] is None
 
 
@@ -404,11 +443,11 @@ def test_a_failed_patient_is_retried_alone_not_the_whole_first_run(server, cohor
     assert again["change_feed"] == "history", again["change_feed"]  # not a first run again
     assert again["changed_patients"] == 1 and again["graded"] == 1 and again["unchanged"] == 2
     assert again["retry_patients"] == 1 and again["high_water"] is None
-    assert again["requests"] <= 6 + 4, again["requests"]  # the feed, and one patient's reads and look-ups
+    assert again["requests"] <= 7 + 4, again["requests"]  # the feed, and one patient's reads and look-ups
 
     client.delete_url(twin_ref)  # the data-quality problem fixed on the server
     fixed = sync(server, state, "--patients", str(listing), env=env)
     assert fixed["changed_patients"] == 1 and not fixed["errors"] and fixed["retry_patients"] == 0
     assert fixed["high_water"]  # everyone written: the mark is set
     quiet = sync(server, state, "--patients", str(listing), env=env)
-    assert quiet["changed_patients"] == 0 and quiet["requests"] == 6 and quiet["retry_patients"] == 0
+    assert quiet["changed_patients"] == 0 and quiet["requests"] == 7 and quiet["retry_patients"] == 0

@@ -34,6 +34,28 @@ def case():
     return run.cases[0], run.settings
 
 
+def test_a_written_condition_read_back_is_its_own_output_never_an_input(case, tmp_path):
+    """The grade Conditions fhir-crs wrote, read back with the patient's data (pull and sync
+    read all Conditions; a registry's export holds them): named skips `own_output`, not data
+    problems (`--strict` passes), and the grades are unchanged."""
+    from fhir_crs.events import NOT_A_DATA_PROBLEM
+    from fhir_crs.mappers.condition import is_own_output
+
+    c, settings = case
+    w = build_case_write(c, settings, SYSTEM, recorded="2026-01-01T00:00:00Z")
+    written = [dict(r, id=f"written-{name}") for name, r in w.resources.items() if r["resourceType"] == "Condition"]
+    assert written and all(is_own_output(r) for r in written)
+    source = json.loads((ROOT / "fixtures" / "R4" / "vignettes" / "V25.json").read_text())
+    assert not any(is_own_output(e["resource"]) for e in source["entry"])
+    both = tmp_path / "with-written.json"
+    both.write_text(json.dumps(dict(source, entry=[*source["entry"], *({"resource": r} for r in written)])))
+    before, after = run_paths([ROOT / "fixtures" / "R4" / "vignettes" / "V25.json"]), run_paths([both])
+    assert [x.to_json(settings)["crs"] for x in after.cases] == [x.to_json(settings)["crs"] for x in before.cases]
+    own = [s for s in after.skipped if s.code == "own_output"]
+    assert sorted(s.resource for s in own) == sorted(f"Condition/{r['id']}" for r in written)
+    assert "own_output" in NOT_A_DATA_PROBLEM
+
+
 def test_condition_and_bundle_validate_and_round_trip(case):
     c, settings = case
     w = build_case_write(c, settings, SYSTEM, recorded="2026-01-01T00:00:00Z")
@@ -379,7 +401,7 @@ def test_fetch_uses_date_windows_and_falls_back_when_cart_has_only_local_codes(c
         body = _searchset(cart) if request.path_url.startswith("/r4/Procedure") and "code" not in q else _searchset()
         return 200, {}, json.dumps(body)
 
-    for rtype in ("Procedure", "MedicationAdministration", "Observation"):
+    for rtype in ("Procedure", "MedicationAdministration", "Observation", "Condition"):
         responses.add_callback(responses.GET, f"{BASE}/{rtype}", callback=search)
     one_by_one = client()
     one_by_one.batch_supported = False  # the reads one by one (batches: tests/test_sync_feed.py on real servers)
@@ -389,6 +411,8 @@ def test_fetch_uses_date_windows_and_falls_back_when_cart_has_only_local_codes(c
     assert paths == {"/r4/Procedure", "/r4/MedicationAdministration", "/r4/Observation"}
     obs_q = next(q for p, q in windowed if p == "/r4/Observation")
     assert obs_q["date"] == ["ge2025-03-03T08:00:00Z", "le2025-06-18T08:00:00Z"]  # 7 days before, 100 after
+    conditions = [c for c in responses.calls if c.request.path_url.startswith("/r4/Condition")]
+    assert len(conditions) == 1 and "date" not in conditions[0].request.params  # all of them: problem lists are undated
 
 
 def test_comments_in_a_table_do_not_count_as_a_change(case, tmp_path: Path):

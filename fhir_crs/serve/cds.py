@@ -44,7 +44,12 @@ PREFETCH: dict[str, str] = {
     "vitals": "Observation?patient={{context.patientId}}&category=vital-signs",
     "labs": "Observation?patient={{context.patientId}}&category=laboratory",
     "assessments": "Observation?patient={{context.patientId}}&category=survey,exam,imaging",
+    "conditions": "Condition?patient={{context.patientId}}",
 }
+# Keys an EHR registered before they existed may lack: without them and without a fhirServer the
+# grade is still given, with a note on the card naming what was not read (never a silent gap).
+OPTIONAL_PREFETCH = {"conditions": "the patient's Conditions (a seizure, cerebral oedema or HLH on the problem list, "
+                                   "the reasons Procedures and fluids name) were not read: ICANS and carHLH may be under-called"}
 OBSERVATION_CATEGORY = {"vitals": "vital-signs", "labs": "laboratory", "assessments": "survey,exam,imaging"}
 CARD_SOURCE = {"label": "fhir-crs: ASTCT CRS/ICANS grading", "topic": {
     "system": "urn:fhir-crs:cds", "code": "crs-icans-grade", "display": "CAR-T CRS/ICANS grade"}}
@@ -187,9 +192,13 @@ def parse_request(body: Any, config: ServeConfig) -> HookRequest:
             prefetched[key] = resources
     notes = [f"prefetch key {k!r} is not one of this service's templates and was not read"
              for k in sorted(prefetch) if k not in PREFETCH]
-    if missing and server is None:
+    required = [k for k in missing if k not in OPTIONAL_PREFETCH]
+    if required and server is None:
         raise HookError(412, "data_unavailable",
-                        f"prefetch lacks {', '.join(missing)} and no fhirServer was given to read them from")
+                        f"prefetch lacks {', '.join(required)} and no fhirServer was given to read them from")
+    if server is None:
+        notes += [f"no prefetch {k!r} and no fhirServer: {OPTIONAL_PREFETCH[k]}" for k in missing]
+        missing = []
     return HookRequest(instance, patient_id, user, server, token, prefetched, missing, notes)
 
 
@@ -254,6 +263,8 @@ def fetch_missing(client: FhirClient, req: HookRequest, config: ServeConfig) -> 
             res = client.search("MedicationAdministration", [("patient", pid), ("effective-time", f"ge{lo}"), ("effective-time", f"le{hi}"),
                                                              ("_include", "MedicationAdministration:medication")], no_cache=True)
             fetched += [*res.matches, *res.includes]
+        elif key == "conditions":  # all of them: problem-list entries are often undated
+            fetched += client.search("Condition", [("patient", pid)], no_cache=True).matches
         elif key in OBSERVATION_CATEGORY:
             fetched += client.search("Observation", [("patient", pid), ("category", OBSERVATION_CATEGORY[key]),
                                                      ("date", f"ge{lo}"), ("date", f"le{hi}")], no_cache=True).matches
