@@ -138,14 +138,29 @@ def read_many(client: Any, calls: list[tuple[str, list[tuple[str, str]] | None]]
             for path, params in calls]
 
 
-def fetch_patient(client: Any, patient_id: str, cfg: Any, code_map: CodeMap) -> FetchedResources:
+def fetch_window(cfg: Any, settings: GradingSettings | None) -> tuple[float, float]:
+    """(days before the first infusion, days after the last) that `pull`, `sync` and the bedside
+    read: the configured window, widened to what the grading settings look at, so that a setting
+    never loses data online that the same grading reads offline (a late-ICAHT window past
+    `window_after_days` would otherwise be under-called without a word): at least
+    `home_baseline_lookback_days` (and the 2 days the timeline keeps) before, at least
+    `icaht_late_end_day` after."""
+    before, after = float(cfg.window_before_days), float(cfg.window_after_days)
+    if settings is not None:
+        before = max(before, float(settings.home_baseline_lookback_days), 2.0)
+        after = max(after, float(settings.icaht_late_end_day))
+    return before, after
+
+
+def fetch_patient(client: Any, patient_id: str, cfg: Any, code_map: CodeMap,
+                  settings: GradingSettings | None = None) -> FetchedResources:
     """Everything graded for one patient, fetched in date windows around the CAR-T infusions.
 
     1. the Patient; 2. the CAR-T administrations, searched by the site's CAR-T codes (Procedure
     `code`, MedicationAdministration `code`) — when none is found that way (local codes, a
     contained product Medication) all the patient's Procedures and MedicationAdministrations are
     read once instead; 3. within [first infusion - window_before_days, last infusion +
-    window_after_days]: Procedures (`date`), MedicationAdministrations (`effective-time`, with
+    window_after_days], widened to what `settings` grade (`fetch_window`): Procedures (`date`), MedicationAdministrations (`effective-time`, with
     `_include` of their Medications) and Observations (`date`); and all the patient's Conditions
     (problem-list and encounter-diagnosis findings are often undated or dated long before).
 
@@ -183,8 +198,9 @@ def fetch_patient(client: Any, patient_id: str, cfg: Any, code_map: CodeMap) -> 
         if not infusions_in(everything):
             return FetchedResources(everything, _unusable(procs, meds))  # graded as "no CAR-T infusion found" (a named skip)
         infusions = infusions_in(everything)
-    lo = iso(infusions[0][0] - timedelta(days=cfg.window_before_days))
-    hi = iso(infusions[-1][0] + timedelta(days=cfg.window_after_days))
+    before, after = fetch_window(cfg, settings)
+    lo = iso(infusions[0][0] - timedelta(days=before))
+    hi = iso(infusions[-1][0] + timedelta(days=after))
     procs, meds, obs, conditions = many([
         ("Procedure", [("patient", patient_id), ("date", f"ge{lo}"), ("date", f"le{hi}")]),
         ("MedicationAdministration", [("patient", patient_id), ("effective-time", f"ge{lo}"), ("effective-time", f"le{hi}"),
@@ -349,7 +365,7 @@ def pull_patient(client: Any, patient_id: str, cfg: Any, settings: GradingSettin
                  write: bool = False, dry_run: bool = False, allow_convention_change: bool = False) -> PullResult:
     code_map = load_code_map(Path(cfg.mappings) if cfg.mappings else None)
     settings = settings or load_settings(code_map.directory)
-    resources = fetch_patient(client, patient_id, cfg, code_map)
+    resources = fetch_patient(client, patient_id, cfg, code_map, settings)
     run = grade_resources(resources, settings, code_map.directory, origin=f"Patient/{patient_id}")
     writes = []
     if write or dry_run:

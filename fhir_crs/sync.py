@@ -910,7 +910,7 @@ class Sync:
                     self.state.touch(patient)
                 return
             self.stop.check()
-            resources = fetch_patient(self.client, patient, self.cfg, self.code_map)
+            resources = fetch_patient(self.client, patient, self.cfg, self.code_map, self.settings)
             self.stop.check()
             run = grade_resources(resources, self.settings, self.code_map.directory, origin=f"Patient/{patient}")
             self.commit(patient, run.cases, run.skipped, _high_water(resources) or since, prior, _refs(resources),

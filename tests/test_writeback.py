@@ -415,6 +415,43 @@ def test_fetch_uses_date_windows_and_falls_back_when_cart_has_only_local_codes(c
     assert len(conditions) == 1 and "date" not in conditions[0].request.params  # all of them: problem lists are undated
 
 
+@pytest.mark.parametrize(("overrides", "ge", "le"), [
+    ([], "ge2025-03-03T08:00:00Z", "le2025-06-18T08:00:00Z"),  # the configured 7 / 100 days
+    (["icaht_late_end_day=180"], "ge2025-03-03T08:00:00Z", "le2025-09-06T08:00:00Z"),  # late ICAHT read to day 180
+    (["home_baseline_lookback_days=30"], "ge2025-02-08T08:00:00Z", "le2025-06-18T08:00:00Z"),  # home O2 baseline
+])
+@responses.activate
+def test_the_fetch_window_covers_what_the_grading_settings_read(code_map, overrides, ge, le):
+    """pull/sync/bedside read at least what grading looks at: a late-ICAHT window or a home-
+    baseline look-back wider than window_after_days / window_before_days widens the searches,
+    so a setting never loses online what the same grading reads offline."""
+    from fhir_crs.config import RunConfig
+    from fhir_crs.pipeline import fetch_patient
+    from fhir_crs.settings import load_settings
+
+    cart = {"resourceType": "Procedure", "id": "cart1", "status": "completed", "subject": {"reference": "Patient/p1"},
+            "code": {"coding": [{"system": "http://snomed.info/sct", "code": "1156961008"}]}, "performedDateTime": "2025-03-10T08:00:00Z"}
+    responses.get(f"{BASE}/Patient/p1", json={"resourceType": "Patient", "id": "p1", "birthDate": "1970-01-01"})
+    windows: dict[str, list[str]] = {}
+
+    def search(request):
+        q = request.params
+        for key in ("date", "effective-time"):
+            if key in q:
+                windows[request.path_url.split("?")[0]] = q[key]
+        body = _searchset(cart) if request.path_url.startswith("/r4/Procedure") and "code" in q else _searchset()
+        return 200, {}, json.dumps(body)
+
+    for rtype in ("Procedure", "MedicationAdministration", "Observation", "Condition"):
+        responses.add_callback(responses.GET, f"{BASE}/{rtype}", callback=search)
+    one_by_one = client()
+    one_by_one.batch_supported = False
+    settings = load_settings(ROOT / "mappings", overrides)
+    fetch_patient(one_by_one, "p1", RunConfig(), code_map, settings)
+    assert set(windows) == {"/r4/Procedure", "/r4/MedicationAdministration", "/r4/Observation"}
+    assert all(w == [ge, le] for w in windows.values()), windows
+
+
 def test_comments_in_a_table_do_not_count_as_a_change(case, tmp_path: Path):
     import shutil
 

@@ -29,7 +29,7 @@ from ..fhir.auth import BearerAuth, NoAuth
 from ..fhir.client import FhirClient
 from ..grading.result import iso
 from ..logs import note_secret
-from ..pipeline import GradedCase, fetch_patient, grade_resources, map_items
+from ..pipeline import GradedCase, fetch_patient, fetch_window, grade_resources, map_items
 from ..sources import SourceResource
 from .config import HOOK, SERVICE_ID, ServeConfig
 
@@ -240,7 +240,7 @@ def fetch_missing(client: FhirClient, req: HookRequest, config: ServeConfig) -> 
     window = WindowConfig(config.window_before_days, config.window_after_days)
     data_keys = [k for k in PREFETCH if k != "patient"]
     if all(k in req.missing for k in data_keys):
-        return fetch_patient(client, pid, window, config.code_map)
+        return fetch_patient(client, pid, window, config.code_map, config.settings)
     have = [r for rs in req.prefetched.values() for r in rs]
     fetched: list[dict[str, Any]] = []
     if "patient" in req.missing:
@@ -254,8 +254,9 @@ def fetch_missing(client: FhirClient, req: HookRequest, config: ServeConfig) -> 
     infusions = _infusions([*have, *fetched, *found], config)
     if not infusions:
         return [*fetched, *found]  # no CAR-T infusion: no card
-    lo = iso(infusions[0][0] - timedelta(days=window.window_before_days))
-    hi = iso(infusions[-1][0] + timedelta(days=window.window_after_days))
+    before, after = fetch_window(window, config.settings)
+    lo = iso(infusions[0][0] - timedelta(days=before))
+    hi = iso(infusions[-1][0] + timedelta(days=after))
     for key in req.missing:
         if key == "procedures":
             fetched += client.search("Procedure", [("patient", pid), ("date", f"ge{lo}"), ("date", f"le{hi}")], no_cache=True).matches

@@ -306,7 +306,7 @@ def add_smart_routes(app: FastAPI, config: ServeConfig) -> None:
 
         with client_for(session.iss, session.token) as client:
             resources = fetch_patient(client, patient_id, WindowConfig(config.window_before_days, config.window_after_days),
-                                      config.code_map)
+                                      config.code_map, config.settings)
         run = grade_resources(resources, config.settings, config.code_map.directory, origin=f"Patient/{patient_id}")
         cases = [c.to_json(config.settings, series=True) for c in run.cases if c.timeline.patient == f"Patient/{patient_id}"]
         patient = next((r for r in resources if r.get("resourceType") == "Patient"), {})
