@@ -160,8 +160,9 @@ def fetch_patient(client: Any, patient_id: str, cfg: Any, code_map: CodeMap,
     `code`, MedicationAdministration `code`) — when none is found that way (local codes, a
     contained product Medication) all the patient's Procedures and MedicationAdministrations are
     read once instead; 3. within [first infusion - window_before_days, last infusion +
-    window_after_days], widened to what `settings` grade (`fetch_window`): Procedures (`date`), MedicationAdministrations (`effective-time`, with
-    `_include` of their Medications) and Observations (`date`); and all the patient's Conditions
+    window_after_days], widened to what `settings` grade (`fetch_window`): Procedures (`date`),
+    MedicationAdministrations (`effective-time`, with `_include` of their Medications) and
+    Observations (`date`); and all the patient's Conditions
     (problem-list and encounter-diagnosis findings are often undated or dated long before).
 
     Every search sends `Cache-Control: no-cache`: HAPI otherwise answers an identical search

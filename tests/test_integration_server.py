@@ -198,7 +198,7 @@ def _as_patient(rows: list[dict[str, Any]], pid: str) -> list[dict[str, Any]]:
 def test_pull_reads_the_condition_a_procedure_names_as_its_reason(server, client):
     """An intubation whose only indication is `reasonReference` to the patient's coded
     respiratory-failure Condition (no display, no hypoxia charted): `pull` reads that Condition
-    (one `Condition?patient=&_id=` search; sekmet ignores `_include=Procedure:reason-reference`),
+    (with all the patient's Conditions, in its last read batch),
     so positive pressure counts for CRS (ASTCT 4) as it does offline; without the Condition on
     the server it does not (ASTCT 1, flagged ppv_not_attributed). Pinned difference: HAPI refuses
     to store a reasonReference to a Condition it does not hold (HAPI-1094, referential
