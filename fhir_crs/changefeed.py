@@ -28,7 +28,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from .errors import FhirNotFound, FhirOperationOutcome
-from .mappers.condition import is_own_output
+from .ownoutput import is_own_output
 
 log = logging.getLogger("fhir_crs.sync")
 
@@ -146,7 +146,7 @@ def _entry(rtype: str, entry: dict[str, Any]) -> FeedEntry | None:
     if resource is None or resource.get("resourceType") != rtype or not isinstance(resource.get("id"), str):
         return None
     if is_own_output(resource):
-        return None  # a grade Condition fhir-crs wrote: not a change of the data graded
+        return None  # a grade fhir-crs wrote: not a change of the data graded
     meta = resource.get("meta") if isinstance(resource.get("meta"), dict) else {}
     return FeedEntry(f"{rtype}/{resource['id']}", _version(resource), patient_of(resource), resource=resource,
                      last_updated=parse_instant(meta.get("lastUpdated")))

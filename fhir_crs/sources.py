@@ -25,6 +25,7 @@ import orjson
 from .errors import InputError
 from .events import SKIP_CODES, Skipped
 from .jsonread import loads
+from .ownoutput import OWN_OUTPUT_REASON, is_own_output
 
 SUFFIXES_JSON = (".json", ".json.gz")
 SUFFIXES_NDJSON = (".ndjson", ".jsonl", ".ndjson.gz", ".jsonl.gz")
@@ -112,6 +113,10 @@ def _entries(value: Any, origin: str) -> Iterator[SourceResource | Skipped]:
         return
     if value["resourceType"] != "Bundle":
         yield SourceResource(value, origin)
+        return
+    if is_own_output(value):  # a summary Bundle fhir-crs wrote: one skip, its entries are not input
+        rid = value.get("id")
+        yield Skipped(f"Bundle/{rid}" if isinstance(rid, str) and rid else origin, OWN_OUTPUT_REASON, "own_output")
         return
     raw = value.get("entry") or []
     if not isinstance(raw, list):
@@ -360,7 +365,7 @@ def iter_path(path: Path) -> Iterator[SourceResource | Skipped]:
     problems: list[Skipped] = []
     for f in files:
         for item in _iter_file(f):
-            if isinstance(item, Skipped):
+            if isinstance(item, Skipped) and item.code != "own_output":  # (a summary Bundle read back is no broken file)
                 problems.append(item)
             else:
                 resources += 1

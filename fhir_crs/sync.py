@@ -46,8 +46,8 @@ from .errors import ConfigError, FhirCrsError
 from .grading.result import iso
 from .interrupt import Interrupted, StopSignal
 from .logs import note_patient, note_patient_id
-from .mappers.condition import is_own_output
 from .mapping_files import CodeMap, cart_codes, load_code_map
+from .ownoutput import is_own_output
 from .pipeline import fetch_patient, grade_resources, write_case
 from .retraction import CaseRecord, retract_case
 from .settings import GradingSettings
@@ -1127,7 +1127,7 @@ def run_bulk(client: Any, cfg: Any, settings: GradingSettings, state: StateStore
                     med_entries.append(FeedEntry(f"Medication/{item['id']}", version_id(item), None, resource=item))
                     continue
                 if is_own_output(item):
-                    continue  # a grade Condition this sync wrote: not a change of the data
+                    continue  # a grade this sync wrote: not a change of the data
                 ref = (item.get("subject") or item.get("patient") or {}).get("reference", "") if isinstance(item.get("subject") or item.get("patient"), dict) else ""
                 if ref.startswith("Patient/"):
                     touched.add(ref.split("/", 1)[1])

@@ -17,7 +17,8 @@ PKG = "fhir_crs"
 GRAPH = grimp.build_graph(PKG)
 
 # The pure core: what a Spark executor runs. None of it may reach I/O, the pipeline or a client.
-CORE = ["core", "events", "mappers", "timeline", "grading", "writeback", "settings", "mapping_files", "sources", "jsonread"]
+CORE = ["core", "events", "mappers", "timeline", "grading", "writeback", "settings", "mapping_files", "sources", "jsonread",
+        "ownoutput"]
 ABOVE_CORE = ["cli", "pipeline", "sync", "report", "spark", "serve", "fhir", "localserver", "html", "cibmtr"]
 
 

@@ -35,24 +35,31 @@ def case():
 
 
 def test_a_written_condition_read_back_is_its_own_output_never_an_input(case, tmp_path):
-    """The grade Conditions fhir-crs wrote, read back with the patient's data (pull and sync
-    read all Conditions; a registry's export holds them): named skips `own_output`, not data
-    problems (`--strict` passes), and the grades are unchanged."""
+    """The grade Conditions and the summary Bundle fhir-crs wrote, read back with the patient's
+    data (pull and sync read all Conditions; a registry's export of everything holds both):
+    named skips `own_output`, not data problems (`--strict` passes), the grades unchanged, and
+    the summary Bundle one skip (its Observations and List are not read as input). A Bundle that
+    holds input beside a written Condition is input: only that Condition is skipped."""
     from fhir_crs.events import NOT_A_DATA_PROBLEM
-    from fhir_crs.mappers.condition import is_own_output
+    from fhir_crs.ownoutput import is_own_output
 
     c, settings = case
     w = build_case_write(c, settings, SYSTEM, recorded="2026-01-01T00:00:00Z")
     written = [dict(r, id=f"written-{name}") for name, r in w.resources.items() if r["resourceType"] == "Condition"]
-    assert written and all(is_own_output(r) for r in written)
-    source = json.loads((ROOT / "fixtures" / "R4" / "vignettes" / "V25.json").read_text())
-    assert not any(is_own_output(e["resource"]) for e in source["entry"])
-    both = tmp_path / "with-written.json"
-    both.write_text(json.dumps(dict(source, entry=[*source["entry"], *({"resource": r} for r in written)])))
-    before, after = run_paths([ROOT / "fixtures" / "R4" / "vignettes" / "V25.json"]), run_paths([both])
-    assert [x.to_json(settings)["crs"] for x in after.cases] == [x.to_json(settings)["crs"] for x in before.cases]
+    summary = dict(w.resources["summary"], id="written-summary")
+    assert written and all(is_own_output(r) for r in written) and is_own_output(summary)
+    vignette = ROOT / "fixtures" / "R4" / "vignettes" / "V25.json"
+    source = json.loads(vignette.read_text())
+    assert not any(is_own_output(e["resource"]) for e in source["entry"]) and not is_own_output(source)
+    mixed = tmp_path / "with-written.json"  # one Bundle: the input and the written Conditions
+    mixed.write_text(json.dumps(dict(source, entry=[*source["entry"], *({"resource": r} for r in written)])))
+    apart = tmp_path / "summary.json"  # the summary Bundle as its own file, as an export holds it
+    apart.write_text(json.dumps(summary))
+    before, after = run_paths([vignette]), run_paths([mixed, apart])
+    assert [x.to_json(settings) for x in after.cases] == [x.to_json(settings) for x in before.cases]
     own = [s for s in after.skipped if s.code == "own_output"]
-    assert sorted(s.resource for s in own) == sorted(f"Condition/{r['id']}" for r in written)
+    assert sorted(s.resource for s in own) == sorted([*(f"Condition/{r['id']}" for r in written), "Bundle/written-summary"])
+    assert len(after.skipped) == len(before.skipped) + len(own)  # nothing else: no unmapped result Observation
     assert "own_output" in NOT_A_DATA_PROBLEM
 
 

@@ -16,6 +16,7 @@ from typing import Any
 from ..events import Event, MappingResult, Skipped
 from ..jsonread import unreadable
 from ..mapping_files import CodeMap
+from ..ownoutput import OWN_OUTPUT_REASON, is_own_output
 from ..sources import SourceResource
 from .common import SAFE_ID, datetime_problem, parse_datetime, reference_target, split_reference
 from .condition import ConditionMapper
@@ -269,6 +270,9 @@ class ResourceMapper:
             return
         if rtype not in _GRADED_TYPES:
             kept.skipped = Skipped(ref, f"resource type {rtype} is not used for grading", "unused_type")
+            return
+        if (rtype == "Condition" or rtype == "Observation") and is_own_output(r):
+            kept.skipped = Skipped(ref, OWN_OUTPUT_REASON, "own_output")
             return
         patient, why = self._patient_of(src)
         if patient is None:

@@ -25,29 +25,11 @@ UNDATED = datetime(1900, 1, 1, tzinfo=UTC)  # an indication Condition without a 
 CONDITION_KINDS = ("seizure", "cerebral_edema", "icp_sign", "motor_weakness", "intracranial_hemorrhage", "hemophagocytosis")
 
 
-OWN_STAGE_SYSTEM = "urn:fhir-crs:CodeSystem:grading-system"  # writeback/build.py LOCAL_SYSTEM: Condition.stage.type
-
-
-def is_own_output(res: dict[str, Any]) -> bool:
-    """A Condition fhir-crs wrote (its stages typed with fhir-crs's grading-system codes): read
-    back by pull, sync, a feed or an export, it is never an input, nor a change of one."""
-    if res.get("resourceType") != "Condition":
-        return False
-    for stage in res.get("stage") or ():
-        t = stage.get("type") if isinstance(stage, dict) else None
-        for c in (t.get("coding") or ()) if isinstance(t, dict) else ():
-            if isinstance(c, dict) and c.get("system") == OWN_STAGE_SYSTEM:
-                return True
-    return False
-
-
 class ConditionMapper:
     def __init__(self, code_map: CodeMap):
         self.code_map = code_map
 
     def map(self, res: dict[str, Any], ref: str, flags: set[str]) -> Finding | Skipped:
-        if is_own_output(res):
-            return Skipped(ref, "a CRS/ICANS grade fhir-crs wrote: its own output, never an input", "own_output")
         code = res.get("code")
         name, by_text = self.code_map.observation_table.match(codings(code), texts(code))
         indications, ind_by_text = classify(self.code_map.reasons, codings(code), texts(code))

@@ -36,7 +36,7 @@ from fhir.resources.R4B.condition import Condition
 from fhir.resources.R4B.provenance import Provenance
 
 from .. import __version__
-from ..mappers.condition import OWN_STAGE_SYSTEM
+from ..ownoutput import GRADING_SYSTEM, RESULT_SYSTEM
 from ..settings import GradingSettings
 
 if TYPE_CHECKING:
@@ -46,9 +46,9 @@ if TYPE_CHECKING:
 SNOMED = "http://snomed.info/sct"
 ICD10CM = "http://hl7.org/fhir/sid/icd-10-cm"
 NCIT = "http://ncicb.nci.nih.gov/xml/owl/EVS/Thesaurus.owl"
-LOCAL_SYSTEM = OWN_STAGE_SYSTEM  # "urn:fhir-crs:CodeSystem:grading-system": how a Condition read back is known as its own
+LOCAL_SYSTEM = GRADING_SYSTEM  # "urn:fhir-crs:CodeSystem:grading-system": what is read back is known as its own (ownoutput.py)
 LOCAL_GRADE = "urn:fhir-crs:CodeSystem:grade"
-LOCAL_RESULT = "urn:fhir-crs:CodeSystem:result"
+LOCAL_RESULT = RESULT_SYSTEM  # "urn:fhir-crs:CodeSystem:result"
 HASH_EXTENSION = "urn:fhir-crs:StructureDefinition:content-hash"
 CLINICAL = "http://terminology.hl7.org/CodeSystem/condition-clinical"
 VERIFICATION = "http://terminology.hl7.org/CodeSystem/condition-ver-status"
