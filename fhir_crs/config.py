@@ -55,7 +55,10 @@ class RunConfig(BaseModel):
     private_key_file: str | None = None
     key_id: str | None = None
     jwt_alg: Literal["RS384", "ES384"] = "RS384"
-    scope: str = "system/Observation.rs system/MedicationAdministration.rs system/Procedure.rs system/Patient.rs system/Medication.rs system/Condition.cu system/Bundle.cu"
+    # what fhir-crs reads and searches (Conditions too: problem-list findings, reasons, and its own
+    # written ones, found by identifier), writes (Condition, Bundle) and adds (the Provenance of a write)
+    scope: str = ("system/Observation.rs system/MedicationAdministration.rs system/Procedure.rs system/Patient.rs "
+                  "system/Medication.rs system/Condition.crus system/Bundle.crus system/Provenance.c")
     token_url: str | None = _f(None, allowed="an http(s) URL")
     timeout: float = _f(30.0, gt=0, le=600, unit="s")
     page_size: int = _f(200, ge=1, le=1000, unit="resources per page")

@@ -602,3 +602,26 @@ def test_smart_against_local_server(tmp_path: Path, rsa_key) -> None:
             assert client.search("Patient").pages == 1
     finally:
         server.stop()
+
+
+def test_the_default_scope_covers_every_read_search_and_write():
+    """SMART v2 `system/<Type>.<cruds>`: every type the change feed and fetch_patient read and
+    search (Conditions included), the identifier look-ups and writes of Condition and Bundle,
+    and the Provenance a write adds. A server enforcing scopes refuses anything missing."""
+    from fhir_crs.changefeed import FEED_TYPES
+    from fhir_crs.config import RunConfig
+    from fhir_crs.pipeline import WRITTEN_TYPES
+
+    granted: dict[str, str] = {}
+    for item in RunConfig().scope.split():
+        context, _, rest = item.partition("/")
+        rtype, _, perms = rest.partition(".")
+        assert context == "system" and perms and set(perms) <= set("cruds"), item
+        assert perms == "".join(p for p in "cruds" if p in perms), f"{item}: SMART v2 permissions go in c r u d s order"
+        granted[rtype] = perms
+    for rtype in FEED_TYPES:  # read and searched (feed, fetch_patient, _include of Medications)
+        assert {"r", "s"} <= set(granted.get(rtype, "")), rtype
+    for rtype in set(WRITTEN_TYPES.values()):  # looked up by identifier, created, updated
+        assert {"c", "r", "u", "s"} <= set(granted.get(rtype, "")), rtype
+    assert "c" in granted.get("Provenance", "")
+    assert "d" not in "".join(granted.values())  # fhir-crs never deletes
