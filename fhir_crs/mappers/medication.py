@@ -214,11 +214,9 @@ class MedicationMapper:
         reason_refs: tuple[str, ...] = ()
         if spec.drug_class == "fluid":
             # a fluid given FOR hypotension is a bolus: coded reasonCode first, then text (flagged)
-            contained_codes, contained_words, condition_refs = reason_references(res)
+            contained_codes, reference_words, condition_refs = reason_references(res)
             codes_ = [c for rc in res.get("reasonCode") or [] for c in codings(rc)] + contained_codes
-            words = [t for rc in res.get("reasonCode") or [] for t in texts(rc)] + [
-                rr["display"] for rr in res.get("reasonReference") or [] if isinstance(rr, dict) and isinstance(rr.get("display"), str)
-            ] + contained_words
+            words = [t for rc in res.get("reasonCode") or [] for t in texts(rc)] + reference_words
             indications, ind_text = classify(self.code_map.reasons, codes_, words)
             if "hypotension" in indications and not bolus:
                 bolus = True

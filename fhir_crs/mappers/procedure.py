@@ -63,12 +63,9 @@ class ProcedureMapper:
         for rc in res.get("reasonCode") or []:
             reason_codes.extend(codings(rc))
             reason_parts.extend(texts(rc) or [c for _, c in codings(rc)])
-        for rr in res.get("reasonReference") or []:
-            if isinstance(rr, dict) and isinstance(rr.get("display"), str):
-                reason_parts.append(rr["display"])
-        contained_codes, contained_words, reason_refs = reason_references(res)
+        contained_codes, reference_words, reason_refs = reason_references(res)
         reason_codes += contained_codes
-        reason_parts += contained_words
+        reason_parts += reference_words
         for n in res.get("note") or []:
             if isinstance(n, dict) and isinstance(n.get("text"), str):
                 reason_parts.append(n["text"])

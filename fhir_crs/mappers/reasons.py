@@ -55,11 +55,12 @@ def classify(table: ClassTable, codings: Iterable[tuple[str, str]], texts: Itera
 
 
 def reason_references(res: dict) -> tuple[list[tuple[str, str]], list[str], list[str]]:
-    """A resource's `reasonReference`s to Conditions: (codings and texts of the contained ones —
-    reason codes of the resource itself —, `Condition/id` of the others, whose classes join at
-    the timeline from the patient's own Conditions)."""
+    """A resource's `reasonReference`s: (codings of the contained Conditions — reason codes of the
+    resource itself —, the reason words: every reference's display, then the contained
+    Conditions' texts, `Condition/id` of the other Conditions, whose classes join at the
+    timeline from the patient's own Conditions)."""
     codes: list[tuple[str, str]] = []
-    words: list[str] = []
+    words = [rr["display"] for rr in res.get("reasonReference") or () if isinstance(rr, dict) and isinstance(rr.get("display"), str)]
     refs: list[str] = []
     for rr in res.get("reasonReference") or ():
         target = reference_target(rr)
