@@ -271,7 +271,7 @@ class ResourceMapper:
         if rtype not in _GRADED_TYPES:
             kept.skipped = Skipped(ref, f"resource type {rtype} is not used for grading", "unused_type")
             return
-        if (rtype == "Condition" or rtype == "Observation") and is_own_output(r):
+        if rtype == "Condition" and is_own_output(r):  # (Observations: ObservationMapper, off the hot path)
             kept.skipped = Skipped(ref, OWN_OUTPUT_REASON, "own_output")
             return
         patient, why = self._patient_of(src)

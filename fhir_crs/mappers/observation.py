@@ -16,6 +16,7 @@ import orjson
 
 from ..events import Event, Finding, Measurement, Skipped
 from ..mapping_files import ClassTable, CodeMap, ObservationKind
+from ..ownoutput import OWN_OUTPUT_REASON, is_own_output
 from .common import When, _parse_datetime, codings, label, parse_datetime, quantity, quantity_units, texts
 from .reasons import classify
 from .status import status_decision
@@ -196,12 +197,16 @@ class ObservationMapper:
         return (self.code_map.observations[name] if name else None), by_text
 
     def map(self, res: dict[str, Any], ref: str, flags: set[str]) -> list[Event] | Skipped:
+        kind, by_text = self.match_kind(res.get("code"))
+        if (kind is None or by_text) and is_own_output(res):
+            # a result Observation of a summary Bundle fhir-crs wrote, stored on its own: its codes
+            # are in no mapping table, so only an unmatched (or text-matched) code needs the check
+            return Skipped(ref, OWN_OUTPUT_REASON, "own_output")
         why, flag, code = status_decision(res)
         if why:
             return Skipped(ref, why, code)
         if flag:
             flags.add(flag)
-        kind, by_text = self.match_kind(res.get("code"))
         if kind is not None and "component" not in res and kind.value != "components":
             # the usual vital sign / lab: one value, no components (what the general way below
             # gives for it, without its lists)
