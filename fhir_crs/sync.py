@@ -290,6 +290,19 @@ class StateStore:
                 out.update(r[0] for r in rows)
         return out
 
+    def pending(self, patients: Iterable[str]) -> set[str]:
+        """Those of `patients` whose last write may not have finished (`write_pending`, no `put` after it)."""
+        todo = sorted(set(patients))
+        out: set[str] = set()
+        with self._lock:
+            for i in range(0, len(todo), 500):
+                chunk = todo[i:i + 500]
+                rows = self.db.execute(
+                    f"SELECT patient FROM patient_state WHERE server=? AND result_hash IS NULL AND patient IN "
+                    f"({','.join('?' * len(chunk))})", (self.server, *chunk)).fetchall()
+                out.update(r[0] for r in rows)
+        return out
+
     def feed(self, scope: str) -> tuple[str | None, str | None, str | None]:
         """(cohort high-water mark by the server's clock, when the last full re-read was, the
         conventions hash the cohort was graded with) of `scope`."""
@@ -356,6 +369,15 @@ class StateStore:
                 "INSERT INTO cohort (server, scope, patient, last_infusion) VALUES (?,?,?,?) "
                 "ON CONFLICT(server, scope, patient) DO UPDATE SET last_infusion=MAX(last_infusion, excluded.last_infusion)",
                 [(self.server, scope, p, when) for p, when in members.items()])
+
+    def write_pending(self, patient: str) -> None:
+        """Before the patient's writes: its stored result hash is no longer what the server holds
+        (a run killed after the server committed a write but before `put` would otherwise leave
+        the old hash, and a later night whose result equals it would skip the write, leaving the
+        killed night's grade on the server). Cleared, the next run writes (or finds the server's
+        copy unchanged) whatever its result."""
+        with self._write_txn():
+            self.db.execute("UPDATE patient_state SET result_hash=NULL WHERE server=? AND patient=?", (self.server, patient))
 
     def touch(self, patient: str) -> None:
         with self._lock:
@@ -749,14 +771,17 @@ class Sync:
                 if held is not None or e.ref.startswith("Patient/"):
                     deleted.add(e.ref)
                     targets.add(patient)
+                    log.debug("re-read: %s deleted (version %s; graded %s)", e.ref, e.version, held)
                 continue
             if held is not None and held[0] == patient and version_newer_or_same(held[1], e.version):
                 continue  # this version was graded (the overlap re-reads the previous night's end)
             targets.add(patient)
+            log.debug("re-read: %s version %s (graded %s)", e.ref, e.version, held)
         med_targets, med_deleted = self._medication_changes(read.entries, in_cohort)
         targets |= med_targets
         deleted |= med_deleted
         targets |= in_cohort - self.state.known(in_cohort)  # new to the cohort, or never finished
+        targets |= self.state.pending(in_cohort)  # a write that may not have finished
         retried = (retry.patients & in_cohort) if retry is not None else set()
         if retried:
             log.info("%d patient(s) the last run did not write are re-read in full", len(retried))
@@ -904,7 +929,8 @@ class Sync:
             self.stop.check()  # a stop was requested: this patient is not started
             prior = self.state.get(patient)
             since = self.since or (prior or {}).get("high_water")
-            if not force and since and (prior is not None or self.since) and not has_changes(self.client, patient, since):
+            trusted = prior is not None and prior.get("result_hash") is not None  # not a write left unfinished
+            if not force and since and (trusted or self.since) and not has_changes(self.client, patient, since):
                 self._count(unchanged=1)
                 if not self.dry_run:
                     self.state.touch(patient)
@@ -942,6 +968,8 @@ class Sync:
                 self.state.put(patient, high_water, new_hash, prior.get("grades") or "", refs, medications)
             return
         self._count(changed=1)
+        if prior is not None and prior.get("result_hash") and not self.dry_run:
+            self.state.write_pending(patient)
         written_cases: list[CaseRecord] = []
         for case, cj in zip(cases, case_json, strict=True):
             self.stop.check()
