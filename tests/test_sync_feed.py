@@ -203,6 +203,15 @@ def test_quiet_night_new_observation_and_hard_delete(server, cohort, tmp_path):
     again = sync(server, state)  # the deletions (inside the overlap) are not counted twice
     assert again["graded"] == 0 and again["deleted_resources"] == 0 and again["requests"] <= 10
 
+    v07 = {e["resource"]["id"]: e["resource"] for e in json.loads((ROOT / "fixtures" / "R4" / "vignettes" / "V07.json").read_text())["entry"]}
+    for ref in pressors:  # created again under the same ids (new versions after the deletions)
+        client.put(ref, v07[ref.split("/")[1]])
+    wide = {"FHIR_CRS_SYNC_OVERLAP_SECONDS": "120"}  # the deletions and re-creations inside the overlap, surely
+    back = sync(server, state, env=wide)
+    assert back["graded"] == 1 and back["changed_patients"] == 1 and crs_grade(client, cohort["V07"]) == 3
+    settled = sync(server, state, env=wide)  # a deletion older than the graded re-created version: not a change
+    assert settled["graded"] == 0 and settled["deleted_resources"] == 0, settled
+
 
 PRESSORS_V07 = ("v07-medadmin-0007", "v07-medadmin-0008", "v07-medadmin-0011")
 
