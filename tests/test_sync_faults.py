@@ -273,7 +273,7 @@ def test_killed_incremental_nights_converge_to_what_a_full_run_writes(kind: str,
         final = run()
         assert not final["errors"] and final["change_feed"] == "history"
         again = run("-v")  # converged: a quiet night
-        # (the whole summary on failure: once, under load, a night after `final` re-graded one patient)
+        # (on failure: the summary and the run's debug log, which names why each patient was re-read)
         assert again["graded"] == 0 and again["written"] == {"Condition": 0, "Bundle": 0}, (
             json.dumps({k: v for k, v in again.items() if k != "_stderr"}), again["_stderr"][-4000:])
         # what a full re-read with no state would write: nothing — the server already holds it
@@ -295,9 +295,10 @@ def test_killed_incremental_nights_converge_to_what_a_full_run_writes(kind: str,
 def test_a_write_the_server_committed_before_the_sync_died_is_not_trusted_as_the_stored_result(tmp_path: Path, monkeypatch):
     """The run died after the server committed a patient's new grade but before the state store
     recorded it (kill -9 between the two). The store still held the previous result's hash; the
-    next night's data reverted to the previous result, so the hash matched and nothing was
-    written: the server kept the dead night's grade (a `--full` run with a fresh store then
-    wrote). Now the hash is cleared before the writes, so the next run rewrites the grade."""
+    next night's data reverted to the previous result (here a fever deleted; in the kill test V07's
+    vasopressors deleted again), so the hash matched and nothing was written: the server kept the
+    dead night's grade (a `--full` run with a fresh store then wrote). Now the hash is cleared
+    before the writes, so the next run rewrites the grade."""
     from click.testing import CliRunner
 
     import fhir_crs.sync as sync_mod
