@@ -279,27 +279,21 @@ class StateStore:
 
     def known(self, patients: Iterable[str]) -> set[str]:
         """Those of `patients` with a state row (graded by an earlier run)."""
-        todo = sorted(set(patients))
-        out: set[str] = set()
-        with self._lock:
-            for i in range(0, len(todo), 500):
-                chunk = todo[i:i + 500]
-                rows = self.db.execute(
-                    f"SELECT patient FROM patient_state WHERE server=? AND patient IN ({','.join('?' * len(chunk))})",
-                    (self.server, *chunk)).fetchall()
-                out.update(r[0] for r in rows)
-        return out
+        return self._patients_with_row(patients, "")
 
     def pending(self, patients: Iterable[str]) -> set[str]:
         """Those of `patients` whose last write may not have finished (`write_pending`, no `put` after it)."""
+        return self._patients_with_row(patients, " AND result_hash IS NULL")
+
+    def _patients_with_row(self, patients: Iterable[str], condition: str) -> set[str]:
         todo = sorted(set(patients))
         out: set[str] = set()
         with self._lock:
             for i in range(0, len(todo), 500):
                 chunk = todo[i:i + 500]
                 rows = self.db.execute(
-                    f"SELECT patient FROM patient_state WHERE server=? AND result_hash IS NULL AND patient IN "
-                    f"({','.join('?' * len(chunk))})", (self.server, *chunk)).fetchall()
+                    f"SELECT patient FROM patient_state WHERE server=?{condition} AND patient IN ({','.join('?' * len(chunk))})",
+                    (self.server, *chunk)).fetchall()
                 out.update(r[0] for r in rows)
         return out
 
