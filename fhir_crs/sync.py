@@ -736,6 +736,7 @@ class Sync:
             graded = self.state.graded(e.ref for e in compartment if e.patient is None)
             targets = {e.patient or graded.get(e.ref, ("",))[0] for e in compartment} & cohort_now
             med_targets, med_deleted = self._medication_changes(read.entries, cohort_now)
+            targets |= self.state.pending(cohort_now)  # a write that may not have finished
             return NightPlan(patients, targets | med_targets, None, None, read,
                              sum(1 for e in compartment if e.deleted and e.ref in graded) + len(med_deleted))
         if full_reason is not None or (explicit is None and not self.state.has_cohort(scope)):

@@ -296,13 +296,18 @@ def test_killed_incremental_nights_converge_to_what_a_full_run_writes(kind: str,
         server.close()
 
 
-def test_a_write_the_server_committed_before_the_sync_died_is_not_trusted_as_the_stored_result(tmp_path: Path, monkeypatch):
+@pytest.mark.parametrize("recovery", ["night", "since"])
+def test_a_write_the_server_committed_before_the_sync_died_is_not_trusted_as_the_stored_result(recovery: str, tmp_path: Path,
+                                                                                              monkeypatch):
     """The run died after the server committed a patient's new grade but before the state store
     recorded it (kill -9 between the two). The store still held the previous result's hash; the
     next night's data reverted to the previous result (here a fever deleted; in the kill test V07's
     vasopressors deleted again), so the hash matched and nothing was written: the server kept the
     dead night's grade (a `--full` run with a fresh store then wrote). Now the hash is cleared
-    before the writes, so the next run rewrites the grade."""
+    before the writes, so the next run rewrites the grade; a `--since` run after the deletion (whose
+    feed holds nothing of the patient) re-reads it too."""
+    from datetime import UTC, datetime
+
     from click.testing import CliRunner
 
     import fhir_crs.sync as sync_mod
@@ -316,9 +321,9 @@ def test_a_write_the_server_committed_before_the_sync_died_is_not_trusted_as_the
         listing = tmp_path / "patients.txt"
         listing.write_text(pid + "\n")
 
-        def sync(expect_exit: int = 0) -> dict:
+        def sync(*extra: str, expect_exit: int = 0) -> dict:
             r = CliRunner().invoke(cli, ["sync", "--server", server.base, "--state", str(state), "--json",
-                                         "--patients", str(listing)],
+                                         "--patients", str(listing), *extra],
                                    env={"FHIR_CRS_IDENTIFIER_SYSTEM": SYSTEM, "FHIR_CRS_SYNC_OVERLAP_SECONDS": OVERLAP})
             assert r.exit_code == expect_exit, (r.exit_code, r.stderr)
             return json.loads(r.stdout) if expect_exit == 0 else {}
@@ -346,7 +351,12 @@ def test_a_write_the_server_committed_before_the_sync_died_is_not_trusted_as_the
         assert '"code": "refuted"' not in stored()  # the dead night's CRS 2 is on the server
         time.sleep(float(OVERLAP) + 0.5)
         client.delete_url("Observation/wp-fever")  # back to the first night's data, versions and all
-        night = sync()
+        if recovery == "since":
+            time.sleep(1.1)
+            night = sync("--since", datetime.now(UTC).isoformat(timespec="seconds").replace("+00:00", "Z"))
+            assert night["changed_patients"] == 1, night
+        else:
+            night = sync()
         assert night["written"]["Condition"] == 1, night
         assert '"code": "refuted"' in stored()
         assert sync()["written"] == {"Condition": 0, "Bundle": 0}  # and then quiet
