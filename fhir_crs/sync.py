@@ -934,8 +934,9 @@ class Sync:
             self.stop.check()  # a stop was requested: this patient is not started
             prior = self.state.get(patient)
             since = self.since or (prior or {}).get("high_water")
-            trusted = prior is not None and prior.get("result_hash") is not None  # not a write left unfinished
-            if not force and since and (trusted or self.since) and not has_changes(self.client, patient, since):
+            unfinished = prior is not None and prior.get("result_hash") is None  # a write that may not have finished
+            if not force and not unfinished and since and (prior is not None or self.since) \
+                    and not has_changes(self.client, patient, since):
                 self._count(unchanged=1)
                 if not self.dry_run:
                     self.state.touch(patient)
