@@ -126,6 +126,11 @@ def version_newer_or_same(held: str | None, seen: str | None) -> bool:
     return held == seen
 
 
+def version_newer(held: str | None, seen: str | None) -> bool:
+    """True when the version `held` is strictly later than `seen` (numeric versionIds only)."""
+    return bool(held and seen and held.isdigit() and seen.isdigit() and int(held) > int(seen))
+
+
 def _entry(rtype: str, entry: dict[str, Any]) -> FeedEntry | None:
     resource = entry.get("resource") if isinstance(entry.get("resource"), dict) else None
     request = entry.get("request") if isinstance(entry.get("request"), dict) else {}

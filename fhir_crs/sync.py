@@ -40,6 +40,7 @@ from .changefeed import (
     minus,
     parse_instant,
     version_id,
+    version_newer,
     version_newer_or_same,
 )
 from .errors import ConfigError, FhirCrsError
@@ -632,14 +633,6 @@ def _medication_refs(resources: Iterable[dict[str, Any]]) -> dict[str, str | Non
     return out
 
 
-def _recreated_after(held: str | None, deleted: str | None) -> bool:
-    """The version graded (`held`) is later than the deletion's version: the resource was
-    created again after it was deleted (a DELETE, then a PUT of the same id) and that version
-    was graded. Strictly later: a server that gives the deletion no version of its own names the
-    last live one, which may be the one graded."""
-    return bool(held and deleted and held.isdigit() and deleted.isdigit() and int(held) > int(deleted))
-
-
 def _refs(resources: Iterable[dict[str, Any]]) -> dict[str, str | None]:
     """`Type/id` -> meta.versionId of what was graded (the change feed's de-duplication key)."""
     out: dict[str, str | None] = {}
@@ -771,8 +764,11 @@ class Sync:
             if patient is None or patient not in in_cohort:
                 continue  # another patient's data, or a deletion of something never graded
             if e.deleted:
-                if held is not None and _recreated_after(held[1], e.version):
-                    continue  # deleted, then re-created, and the re-created version was graded
+                if held is not None and version_newer(held[1], e.version):
+                    # deleted, then created again under the same id, and that later version was
+                    # graded; strictly later: a server that gives a deletion no version of its own
+                    # names the last live one, which may be the one graded
+                    continue
                 if held is not None or e.ref.startswith("Patient/"):
                     deleted.add(e.ref)
                     targets.add(patient)
