@@ -41,6 +41,7 @@ import io
 import re
 from collections.abc import Iterable
 from datetime import UTC, datetime, timedelta, tzinfo
+from functools import lru_cache
 from typing import Any
 
 __all__ = ["FIELDS", "cibmtr_csv", "cibmtr_row", "cibmtr_rows"]
@@ -99,20 +100,19 @@ def _parse(t: str | None) -> datetime | None:
 
 
 def _fio2_estimate(device: str, flow: float | None, fio2: float | None) -> float | None:
-    """FiO2 in percent: documented, else the grader's default estimate (mappings/grading.toml)."""
-    if fio2 is not None:
-        return fio2
-    if device in ("nasal_cannula", "unspecified_o2"):
-        if flow is None:
-            return None
-        return min(20 + 4 * min(flow, 6) + 3 * max(flow - 6, 0), 60)
-    if device == "face_mask":
-        return min(40 + 4 * max((flow or 5) - 5, 0), 60)
-    if device == "non_rebreather":
-        return 80.0
-    if device == "blow_by":
-        return 30.0
-    return None
+    """FiO2 in percent: documented, else the grader's estimate at the default settings
+    (`Support.fio2_estimate`, grading-criteria §1.5: HFNC by its flow, or as high flow without one)."""
+    from .timeline import Support
+
+    epoch = datetime(1970, 1, 1, tzinfo=UTC)
+    return Support(device, epoch, epoch, [], flow=flow, fio2=fio2).fio2_estimate(_default_settings())[0]
+
+
+@lru_cache(maxsize=1)
+def _default_settings() -> Any:
+    from .settings import GradingSettings
+
+    return GradingSettings()
 
 
 def _support_segments(case: dict[str, Any]) -> list[dict[str, Any]]:
@@ -280,7 +280,7 @@ def cibmtr_row(case: dict[str, Any], tz: tzinfo = UTC) -> dict[str, str]:
     seizure_criteria = [c for c in criteria if "seizure" in c["criterion"]]
     row["q106_seizure"] = _yn(bool(seizures or seizure_criteria))
     text = " ".join([e["detail"] for e in seizures] + [c["criterion"] for c in seizure_criteria])
-    row["q107_seizure_type"] = "" if not text else "status epilepticus" if re.search(r"status", text, re.I) else \
+    row["q107_seizure_type"] = "" if not text else "status epilepticus" if re.search(r"status|prolonged|repetitive|without return", text, re.I) else \
         "generalized tonic-clonic" if re.search(r"tonic|generali[sz]ed", text, re.I) else \
         "non-convulsive" if re.search(r"non-?convulsive", text, re.I) else "other"
     severe = any(c["grade"] >= 4 for c in seizure_criteria) or "status" in row["q107_seizure_type"]

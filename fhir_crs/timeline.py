@@ -65,12 +65,16 @@ class Support:
         return self.device in PPV
 
     def fio2_estimate(self, s: GradingSettings) -> tuple[float | None, bool]:
-        """FiO2 in percent: documented, else the §1.5 estimate (flagged as estimated)."""
+        """FiO2 in percent: documented, else the §1.5 estimate (flagged as estimated). A nasal
+        cannula by flow, HFNC included (> 6 L/min: +3 %/L, capped); an HFNC without a flow is
+        high flow by its class (§1.5: > low_flow_max_lpm), so at least the estimate at that flow."""
         if self.fio2 is not None:
             return self.fio2, False
         f = self.flow
         d = self.device
-        if d in ("nasal_cannula", "unspecified_o2"):
+        if d == "high_flow_nasal_cannula" and f is None:
+            f = s.low_flow_max_lpm
+        if d in ("nasal_cannula", "unspecified_o2", "high_flow_nasal_cannula"):
             if f is None:
                 return None, True
             low = s.fio2_nc_base + s.fio2_nc_per_lpm * min(f, 6)
@@ -165,21 +169,31 @@ class CaseTimeline:
 
     def sbp_threshold(self, s: GradingSettings) -> float:
         """PALS / PedsCARTOX hypotension threshold for the age at infusion (§1.3)."""
-        if self.age_days is None or self.age_years is None:
+        return _sbp_threshold(s, self.age_years, self.age_days)
+
+    def sbp_threshold_at(self, s: GradingSettings, t: datetime) -> float:
+        """The threshold for the age at `t` (a child may pass a birthday during the course)."""
+        if self.birth_date is None:
             return s.sbp_adult
-        if self.age_days <= 28:
-            return s.sbp_neonate
-        if self.age_years < 1:
-            return s.sbp_infant
-        if self.age_years <= 10:
-            return s.sbp_child_base + s.sbp_child_per_year * self.age_years
-        return s.sbp_adult
+        return _sbp_threshold(s, *_age(self.birth_date, t))
 
     def in_window(self, t: datetime) -> bool:
         return any(a <= t <= b for a, b, _ in self.windows)
 
     def findings_of(self, kind: str) -> list[Finding]:
         return [f for f in self.findings if f.kind == kind]
+
+
+def _sbp_threshold(s: GradingSettings, years: int | None, days: int | None) -> float:
+    if days is None or years is None:
+        return s.sbp_adult
+    if days <= 28:
+        return s.sbp_neonate
+    if years < 1:
+        return s.sbp_infant
+    if years <= 10:
+        return s.sbp_child_base + s.sbp_child_per_year * years
+    return s.sbp_adult
 
 
 def _age(birth: date, at: datetime) -> tuple[int, int]:
@@ -476,6 +490,12 @@ def _hypotension(tl: CaseTimeline, s: GradingSettings) -> None:
             continue
         readings.append(m)
     low = [m for m in readings if m.value < thr]
+    if tl.age_years is not None and tl.age_years <= 10 and any(
+        m.time >= tl.infusion and thr <= m.value < tl.sbp_threshold_at(s, m.time) for m in readings
+    ):
+        # §1.3 [I]: the threshold is the one for the age at infusion; a reading low only for the
+        # age the child had reached when it was taken is flagged, never silently set aside
+        tl.flags.add("age_threshold_changes")
     gap_min = timedelta(minutes=s.hypotension_confirm_min_gap_min)
     window = timedelta(minutes=s.hypotension_confirm_window_min)
     treat = timedelta(minutes=s.hypotension_treatment_window_min)
@@ -505,6 +525,10 @@ def _hypotension(tl: CaseTimeline, s: GradingSettings) -> None:
         ]
         if treated:
             tl.hypotension.append(Hypotension(m.time, m.value, thr, [m.ref, *treated], "treated"))
+        elif m.time >= tl.infusion:
+            # §1.3 [I]: one low reading, neither repeated nor treated, is not a hypotension event;
+            # it could be (a missed repeat), so the result says so for review
+            tl.flags.add("hypotension_unconfirmed")
 
 
 def _support(tl: CaseTimeline, device_rows: list[Finding], flow_rows: list[Measurement],
@@ -626,8 +650,6 @@ def _attribute_ppv(tl: CaseTimeline, segs: list[Support], s: GradingSettings) ->
         classes = frozenset().union(*(g.indications for g in run))
         if "respiratory_failure" in classes:  # mappings/reasons.toml: coded first, negated text never counts
             ok, note = True, "indication: respiratory failure"
-        elif "not_hypoxic" in classes:
-            ok, note = False, f"indication not hypoxic ({reason})"
         else:
             hypoxic_spo2 = any(start - look <= m.time <= start and m.value < s.spo2_hypoxia for m in tl.spo2)
             o2_before = any(
@@ -635,6 +657,15 @@ def _attribute_ppv(tl: CaseTimeline, segs: list[Support], s: GradingSettings) ->
             )
             ok = hypoxic_spo2 or o2_before
             note = "preceded by hypoxia" if ok else "no hypoxia in the preceding window"
+            if "not_hypoxic" in classes:
+                # §2.3 [I]: hypoxia within the look-back OR a respiratory-failure indication counts;
+                # a documented airway-protection indication vetoes only when no hypoxia preceded.
+                # Both documented: counted (never under-called) and flagged for the reviewer.
+                if ok:
+                    note = f"preceded by hypoxia, although the documented indication is not hypoxic ({reason})"
+                    tl.flags.add("ppv_indication_conflict")
+                else:
+                    note = f"indication not hypoxic ({reason}), no hypoxia in the preceding window"
         for g in run:
             g.attributed, g.attribution_note = ok, note
 

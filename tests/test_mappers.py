@@ -75,7 +75,7 @@ def test_cerner_pulse_ox_components_carry_flow_and_fio2(code_map):
         ({k: v for k, v in temp(1, 39.0).items() if k != "effectiveDateTime"}, "no effective time"),
         ({**temp(1, 39.0), "effectiveDateTime": "2025-03-10"}, "day precision"),
         (obs("39156-5", 1, 22, "kg/m2"), "code not in mappings/observations.toml"),
-        (obs("8480-6", 1, 120, "kPa"), "cannot be converted"),
+        (obs("8480-6", 1, 120, "mL"), "cannot be converted"),
     ],
 )
 def test_observation_skips_with_reason(code_map, res, reason):

@@ -1,12 +1,13 @@
 """Stage 4 (adjacent syndromes, reported beside CRS/ICANS, grading-criteria §11):
 
-* carHLH (CARTOX, §7.3): peak ferritin > 10,000 ng/mL within the CRS phase (first 5 days) and
-  subsequently any two of: grade >= 3 bilirubin/AST/ALT, grade >= 3 creatinine, grade >= 3
-  pulmonary oedema, haemophagocytosis.
-* IEC-HS screen (Hines 2023, [P]): hyperferritinaemia (> 2x day-0 baseline or ULN) together with
-  hypofibrinogenaemia, transaminases > 5x ULN, new cytopenia after count recovery,
-  hypertriglyceridaemia, LDH > ULN or haemophagocytosis; a provisional grade from the treatment
-  it needed. A screen, flagged for review, not a diagnosis.
+* carHLH (CARTOX, §7.3): peak ferritin > 10,000 ng/mL within the CRS phase (the first
+  `carhlh_window_days`, extended to the end of a CRS episode still open then) and subsequently
+  any two of: grade >= 3 bilirubin/AST/ALT, grade >= 3 creatinine, grade >= 3 pulmonary oedema,
+  haemophagocytosis.
+* IEC-HS screen (Hines 2023, [P]): hyperferritinaemia (> 2x day-0 baseline or > 2x ULN, either)
+  together with hypofibrinogenaemia, transaminases > 5x ULN, an ANC re-fall after recovery from
+  neutropenia, hypertriglyceridaemia, LDH > ULN or haemophagocytosis; a provisional grade from
+  the treatment and support it needed (§11.1 table). A screen, flagged for review, not a diagnosis.
 * ICAHT (Rejeski 2023, the published R implementation's approach, §11.3): early grade from the
   longest run of ANC <= 500 and <= 100 /uL in days 0-30 (lowest value per day, gaps up to 7 days
   interpolated and flagged, runs separated by < 3 days above 500 joined); late grade from the
@@ -23,10 +24,13 @@ from datetime import datetime, timedelta
 from itertools import pairwise
 from typing import Any
 
+from ..events import DrugGiven
 from ..settings import GradingSettings
 from ..timeline import CaseTimeline
+from .episodes import Episode
 from .organ import baseline, grade_lab
 from .result import iso
+from .state import case_state
 
 H = timedelta(hours=1)
 DAY = timedelta(days=1)
@@ -36,23 +40,49 @@ def _day(tl: CaseTimeline, t: datetime) -> int:
     return int((t - tl.infusion) // DAY)
 
 
+def crs_phase_end(tl: CaseTimeline, s: GradingSettings) -> tuple[datetime, Episode | None]:
+    """End of the CRS phase of §7.3 ("typically the first 5 days"): `carhlh_window_days` after
+    infusion, extended to the end of a CRS episode (ASTCT fever-anchored episodes, §1.1) that is
+    still open then (an unresolved episode: to the last record). The CRS phase is read as the CRS
+    itself, the day count as its usual length, so a ferritin > 10,000 later in an open episode is
+    counted (and flagged `carhlh_crs_phase_extended`), never left out."""
+    window_end = tl.infusion + timedelta(days=s.carhlh_window_days)
+    open_eps = [ep for ep in case_state(tl, s).episodes([]) if ep.onset <= window_end <= ep.end_bound(tl)]
+    if not open_eps:
+        return window_end, None
+    ep = max(open_eps, key=lambda e: e.end_bound(tl))
+    return max(window_end, ep.end_bound(tl)), ep
+
+
 def carhlh(tl: CaseTimeline, s: GradingSettings) -> dict[str, Any]:
     flags: list[str] = []
     evidence: list[str] = []
     criteria: list[str] = []
     window_end = tl.infusion + timedelta(days=s.carhlh_window_days)
-    ferritin = [m for m in tl.labs.get("ferritin", []) if tl.infusion <= m.time <= window_end]
+    phase_end, open_ep = crs_phase_end(tl, s)
+    ferritin = [m for m in tl.labs.get("ferritin", []) if tl.infusion <= m.time <= phase_end]
     peak = max(ferritin, key=lambda m: m.value, default=None)
     out: dict[str, Any] = {"met": False, "onset": None, "criteria": criteria, "flags": flags, "evidence": evidence}
     if not tl.labs.get("ferritin"):
         flags.append("no_ferritin")
         return out
+    # the convention that bounded the phase, said in the criterion (carhlh_window_days)
+    phase = f"days 0-{s.carhlh_window_days:g}"
+    if open_ep is not None and phase_end > window_end:
+        phase = (f"the CRS phase: days 0-{s.carhlh_window_days:g}, extended to day {_day(tl, phase_end)} "
+                 f"by the CRS episode open on day {s.carhlh_window_days:g}")
     if peak is None or peak.value <= s.carhlh_ferritin:
         if peak is not None:
-            criteria.append(f"peak ferritin {peak.value:,.0f} ng/mL in days 0-{s.carhlh_window_days:g} (not > {s.carhlh_ferritin:,.0f})")
+            criteria.append(f"peak ferritin {peak.value:,.0f} ng/mL in {phase} (not > {s.carhlh_ferritin:,.0f})")
         return out
-    criteria.append(f"ferritin {peak.value:,.0f} ng/mL > {s.carhlh_ferritin:,.0f} on day {_day(tl, peak.time)}")
     evidence.append(peak.ref)
+    if open_ep is not None and not any(m.value > s.carhlh_ferritin for m in ferritin if m.time <= window_end):
+        # met only through the extension: say so, and cite the episode's onset
+        flags.append("carhlh_crs_phase_extended")
+        criteria.append(f"ferritin {peak.value:,.0f} ng/mL > {s.carhlh_ferritin:,.0f} on day {_day(tl, peak.time)} (in {phase})")
+        evidence.extend(r for r in open_ep.onset_refs if r not in evidence)
+    else:
+        criteria.append(f"ferritin {peak.value:,.0f} ng/mL > {s.carhlh_ferritin:,.0f} on day {_day(tl, peak.time)}")
     hits: list[tuple[datetime, str, str]] = []
     first_high = min((m for m in ferritin if m.value > s.carhlh_ferritin), key=lambda m: m.time)
     for lab in ("bilirubin", "ast", "alt", "creatinine"):
@@ -94,13 +124,21 @@ def iec_hs(tl: CaseTimeline, s: GradingSettings, crs_resolved: datetime | None) 
     base = [m for m in ferr_all if m.time <= tl.infusion + 12 * H]
     base_v = base[-1].value if base else None
     manifest: list[tuple[datetime, str, str, str]] = []  # time, kind, text, ref
+    k = s.iec_hs_ferritin_factor
     for m in ferr_all:
+        # §11.1 "> 2 x ULN or > 2 x baseline at infusion": either one (the more sensitive reading)
         if m.time <= tl.infusion + 12 * H:
             continue
-        ref_v = base_v if base_v else (m.uln or s.uln_ferritin)
-        what = "baseline" if base_v else "ULN"
-        if m.value > s.iec_hs_ferritin_factor * ref_v:
-            manifest.append((m.time, "ferritin", f"ferritin {m.value:,.0f} ng/mL > {s.iec_hs_ferritin_factor:g}x {what} ({ref_v:,.0f})", m.ref))
+        uln = m.uln or s.uln_ferritin
+        if base_v and m.value > k * base_v:
+            text = f"ferritin {m.value:,.0f} ng/mL > {k:g}x baseline ({base_v:,.0f})"
+        elif m.value > k * uln:
+            text = f"ferritin {m.value:,.0f} ng/mL > {k:g}x ULN ({uln:,.0f})"
+            if base_v:
+                text += f", {m.value / base_v:.2g}x baseline ({base_v:,.0f})"
+        else:
+            continue
+        manifest.append((m.time, "ferritin", text, m.ref))
     for m in labs.get("fibrinogen", []):
         if m.time > tl.infusion and m.value < (m.lln or s.fibrinogen_low):
             manifest.append((m.time, "fibrinogen", f"fibrinogen {m.value:g} mg/dL < {m.lln or s.fibrinogen_low:g}", m.ref))
@@ -115,16 +153,7 @@ def iec_hs(tl: CaseTimeline, s: GradingSettings, crs_resolved: datetime | None) 
     for m in labs.get("ldh", []):
         if m.time > tl.infusion and m.uln and m.value > m.uln:
             manifest.append((m.time, "ldh", f"LDH {m.value:g} U/L > ULN {m.uln:g}", m.ref))
-    anc = sorted(labs.get("anc", []), key=lambda m: m.time)
-    recovered = False
-    for m in anc:
-        if m.time <= tl.infusion:
-            continue
-        if m.value > 500:
-            recovered = True
-        elif recovered:
-            manifest.append((m.time, "cytopenia", f"ANC re-fall to {m.value:g}/uL after recovery", m.ref))
-            recovered = False
+    manifest += _anc_refalls(tl)
     for f in tl.findings_of("hemophagocytosis"):
         if f.detail == "present" and f.time >= tl.infusion:
             manifest.append((f.time, "hemophagocytosis", "hemophagocytosis", f.ref))
@@ -168,28 +197,86 @@ def iec_hs(tl: CaseTimeline, s: GradingSettings, crs_resolved: datetime | None) 
                 or (d.drug_class == "corticosteroid" and (crs_resolved is None or d.start > crs_resolved))
             )
         ]
-        transfused = [d for d in tl.drugs if d.start >= lo and d.drug_class == "blood_product"]
-        severe = [p for p in tl.procedures if p.start >= lo and p.kind in ("intubation", "invasive_ventilation", "blood_purification")]
-        grade = 1
-        if directed or transfused:
-            grade = 2
-        if directed and transfused:
-            grade = 3
-        if severe:
-            grade = 4
-        if tl.deceased is not None and tl.deceased >= onset:
-            grade = 5
+        grade, basis = _iec_hs_grade(tl, lo, onset, directed)
         out["grade"] = grade
         flags.append("iec_hs_grade_provisional")
-        for d in [*directed, *transfused]:
-            if d.ref not in cited:
-                cited.add(d.ref)
-                evidence.append(d.ref)
+        for text, refs in basis:
+            out["criteria"].append(text)
+            for ref in refs:
+                if ref not in cited:
+                    cited.add(ref)
+                    evidence.append(ref)
     elif manifest:
         for t, _kind, text, ref in manifest[:5]:
             out["criteria"].append(f"{text} (day {_day(tl, t)})")
             evidence.append(ref)
     return out
+
+
+def _anc_refalls(tl: CaseTimeline) -> list[tuple[datetime, str, str, str]]:
+    """IEC-HS "ANC re-fall after recovery" (§11.1 software role): an ANC <= 500/uL after a value
+    > 500 that itself followed a neutropenic value (<= 500) after infusion. The first fall from a
+    normal count is the expected post-lymphodepletion nadir (ICAHT), not a re-fall; any value
+    > 500 counts as recovery (the sensitive reading; the criterion says from which day)."""
+    out: list[tuple[datetime, str, str, str]] = []
+    neutropenic = False
+    recovery: list[datetime] = []  # times of the values > 500 since the last neutropenic one
+    for m in sorted(tl.labs.get("anc", []), key=lambda m: m.time):
+        if m.time <= tl.infusion:
+            continue
+        if m.value > 500:
+            if neutropenic:
+                recovery.append(m.time)
+            continue
+        if recovery:
+            a, b = _day(tl, recovery[0]), _day(tl, recovery[-1])
+            days = f"day {a}" if a == b else f"days {a}-{b}"
+            out.append((m.time, "cytopenia", f"ANC re-fall to {m.value:g}/uL after recovery > 500/uL on {days}", m.ref))
+        neutropenic, recovery = True, []
+    return out
+
+
+def _iec_hs_grade(tl: CaseTimeline, lo: datetime, onset: datetime,
+                  directed: list[DrugGiven]) -> tuple[int, list[tuple[str, list[str]]]]:
+    """Provisional IEC-HS grade by the §11.1 table from what the picture needed from `lo` on, with
+    the basis of each step (text, refs): 2 = IEC-HS-directed immunosuppression or transfusion
+    (blood products given as MedicationAdministration, or Procedures of kind transfusion_cryo);
+    3 = both; 4 = life-threatening: vasopressor-dependent hypotension (a vasopressor course
+    running from `lo` on; short/peri-procedural infusions were set aside by the timeline),
+    intubation / invasive ventilation, ECMO, blood purification (dialysis); 5 = death after onset."""
+    transfused: list[tuple[str, int, str]] = [
+        (d.drug, _day(tl, d.start), d.ref) for d in tl.drugs if d.start >= lo and d.drug_class == "blood_product"]
+    transfused += [(p.text or "transfusion", _day(tl, p.start), p.ref) for p in tl.procedures
+                   if p.start >= lo and p.kind == "transfusion_cryo"]
+    pressors = [c for c in tl.pressors if c.end >= lo]
+    severe = [p for p in tl.procedures if p.start >= lo and p.kind in ("intubation", "invasive_ventilation", "ecmo", "blood_purification")]
+    basis: list[tuple[str, list[str]]] = []
+    if directed:
+        names = ", ".join(dict.fromkeys(d.drug for d in directed))
+        basis.append((f"IEC-HS-directed therapy: {names} (from day {_day(tl, directed[0].start)})", [d.ref for d in directed]))
+    if transfused:
+        names = ", ".join(dict.fromkeys(name for name, _, _ in transfused))
+        basis.append((f"transfusion: {names} (from day {min(d for _, d, _ in transfused)})", [r for _, _, r in transfused]))
+    grade = 1
+    if directed or transfused:
+        grade = 2
+    if directed and transfused:
+        grade = 3
+    if pressors:
+        first = min(pressors, key=lambda c: c.start)
+        low = [h for h in tl.hypotension if first.start - 6 * H <= h.time <= first.end][:1]
+        names = ", ".join(dict.fromkeys(c.drug for c in pressors))
+        basis.append((f"life-threatening hypotension: vasopressor-dependent ({names}, from day {_day(tl, first.start)})",
+                      [r for c in pressors for r in c.refs] + [r for h in low for r in h.refs]))
+        grade = 4
+    if severe:
+        names = ", ".join(dict.fromkeys(p.kind.replace("_", " ") for p in severe))
+        basis.append((f"life-threatening: {names} (from day {_day(tl, severe[0].start)})", [p.ref for p in severe]))
+        grade = 4
+    if tl.deceased is not None and tl.deceased >= onset:
+        basis.append((f"death (day {_day(tl, tl.deceased)})", [tl.deceased_ref] if tl.deceased_ref else []))
+        grade = 5
+    return grade, basis
 
 
 def _daily_anc(tl: CaseTimeline, last_day: int) -> dict[int, tuple[float, str]]:

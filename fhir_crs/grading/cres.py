@@ -1,7 +1,8 @@
 """Stage 4 (neurotoxicity, comparison system): CARTOX CRES (Neelapu 2018; grading-criteria §7.2).
 
 CARTOX-10 bands (7-9 / 3-6 / 0-2 / cannot be assessed), raised ICP (any cerebral oedema = 4),
-seizures (partial 3; generalized or status 4) and new motor weakness (4); no
+seizures (partial 3; generalized or status 4: longer than `seizure_status_min`, or repetitive
+without return to baseline; an unspecified type is graded 3 and flagged) and new motor weakness (4); no
 level-of-consciousness row. Where no CARTOX-10 is charted the ICE score stands in (they differ
 by one item; flagged). Children under the ICE age use CAPD bands (PedsCARTOX neuro; Mahadeo's
 exact mapping was not verified — flagged).
@@ -17,7 +18,7 @@ from datetime import datetime, timedelta
 from ..events import Finding, Measurement
 from ..settings import GradingSettings
 from ..timeline import CaseTimeline
-from .icans import Assessment, neuro_episodes, summarise_neuro
+from .icans import Assessment, neuro_episodes, prolonged_seizure, repetitive_seizures, summarise_neuro
 from .result import Criterion, SystemResult
 from .state import Cover
 
@@ -79,15 +80,26 @@ def grade_cres(tl: CaseTimeline, s: GradingSettings) -> SystemResult:
                 else:
                     a.criteria.append(Criterion(t, 3, f"{label} {v:g} (0-2)", [e.ref]))
         elif isinstance(e, Finding):
-            if e.kind.startswith("unable_") and not sedated:
+            if (e.kind.startswith("unable_") or (e.kind == "consciousness" and e.detail == "unarousable")) and sedated:
+                # not graded while sedated, but never silently (as ASTCT ICANS)
+                res.flag("sedation_confounded")
+                res.settings_used.add("icans_sedation_bolus_h")
+            elif e.kind.startswith("unable_"):
                 at(t).criteria.append(Criterion(t, 4, "cannot perform the assessment (critical/obtunded)", [e.ref]))
-            elif e.kind == "consciousness" and e.detail == "unarousable" and not sedated:
+            elif e.kind == "consciousness" and e.detail == "unarousable":
                 at(t).criteria.append(Criterion(t, 4, "obtunded, cannot perform CARTOX-10", [e.ref]))
             elif e.kind == "seizure" and e.detail != "absent":
-                if e.detail in ("focal", "nonconvulsive", "unspecified"):
-                    at(t).criteria.append(Criterion(t, 3, f"partial / non-convulsive seizure ({e.text or e.detail})", [e.ref]))
+                long, why, by_setting = prolonged_seizure(e, s)
+                sets = ("seizure_status_min",) if by_setting or long else ()
+                if long or e.detail == "generalized":
+                    what = f"status epilepticus, {why}" if long else "generalized seizure"
+                    at(t).criteria.append(Criterion(t, 4, f"{what} ({e.text or e.detail})", [e.ref], sets))
                 else:
-                    at(t).criteria.append(Criterion(t, 4, f"generalized seizure or status epilepticus ({e.text or e.detail})", [e.ref]))
+                    # an unspecified seizure may have been generalized (CRES 4): graded partial, flagged
+                    flags = ("seizure_type_unspecified",) if e.detail == "unspecified" else ()
+                    at(t).criteria.append(Criterion(t, 3, f"partial / non-convulsive seizure ({e.text or e.detail})", [e.ref], sets, flags))
+                    if flags:
+                        res.flag(*flags)
             elif e.kind == "motor_weakness" and e.detail == "present":
                 at(t).criteria.append(Criterion(t, 4, f"new motor weakness ({e.text})", [e.ref]))
             elif e.kind == "icp_sign" and e.detail == "present":
@@ -98,6 +110,26 @@ def grade_cres(tl: CaseTimeline, s: GradingSettings) -> SystemResult:
                     res.flag("intracranial_hemorrhage_excluded")
                     continue
                 at(t).criteria.append(Criterion(t, 4, f"cerebral edema ({e.text})", [e.ref]))
+    def at_baseline(e: Measurement | Finding) -> bool | None:
+        """An assessment at baseline (score 10 / CAPD at baseline / alert), one not at baseline,
+        or none (sedated rows, other kinds): for `repetitive_seizures`."""
+        if e.time in sedation:
+            return None
+        if isinstance(e, Measurement):
+            if e.kind != score:
+                return None
+            return (e.value <= capd_base or e.value < 1) if score == "capd_score" else e.value >= 10
+        if e.kind == "consciousness":
+            return e.detail == "alert"
+        return False if e.kind.startswith("unable_") else None
+
+    # repetitive seizures without return to baseline are status epilepticus (CRES 4, §7.2)
+    for first, second, assessed in repetitive_seizures(tl, at_baseline):
+        if assessed:
+            t = second.time
+            at(t).criteria.append(Criterion(t, 4, "status epilepticus: repetitive seizures without return to baseline in between", [first.ref, second.ref]))
+        else:
+            res.flag("repetitive_seizures_baseline_unknown")
     ordered = [points[t] for t in sorted(points)]
     summarise_neuro(res, neuro_episodes(ordered, tl, timedelta(hours=s.icans_resolution_clear_h)))
     return res

@@ -25,6 +25,12 @@ from .state import Cover, case_state
 
 H = timedelta(hours=1)
 MIN = timedelta(minutes=1)
+# the [I] settings behind review flags the timeline raises (reported in `conventions` with them)
+_FLAG_SETTINGS = {
+    "hypotension_unconfirmed": ("hypotension_confirm_min_gap_min", "hypotension_confirm_window_min", "hypotension_treatment_window_min"),
+    "age_threshold_changes": ("sbp_child_base", "sbp_child_per_year"),
+    "ppv_indication_conflict": ("ppv_hypoxia_lookback_h",),
+}
 
 
 class CrsGrader:
@@ -80,6 +86,8 @@ class CrsGrader:
         for ep in episodes:
             bound = ep.end_bound(tl)
             best, best_t, trail = 0, None, []
+            raised: set[str] = set()  # flags of the criteria kept at the current maximum
+            ties: list[Criterion] = []  # later criteria at that maximum raising a flag not yet raised
             pts = [ep.onset, *points[bisect_right(points, ep.onset):bisect_right(points, bound)]]
             pts += [p for p in self.episode_points(ep) if ep.onset <= p <= bound]
             if ep.masked_from is not None and ep.masked_from <= bound:
@@ -106,6 +114,16 @@ class CrsGrader:
                     if g == 1 and not met:
                         met = [Criterion(ep.onset, 1, f"fever >= {s.fever_c:.1f} °C", ep.onset_refs)]
                     trail.extend(met)
+                    raised, ties = {f for c in met for f in c.flags}, []
+                elif g == best > 1:
+                    # A later criterion that ties the maximum and raises a review flag not yet
+                    # raised at this grade is kept, with its evidence: a flag says the grade might
+                    # be higher (§1.4, §1.5), so a tie must not lose it.
+                    for c in met:
+                        if not raised.issuperset(c.flags):
+                            ties.append(c)
+                            raised.update(c.flags)
+            trail.extend(ties)
             if ep.death is not None:
                 if ep.death_alternative:
                     ep.flags.append("death_alternative_cause")
@@ -144,28 +162,54 @@ class CrsGrader:
                 res.cite(c.refs)
                 self.used(*c.settings)
                 res.flag(*c.flags)
+        # Every other criterion at the maximum grade that carries a review flag (a later episode
+        # that ties it): its flags, with the evidence and settings behind them, reach the result.
+        for _, er in counted:
+            if er is not first_max and er.grade == res.grade:
+                for c in er.criteria:
+                    if c.grade == res.grade and c.flags:
+                        res.cite(c.refs)
+                        self.used(*c.settings)
+                        res.flag(*c.flags)
 
     def _outside_episode_flags(self, episodes: list[Episode]) -> None:
         tl, s, res = self.tl, self.s, self.result
 
-        windows = Cover((ep.onset - timedelta(hours=s.fever_association_h), ep.end_bound(tl)) for ep in episodes)
-
-        def inside(t: datetime) -> bool:
-            return t in windows
+        windows = Cover((ep.onset, ep.end_bound(tl)) for ep in episodes)
+        # a component that starts up to fever_association_h before an episode's fever onset is
+        # not graded (§1.1: the episode opens with the fever; §13: bins before it score 0) but
+        # is not afebrile either: flagged for review, so a pressor or high-flow O2 that ended just
+        # before the first fever never disappears without a word
+        before = Cover((ep.onset - timedelta(hours=s.fever_association_h), ep.onset) for ep in episodes)
 
         afebrile = False
-        for h in tl.hypotension:
-            if h.time >= tl.infusion and not inside(h.time):
-                res.flag("afebrile_hypotension")
+
+        def outside(t: datetime, flag: str, end: datetime | None = None) -> None:
+            nonlocal afebrile
+            if t < tl.infusion or t in windows:
+                return
+            if t in before:
+                if end is not None and any(t < ep.onset <= end for ep in episodes):
+                    return  # still running at the fever onset: graded there
+                res.flag("component_before_onset")
+                self.used("fever_association_h")
+            else:
+                res.flag(flag)
                 afebrile = True
+
+        for h in tl.hypotension:  # treated by a pressor still running at the onset: graded there
+            outside(h.time, "afebrile_hypotension", max((c.end for c in tl.pressors if c.start <= h.time + H), default=None))
         for c in tl.pressors:
-            if c.start >= tl.infusion and not inside(c.start):
-                res.flag("afebrile_hypotension")
-                afebrile = True
+            outside(c.start, "afebrile_hypotension", c.end)
         for g in tl.support:
-            if g.start >= tl.infusion and not g.home and (g.attributed or not g.ppv) and not inside(g.start):
-                res.flag("afebrile_hypoxia")
-                afebrile = True
+            if g.home:
+                continue
+            if g.ppv and not g.attributed:
+                if g.start >= tl.infusion:
+                    res.flag("ppv_not_attributed")  # set aside wherever it lies (§2.3): a possible grade 4
+                    self.used("ppv_hypoxia_lookback_h")
+                continue
+            outside(g.start, "afebrile_hypoxia", g.end)
         first_onset = episodes[0].onset if episodes else None
         if afebrile:
             pre = [d for d in tl.drugs if d.drug_class in s.masking_drug_classes
@@ -182,9 +226,11 @@ class CrsGrader:
             self.used("preinfusion_fever_lookback_h")
         for name in ("unit_error", "timezone_assumed", "age_unknown", "infusion_end_assumed", "observation_gap",
                      "vasopressor_ignored", "low_sbp_in_procedure_window", "arterial_artifact_excluded",
-                     "status_unknown", "status_on_hold", "status_missing"):
+                     "status_unknown", "status_on_hold", "status_missing", "hypotension_unconfirmed",
+                     "age_threshold_changes", "ppv_indication_conflict"):
             if name in tl.flags:
                 res.flag(name)
+                self.used(*_FLAG_SETTINGS.get(name, ()))
 
 
 class AstctCrs(CrsGrader):

@@ -2,30 +2,41 @@
 
 ICE for age >= 12 (CAPD if only CAPD was charted), CAPD below 12 (relative to the child's
 pre-infusion baseline); depressed level of consciousness (unless sedated), seizures, motor
-weakness, raised ICP / cerebral oedema (intracranial haemorrhage excluded). The instant grade is
-the most severe domain at an assessment time; episodes run from the first abnormal assessment to
-the first normal one that stays normal for 24 h.
+weakness, raised ICP / cerebral oedema (intracranial haemorrhage excluded). A seizure is grade 4
+when longer than `seizure_status_min`, worded as status, or repeated without return to baseline
+in between (`repetitive_seizures`). The instant grade is the most severe domain at an assessment
+time; episodes run from the first abnormal assessment to the first normal one that stays normal
+for 24 h. Death during an active episode is a grade 5 candidate unless another cause is
+documented (§1.8, as CRS).
 
 Cost: O(A log A) for A neuro rows (sedation by bisection; the 24 h clear check reads each
 stretch once), plus O(A0 x L) for the A0 ICE-0 rows that look for an unarousable
-level-of-consciousness row among the L charted ones.
+level-of-consciousness row among the L charted ones, plus the rows between consecutive seizures
+(found by bisection).
 """
 
 from __future__ import annotations
 
+import math
 import re
+from bisect import bisect_left, bisect_right
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
+from itertools import pairwise
 
 from ..events import Finding, Measurement
+from ..mappers.reasons import affirmed
 from ..settings import GradingSettings
 from ..timeline import CaseTimeline
+from .episodes import death_alternative_cause
 from .result import Criterion, EpisodeResult, SystemResult, iso
 from .state import Cover
 
 H = timedelta(hours=1)
 _LOC_GRADE = {"alert": 0, "spontaneous": 1, "voice": 2, "tactile": 3, "unarousable": 4}
 _ICANS_DEATH = re.compile(r"ICANS|neurotox|cerebral o?edema|herniation|encephalopathy|status epilepticus", re.IGNORECASE)
+_OTHER_DEATH = re.compile(r"\bCRS\b|cytokine release|cytokine storm|IEC-HS|\bHLH\b", re.IGNORECASE)  # not ICANS, not in episodes._ALT_CAUSE
 
 
 @dataclass(slots=True)
@@ -41,16 +52,73 @@ class Assessment:
         return max((c.grade for c in self.criteria), default=0)
 
 
+# RASS levels (Sessler 2002) read as the ASTCT level-of-consciousness row they describe (§3.2):
+# -1 drowsy, sustained awakening to voice and -2 brief awakening to voice = "awakens to voice" (2);
+# -3 movement or eye opening to voice (no eye contact) = still roused by voice (2); -4 no response
+# to voice, movement or eye opening to physical stimulation = "only to tactile stimulus" (3);
+# -5 no response to voice or physical stimulation = unarousable (4). 0 and above: not depressed.
+_RASS = {-1: (2, "drowsy, awakens to voice"), -2: (2, "light sedation, briefly awakens to voice"),
+         -3: (2, "moderate sedation, movement or eye opening to voice"),
+         -4: (3, "deep sedation, responds only to physical stimulation"), -5: (4, "unarousable")}
+
+
+def rass_level(v: float) -> tuple[int, str]:
+    """(ICANS consciousness grade, what the RASS level means) of a RASS value (a value between
+    two levels takes the deeper one)."""
+    if v > -1:
+        return 0, "not depressed"
+    return _RASS[max(-5, math.floor(v))]
+
+
 def rass_grade(v: float) -> int:
-    if v >= 0:
-        return 0
-    if v >= -1:
-        return 1
-    if v >= -3:
-        return 2
-    if v >= -4:
-        return 3
-    return 4
+    """The ICANS level-of-consciousness grade a RASS value describes (`rass_level`)."""
+    return rass_level(v)[0]
+
+
+def seizure_minutes(e: Finding) -> float | None:
+    """A seizure's charted duration (its end: an effectivePeriod, a duration component or a
+    Condition's abatement), in minutes; None when not charted."""
+    return (e.end - e.time).total_seconds() / 60 if e.end is not None and e.end > e.time else None
+
+
+def prolonged_seizure(e: Finding, s: GradingSettings) -> tuple[bool, str, bool]:
+    """(life-threatening prolonged?, why, did the seizure_status_min setting decide it?) of a seizure
+    (§3.2: "> 5 min", the setting; status words in the text decide by themselves)."""
+    if e.detail == "status":
+        return True, "status / prolonged / repetitive in the text", False
+    mins = seizure_minutes(e)
+    if mins is None:
+        return False, "duration not charted", False
+    if mins > s.seizure_status_min:
+        return True, f"{mins:g} min > {s.seizure_status_min:g} min", True
+    return False, f"{mins:g} min <= {s.seizure_status_min:g} min", True
+
+
+def repetitive_seizures(tl: CaseTimeline, baseline: Callable[[Measurement | Finding], bool | None]) -> list[tuple[Finding, Finding, bool]]:
+    """Pairs of consecutive seizures (after infusion, neither absent nor overlapping) with no return
+    to baseline between them (§3.2 grade 4: "repetitive clinical or electrical seizures without
+    return to baseline in between"): (first, second, assessed?).
+
+    `baseline(row)` says whether a neuro row between them is an assessment at baseline (True: ICE
+    10, CAPD at baseline, alert), one not at baseline (False) or no assessment (None: sedated,
+    another kind). A time with a baseline assessment and none abnormal is a return to baseline;
+    the pair is listed when there is none. assessed=False: nothing was assessed between them, so
+    the return to baseline is unknown (graded 3 and flagged, never assumed)."""
+    seizures = [e for e in tl.neuro if isinstance(e, Finding) and e.kind == "seizure" and e.detail != "absent" and e.time >= tl.infusion]
+    out: list[tuple[Finding, Finding, bool]] = []
+    times = [e.time for e in tl.neuro]  # (the timeline keeps tl.neuro in time order)
+    for a, b in pairwise(seizures):
+        after = a.end if a.end is not None and a.end > a.time else a.time
+        if b.time <= after:
+            continue  # the same seizure charted twice, or one still running
+        at: dict[datetime, set[bool]] = {}
+        for e in tl.neuro[bisect_right(times, after):bisect_left(times, b.time)]:
+            v = baseline(e)
+            if v is not None:
+                at.setdefault(e.time, set()).add(v)
+        if not any(vals == {True} for vals in at.values()):
+            out.append((a, b, bool(at)))
+    return out
 
 
 class AstctIcans:
@@ -73,7 +141,7 @@ class AstctIcans:
         prefer = "capd_score" if tl.age_years is not None and tl.age_years < s.ice_min_age_years else "ice_score"
         other = "ice_score" if prefer == "capd_score" else "capd_score"
         if prefer in have:
-            if other in have and tl.age_years == s.ice_min_age_years:
+            if other in have:  # the other score's rows are not graded: said, whatever the age (§3.3)
                 self.result.flag("ice_capd_both_charted")
             return prefer
         if other in have:
@@ -141,10 +209,13 @@ class AstctIcans:
                         a.criteria.append(Criterion(t, 3, f"CAPD {v:g} (>= {s.capd_delirium:g})", [e.ref], ("capd_delirium",)))
                     else:
                         a.criteria.append(Criterion(t, 1, f"CAPD {v:g} (1-8, above baseline {capd_base:g})", [e.ref]))
-                elif e.kind == "rass" and not sed:
-                    g = rass_grade(e.value)
-                    if g:
-                        at(t).criteria.append(Criterion(t, g, f"RASS {e.value:g} (depressed consciousness)", [e.ref], flags=("rass_used",)))
+                elif e.kind == "rass":
+                    g, meaning = rass_level(e.value)
+                    if g and sed:
+                        res.flag("sedation_confounded")
+                        res.settings_used.add("icans_sedation_bolus_h")
+                    elif g:
+                        at(t).criteria.append(Criterion(t, g, f"RASS {e.value:g} ({meaning}: depressed consciousness)", [e.ref], flags=("rass_used",)))
                 continue
             # Findings
             if e.kind.startswith("unable_") and e.kind[len("unable_"):] in ("ice_score", "capd_score"):
@@ -165,10 +236,12 @@ class AstctIcans:
             elif e.kind == "seizure":
                 if e.detail == "absent":
                     continue
-                if e.detail == "status":
-                    at(t).criteria.append(Criterion(t, 4, f"life-threatening prolonged/repetitive seizure ({e.text})", [e.ref], ("seizure_status_min",)))
+                long, why, by_setting = prolonged_seizure(e, s)
+                sets = ("seizure_status_min",) if by_setting or long else ()
+                if long:
+                    at(t).criteria.append(Criterion(t, 4, f"life-threatening prolonged/repetitive seizure ({why}: {e.text})", [e.ref], sets))
                 else:
-                    at(t).criteria.append(Criterion(t, 3, f"seizure ({e.text or e.detail})", [e.ref]))
+                    at(t).criteria.append(Criterion(t, 3, f"seizure ({e.text or e.detail})", [e.ref], sets))
             elif e.kind == "motor_weakness" and e.detail == "present":
                 at(t).criteria.append(Criterion(t, 4, f"deep focal motor weakness ({e.text})", [e.ref]))
             elif e.kind == "icp_sign" and e.detail == "present":
@@ -188,21 +261,63 @@ class AstctIcans:
                     if e.detail == "unspecified":
                         res.flag("edema_extent_unspecified")
                     at(t).criteria.append(Criterion(t, 3, f"focal/local cerebral edema ({e.text})", [e.ref]))
+        for first, second, assessed in repetitive_seizures(tl, lambda e: self._at_baseline(e, primary, capd_base)):
+            if assessed:
+                t = second.time
+                at(t).criteria.append(Criterion(t, 4, "repetitive seizures without return to baseline in between", [first.ref, second.ref]))
+            else:
+                res.flag("repetitive_seizures_baseline_unknown")
         return [by_time[t] for t in sorted(by_time)]
+
+    def _at_baseline(self, e: Measurement | Finding, primary: str, capd_base: float) -> bool | None:
+        """Is neuro row e an assessment at baseline (ICE 10 / CAPD at baseline / alert), one not at
+        baseline, or no assessment (None: sedated rows, other kinds)? (`repetitive_seizures`)"""
+        if self.sedated(e.time):
+            return None
+        if isinstance(e, Measurement):
+            if e.kind == primary == "ice_score":
+                return e.value >= 10
+            if e.kind == primary == "capd_score":
+                return e.value <= capd_base or e.value < 1
+            if e.kind == "rass":
+                return e.value == 0
+            return None
+        if e.kind == "consciousness":
+            return e.detail == "alert"
+        if e.kind.startswith("unable_"):
+            return False
+        return None
 
     def grade(self) -> SystemResult:
         tl, s, res = self.tl, self.s, self.result
         episodes = neuro_episodes(self.assessments(), tl, timedelta(hours=s.icans_resolution_clear_h))
         for ep in episodes:
             if tl.deceased is not None and ep.onset <= tl.deceased and (ep.resolved is None or tl.deceased <= ep.resolved):
-                causes = tl.findings_of("cause_of_death")
-                if any(_ICANS_DEATH.search(f.text) for f in causes):
-                    ep.grade, ep.max_at = 5, tl.deceased
-                    ep.criteria.append(Criterion(tl.deceased, 5, "death attributed to ICANS (adjudicate)", [tl.deceased_ref or ""] + [f.ref for f in causes]))
-                    ep.flags.append("grade5_candidate")
+                self._death(ep, tl.deceased)
                 ep.resolved = None
         summarise_neuro(res, episodes)
         return res
+
+
+    def _death(self, ep: EpisodeResult, when: datetime) -> None:
+        """Death during an active ICANS episode (§1.8, §3.2 grade 5; as crs.py): attributed to
+        ICANS, or with no documented alternative principal cause -> grade 5 candidate (adjudicate);
+        a documented other cause (sepsis, progression, haemorrhage, CRS …) keeps the pre-death
+        maximum and is flagged death_alternative_cause."""
+        tl = self.tl
+        causes = tl.findings_of("cause_of_death")
+        refs = [tl.deceased_ref or "", *(f.ref for f in causes)]
+        alt, alt_refs = death_alternative_cause(tl, ep.onset, when, self.s)
+        if any(affirmed(_ICANS_DEATH, f.text) for f in causes):
+            text = "death attributed to ICANS (adjudicate)"
+        elif alt or any(affirmed(_OTHER_DEATH, f.text) for f in causes):
+            ep.flags.append("death_alternative_cause")
+            return
+        else:
+            text = "death during an active ICANS episode with no documented alternative principal cause (adjudicate)"
+        ep.grade, ep.max_at = 5, when
+        ep.criteria.append(Criterion(when, 5, text, refs + [r for r in alt_refs if r not in refs]))
+        ep.flags.append("grade5_candidate")
 
 
 def _abnormal_within(points: list[Assessment], k: int, until: datetime) -> bool:

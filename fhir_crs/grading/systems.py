@@ -16,6 +16,7 @@ from datetime import datetime, timedelta
 
 from ..settings import GradingSettings
 from ..timeline import CaseTimeline, Support
+from .concurrency import handoffs
 from .crs import CrsGrader
 from .episodes import Episode
 from .organ import grade_lab, organ_abnormal_intervals
@@ -24,6 +25,20 @@ from .state import LatestOrgan, TimeIndex
 from .vasoactive import cumulative_pressor_time, low_sbp_intervals, overlap_pairs
 
 H = timedelta(hours=1)
+
+
+def _estimate_settings(g: Support, fio2: float, s: GradingSettings) -> tuple[str, ...]:
+    """The §1.5 estimation settings that gave this segment's estimated FiO2."""
+    if g.device in ("nasal_cannula", "unspecified_o2", "high_flow_nasal_cannula"):
+        sets: tuple[str, ...] = ("fio2_nc_base", "fio2_nc_per_lpm")
+        if g.flow is None:  # HFNC without a flow: estimated at the high-flow bound
+            sets += ("low_flow_max_lpm",)
+        if (s.low_flow_max_lpm if g.flow is None else g.flow) > 6:
+            sets += ("fio2_nc_high_per_lpm",)
+        return sets + (("fio2_nc_cap",) if fio2 >= s.fio2_nc_cap else ())
+    if g.device == "face_mask":
+        return ("fio2_face_mask_5l",) + (("fio2_nc_cap",) if fio2 >= s.fio2_nc_cap else ())
+    return {"blow_by": ("fio2_blow_by",), "non_rebreather": ("fio2_non_rebreather",)}.get(g.device, ())
 
 
 class LegacyCrs(CrsGrader):
@@ -42,6 +57,8 @@ class LegacyCrs(CrsGrader):
         self.refractory = st.refractory
         self._refractory_at = TimeIndex(self.refractory, lambda x: x[0])
         self.multi = st.concurrent(include_vasopressin=True)
+        self._course_of = {c.refs[0]: c for c in tl.pressors}
+        self._handoffs = TimeIndex(handoffs(tl.pressors, timedelta(minutes=s.vasopressor_overlap_min)), lambda h: h[0])
         baseline_abnormal: dict[str, bool] = {}
         if self.organ_based:
             for o in st.organs:
@@ -69,8 +86,15 @@ class LegacyCrs(CrsGrader):
 
     # -- components shared by several systems ---------------------------------------------
     def hypoxia(self, t: datetime, ep: Episode) -> list[Criterion]:
+        """FiO2-graded support at t. §1.5: a documented FiO2 is used before any estimate, so an
+        oxygen device recorded at t without FiO2 beside the same device with a charted FiO2 (a
+        Procedure next to the flowsheet rows) is read through the documented value."""
         out = []
-        for g in self.state.support.at(t):
+        segs = self.state.support.at(t)
+        documented = {g.device for g in segs if g.fio2 is not None and not g.home and not g.ppv}
+        for g in segs:
+            if g.fio2 is None and not g.home and not g.ppv and g.device in documented:
+                continue
             c = self.fio2_criterion(t, g, ep)
             if c is not None:
                 out.append(c)
@@ -96,10 +120,16 @@ class LegacyCrs(CrsGrader):
             flags += ("fio2_unknown",) + (("missing_flow",) if g.device == "nasal_cannula" else ())
             return Criterion(t, 2, f"supplemental O2 ({g.device.replace('_', ' ')}), FiO2 not charted: < {s.fio2_cut:g} % assumed", g.refs, ("fio2_cut",), flags)
         sets: tuple[str, ...] = ("fio2_cut",)
+        how = "documented"
         if estimated:
             flags += ("estimated_fio2",)
-            sets += ("fio2_nc_base", "fio2_nc_per_lpm") if g.device == "nasal_cannula" else ()
-        how = "estimated" if estimated else "documented"
+            sets += _estimate_settings(g, fio2, s)
+            how = "estimated"
+            if g.device == "high_flow_nasal_cannula" and g.flow is None:
+                # §1.5: HFNC is > low_flow_max_lpm by class; without flow or FiO2 the estimate is
+                # only a lower bound, never a silent "< 40 %": flagged for review.
+                flags += ("fio2_unknown", "missing_flow")
+                how = f"at least: estimated at the high-flow bound {s.low_flow_max_lpm:g} L/min, flow and FiO2 not charted"
         grade = 3 if round(fio2, 1) >= s.fio2_cut else 2
         rel = ">=" if grade == 3 else "<"
         return Criterion(t, grade, f"O2 by {g.device.replace('_', ' ')}, FiO2 {fio2:.0f} % ({how}) {rel} {s.fio2_cut:g} %", g.refs, sets, flags)
@@ -129,10 +159,27 @@ class LegacyCrs(CrsGrader):
         return [Criterion(t, grade, f"{text}: " + ", ".join(sorted({c.drug for c in running})), [c.refs[0] for c in running], ("vasopressor_min_duration_min",))]
 
     def multiple_pressors(self, t: datetime, grade: int, note: str) -> list[Criterion]:
+        """Concurrent vasopressors, vasopressin counted (§1.4, §10): flagged vasopressin_counted
+        only when vasopressin is one of them."""
         out = []
         for _start, _end, k, refs in self.state.concurrent_at(include_vasopressin=True).at(t):
-            flags = ("vasopressin_counted",) if note else ()
+            vaso = any(self._course_of[r].drug == "vasopressin" for r in refs if r in self._course_of)
+            flags = ("vasopressin_counted",) if vaso else ()
             out.append(Criterion(t, grade, f"{k} vasopressors concurrently{note}", refs, ("vasopressor_overlap_min",), flags))
+        return out
+
+    def handoff(self, t: datetime, grade: int) -> list[Criterion]:
+        """§1.4: two vasopressors overlapping less than vasopressor_overlap_min count as one (a
+        hand-off). In a system that grades concurrent vasopressors higher, that convention can
+        lower the grade: the overlap is a criterion at the one-vasopressor grade, flagged
+        vasopressor_handoff, with both infusions as evidence."""
+        out = []
+        for start, refs in self._handoffs.exactly(t):
+            a, b = (self._course_of[r] for r in refs)
+            mins = (min(a.end, b.end) - start).total_seconds() / 60
+            text = (f"vasopressor hand-off: {a.drug} and {b.drug} overlap {mins:.0f} min "
+                    f"< {self.s.vasopressor_overlap_min:g} min, counted as one vasopressor")
+            out.append(Criterion(t, grade, text, list(refs), ("vasopressor_overlap_min",), ("vasopressor_handoff",)))
         return out
 
     def high_dose(self, t: datetime, grade: int) -> list[Criterion]:
@@ -181,7 +228,7 @@ class Lee2014(LegacyCrs):
 
     def components(self, t: datetime, ep: Episode) -> list[Criterion]:
         return [
-            *self.hypotension_event(t, 2), *self.single_pressor(t, 2),
+            *self.hypotension_event(t, 2), *self.single_pressor(t, 2), *self.handoff(t, 2),
             *self.multiple_pressors(t, 3, " (vasopressin counts)"), *self.high_dose(t, 3),
             *self.hypoxia(t, ep), *self.organ(t, ep),
         ]
@@ -321,7 +368,7 @@ class Cartox(LegacyCrs):
             yield from (t for t, _ in self.persistent)
 
     def components(self, t: datetime, ep: Episode) -> list[Criterion]:
-        out = [*self.hypotension_event(t, 2), *self.single_pressor(t, 2)]
+        out = [*self.hypotension_event(t, 2), *self.single_pressor(t, 2), *self.handoff(t, 2)]
         out += self.multiple_pressors(t, 3, " (vasopressin counts)")
         out += self.high_dose(t, 3)
         if self.pediatric:
@@ -340,7 +387,7 @@ class Ctcae5(LegacyCrs):
     name = "ctcae5"
 
     def components(self, t: datetime, ep: Episode) -> list[Criterion]:
-        out = [*self.hypotension_event(t, 2), *self.single_pressor(t, 3, "hypotension managed with one pressor")]
+        out = [*self.hypotension_event(t, 2), *self.single_pressor(t, 3, "hypotension managed with one pressor"), *self.handoff(t, 3)]
         out += self.multiple_pressors(t, 4, " (life-threatening; vasopressin counts)")
         out += self.hypoxia(t, ep)
         return out

@@ -58,9 +58,8 @@ class ConditionMapper:
         if when.tz_assumed:
             flags.add("timezone_assumed")
         end = parse_datetime(res.get("abatementDateTime"))
-        if name == "seizure":
-            minutes = (end.time - when.time).total_seconds() / 60 if end else None
-            detail = seizure_type(text, minutes)
+        if name == "seizure":  # its duration (abatement) is compared with seizure_status_min in grading
+            detail = seizure_type(text)
         elif name == "cerebral_edema":
             detail = edema_extent(text)
         else:

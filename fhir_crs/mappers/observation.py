@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Sequence
+from datetime import timedelta
 from typing import Any
 
 import orjson
@@ -25,7 +27,31 @@ from .units import CELSIUS, FAHRENHEIT, f_to_c, to_canonical
 _NEGATIVE = re.compile(
     r"^\s*(no|none|absent|negative|not (seen|present|detected|observed)|nil|normal|resolved|no growth)\b",
     re.IGNORECASE,
-)
+)  # anchored at the start of a clause (`clauses`), never of the whole text
+_CLAUSE_BREAK = re.compile(r"(?<!\d)\.|\.(?!\d)|[;\n]")  # a full stop (not a decimal point), ";" or a new line
+
+
+def clauses(text: str) -> list[str]:
+    """The non-empty clauses of a text, split on full stops, semicolons and new lines."""
+    return [c.strip() for c in _CLAUSE_BREAK.split(text) if c.strip()]
+
+
+def affirmed_text(text: str, names: Sequence[re.Pattern[str]], negated: re.Pattern[str] = _NEGATIVE) -> str | None:
+    """The part of `text` a finding is read from, clause by clause; None: the finding is absent.
+
+    A clause that opens with a negation ("No prior history of epilepsy", "Normal tone") is
+    negated. Without a negated clause the whole text is read, as it stands. With one, the finding
+    is absent unless a non-negated clause names it (`names`): "No seizure. Resting comfortably."
+    stays absent, "No midline shift. Diffuse cerebral edema." reads "Diffuse cerebral edema".
+    """
+    parts = clauses(text)
+    kept = [c for c in parts if not negated.search(c)]
+    if len(kept) == len(parts):
+        return text
+    if not any(p.search(c) for p in names for c in kept):
+        return None
+    return "; ".join(kept)
+
 _PENDING = re.compile(r"\bpending\b|\bin progress\b|\bpreliminary\b", re.IGNORECASE)
 
 
@@ -42,12 +68,25 @@ def effective_time(res: dict[str, Any]) -> tuple[When | None, When | None]:
     return None, None
 
 
+_AROUSE = r"(?:a?rous(?:e|ed|able|ible)|awak(?:en|enable|ened))"
+# "Not arousable", "non-arousable", "cannot be roused", "unrousable", "does not arouse" (§3.2 grade 4)
+_NOT_AROUSABLE = re.compile(
+    rf"\bun-?{_AROUSE}|\bnon-?\s?{_AROUSE}|\bnot\s+(?:\w+\s+)?{_AROUSE}|\b(?:cannot|can ?not|can't|unable to)\s+(?:be\s+)?{_AROUSE}"
+    rf"|\b(?:does|did)\s*(?:not|n't)\s+{_AROUSE}"
+)
+_NOT_AROUSED_BY_VOICE = re.compile(rf"(?:\bnot\s+(?:\w+\s+)?|\bnon-?\s?){_AROUSE}\s+(?:to|by)\s+(?:voice|verbal|speech|name)")
+
+
 def consciousness_level(text: str) -> str | None:
-    """ASTCT ICANS depressed-level-of-consciousness row, from free text or AVPU."""
+    """ASTCT ICANS depressed-level-of-consciousness row, from free text or AVPU (§3.2): negated
+    arousal ("not arousable", "cannot be roused") is unarousable; "not arousable to voice" needs
+    at least a tactile stimulus."""
     t = text.strip().lower()
     if not t:
         return None
-    if re.search(r"unarousable|unresponsive|coma|stupor|vigorous|repetitive|^u$|obtunded", t):
+    if _NOT_AROUSED_BY_VOICE.search(t) and not re.search(r"tactile|touch|physical|pain|shak|sternal|vigorous|repetitive", t):
+        return "tactile"  # does not awaken to voice: at least a tactile stimulus is needed
+    if re.search(r"unarousable|unresponsive|coma|stupor|vigorous|repetitive|^u$|obtunded", t) or _NOT_AROUSABLE.search(t):
         return "unarousable"
     if re.search(r"tactile|touch|physical|pain|shak|^p$|sternal", t):
         return "tactile"
@@ -60,13 +99,21 @@ def consciousness_level(text: str) -> str | None:
     return None
 
 
-def seizure_type(text: str, minutes: float | None) -> str:
-    t = text.lower()
-    if _NEGATIVE.search(t):
+_SEIZURE_WORDS = re.compile(
+    r"seiz|convuls|status epilepticus|\btonic|\bclonic|\bgtc\b|grand mal|\bfits?\b|\bictal\b|\bncse\b", re.IGNORECASE
+)
+
+
+def seizure_type(text: str) -> str:
+    """Seizure type from its text, negation read by clause (`affirmed_text`). The duration is not
+    read here: it travels on the Finding (`end`) and grading compares it with the
+    `seizure_status_min` setting (§3.2 "> 5 min"). Words alone ("status epilepticus",
+    "prolonged", "> 5 min", "repetitive") make it status."""
+    read = affirmed_text(text, (_SEIZURE_WORDS,))
+    if read is None:
         return "absent"
-    if re.search(r"status epilepticus|prolonged|repetitive|without return|refractory|> ?5 ?min|recurrent", t) or (
-        minutes is not None and minutes > 5
-    ):
+    t = read.lower()
+    if re.search(r"status epilepticus|prolonged|repetitive|without return|refractory|> ?5 ?min|recurrent", t):
         return "status"
     if re.search(r"non-?convulsive|eeg|electrographic|subclinical", t):
         return "nonconvulsive"
@@ -80,19 +127,44 @@ def seizure_type(text: str, minutes: float | None) -> str:
 _NEGATED_BLEED = re.compile(r"\b(no|without|not|negative for)\s+(\w+\s+){0,2}?(h(a)?emorrhag\w*|bleed\w*|ICH)\b", re.IGNORECASE)
 
 
+_NO_EDEMA = re.compile(r"^\s*(no|none|absent|negative|not (seen|present|detected|observed)|nil|normal|resolved)\b|\bno (cerebral |brain )?o?edema\b", re.IGNORECASE)
+_EDEMA_WORDS = re.compile(r"o?edema|swelling|herniat|vasogenic|effacement|h(a)?emorrhag|bleed|\bICH\b", re.IGNORECASE)
+# a negated improvement is no resolution: "not improved", "no improvement", "without resolution", "failed to resolve"
+_NOT_IMPROVING = re.compile(
+    r"\b(not|no|without|never|nor|failed to|fails to)\s+(\w+\s+){0,2}?(resolv\w*|resolution|improv\w*|decreas\w*|regress\w*|less)\b"
+    r"|\bun(changed|improved|resolved)\b|\bnon-?(improv|resolv)\w*",
+    re.IGNORECASE,
+)
+
+
 def edema_extent(text: str) -> str:
+    """Oedema extent on imaging (§3.2), negation read by clause (`affirmed_text`); a negated
+    improvement ("not improved compared with prior") is not resolution."""
     t = _NEGATED_BLEED.sub(" ", text.lower())
-    if _NEGATIVE.search(t) or re.search(r"\bno (cerebral )?o?edema\b", t):
+    read = affirmed_text(t, (_EDEMA_WORDS,), _NO_EDEMA)
+    if read is None:
         return "absent"
+    t = read
     if re.search(r"h(a)?emorrhag|bleed|\bICH\b", t, re.IGNORECASE):
         return "hemorrhagic"
-    if re.search(r"resolv|improv|decreas|regress|less (prominent|extensive)", t):
+    if re.search(r"resolv|improv|decreas|regress|less (prominent|extensive)", _NOT_IMPROVING.sub(" ", t)):
         return "resolving"
     if re.search(r"diffuse|global|generali[sz]ed|herniation|bilateral", t):
         return "diffuse"
     if re.search(r"focal|local|vasogenic|occipital|frontal|parietal|temporal|lobe|cerebell", t):
         return "focal"
     return "unspecified"
+
+
+# words that name each finding in a non-negated clause after a negated one (besides the kind's
+# own text patterns in mappings/observations.toml)
+_FINDING_WORDS = {
+    "motor_weakness": r"weak|pare(sis|tic)|pleg|palsy|deficit|drift|foot drop|(unable to|cannot|can't) move",
+    "icp_sign": r"papill|posturing|cushing|palsy|abducens|\b(cn|cranial nerve) ?(vi|6)\b|\bicp\b|intracranial pressure|herniat",
+    "intracranial_hemorrhage": r"h(a)?emorrhag|bleed|h(a)?ematoma|\bich\b|\bsah\b|\bsdh\b",
+    "hemophagocytosis": r"h(a)?emophagocyt|\bhlh\b|macrophage activation",
+}
+_AFFIRMS = r"\b(present|yes)\b"
 
 
 _STAINED = re.compile(r"\b(gram|coag(?:ulase)?)[\s-]*(positive|negative|neg|pos|variable)\b", re.IGNORECASE)
@@ -177,6 +249,7 @@ class ObservationMapper:
         self._classified: dict[tuple[str, ...], frozenset[str]] = {}
         self._canonical: dict[tuple[str, ...], tuple[str, ...]] = {}
         self._temperature_units: dict[tuple[str, ...], str] = {}
+        self._finding_words: dict[str, tuple[re.Pattern[str], ...]] = {}
 
     def match_kind(self, cc: Any) -> tuple[ObservationKind | None, bool]:
         """The kind a `code` names. A feed repeats a few hundred distinct codes: the answer is
@@ -396,6 +469,16 @@ class ObservationMapper:
             return Skipped(ref, f"temperature {value:g} without a unit is not plausible as °C: quarantined", "unit_error")
         return Skipped(ref, f"temperature unit '{spellings[0]}' is not °C or °F", "unit_error")
 
+    def _names(self, name: str) -> tuple[re.Pattern[str], ...]:
+        """The patterns of the words that name finding `name` in a clause: its text patterns in
+        mappings/observations.toml, `_FINDING_WORDS` and affirming words ("present", "yes")."""
+        hit = self._finding_words.get(name)
+        if hit is None:
+            own = tuple(p for m in self.code_map.observation_table.entries if m.name == name for p in m.text)
+            extra = tuple(re.compile(w, re.IGNORECASE) for w in (_FINDING_WORDS.get(name), _AFFIRMS) if w)
+            hit = self._finding_words[name] = own + extra
+        return hit
+
     def _finding(
         self, kind: ObservationKind, res: dict[str, Any], ref: str, start: When, end: When | None, by_text: bool
     ) -> list[Event] | Skipped:
@@ -423,14 +506,16 @@ class ObservationMapper:
             return [Finding(name, start.time, level, ref, v_texts[0], t_end, by_text)]
         all_text = " ".join(v_texts + note_texts)
         if name == "seizure":
-            minutes = (t_end - start.time).total_seconds() / 60 if t_end else None
             for comp in res.get("component") or []:
                 q = quantity(comp.get("valueQuantity")) if isinstance(comp, dict) else None
                 if q and re.search(r"duration", " ".join(texts(comp.get("code"))), re.IGNORECASE):
                     unit = self.code_map.canonical_unit(q[1])
                     minutes = q[0] * {"s": 1 / 60, "h": 60}.get(unit, 1)
+                    if 0 < minutes <= 7 * 24 * 60:  # (an implausible duration is not carried)
+                        # the duration travels as the end time; grading compares it with seizure_status_min
+                        t_end = start.time + timedelta(minutes=minutes)
             text = all_text or " ".join(code_texts)
-            return [Finding(name, start.time, seizure_type(text, minutes), ref, text, t_end, by_text)]
+            return [Finding(name, start.time, seizure_type(text), ref, text, t_end, by_text)]
         if name == "cerebral_edema":
             text = all_text or " ".join(code_texts)
             return [Finding(name, start.time, edema_extent(text), ref, text, t_end, by_text)]
@@ -450,7 +535,8 @@ class ObservationMapper:
         if name == "cause_of_death":
             text = all_text or " ".join(code_texts)
             return [Finding(name, start.time, "documented", ref, text, t_end, by_text)]
-        # icp_sign, motor_weakness, intracranial_hemorrhage, hemophagocytosis
+        # icp_sign, motor_weakness, intracranial_hemorrhage, hemophagocytosis: present unless every
+        # clause that names it is negated ("Normal tone; new left hemiparesis" is present)
         text = all_text
-        present = not (text and _NEGATIVE.search(text))
+        present = not text or affirmed_text(text, self._names(name)) is not None
         return [Finding(name, start.time, "present" if present else "absent", ref, text or " ".join(code_texts), t_end, by_text)]
