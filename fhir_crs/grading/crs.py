@@ -197,8 +197,16 @@ class CrsGrader:
                 res.flag(flag)
                 afebrile = True
 
-        for h in tl.hypotension:  # treated by a pressor still running at the onset: graded there
-            outside(h.time, "afebrile_hypotension", max((c.end for c in tl.pressors if c.start <= h.time + H), default=None))
+        # a hypotension treated by a pressor still running at the onset is graded there: the
+        # furthest end of the pressors started by each time (prefix maxima, one bisection each)
+        by_start = sorted(tl.pressors, key=lambda c: c.start)
+        starts = [c.start for c in by_start]
+        reach: list[datetime] = []
+        for c in by_start:
+            reach.append(max(reach[-1], c.end) if reach else c.end)
+        for h in tl.hypotension:
+            k = bisect_right(starts, h.time + H)
+            outside(h.time, "afebrile_hypotension", reach[k - 1] if k else None)
         for c in tl.pressors:
             outside(c.start, "afebrile_hypotension", c.end)
         for g in tl.support:
