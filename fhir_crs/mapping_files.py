@@ -32,7 +32,7 @@ OBSERVATION_KINDS = frozenset(
         "bilirubin", "creatinine", "anc", "neutrophils_pct", "platelets", "wbc", "lactate", "triglycerides", "inr",
         "blood_culture", "hemophagocytosis", "ice_score", "cartox10_score", "capd_score",
         "consciousness", "rass", "gcs_total", "seizure", "cerebral_edema", "icp_sign",
-        "motor_weakness", "intracranial_hemorrhage", "cause_of_death",
+        "motor_weakness", "intracranial_hemorrhage", "cause_of_death", "csf_opening_pressure",
     }
 )
 OBSERVATION_GROUPS = frozenset({"vital", "lab", "neuro", "respiratory", "micro", "outcome"})

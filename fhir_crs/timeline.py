@@ -293,7 +293,7 @@ def _build(
     route: dict[str, list[Any]] = {  # measurement kind -> its series (labs: by kind)
         "temperature": tl.temps, "sbp": tl.sbp, "sbp_arterial": tl.sbp, "spo2": tl.spo2, "weight": weights,
         "o2_flow": flow_rows, "fio2": fio2_rows, "ice_score": tl.neuro, "capd_score": tl.neuro,
-        "cartox10_score": tl.neuro, "rass": tl.neuro, "gcs_total": tl.neuro,
+        "cartox10_score": tl.neuro, "rass": tl.neuro, "gcs_total": tl.neuro, "csf_opening_pressure": tl.neuro,
     }
     labs = tl.labs
     by_condition: dict[str, Finding] = {}  # Condition/id -> its Finding (indication classes)

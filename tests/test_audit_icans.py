@@ -141,3 +141,21 @@ def test_cibmtr_reports_a_seizure_prolonged_by_its_duration_as_status(minutes, k
     run = grade_resources([patient(birth=ADULT), cart(0), *vitals_baseline(240), *rows]).to_json()
     (row,) = cibmtr_rows(run)
     assert (row["q107_seizure_type"], row["q109_seizure_severity"]) == (kind, severity)
+
+
+@pytest.mark.parametrize(("value", "unit", "cres"), [(30, "cm[H2O]", 4), (20, "cmH2O", 1), (21, "mm[Hg]", 4), (19, "mm[Hg]", 1)])
+def test_csf_opening_pressure_is_cres_raised_icp_in_mmhg(value, unit, cres):
+    # §7.2: CSF opening pressure >= 20 mmHg is CRES grade 4; charted in cmH2O it is converted
+    # first (30 cmH2O = 22 mmHg; 20 cmH2O = 14.7 mmHg is not raised). ASTCT ICANS has no such row.
+    op = obs("CSF-OPENING-PRESSURE", 71, value, unit, system="http://hospital.example.org/fhir/CodeSystem/flowsheet")
+    r = graded(op, ice(70, 8), ice(72, 8), *NORMAL)
+    assert r["cartox_cres"]["grade"] == cres
+    assert r["astct"]["grade"] == 1
+    if cres == 4:
+        assert op["id"] in " ".join(r["cartox_cres"]["evidence"])
+
+
+def test_csf_opening_pressure_read_by_text_is_flagged():
+    op = obs("LP-OP", 71, 35, "cmH2O", system="urn:site:lab", display="CSF opening pressure")
+    r = graded(op, ice(70, 8), ice(72, 8), *NORMAL)
+    assert r["cartox_cres"]["grade"] == 4

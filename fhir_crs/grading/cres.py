@@ -1,6 +1,7 @@
 """Stage 4 (neurotoxicity, comparison system): CARTOX CRES (Neelapu 2018; grading-criteria §7.2).
 
-CARTOX-10 bands (7-9 / 3-6 / 0-2 / cannot be assessed), raised ICP (any cerebral oedema = 4),
+CARTOX-10 bands (7-9 / 3-6 / 0-2 / cannot be assessed), raised ICP (any cerebral oedema, or a CSF
+opening pressure >= 20 mmHg, = 4),
 seizures (partial 3; generalized or status 4: longer than `seizure_status_min`, or repetitive
 without return to baseline; an unspecified type is graded 3 and flagged) and new motor weakness (4); no
 level-of-consciousness row. Where no CARTOX-10 is charted the ICE score stands in (they differ
@@ -23,6 +24,7 @@ from .result import Criterion, SystemResult
 from .state import Cover
 
 H = timedelta(hours=1)
+CSF_OPENING_PRESSURE_MMHG = 20.0  # §7.2 CARTOX raised ICP, grade 4 (a criterion of the table, not a convention)
 
 
 def grade_cres(tl: CaseTimeline, s: GradingSettings) -> SystemResult:
@@ -56,7 +58,13 @@ def grade_cres(tl: CaseTimeline, s: GradingSettings) -> SystemResult:
         if t < tl.infusion:
             continue
         sedated = t in sedation
-        if isinstance(e, Measurement) and e.kind == score:
+        if isinstance(e, Measurement) and e.kind == "csf_opening_pressure":
+            # §7.2 raised ICP: opening pressure >= 20 mmHg is grade 4. The table's grade-3 "< 20
+            # mmHg" qualifies a raised ICP already shown otherwise (papilledema stage 1-2 is graded
+            # by itself), so a pressure below 20 mmHg is not a finding on its own.
+            if e.value >= CSF_OPENING_PRESSURE_MMHG:
+                at(t).criteria.append(Criterion(t, 4, f"raised ICP: CSF opening pressure {e.value:.0f} mmHg (>= {CSF_OPENING_PRESSURE_MMHG:g})", [e.ref]))
+        elif isinstance(e, Measurement) and e.kind == score:
             if sedated:
                 res.flag("sedation_confounded")
                 continue
