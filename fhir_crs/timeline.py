@@ -114,6 +114,7 @@ class Hypotension:
     threshold: float
     refs: list[str]
     how: str  # "confirmed" | "treated"
+    end: datetime | None = None  # the next reading at or above the threshold (the low stretch's end)
 
 
 @dataclass(slots=True)
@@ -504,6 +505,17 @@ def _hypotension(tl: CaseTimeline, s: GradingSettings) -> None:
     # stops at the end of its window, so the whole pass is O(n log n).
     bolus_starts = [b.start for b in tl.boluses]
     course_starts = [c.start for c in tl.pressors]
+    # where each low stretch ends: the next reading at or above the threshold (one backward pass),
+    # so that resolution (§1.1: after the last abnormality) never falls inside charted hypotension
+    stretch_end: dict[int, datetime] = {}
+    nxt: datetime | None = None
+    for m in reversed(readings):
+        if m.value >= thr:
+            nxt = m.time
+        else:
+            stretch_end[id(m)] = nxt or m.time
+    events: list[Hypotension] = []
+    confirmed_at: datetime | None = None  # the latest confirmed event's first reading
     for i, m in enumerate(low):
         if i in used:
             continue
@@ -517,18 +529,22 @@ def _hypotension(tl: CaseTimeline, s: GradingSettings) -> None:
                 break
         if partner is not None:
             used.add(partner)
-            tl.hypotension.append(Hypotension(m.time, m.value, thr, [m.ref, low[partner].ref], "confirmed"))
+            end = max(stretch_end[id(m)], stretch_end[id(low[partner])])
+            events.append(Hypotension(m.time, m.value, thr, [m.ref, low[partner].ref], "confirmed", end))
+            confirmed_at = m.time
             continue
         treated = [r for b in tl.boluses[bisect_left(bolus_starts, m.time):bisect_right(bolus_starts, m.time + treat)]
                    for r in (b.ref, *b.reason_refs)] + [
             c.refs[0] for c in tl.pressors[bisect_left(course_starts, m.time):bisect_right(course_starts, m.time + treat)]
         ]
         if treated:
-            tl.hypotension.append(Hypotension(m.time, m.value, thr, [m.ref, *treated], "treated"))
-        elif m.time >= tl.infusion:
+            events.append(Hypotension(m.time, m.value, thr, [m.ref, *treated], "treated", stretch_end[id(m)]))
+        elif m.time >= tl.infusion and not (confirmed_at is not None and m.time <= confirmed_at + window):
             # §1.3 [I]: one low reading, neither repeated nor treated, is not a hypotension event;
-            # it could be (a missed repeat), so the result says so for review
+            # it could be (a missed repeat), so the result says so for review (a third reading
+            # inside a confirmed event's window belongs to that event)
             tl.flags.add("hypotension_unconfirmed")
+    tl.hypotension.extend(events)
 
 
 def _support(tl: CaseTimeline, device_rows: list[Finding], flow_rows: list[Measurement],

@@ -5,8 +5,9 @@ without its fix."""
 
 from __future__ import annotations
 
-from factory import NE, at, bp, cart, med, obs, patient, proc, temp, vitals_baseline
-from test_grading_astct import case, crs
+from factory import NE, at, bp, cart, device, flow, med, obs, patient, proc, temp, vitals_baseline
+from test_grading_astct import base, case, crs
+from test_grading_systems import HYPO, grades
 from test_mappers import map_one
 
 
@@ -94,3 +95,61 @@ def test_cibmtr_export_estimates_fio2_as_the_grader_does():
     assert _fio2_estimate("high_flow_nasal_cannula", None, None) == 44
     assert _fio2_estimate("nasal_cannula", 2, None) == 28 and _fio2_estimate("nasal_cannula", None, None) is None
     assert _fio2_estimate("face_mask", 8, 35.0) == 35.0
+
+
+# ---- round 2 (times and episodes) --------------------------------------------------------------
+
+
+def test_resolution_never_falls_inside_charted_hypotension():
+    # fever 24-28 h (afebrile from 32 h); SBP 84 at 33 h and 33.5 h, normal again at 36 h: the
+    # last abnormality is the low stretch up to the next normal reading (§1.1), not its first reading
+    r = crs(case(bp(33, 84), bp(33.5, 85), onset=24, last=28))
+    assert r["grade"] == 2 and r["resolved"] == at(36)
+
+
+def test_a_third_low_reading_inside_a_confirmed_event_is_not_unconfirmed():
+    r = crs(case(bp(30, 84), bp(30 + 1 / 6, 84), bp(30 + 2 / 6, 84)))
+    assert r["grade"] == 2 and "hypotension_unconfirmed" not in r["flags"]
+
+
+def test_exactly_24_hours_clear_resolves_and_a_later_fever_is_a_new_episode():
+    # fever at 24 h, afebrile from 28 h, fever again at exactly 52 h: clear for the whole 24 h
+    r = crs([*base(skip={24.0, 52.0}), temp(24, 39.0), bp(24, 120), temp(52, 39.0), bp(52, 120)])
+    assert [e["onset"] for e in r["episodes"]] == [at(24), at(52)]
+    assert r["episodes"][0]["resolved"] == at(28)
+
+
+def test_oxygen_charted_row_by_row_through_the_onset_is_not_before_onset():
+    rows = [device(h, "Nasal cannula", "336623009") for h in (20, 22, 26, 30)] + [flow(h, 2) for h in (20, 22, 26, 30)]
+    r = crs(case(*rows, device(34, "Room air")))
+    assert r["grade"] == 2 and "component_before_onset" not in r["flags"]
+
+
+def test_a_short_pause_does_not_restart_the_high_dose_clock():
+    # norepinephrine 25 ug/min 30-31.75 h, paused 15 min, again 32-34 h: one infusion (the pause
+    # is shorter than vasopressor_course_gap_min), held >= 3 h; said on the result
+    crs_ = grades(*HYPO, med(NE, 28, 30, rate=10, rate_unit="ug/min"), med(NE, 30, 31.75, rate=25, rate_unit="ug/min"),
+                  med(NE, 32, 34, rate=25, rate_unit="ug/min"))
+    for system, grade in (("lee2014", 3), ("penn", 4), ("cartox", 3)):
+        r = crs_[system]
+        assert r["grade"] == grade and "high_dose_pause_bridged" in r["flags"], system
+        assert "vasopressor_course_gap_min" in {c["setting"] for c in r["conventions"]}
+    # a lower dose in between (a dip, not a pause) still ends the high-dose stretch
+    dip = grades(*HYPO, med(NE, 30, 31.75, rate=25, rate_unit="ug/min"), med(NE, 31.75, 32, rate=5, rate_unit="ug/min"),
+                 med(NE, 32, 34, rate=25, rate_unit="ug/min"))
+    assert dip["lee2014"]["grade"] == 2
+
+
+def test_mskcc_counts_the_hours_vasopressors_ran_not_the_pauses():
+    # 30-41.75 h and 42.25-54 h: 23.5 h given (the 30-min pause joins one infusion but is not
+    # vasopressor time), so MSKCC 2; both records cited when 24 h are reached
+    short = grades(*HYPO, med(NE, 30, 41.75, rate=8, rate_unit="ug/min"), med(NE, 42.25, 54, rate=8, rate_unit="ug/min"), until=180)
+    assert short["mskcc"]["grade"] == 2
+    long = grades(*HYPO, med(NE, 30, 41.75, rate=8, rate_unit="ug/min"), med(NE, 42.25, 54.75, rate=8, rate_unit="ug/min"), until=180)
+    assert long["mskcc"]["grade"] == 3 and long["mskcc"]["max_at"] == at(54.5)
+    assert len([e for e in long["mskcc"]["evidence"] if e.startswith("MedicationAdministration/")]) >= 2
+
+
+def test_one_drug_charted_twice_at_once_is_added_and_flagged():
+    crs_ = grades(*HYPO, med(NE, 30, 36, rate=12, rate_unit="ug/min"), med(NE, 30, 36, rate=12, rate_unit="ug/min"))
+    assert crs_["lee2014"]["grade"] == 3 and "same_drug_overlap" in crs_["lee2014"]["flags"]

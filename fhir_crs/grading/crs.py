@@ -184,13 +184,21 @@ class CrsGrader:
 
         afebrile = False
 
-        def outside(t: datetime, flag: str, end: datetime | None = None) -> None:
+        # the support (O2 above baseline, CRS-attributed positive pressure) and the pressors
+        # running at each instant: a segment that ends before an onset while the same therapy
+        # runs on through it (a charted row per segment) is graded at the onset, not flagged
+        o2_running = Cover((g.start, g.end) for g in tl.support if not g.home and (g.attributed or not g.ppv))
+        pressor_running = Cover((c.start, c.end) for c in tl.pressors)
+
+        def outside(t: datetime, flag: str, end: datetime | None = None, running: Cover | None = None) -> None:
             nonlocal afebrile
             if t < tl.infusion or t in windows:
                 return
             if t in before:
                 if end is not None and any(t < ep.onset <= end for ep in episodes):
                     return  # still running at the fever onset: graded there
+                if running is not None and any(t < ep.onset and ep.onset in running for ep in episodes if ep.onset - t <= timedelta(hours=s.fever_association_h)):
+                    return  # the same therapy runs on through the onset: graded there
                 res.flag("component_before_onset")
                 self.used("fever_association_h")
             else:
@@ -206,9 +214,9 @@ class CrsGrader:
             reach.append(max(reach[-1], c.end) if reach else c.end)
         for h in tl.hypotension:
             k = bisect_right(starts, h.time + H)
-            outside(h.time, "afebrile_hypotension", reach[k - 1] if k else None)
+            outside(h.time, "afebrile_hypotension", reach[k - 1] if k else None, pressor_running)
         for c in tl.pressors:
-            outside(c.start, "afebrile_hypotension", c.end)
+            outside(c.start, "afebrile_hypotension", c.end, pressor_running)
         for g in tl.support:
             if g.home:
                 continue
@@ -217,7 +225,7 @@ class CrsGrader:
                     res.flag("ppv_not_attributed")  # set aside wherever it lies (§2.3): a possible grade 4
                     self.used("ppv_hypoxia_lookback_h")
                 continue
-            outside(g.start, "afebrile_hypoxia", g.end)
+            outside(g.start, "afebrile_hypoxia", g.end, o2_running)
         first_onset = episodes[0].onset if episodes else None
         if afebrile:
             pre = [d for d in tl.drugs if d.drug_class in s.masking_drug_classes

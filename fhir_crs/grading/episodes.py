@@ -116,7 +116,7 @@ def abnormal_intervals(tl: CaseTimeline, s: GradingSettings, since: datetime,
     ivs = fever_intervals(tl, s, since)
     ivs += [(c.start, c.end, c.refs) for c in tl.pressors if c.end >= since]
     ivs += [(g.start, g.end, g.refs) for g in tl.support if g.end >= since and support_abnormal(g)]
-    ivs += [(h.time, h.time, h.refs) for h in tl.hypotension if h.time >= since]
+    ivs += [(h.time, h.end or h.time, h.refs) for h in tl.hypotension if h.time >= since]
     ivs += extra or []
     return sorted(ivs, key=lambda x: x[0])
 
@@ -140,8 +140,8 @@ def find_resolution(tl: CaseTimeline, s: GradingSettings, onset: datetime,
     for start, end, _ in ivs:
         if end is not None and end < onset:
             continue
-        if start > horizon(cur):
-            break
+        if start >= horizon(cur):
+            break  # clear for the whole period (§1.1 ">= 24 h"): an abnormality from then on is a new episode
         if end is None:
             return None
         cur = max(cur, end)

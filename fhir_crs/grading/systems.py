@@ -22,7 +22,7 @@ from .episodes import Episode
 from .organ import grade_lab, organ_abnormal_intervals
 from .result import Criterion
 from .state import LatestOrgan, TimeIndex
-from .vasoactive import cumulative_pressor_time, low_sbp_intervals, overlap_pairs
+from .vasoactive import PAUSE_BRIDGED, cumulative_pressor_time, low_sbp_intervals, overlap_pairs
 
 H = timedelta(hours=1)
 
@@ -185,6 +185,8 @@ class LegacyCrs(CrsGrader):
     def high_dose(self, t: datetime, grade: int) -> list[Criterion]:
         # The first sustained high-dose time that is t itself, or any reached by t while a
         # vasopressor still runs at a high dose (the sustained times are in time order).
+        if "vasopressor_dose_unknown" in self.dose_flags and self.state.running.at(t):
+            self.result.flag("vasopressor_dose_unknown")  # high dose cannot be judged: said, not assumed absent
         if not self.sustained:
             return []
         hit = None
@@ -196,8 +198,12 @@ class LegacyCrs(CrsGrader):
         if hit is None:
             return []
         _, text, refs = hit
-        return [Criterion(t, grade, f"high-dose vasopressors held >= {self.s.high_dose_min_hours:g} h ({text})", refs,
-                          ("high_dose_min_hours",), tuple(sorted(self.dose_flags & {"pediatric_high_dose", "dosing_weight_unknown"})))]
+        sets: tuple[str, ...] = ("high_dose_min_hours",)
+        flags = tuple(sorted(self.dose_flags & {"pediatric_high_dose", "dosing_weight_unknown", "same_drug_overlap"}))
+        if PAUSE_BRIDGED in text:
+            sets += ("vasopressor_course_gap_min",)
+            flags += ("high_dose_pause_bridged",)
+        return [Criterion(t, grade, f"high-dose vasopressors held >= {self.s.high_dose_min_hours:g} h ({text})", refs, sets, flags)]
 
     def refractory_hypotension(self, t: datetime, grade: int, text: str) -> list[Criterion]:
         return [Criterion(t, grade, text, refs, ("refractory_hypotension_min",)) for _, refs in self._refractory_at.exactly(t)]
@@ -317,12 +323,13 @@ class Mskcc(LegacyCrs):
             need = timedelta(hours=self.s.mskcc_pressor_hours)
             total = timedelta(0)
             hit = None
-            for a, b in cumulative_pressor_time(self.tl, ep.onset - 24 * H, ep.end_bound(self.tl)):
+            refs: list[str] = []
+            for a, b, stretch in cumulative_pressor_time(self.tl, ep.onset - 24 * H, ep.end_bound(self.tl)):
+                refs += stretch
                 if total + (b - a) >= need:
                     hit = a + (need - total)
                     break
                 total += b - a
-            refs = [c.refs[0] for c in self.tl.pressors]
             self._cum_cache[ep.onset] = (hit, refs)
         return self._cum_cache[ep.onset]
 

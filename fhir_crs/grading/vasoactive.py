@@ -93,6 +93,10 @@ def dose_states(tl: CaseTimeline, s: GradingSettings) -> tuple[list[DoseState], 
             if dose is None:
                 unknown = True
                 continue
+            if drug in doses:
+                # two records of one drug running at once are added (two lines, or the same
+                # infusion charted twice): the higher reading, flagged for review
+                flags.add("same_drug_overlap")
             doses[drug] = doses.get(drug, 0.0) + dose
             refs.append(ref)
         if doses or unknown:
@@ -124,18 +128,32 @@ def is_high_dose(d: dict[str, float], s: GradingSettings) -> tuple[bool, str]:
     return v >= limit, f"{a} {v:.1f} {unit}"
 
 
+PAUSE_BRIDGED = "pause bridged"  # in a high-dose interval's text: a pause did not restart its clock
+
+
 def high_dose_intervals(states: list[DoseState], s: GradingSettings) -> list[tuple[datetime, datetime, str, list[str]]]:
-    """Maximal intervals during which the Lee 2014 high-dose condition holds."""
+    """Maximal intervals during which the Lee 2014 high-dose condition holds. A pause with no
+    vasopressor running at all, shorter than `vasopressor_course_gap_min` (the gap across which
+    the timeline joins the records of one infusion: a bag or line change), does not restart the
+    3 h clock (§1.4 "all doses required for >= 3 h" says nothing of short pauses; restarting it
+    would lower the grade without a word); the interval's text says so. A lower dose in between
+    (a dip) does end the interval."""
+    gap = timedelta(minutes=s.vasopressor_course_gap_min)
     out: list[tuple[datetime, datetime, str, list[str]]] = []
+    prev_high = False  # was the state before this one high-dose? (a dip in between ends the run)
     for st in states:
         ok, text = is_high_dose(st.doses, s)
         if not ok:
+            prev_high = False
             continue
-        if out and out[-1][1] == st.start:
-            a, _, t0, refs = out[-1]
+        if out and prev_high and st.start - out[-1][1] < gap:
+            a, b, t0, refs = out[-1]
+            if st.start > b and PAUSE_BRIDGED not in t0:
+                t0 += f"; {PAUSE_BRIDGED}: {(st.start - b).total_seconds() / 60:.0f} min < {s.vasopressor_course_gap_min:g} min"
             out[-1] = (a, st.end, t0, refs + [r for r in st.refs if r not in refs])
         else:
             out.append((st.start, st.end, text, list(st.refs)))
+        prev_high = True
     return out
 
 
@@ -204,13 +222,25 @@ def multi_pressor_intervals(tl: CaseTimeline, s: GradingSettings, include_vasopr
     return concurrent_intervals(courses, timedelta(minutes=s.vasopressor_overlap_min))
 
 
-def cumulative_pressor_time(tl: CaseTimeline, since: datetime, until: datetime) -> list[tuple[datetime, datetime]]:
-    """Union of vasopressor running time within [since, until]."""
-    ivs = sorted((max(c.start, since), min(c.end, until)) for c in tl.pressors if c.end > since and c.start < until)
-    merged: list[tuple[datetime, datetime]] = []
-    for a, b in ivs:
+def cumulative_pressor_time(tl: CaseTimeline, since: datetime, until: datetime) -> list[tuple[datetime, datetime, list[str]]]:
+    """Union of the time vasopressors actually ran within [since, until], with the records behind
+    each stretch: each administration record's own interval, so a pause between the records of
+    one joined infusion is not vasopressor time (MSKCC §6 counts vasopressor hours). O(P log P)."""
+    ivs: list[tuple[datetime, datetime, str]] = []
+    for c in tl.pressors:
+        if c.end <= since or c.start >= until:
+            continue
+        segs = sorted(c.segments, key=lambda d: d.start)
+        for i, seg in enumerate(segs):
+            end = seg.end or (segs[i + 1].start if i + 1 < len(segs) else c.end)
+            a, b = max(seg.start, since), min(end, until)
+            if b > a:
+                ivs.append((a, b, seg.ref))
+    ivs.sort(key=lambda x: x[:2])
+    merged: list[tuple[datetime, datetime, list[str]]] = []
+    for a, b, ref in ivs:
         if merged and a <= merged[-1][1]:
-            merged[-1] = (merged[-1][0], max(merged[-1][1], b))
+            merged[-1] = (merged[-1][0], max(merged[-1][1], b), merged[-1][2] + [ref])
         else:
-            merged.append((a, b))
+            merged.append((a, b, [ref]))
     return merged
