@@ -18,6 +18,7 @@ from __future__ import annotations
 import operator
 from bisect import bisect_left, bisect_right
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import date, datetime, timedelta
 from typing import Any
@@ -126,8 +127,9 @@ class CaseTimeline:
     birth_date: date | None = None
     age_years: int | None = None
     age_days: int | None = None
-    deceased: datetime | None = None
+    deceased: datetime | None = None  # None also when the patient died at an unknown time (`died`)
     deceased_ref: str | None = None
+    died: bool = False  # the Patient says deceased, with or without a time (§1.8)
     weight_kg: float | None = None
     mrn: str | None = None
     name: str | None = None
@@ -267,6 +269,23 @@ def build_timelines(patient: str, events: list[Event], flags: set[str], s: Gradi
     return out
 
 
+def _place_dated_death(day: datetime, events: list[Event], keep: Callable[[datetime], bool]) -> datetime:
+    """A death charted by date only (`death_time_imprecise`, §1.8) is placed at the last record
+    charted on that day (the start of the day if none): the earliest time the chart allows,
+    never before care that was still charted, and the sensitive choice for a grade 5 candidate
+    (a death during an episode still active then), rather than the end of the day."""
+    end = day + timedelta(days=1)
+    at = day
+    for e in events:
+        if isinstance(e, PatientInfo):
+            continue
+        times = (e.time,) if isinstance(e, Measurement | Finding) else (e.start, e.end)
+        for t in times:
+            if t is not None and day <= t < end and t > at and keep(t):
+                at = t
+    return at
+
+
 def _build(
     patient: str, t0: datetime, refs: list[str], window_end: datetime | None, info: PatientInfo | None,
     events: list[Event], flags: set[str], s: GradingSettings,
@@ -278,6 +297,9 @@ def _build(
             tl.age_years, tl.age_days = _age(info.birth_date, t0)
         tl.deceased = info.deceased
         tl.deceased_ref = info.ref if info.deceased_flag else None
+        tl.died = info.deceased_flag or info.deceased is not None
+        if tl.died and tl.deceased is None:
+            tl.flags.add("death_time_unknown")  # died, time unknown: a grade 5 cannot be placed
         tl.mrn, tl.name = info.mrn, info.name
     if tl.age_years is None:
         tl.flags.add("age_unknown")
@@ -343,6 +365,11 @@ def _build(
             tl.procedures.append(e)
             if e.end:
                 last = max(last, e.end)
+    if tl.deceased is not None and "death_time_imprecise" in tl.flags:
+        if keep(tl.deceased):
+            tl.deceased = _place_dated_death(tl.deceased, events, keep)
+        else:
+            tl.flags.discard("death_time_imprecise")  # a death outside this case's window
     if tl.deceased is not None and keep(tl.deceased):
         last = max(last, tl.deceased)
     tl.last_time = last

@@ -159,3 +159,167 @@ def test_csf_opening_pressure_read_by_text_is_flagged():
     op = obs("LP-OP", 71, 35, "cmH2O", system="urn:site:lab", display="CSF opening pressure")
     r = graded(op, ice(70, 8), ice(72, 8), *NORMAL)
     assert r["cartox_cres"]["grade"] == 4
+
+
+# ---- round 2 (neuro free-text and coded readers) ----------------------------------------------
+
+FLOW = "http://hospital.example.org/fhir/CodeSystem/flowsheet"
+
+
+def coded(code: str, h: float, answer: str, system: str = SCT) -> dict[str, Any]:
+    """A finding row whose value is a coded answer (code only, no display)."""
+    r = obs(code, h, system=system)
+    r["valueCodeableConcept"] = {"coding": [{"system": SCT, "code": answer}]}
+    return r
+
+
+def condition(coding: dict[str, str], h: float, verification: str = "confirmed", abate_h: float | None = None,
+              text: str | None = None) -> dict[str, Any]:
+    r = {"resourceType": "Condition", "id": f"cond-{coding['code']}-{h}",
+         "verificationStatus": {"coding": [{"code": verification}]},
+         "code": {"coding": [coding], **({"text": text} if text else {})}, "subject": {"reference": "Patient/p1"},
+         "onsetDateTime": at(h)}
+    if abate_h is not None:
+        r["abatementDateTime"] = at(abate_h)
+    return r
+
+
+@pytest.mark.parametrize(
+    ("text", "grade"),
+    [
+        ("No seizures overnight, witnessed generalized tonic-clonic seizure lasting 2 min", 3),  # comma clause
+        ("Seizure ruled out; shaking episode was rigors", 1),  # post-trigger
+        ("History of seizures, none since admission", 1),  # historical
+        ("Levetiracetam for seizure prophylaxis. No seizures.", 1),  # prophylactic
+        ("EEG: no electrographic seizures, diffuse slowing", 1),
+        ("Indication: r/o seizure. Impression: no acute findings", 1),  # reason for the exam
+    ],
+)
+def test_seizure_text_is_read_negex_style(text, grade):
+    """NegEx-style reading (§3.2): clauses split on commas too; ruled out / history / prophylaxis /
+    reason-for-exam mentions are not current findings."""
+    assert graded(ice(71, 8), seizure(71, text), *NORMAL)["astct"]["grade"] == grade
+
+
+def test_possible_seizure_is_graded_and_flagged():
+    r = graded(ice(71, 8), seizure(71, "Possible seizure"), *NORMAL)["astct"]
+    assert r["grade"] == 3 and "finding_uncertain" in r["flags"]
+
+
+@pytest.mark.parametrize(
+    ("text", "cres"),
+    [("Focal seizure, EEG ordered", 3), ("Seized twice, no return to baseline between episodes", 4)],
+)
+def test_bare_eeg_is_not_nonconvulsive_and_no_return_is_status(text, cres):
+    r = graded(ice(71, 8), seizure(71, text), *NORMAL)
+    assert r["cartox_cres"]["grade"] == cres
+    assert r["astct"]["grade"] == (4 if cres == 4 else 3)
+
+
+@pytest.mark.parametrize(("answer", "grade"), [("373067005", 1), ("2667000", 1), ("260385009", 1), ("373066001", 3)])
+def test_coded_no_absent_negative_makes_a_finding_absent(answer, grade):
+    assert graded(ice(71, 8), coded("91175000", 71, answer), *NORMAL)["astct"]["grade"] == grade
+
+
+def test_coded_negative_haemorrhage_does_not_exclude_oedema():
+    r = graded(ice(71, 8), finding("2032001", 72, "Diffuse cerebral edema"), coded("274100004", 72, "260385009"), *NORMAL)
+    assert r["astct"]["grade"] == 4 and "intracranial_hemorrhage_excluded" not in r["astct"]["flags"]
+
+
+@pytest.mark.parametrize("code", ["R56.9", "G40.909", "G41.9"])
+def test_icd10_seizure_condition_is_a_seizure_finding(code):
+    c = condition({"system": "http://hl7.org/fhir/sid/icd-10-cm", "code": code}, 71)
+    r = graded(ice(71, 8), c, *NORMAL)["astct"]
+    assert r["grade"] == (4 if code.startswith("G41") else 3)
+
+
+@pytest.mark.parametrize(("text", "grade"), [("Tremor", 1), ("Myoclonus and asterixis", 1), ("Tremor, new left arm drift", 4)])
+def test_tremor_alone_is_not_motor_weakness(text, grade):
+    """§3.2 ‡: tremor / myoclonus are graded by CTCAE and do not influence ICANS."""
+    assert graded(ice(71, 8), finding("MOTOR-WEAKNESS", 72, text, system=FLOW), *NORMAL)["astct"]["grade"] == grade
+
+
+def test_generalized_weakness_is_not_deep_focal_but_is_cres_motor_weakness():
+    r = graded(ice(71, 8), finding("MOTOR-WEAKNESS", 72, "Generalized weakness, deconditioning", system=FLOW), *NORMAL)
+    assert r["astct"]["grade"] == 1 and "motor_weakness_not_focal" in r["astct"]["flags"]
+    assert r["cartox_cres"]["grade"] == 4 and "motor_weakness_not_focal" in r["cartox_cres"]["flags"]
+
+
+@pytest.mark.parametrize(
+    ("text", "astct", "cres"),
+    [("Bilateral papilledema, Frisen grade 2", 4, 3), ("Papilledema stage II", 4, 3), ("Papilledema grade 4", 4, 4),
+     ("Fundoscopy: papilledema absent", 1, 1), ("Discs sharp, without papilledema", 1, 1), ("Fundi not visualized", 1, 1)],
+)
+def test_papilledema_stage_and_negation(text, astct, cres):
+    r = graded(ice(71, 8), finding("ICP-SIGN", 72, text, system=FLOW), *NORMAL)
+    assert (r["astct"]["grade"], r["cartox_cres"]["grade"]) == (astct, cres)
+
+
+@pytest.mark.parametrize(
+    ("text", "grade", "imaging_resolved"),
+    [("No mass effect, no midline shift, diffuse cerebral edema", 4, False),
+     ("Global cerebral edema; decreased gray-white differentiation", 4, False),
+     ("Diffuse cerebral edema, slightly improved but persistent", 4, False),
+     ("Cerebral edema without herniation", 3, False),
+     ("No interval change in diffuse cerebral edema", 4, False),
+     ("Diffuse cerebral edema is not seen", 1, False),
+     ("Indication: confusion, r/o cerebral edema. Impression: No acute intracranial abnormality.", 1, False),
+     ("Interval resolution of previously seen diffuse cerebral edema", 1, True)],
+)
+def test_oedema_text_resolution_and_extent(text, grade, imaging_resolved):
+    """Only resolved / absent oedema is imaging resolution; improving oedema is graded by its
+    extent, read from the affirmed parts only (§3.2, V30)."""
+    r = graded(ice(71, 8), finding("2032001", 72, text), *NORMAL)["astct"]
+    assert r["grade"] == grade and ("imaging_resolved" in r) == imaging_resolved
+
+
+@pytest.mark.parametrize(
+    ("text", "grade"),
+    [("No response to voice or touch", 4), ("Not responsive", 4), ("Not arousable to voice, arouses to touch", 3), ("Not arousable", 4)],
+)
+def test_level_of_consciousness_by_the_stimulus_that_arouses(text, grade):
+    assert graded(ice(72, 5), loc(72, text), *NORMAL)["astct"]["grade"] == grade
+
+
+def test_rass_sent_as_a_coded_answer_is_read():
+    r = obs("1345050000", 72, system=SCT)
+    r["valueCodeableConcept"] = {"coding": [{"system": "http://loinc.org", "code": "LA-x", "display": "Unarousable"}]}
+    out = graded(r, *NORMAL)["astct"]
+    assert out["grade"] == 4 and "rass_used" in out["flags"]
+
+
+@pytest.mark.parametrize(("gcs", "grade", "flag"), [(5, 4, "gcs_used"), (12, 0, "gcs_depressed"), (15, 0, None)])
+def test_gcs_coma_is_grade_4_and_depressed_gcs_is_flagged(gcs, grade, flag):
+    r = graded(obs("9269-2", 72, gcs, "{score}"), *NORMAL)["astct"]
+    assert r["grade"] == grade
+    if flag:
+        assert flag in r["flags"]
+
+
+@pytest.mark.parametrize(
+    "row",
+    [obs("ICE-SCORE", 72, system=FLOW, dataAbsentReason={"coding": [{"code": "not-performed"}]}),
+     obs("ICE-SCORE", 72, system=FLOW, dataAbsentReason={"coding": [{"code": "asked-declined"}]}),
+     obs("ICE-SCORE", 72, "Unable to assess - patient off unit for MRI", system=FLOW)],
+)
+def test_ice_not_done_for_a_logistic_reason_is_a_skip_not_a_grade(row):
+    run = grade_resources([patient(birth=ADULT), cart(0), *vitals_baseline(240), row, loc(72, "Alert"), *NORMAL]).to_json()
+    assert run["cases"][0]["icans"]["astct"]["grade"] == 0 and run["cases"][0]["icans"]["cartox_cres"]["grade"] == 0
+    assert any(s["resource"].endswith(row["id"]) and "not assessed" in s["reason"] for s in run["skipped"])
+
+
+def test_unable_to_perform_because_obtunded_stays_a_finding():
+    row = obs("ICE-SCORE", 72, "Unable to perform: obtunded", system=FLOW)
+    assert graded(row, *NORMAL)["astct"]["grade"] == 3
+
+
+def test_provisional_condition_is_used_and_flagged():
+    c = condition({"system": SCT, "code": "91175000", "display": "Seizure"}, 71, verification="differential")
+    r = graded(ice(71, 8), c, *NORMAL)["astct"]
+    assert r["grade"] == 3 and "condition_unconfirmed" in r["flags"]
+
+
+@pytest.mark.parametrize(("abate_h", "grade"), [(95, 3), (71.2, 4)])
+def test_condition_abatement_is_a_seizure_duration_only_within_24h(abate_h, grade):
+    c = condition({"system": SCT, "code": "91175000", "display": "Seizure"}, 71, abate_h=abate_h, text="Focal seizure")
+    assert graded(ice(71, 8), c, *NORMAL)["astct"]["grade"] == grade

@@ -3,14 +3,15 @@
 * carHLH (CARTOX, §7.3): peak ferritin > 10,000 ng/mL within the CRS phase (the first
   `carhlh_window_days`, extended to the end of a CRS episode still open then) and subsequently
   any two of: grade >= 3 bilirubin/AST/ALT, grade >= 3 creatinine, grade >= 3 pulmonary oedema,
-  haemophagocytosis.
+  haemophagocytosis; a ferritin > 10,000 in a later CRS episode is flagged, not counted.
 * IEC-HS screen (Hines 2023, [P]): hyperferritinaemia (> 2x day-0 baseline or > 2x ULN, either)
   together with hypofibrinogenaemia, transaminases > 5x ULN, an ANC re-fall after recovery from
   neutropenia, hypertriglyceridaemia, LDH > ULN or haemophagocytosis; a provisional grade from
   the treatment and support it needed (§11.1 table). A screen, flagged for review, not a diagnosis.
 * ICAHT (Rejeski 2023, the published R implementation's approach, §11.3): early grade from the
   longest run of ANC <= 500 and <= 100 /uL in days 0-30 (lowest value per day, gaps up to 7 days
-  interpolated and flagged, runs separated by < 3 days above 500 joined); late grade from the
+  interpolated and flagged, longer gaps between neutropenic values flagged `anc_gap_not_bridged`
+  with the durations said to be a lower bound, runs separated by < 3 days above 500 joined); late grade from the
   second-lowest ANC after day +30 (>= 2 values, non-transient).
 
 Cost: O(n log n) for n lab values and drugs (the IEC-HS window partner by bisection; ICAHT works
@@ -74,6 +75,7 @@ def carhlh(tl: CaseTimeline, s: GradingSettings) -> dict[str, Any]:
     if peak is None or peak.value <= s.carhlh_ferritin:
         if peak is not None:
             criteria.append(f"peak ferritin {peak.value:,.0f} ng/mL in {phase} (not > {s.carhlh_ferritin:,.0f})")
+        _later_episode_ferritin(tl, s, phase_end, out)
         return out
     evidence.append(peak.ref)
     if open_ep is not None and not any(m.value > s.carhlh_ferritin for m in ferritin if m.time <= window_end):
@@ -83,12 +85,28 @@ def carhlh(tl: CaseTimeline, s: GradingSettings) -> dict[str, Any]:
         evidence.extend(r for r in open_ep.onset_refs if r not in evidence)
     else:
         criteria.append(f"ferritin {peak.value:,.0f} ng/mL > {s.carhlh_ferritin:,.0f} on day {_day(tl, peak.time)}")
-    hits: list[tuple[datetime, str, str]] = []
     first_high = min((m for m in ferritin if m.value > s.carhlh_ferritin), key=lambda m: m.time)
+    ordered = _carhlh_partners(tl, s, first_high.time)
+    for t, text in ordered:
+        criteria.append(f"{text} on day {_day(tl, t)}")
+    refs = {t: r for t, r in ((m.time, m.ref) for lab in ("bilirubin", "ast", "alt", "creatinine") for m in tl.labs.get(lab, []))}
+    refs.update({f.time: f.ref for f in tl.findings_of("hemophagocytosis")})
+    evidence.extend(refs[t] for t, _ in ordered if t in refs)
+    flags.append("pulmonary_edema_and_oliguria_not_evaluated")
+    if len(ordered) >= 2:
+        out["met"] = True
+        out["onset"] = iso(ordered[1][0])
+    return out
+
+
+def _carhlh_partners(tl: CaseTimeline, s: GradingSettings, since: datetime) -> list[tuple[datetime, str]]:
+    """The §7.3 criteria met at or after `since` (the first ferritin > 10,000), the first of each
+    kind, by time: grade >= 3 bilirubin/AST/ALT, grade >= 3 creatinine, haemophagocytosis."""
+    hits: list[tuple[datetime, str, str]] = []
     for lab in ("bilirubin", "ast", "alt", "creatinine"):
         base = baseline(tl, lab)
         for m in tl.labs.get(lab, []):
-            if m.time >= first_high.time:
+            if m.time >= since:
                 g = grade_lab(tl, lab, m, s, base, base_known=True)
                 if g.grade >= 3:
                     name = "creatinine" if lab == "creatinine" else "liver"
@@ -102,17 +120,32 @@ def carhlh(tl: CaseTimeline, s: GradingSettings) -> dict[str, Any]:
     seen: dict[str, tuple[datetime, str]] = {}
     for t, name, text in hits:
         seen.setdefault(name, (t, text))
-    ordered = sorted(seen.values())
-    for t, text in ordered:
-        criteria.append(f"{text} on day {_day(tl, t)}")
-    refs = {t: r for t, r in ((m.time, m.ref) for lab in ("bilirubin", "ast", "alt", "creatinine") for m in tl.labs.get(lab, []))}
-    refs.update({f.time: f.ref for f in tl.findings_of("hemophagocytosis")})
-    evidence.extend(refs[t] for t, _ in ordered if t in refs)
-    flags.append("pulmonary_edema_and_oliguria_not_evaluated")
-    if len(ordered) >= 2:
-        out["met"] = True
-        out["onset"] = iso(ordered[1][0])
-    return out
+    return sorted(seen.values())
+
+
+def _later_episode_ferritin(tl: CaseTimeline, s: GradingSettings, phase_end: datetime, out: dict[str, Any]) -> None:
+    """§7.3 "during the CRS phase (typically the first 5 days)": a ferritin > `carhlh_ferritin`
+    after the phase but inside a later CRS episode (ASTCT fever-anchored, §1.1) is not counted
+    (the phase is the window plus the episode open at its end), but it is never silent: flagged
+    `carhlh_ferritin_later_crs_episode`, with a criterion naming the episode and which of the other
+    criteria followed it (whether carHLH would be met if that episode were counted)."""
+    eps = [ep for ep in case_state(tl, s).episodes([]) if ep.end_bound(tl) > phase_end]
+    for m in tl.labs.get("ferritin", []):
+        if m.time <= phase_end or m.value <= s.carhlh_ferritin:
+            continue
+        ep = next((e for e in eps if e.contains(m.time, tl)), None)
+        if ep is None:
+            continue
+        partners = _carhlh_partners(tl, s, m.time)
+        also = "; ".join(f"{text} on day {_day(tl, t)}" for t, text in partners) or "none of the other criteria"
+        verdict = "would be met" if len(partners) >= 2 else "would not be met"
+        out["criteria"].append(
+            f"ferritin {m.value:,.0f} ng/mL > {s.carhlh_ferritin:,.0f} on day {_day(tl, m.time)} in a later CRS episode "
+            f"(onset day {_day(tl, ep.onset)}, after the CRS phase, carhlh_window_days {s.carhlh_window_days:g}): not counted, "
+            f"review; after it: {also} (carHLH {verdict} if this episode were counted)")
+        out["flags"].append("carhlh_ferritin_later_crs_episode")
+        out["evidence"].extend(r for r in (m.ref, *ep.onset_refs) if r not in out["evidence"])
+        return
 
 
 def iec_hs(tl: CaseTimeline, s: GradingSettings, crs_resolved: datetime | None) -> dict[str, Any]:
@@ -159,7 +192,7 @@ def iec_hs(tl: CaseTimeline, s: GradingSettings, crs_resolved: datetime | None) 
             manifest.append((f.time, "hemophagocytosis", "hemophagocytosis", f.ref))
     manifest.sort()
     window = timedelta(hours=s.iec_hs_window_h)
-    onset = None
+    onset = start = None
     # the earliest partner within the window, by bisection into the time-ordered manifest:
     # O(M log M) rather than a scan of the whole manifest per manifestation
     ferritin_times = [x[0] for x in manifest if x[1] == "ferritin"]
@@ -168,11 +201,11 @@ def iec_hs(tl: CaseTimeline, s: GradingSettings, crs_resolved: datetime | None) 
         partners = other_times if kind == "ferritin" else ferritin_times
         i = bisect_left(partners, t - window)
         if i < len(partners) and partners[i] <= t + window:
-            onset = max(t, partners[i])
+            onset, start = max(t, partners[i]), min(t, partners[i])
             break
     if manifest and onset is None:
         flags.append("iec_hs_screen")  # isolated manifestation: review
-    if onset is not None:
+    if onset is not None and start is not None:
         picture = [x for x in manifest if abs(x[0] - onset) <= window or x[0] >= onset]
         out["suspected"] = True
         out["onset"] = iso(onset)
@@ -189,17 +222,16 @@ def iec_hs(tl: CaseTimeline, s: GradingSettings, crs_resolved: datetime | None) 
                 cited.add(ref)
                 evidence.append(ref)
         lo = onset - window
-        # IEC-HS-directed therapy: anti-cytokine agents, or steroids once CRS had resolved.
-        directed = [
-            d for d in tl.drugs
-            if d.start >= lo and (
-                d.drug_class == "anti_cytokine"
-                or (d.drug_class == "corticosteroid" and (crs_resolved is None or d.start > crs_resolved))
-            )
-        ]
-        grade, basis = _iec_hs_grade(tl, lo, onset, directed)
+        directed, crs_steroids = _iec_hs_directed(tl, s, lo)
+        grade, basis = _iec_hs_grade(tl, lo, start, onset, directed)
         out["grade"] = grade
         flags.append("iec_hs_grade_provisional")
+        if crs_steroids:
+            names = ", ".join(dict.fromkeys(d.drug for d in crs_steroids))
+            out["criteria"].append(f"not counted as IEC-HS-directed: {names} (from day {_day(tl, crs_steroids[0].start)}) "
+                                   "given during an open CRS episode (CRS therapy)")
+        if tl.died and tl.deceased is None:
+            flags.append("death_time_unknown")  # died at an unknown time: grade 5 cannot be placed
         for text, refs in basis:
             out["criteria"].append(text)
             for ref in refs:
@@ -236,19 +268,39 @@ def _anc_refalls(tl: CaseTimeline) -> list[tuple[datetime, str, str, str]]:
     return out
 
 
-def _iec_hs_grade(tl: CaseTimeline, lo: datetime, onset: datetime,
+def _iec_hs_directed(tl: CaseTimeline, s: GradingSettings, lo: datetime) -> tuple[list[DrugGiven], list[DrugGiven]]:
+    """(IEC-HS-directed therapy, steroids set aside) from `lo` on (§11.1 grade 2): anti-cytokine
+    agents, and corticosteroids given outside every CRS episode (ASTCT fever-anchored, §1.1; an
+    unresolved episode runs to the last record). A steroid during an open CRS episode, resolved
+    later or never, is CRS therapy and is not counted (returned second, named in the criteria)."""
+    eps = case_state(tl, s).episodes([])
+    directed: list[DrugGiven] = []
+    crs: list[DrugGiven] = []
+    for d in tl.drugs:
+        if d.start < lo:
+            continue
+        if d.drug_class == "anti_cytokine":
+            directed.append(d)
+        elif d.drug_class == "corticosteroid":
+            (crs if any(ep.contains(d.start, tl) for ep in eps) else directed).append(d)
+    return directed, crs
+
+
+def _iec_hs_grade(tl: CaseTimeline, lo: datetime, start: datetime, onset: datetime,
                   directed: list[DrugGiven]) -> tuple[int, list[tuple[str, list[str]]]]:
     """Provisional IEC-HS grade by the §11.1 table from what the picture needed from `lo` on, with
     the basis of each step (text, refs): 2 = IEC-HS-directed immunosuppression or transfusion
     (blood products given as MedicationAdministration, or Procedures of kind transfusion_cryo);
     3 = both; 4 = life-threatening: vasopressor-dependent hypotension (a vasopressor course
-    running from `lo` on; short/peri-procedural infusions were set aside by the timeline),
-    intubation / invasive ventilation, ECMO, blood purification (dialysis); 5 = death after onset."""
+    running at or after `start`, the first manifestation of the pair that set the onset: a
+    course that ended before the picture began, e.g. for the CRS, is not IEC-HS hypotension;
+    short/peri-procedural infusions were set aside by the timeline), intubation / invasive
+    ventilation, ECMO, blood purification (dialysis); 5 = death after onset."""
     transfused: list[tuple[str, int, str]] = [
         (d.drug, _day(tl, d.start), d.ref) for d in tl.drugs if d.start >= lo and d.drug_class == "blood_product"]
     transfused += [(p.text or "transfusion", _day(tl, p.start), p.ref) for p in tl.procedures
                    if p.start >= lo and p.kind == "transfusion_cryo"]
-    pressors = [c for c in tl.pressors if c.end >= lo]
+    pressors = [c for c in tl.pressors if c.end >= start]
     severe = [p for p in tl.procedures if p.start >= lo and p.kind in ("intubation", "invasive_ventilation", "ecmo", "blood_purification")]
     basis: list[tuple[str, list[str]]] = []
     if directed:
@@ -288,6 +340,25 @@ def _daily_anc(tl: CaseTimeline, last_day: int) -> dict[int, tuple[float, str]]:
     return days
 
 
+def _icaht_runs_text(r500: list[tuple[int, int]], r100: list[tuple[int, int]]) -> list[str]:
+    """The longest early runs of ANC <= 500 and <= 100 /uL that decided the grade (§11.3)."""
+    out = []
+    for limit, runs in ((500, r500), (100, r100)):
+        if runs:
+            a, b = max(runs, key=lambda r: (r[1] - r[0], -r[0]))
+            out.append(f"ANC <= {limit}/uL for {b - a + 1} days (days {a}-{b})")
+    return out
+
+
+def _icaht_gap_text(unbridged: list[tuple[int, int]], s: GradingSettings) -> str:
+    """§11.3 interpolates missing daily ANC across gaps up to `icaht_interpolate_max_days`; a
+    longer gap between two neutropenic values is not bridged, so the neutropenia may have run
+    through it: the durations (and the grade) are a lower bound (flag `anc_gap_not_bridged`)."""
+    gaps = ", ".join(f"days {a + 1}-{b - 1}" for a, b in unbridged)
+    return (f"no ANC on {gaps} between neutropenic values (> icaht_interpolate_max_days "
+            f"{s.icaht_interpolate_max_days} days, not bridged): the neutropenia durations are a lower bound")
+
+
 def icaht(tl: CaseTimeline, s: GradingSettings) -> dict[str, Any]:
     flags: list[str] = []
     evidence: list[str] = []
@@ -299,12 +370,15 @@ def icaht(tl: CaseTimeline, s: GradingSettings) -> dict[str, Any]:
         series: dict[int, float] = {d: v for d, (v, _) in daily.items()}
         known = sorted(series)
         interpolated = set()
+        unbridged: list[tuple[int, int]] = []  # (a, b): > icaht_interpolate_max_days missing between neutropenic days
         for a, b in pairwise(known):
             gap = b - a - 1
             if 0 < gap <= s.icaht_interpolate_max_days:
                 for k in range(1, gap + 1):
                     series[a + k] = series[a] + (series[b] - series[a]) * k / (b - a)
                     interpolated.add(a + k)
+            elif gap > s.icaht_interpolate_max_days and series[a] <= 500 and series[b] <= 500:
+                unbridged.append((a, b))
         days = sorted(series)
         last = days[-1]
 
@@ -345,6 +419,9 @@ def icaht(tl: CaseTimeline, s: GradingSettings) -> dict[str, Any]:
         out["early_grade"] = g
         if interpolated and any(a <= d <= b for d in interpolated for a, b in r500):
             flags.append("anc_interpolated")
+        if unbridged:  # `criteria` only then: the runs measured, and why they are a lower bound
+            out["criteria"] = [*_icaht_runs_text(r500, r100), _icaht_gap_text(unbridged, s)]
+            flags.append("anc_gap_not_bridged")
         nadir = min(daily.items(), key=lambda kv: kv[1][0])
         evidence.append(nadir[1][1])
         for a, b in r500[:3]:

@@ -191,7 +191,7 @@ def case_facts(tl: CaseTimeline, s: GradingSettings) -> dict[str, object]:
         "blood_purification": purification,
         "liver_injury_grade": liver,
         "liver_evidence": liver_refs,
-        "died": tl.deceased is not None,
+        "died": tl.deceased is not None or tl.died,
         "deceased": iso(tl.deceased),
         "peak_il6": peak("il6"),
         "peak_ifn_gamma": peak("ifn_gamma"),

@@ -17,9 +17,18 @@ from __future__ import annotations
 from datetime import datetime, timedelta
 
 from ..events import Finding, Measurement
+from ..mappers.observation import papilledema_stage
 from ..settings import GradingSettings
 from ..timeline import CaseTimeline
-from .icans import Assessment, neuro_episodes, prolonged_seizure, repetitive_seizures, summarise_neuro
+from .icans import (
+    GCS_COMA,
+    Assessment,
+    finding_flags,
+    neuro_episodes,
+    prolonged_seizure,
+    repetitive_seizures,
+    summarise_neuro,
+)
 from .result import Criterion, SystemResult
 from .state import Cover
 
@@ -64,6 +73,13 @@ def grade_cres(tl: CaseTimeline, s: GradingSettings) -> SystemResult:
             # by itself), so a pressure below 20 mmHg is not a finding on its own.
             if e.value >= CSF_OPENING_PRESSURE_MMHG:
                 at(t).criteria.append(Criterion(t, 4, f"raised ICP: CSF opening pressure {e.value:.0f} mmHg (>= {CSF_OPENING_PRESSURE_MMHG:g})", [e.ref]))
+        elif isinstance(e, Measurement) and e.kind == "gcs_total" and e.value <= GCS_COMA:
+            # GCS <= 8 (coma) is obtunded (§7.2 grade 4, as an unarousable row); not while sedated
+            if sedated:
+                res.flag("sedation_confounded")
+                res.settings_used.add("icans_sedation_bolus_h")
+            else:
+                at(t).criteria.append(Criterion(t, 4, f"obtunded: GCS {e.value:g} (<= {GCS_COMA}, coma)", [e.ref], flags=("gcs_used",)))
         elif isinstance(e, Measurement) and e.kind == score:
             if sedated:
                 res.flag("sedation_confounded")
@@ -99,25 +115,36 @@ def grade_cres(tl: CaseTimeline, s: GradingSettings) -> SystemResult:
             elif e.kind == "seizure" and e.detail != "absent":
                 long, why, by_setting = prolonged_seizure(e, s)
                 sets = ("seizure_status_min",) if by_setting or long else ()
+                fl = finding_flags(e)
+                res.flag(*fl)
                 if long or e.detail == "generalized":
                     what = f"status epilepticus, {why}" if long else "generalized seizure"
-                    at(t).criteria.append(Criterion(t, 4, f"{what} ({e.text or e.detail})", [e.ref], sets))
+                    at(t).criteria.append(Criterion(t, 4, f"{what} ({e.text or e.detail})", [e.ref], sets, fl))
                 else:
                     # an unspecified seizure may have been generalized (CRES 4): graded partial, flagged
                     flags = ("seizure_type_unspecified",) if e.detail == "unspecified" else ()
-                    at(t).criteria.append(Criterion(t, 3, f"partial / non-convulsive seizure ({e.text or e.detail})", [e.ref], sets, flags))
+                    at(t).criteria.append(Criterion(t, 3, f"partial / non-convulsive seizure ({e.text or e.detail})", [e.ref], sets, flags + fl))
                     if flags:
                         res.flag(*flags)
-            elif e.kind == "motor_weakness" and e.detail == "present":
-                at(t).criteria.append(Criterion(t, 4, f"new motor weakness ({e.text})", [e.ref]))
+            elif e.kind == "motor_weakness" and e.detail in ("present", "generalized"):
+                # CARTOX "new motor weakness" (§7.2): generalized weakness too (ASTCT asks for focal)
+                fl = finding_flags(e) + (("motor_weakness_not_focal",) if e.detail == "generalized" else ())
+                res.flag(*fl)
+                at(t).criteria.append(Criterion(t, 4, f"new motor weakness ({e.text})", [e.ref], (), fl))
             elif e.kind == "icp_sign" and e.detail == "present":
-                g = 3 if "stage 1" in e.text.lower() or "stage 2" in e.text.lower() else 4
-                at(t).criteria.append(Criterion(t, g, f"raised ICP ({e.text})", [e.ref]))
+                # papilledema stage (grade, Frisén) 1-2 is grade 3, 3-5 and every other sign grade 4 (§7.2)
+                stage = papilledema_stage(e.text)
+                g = 3 if stage is not None and stage <= 2 else 4
+                fl = finding_flags(e)
+                res.flag(*fl)
+                at(t).criteria.append(Criterion(t, g, f"raised ICP ({e.text})", [e.ref], (), fl))
             elif e.kind == "cerebral_edema" and e.detail not in ("absent", "resolving"):
                 if e.detail == "hemorrhagic" or any(abs(f.time - t) <= 24 * H for f in ich):
                     res.flag("intracranial_hemorrhage_excluded")
                     continue
-                at(t).criteria.append(Criterion(t, 4, f"cerebral edema ({e.text})", [e.ref]))
+                fl = finding_flags(e)
+                res.flag(*fl)
+                at(t).criteria.append(Criterion(t, 4, f"cerebral edema ({e.text})", [e.ref], (), fl))
     def at_baseline(e: Measurement | Finding) -> bool | None:
         """An assessment at baseline (score 10 / CAPD at baseline / alert), one not at baseline,
         or none (sedated rows, other kinds): for `repetitive_seizures`."""

@@ -243,7 +243,8 @@ class CrsGrader:
         for name in ("unit_error", "timezone_assumed", "age_unknown", "infusion_end_assumed", "observation_gap",
                      "vasopressor_ignored", "low_sbp_in_procedure_window", "arterial_artifact_excluded",
                      "status_unknown", "status_on_hold", "status_missing", "hypotension_unconfirmed",
-                     "age_threshold_changes", "ppv_indication_conflict"):
+                     "age_threshold_changes", "ppv_indication_conflict", "death_time_unknown",
+                     "death_time_imprecise"):
             if name in tl.flags:
                 res.flag(name)
                 self.used(*_FLAG_SETTINGS.get(name, ()))

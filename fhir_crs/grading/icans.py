@@ -26,6 +26,8 @@ from datetime import datetime, timedelta
 from itertools import pairwise
 
 from ..events import Finding, Measurement
+from ..mappers.condition import UNCONFIRMED
+from ..mappers.observation import hedged
 from ..mappers.reasons import affirmed
 from ..settings import GradingSettings
 from ..timeline import CaseTimeline
@@ -73,6 +75,21 @@ def rass_level(v: float) -> tuple[int, str]:
 def rass_grade(v: float) -> int:
     """The ICANS level-of-consciousness grade a RASS value describes (`rass_level`)."""
     return rass_level(v)[0]
+
+
+GCS_COMA = 8  # GCS <= 8: coma (ASTCT ICANS grade 4 depressed level of consciousness, §3.2)
+
+
+def finding_flags(e: Finding) -> tuple[str, ...]:
+    """Review flags of a graded finding: `finding_uncertain` when its text only hedges it
+    ("possible seizure"), `condition_unconfirmed` for a provisional / differential Condition
+    (used, never hidden: clinical safety rule)."""
+    out = []
+    if e.text.startswith(UNCONFIRMED):
+        out.append("condition_unconfirmed")
+    if hedged(e.kind, e.text):
+        out.append("finding_uncertain")
+    return tuple(out)
 
 
 def seizure_minutes(e: Finding) -> float | None:
@@ -170,6 +187,7 @@ class AstctIcans:
         def unarousable_near(t: datetime) -> Finding | None:
             return next((f for tt, f in loc_at.items() if abs(tt - t) <= 30 * timedelta(minutes=1) and f.detail == "unarousable"), None)
 
+        edema_seen = False
         for e in tl.neuro:
             t = e.time
             if t < tl.infusion:
@@ -216,6 +234,16 @@ class AstctIcans:
                         res.settings_used.add("icans_sedation_bolus_h")
                     elif g:
                         at(t).criteria.append(Criterion(t, g, f"RASS {e.value:g} ({meaning}: depressed consciousness)", [e.ref], flags=("rass_used",)))
+                elif e.kind == "gcs_total":
+                    # GCS <= 8 is coma: depressed level of consciousness grade 4 (unless sedated);
+                    # 9-14 is not an ICANS row, flagged for review
+                    if e.value <= GCS_COMA and sed:
+                        res.flag("sedation_confounded")
+                        res.settings_used.add("icans_sedation_bolus_h")
+                    elif e.value <= GCS_COMA:
+                        at(t).criteria.append(Criterion(t, 4, f"GCS {e.value:g} (<= {GCS_COMA}: coma, depressed level of consciousness)", [e.ref], flags=("gcs_used",)))
+                    elif e.value < 15:
+                        res.flag("gcs_depressed")
                 continue
             # Findings
             if e.kind.startswith("unable_") and e.kind[len("unable_"):] in ("ice_score", "capd_score"):
@@ -238,29 +266,45 @@ class AstctIcans:
                     continue
                 long, why, by_setting = prolonged_seizure(e, s)
                 sets = ("seizure_status_min",) if by_setting or long else ()
+                fl = finding_flags(e)
+                res.flag(*fl)
                 if long:
-                    at(t).criteria.append(Criterion(t, 4, f"life-threatening prolonged/repetitive seizure ({why}: {e.text})", [e.ref], sets))
+                    at(t).criteria.append(Criterion(t, 4, f"life-threatening prolonged/repetitive seizure ({why}: {e.text})", [e.ref], sets, fl))
                 else:
-                    at(t).criteria.append(Criterion(t, 3, f"seizure ({e.text or e.detail})", [e.ref], sets))
+                    at(t).criteria.append(Criterion(t, 3, f"seizure ({e.text or e.detail})", [e.ref], sets, fl))
             elif e.kind == "motor_weakness" and e.detail == "present":
-                at(t).criteria.append(Criterion(t, 4, f"deep focal motor weakness ({e.text})", [e.ref]))
+                fl = finding_flags(e)
+                res.flag(*fl)
+                at(t).criteria.append(Criterion(t, 4, f"deep focal motor weakness ({e.text})", [e.ref], (), fl))
+            elif e.kind == "motor_weakness" and e.detail == "generalized":
+                # generalized weakness / deconditioning is not "deep focal motor weakness" (§3.2):
+                # not graded, flagged for review
+                res.flag("motor_weakness_not_focal")
             elif e.kind == "icp_sign" and e.detail == "present":
-                at(t).criteria.append(Criterion(t, 4, f"raised ICP sign ({e.text})", [e.ref]))
+                fl = finding_flags(e)
+                res.flag(*fl)
+                at(t).criteria.append(Criterion(t, 4, f"raised ICP sign ({e.text})", [e.ref], (), fl))
             elif e.kind == "cerebral_edema":
-                if e.detail in ("absent", "resolving"):
-                    # imaging resolution is reported beside the clinical one (grading-criteria V30 [I])
+                if e.detail == "resolving" or (e.detail == "absent" and edema_seen):
+                    # imaging resolution is reported beside the clinical one (grading-criteria V30 [I]);
+                    # a scan without oedema is a resolution only after an oedema was seen
                     res.extra.setdefault("imaging_resolved", iso(e.time))
                     continue
+                if e.detail == "absent":
+                    continue
+                edema_seen = True
                 near_ich = [f for f in ich if abs(f.time - t) <= 24 * H]
                 if e.detail == "hemorrhagic" or near_ich:
                     res.flag("intracranial_hemorrhage_excluded")
                     continue
+                fl = finding_flags(e)
+                res.flag(*fl)
                 if e.detail == "diffuse":
-                    at(t).criteria.append(Criterion(t, 4, f"diffuse cerebral edema ({e.text})", [e.ref]))
+                    at(t).criteria.append(Criterion(t, 4, f"diffuse cerebral edema ({e.text})", [e.ref], (), fl))
                 else:
                     if e.detail == "unspecified":
                         res.flag("edema_extent_unspecified")
-                    at(t).criteria.append(Criterion(t, 3, f"focal/local cerebral edema ({e.text})", [e.ref]))
+                    at(t).criteria.append(Criterion(t, 3, f"focal/local cerebral edema ({e.text})", [e.ref], (), fl))
         for first, second, assessed in repetitive_seizures(tl, lambda e: self._at_baseline(e, primary, capd_base)):
             if assessed:
                 t = second.time
@@ -296,6 +340,9 @@ class AstctIcans:
                 self._death(ep, tl.deceased)
                 ep.resolved = None
         summarise_neuro(res, episodes)
+        for name in ("death_time_unknown", "death_time_imprecise"):  # a death that cannot be placed is said (§1.8)
+            if name in tl.flags:
+                res.flag(name)
         return res
 
 

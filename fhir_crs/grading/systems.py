@@ -11,8 +11,9 @@ each query at a change point is a bisection (O(log n) plus what it returns).
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from datetime import datetime, timedelta
+from typing import ClassVar
 
 from ..settings import GradingSettings
 from ..timeline import CaseTimeline, Support
@@ -47,6 +48,7 @@ class LegacyCrs(CrsGrader):
     organ_based = False  # organ toxicity is a grading criterion (and must settle before resolution)
     vent_grade = 4
     niv_grade: int | None = None  # systems that grade CPAP/BiPAP explicitly (Penn, PedsCARTOX: 3)
+    organ_min_grades: ClassVar[Mapping[str, int]] = {}  # per lab, the CTCAE grade from which the system grades it (default 2)
 
     def __init__(self, tl: CaseTimeline, s: GradingSettings):
         super().__init__(tl, s)
@@ -82,7 +84,9 @@ class LegacyCrs(CrsGrader):
         yield from (o.time for o in self.organs)
 
     def extra_abnormal(self) -> list[tuple[datetime, datetime | None, list[str]]]:
-        return organ_abnormal_intervals(self.organs) if self.organ_based else []
+        """Organ abnormalities hold the episode open (§1.1) only where this system grades them:
+        a lab at or above its `organ_min_grades` grade (Penn: LFTs from grade 3)."""
+        return organ_abnormal_intervals(self.organs, min_grades=self.organ_min_grades) if self.organ_based else []
 
     # -- components shared by several systems ---------------------------------------------
     def hypoxia(self, t: datetime, ep: Episode) -> list[Criterion]:
@@ -209,9 +213,16 @@ class LegacyCrs(CrsGrader):
         return [Criterion(t, grade, text, refs, ("refractory_hypotension_min",)) for _, refs in self._refractory_at.exactly(t)]
 
     def organ(self, t: datetime, ep: Episode, lee_style: bool = True) -> list[Criterion]:
-        """Latest value of each organ lab at t, graded per CTCAE; Lee/CARTOX mapping by default."""
+        """Latest value of each organ lab at t, graded per CTCAE; Lee/CARTOX mapping by default.
+        Each criterion carries the settings that decided its lab grade (a default ULN; none for
+        the lab's own range) and its review flags (organ.py). A creatinine read in the episode
+        without a pre-infusion baseline and below grade 3 by ULN flags the result
+        `baseline_missing` even when it makes no criterion (§1.6 "x baseline" could not be
+        applied, so the grade may be higher)."""
         out = []
         for o in self._latest.window(ep.onset - 24 * H, t):
+            if "baseline_missing" in o.flags:
+                self.result.flag("baseline_missing")
             if o.grade < 2:
                 continue
             if lee_style:
@@ -222,7 +233,7 @@ class LegacyCrs(CrsGrader):
                 else:
                     g = 3 if o.grade >= 4 else 2 if o.grade >= 3 else 0
             if g >= 2:
-                out.append(Criterion(t, g, "organ toxicity: " + o.text, [o.ref], ("uln_alt", "uln_ast", "uln_creatinine")))
+                out.append(Criterion(t, g, "organ toxicity: " + o.text, [o.ref], o.settings, o.flags))
         return out
 
 
@@ -246,6 +257,7 @@ class Penn(LegacyCrs):
     name = "penn"
     organ_based = True
     niv_grade = 3
+    organ_min_grades: ClassVar[Mapping[str, int]] = {"ast": 3, "alt": 3, "bilirubin": 3}  # "grade 3 LFTs", grade 2 creatinine
 
     def __init__(self, tl: CaseTimeline, s: GradingSettings):
         super().__init__(tl, s)

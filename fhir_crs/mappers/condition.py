@@ -11,7 +11,7 @@ mapped Condition carries its indication classes the same way."""
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from ..events import Finding, Skipped
@@ -21,7 +21,31 @@ from .observation import edema_extent, seizure_type
 from .reasons import classify
 from .status import status_decision
 
-UNDATED = datetime(1900, 1, 1, tzinfo=UTC)  # an indication Condition without a usable time: never on a timeline
+UNDATED = datetime(1900, 1, 1, tzinfo=UTC)
+UNCONFIRMED = "unconfirmed diagnosis"  # text prefix of a provisional / differential Condition (graders flag it)
+_ICD10 = ("http://hl7.org/fhir/sid/icd-10-cm", "http://hl7.org/fhir/sid/icd-10", "http://www.cms.gov/Medicare/Coding/ICD10")
+
+
+def icd10_seizure(codes: list[tuple[str, str]]) -> str | None:
+    """'status' for ICD-10 G41.x (status epilepticus), 'seizure' for R56.x / G40.x, else None."""
+    for system, code in codes:
+        if system in _ICD10 or "icd-10" in system.lower():
+            c = code.upper().replace(".", "")
+            if c.startswith("G41"):
+                return "status"
+            if c.startswith(("R56", "G40")):
+                return "seizure"
+    return None
+
+
+def verification(res: dict[str, Any]) -> str | None:
+    """'provisional' / 'differential' / 'unconfirmed' of a Condition's verificationStatus (used,
+    flagged for review: clinical safety rule), else None. refuted / entered-in-error are skipped
+    by `status_decision`."""
+    for _, code in codings(res.get("verificationStatus")):
+        if code in ("provisional", "differential", "unconfirmed"):
+            return code
+    return None  # an indication Condition without a usable time: never on a timeline
 CONDITION_KINDS = ("seizure", "cerebral_edema", "icp_sign", "motor_weakness", "intracranial_hemorrhage", "hemophagocytosis")
 
 
@@ -32,6 +56,9 @@ class ConditionMapper:
     def map(self, res: dict[str, Any], ref: str, flags: set[str]) -> Finding | Skipped:
         code = res.get("code")
         name, by_text = self.code_map.observation_table.match(codings(code), texts(code))
+        icd = icd10_seizure(codings(code))
+        if name is None and icd is not None:
+            name, by_text = "seizure", False  # R56.9 / G40.x / G41.x: a seizure finding, whatever reasons.toml says
         indications, ind_by_text = classify(self.code_map.reasons, codings(code), texts(code))
         if name not in CONDITION_KINDS:
             if not indications:
@@ -58,10 +85,20 @@ class ConditionMapper:
         if when.tz_assumed:
             flags.add("timezone_assumed")
         end = parse_datetime(res.get("abatementDateTime"))
-        if name == "seizure":  # its duration (abatement) is compared with seizure_status_min in grading
-            detail = seizure_type(text)
+        if name == "seizure":
+            # its duration (abatement) is compared with seizure_status_min in grading, only when
+            # both ends are times less than 24 h apart (a problem-list abatement date is not one)
+            onset_time = "onsetDateTime" in res or isinstance(res.get("onsetPeriod"), dict)
+            if end is not None and not (onset_time and end.precision == "time" and timedelta(0) < end.time - when.time < timedelta(hours=24)):
+                end = None
+            detail = "status" if icd == "status" else seizure_type(text)
+            if detail == "absent" and icd is not None:
+                detail = "unspecified"  # the code says a seizure
         elif name == "cerebral_edema":
             detail = edema_extent(text)
         else:
             detail = "present"
+        if unconfirmed := verification(res):
+            flags.add("condition_unconfirmed")
+            text = f"{UNCONFIRMED} ({unconfirmed}): {text}"
         return Finding(name, when.time, detail, ref, text, end.time if end else None, by_text, indications, ind_by_text)

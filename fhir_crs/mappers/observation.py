@@ -20,37 +20,41 @@ from ..events import Event, Finding, Measurement, Skipped
 from ..mapping_files import ClassTable, CodeMap, ObservationKind
 from ..ownoutput import OWN_OUTPUT_REASON, is_own_output
 from .common import When, _parse_datetime, codings, label, parse_datetime, quantity, quantity_units, texts
+from .negation import clauses, read, uncertain
 from .reasons import classify
 from .status import status_decision
 from .units import CELSIUS, FAHRENHEIT, f_to_c, to_canonical
 
-_NEGATIVE = re.compile(
-    r"^\s*(no|none|absent|negative|not (seen|present|detected|observed)|nil|normal|resolved|no growth)\b",
-    re.IGNORECASE,
-)  # anchored at the start of a clause (`clauses`), never of the whole text
-_CLAUSE_BREAK = re.compile(r"(?<!\d)\.|\.(?!\d)|[;\n]")  # a full stop (not a decimal point), ";" or a new line
+
+def affirmed_text(text: str, names: Sequence[re.Pattern[str]], post_resolved: bool = True) -> str | None:
+    """The part of `text` a finding is classified from (`negation.read`); None: the finding is absent.
+
+    A finding is present when a clause names it without negation, history or hypothesis, or when
+    nothing names it and nothing is denied (the row's own code says it): "No seizure. Resting
+    comfortably." is absent, "No midline shift. Diffuse cerebral edema." reads "Diffuse cerebral
+    edema", "Cerebral edema without herniation" reads "Cerebral edema"."""
+    r = read(text, names, post_resolved)
+    return (r.classify or text) if r.present() else None
 
 
-def clauses(text: str) -> list[str]:
-    """The non-empty clauses of a text, split on full stops, semicolons and new lines."""
-    return [c.strip() for c in _CLAUSE_BREAK.split(text) if c.strip()]
+# coded answers of a finding row (§3.2 findings): SNOMED No / Absent / Negative and Yes / Present,
+# LOINC LA32-8 No / LA33-6 Yes; by code or by the display alone
+_CODED_NO = frozenset({"373067005", "2667000", "260385009", "LA32-8"})
+_CODED_YES = frozenset({"373066001", "52101004", "LA33-6"})
+_ANSWER_NO = re.compile(r"^\s*(no|absent|negative|not present|none|false)\s*$", re.IGNORECASE)
+_ANSWER_YES = re.compile(r"^\s*(yes|present|positive|true)\s*$", re.IGNORECASE)
 
 
-def affirmed_text(text: str, names: Sequence[re.Pattern[str]], negated: re.Pattern[str] = _NEGATIVE) -> str | None:
-    """The part of `text` a finding is read from, clause by clause; None: the finding is absent.
+def coded_answer(codes: list[tuple[str, str]], words: list[str]) -> str | None:
+    """'absent' / 'present' when a finding row's value is a coded No/Absent/Negative or
+    Yes/Present (whatever the row's code says), else None (the value is read as text)."""
+    cs = {c for _, c in codes}
+    if cs & _CODED_NO or (not cs & _CODED_YES and words and all(_ANSWER_NO.match(w) for w in words)):
+        return "absent"
+    if cs & _CODED_YES or (words and all(_ANSWER_YES.match(w) for w in words)):
+        return "present"
+    return None
 
-    A clause that opens with a negation ("No prior history of epilepsy", "Normal tone") is
-    negated. Without a negated clause the whole text is read, as it stands. With one, the finding
-    is absent unless a non-negated clause names it (`names`): "No seizure. Resting comfortably."
-    stays absent, "No midline shift. Diffuse cerebral edema." reads "Diffuse cerebral edema".
-    """
-    parts = clauses(text)
-    kept = [c for c in parts if not negated.search(c)]
-    if len(kept) == len(parts):
-        return text
-    if not any(p.search(c) for p in names for c in kept):
-        return None
-    return "; ".join(kept)
 
 _PENDING = re.compile(r"\bpending\b|\bin progress\b|\bpreliminary\b", re.IGNORECASE)
 
@@ -74,19 +78,26 @@ _NOT_AROUSABLE = re.compile(
     rf"\bun-?{_AROUSE}|\bnon-?\s?{_AROUSE}|\bnot\s+(?:\w+\s+)?{_AROUSE}|\b(?:cannot|can ?not|can't|unable to)\s+(?:be\s+)?{_AROUSE}"
     rf"|\b(?:does|did)\s*(?:not|n't)\s+{_AROUSE}"
 )
-_NOT_AROUSED_BY_VOICE = re.compile(rf"(?:\bnot\s+(?:\w+\s+)?|\bnon-?\s?){_AROUSE}\s+(?:to|by)\s+(?:voice|verbal|speech|name)")
+_NOT_AROUSED_BY_VOICE = re.compile(
+    rf"(?:\bnot\s+(?:\w+\s+)?|\bnon-?\s?){_AROUSE}\s+(?:to|by)\s+(?:voice|verbal|speech|name)"
+    r"|\b(?:no|not|non-?|without)\s*(?:\w+\s+)?respon\w*\s+(?:to|by)\s+(?:voice|verbal|speech|name)"
+    r"|\b(?:does|did)\s*(?:not|n't)\s+respond\s+(?:to|by)\s+(?:voice|verbal|speech|name)"
+)
+# "no response", "not responsive", "non-responsive", "does not respond" (to anything named after it)
+_NO_RESPONSE = re.compile(r"\bno\s+respon|\bnot\s+respon|\bnon-?\s?respon|\b(?:does|did)\s*(?:not|n't)\s+respond")
+_TOUCH = re.compile(r"tactile|touch|physical|pain|shak|sternal|vigorous|repetitive")
+# a stimulus that does arouse: "arouses to touch", "responds to pain", "opens eyes to voice"
+_AROUSED_BY = re.compile(
+    rf"(?:{_AROUSE}s?|respond\w*|opens?\s+(?:\w+\s+)?eyes|eyes\s+open\w*)\s+(?:only\s+)?(?:to|with|by)\s+(?:\w+\s+)?"
+    r"(?P<s>touch|tactile|physical|pain\w*|sternal|shak\w*|voice|verbal|speech|name)"
+)
 
 
-def consciousness_level(text: str) -> str | None:
-    """ASTCT ICANS depressed-level-of-consciousness row, from free text or AVPU (§3.2): negated
-    arousal ("not arousable", "cannot be roused") is unarousable; "not arousable to voice" needs
-    at least a tactile stimulus."""
-    t = text.strip().lower()
-    if not t:
-        return None
-    if _NOT_AROUSED_BY_VOICE.search(t) and not re.search(r"tactile|touch|physical|pain|shak|sternal|vigorous|repetitive", t):
+def _level_of(t: str) -> str | None:
+    if _NOT_AROUSED_BY_VOICE.search(t) and not _TOUCH.search(t):
         return "tactile"  # does not awaken to voice: at least a tactile stimulus is needed
-    if re.search(r"unarousable|unresponsive|coma|stupor|vigorous|repetitive|^u$|obtunded", t) or _NOT_AROUSABLE.search(t):
+    if re.search(r"unarousable|unresponsive|coma|stupor|vigorous|repetitive|^u$|obtunded", t) or _NOT_AROUSABLE.search(t) \
+            or _NO_RESPONSE.search(t):
         return "unarousable"
     if re.search(r"tactile|touch|physical|pain|shak|^p$|sternal", t):
         return "tactile"
@@ -99,23 +110,58 @@ def consciousness_level(text: str) -> str | None:
     return None
 
 
+def consciousness_level(text: str) -> str | None:
+    """ASTCT ICANS depressed-level-of-consciousness row, from free text or AVPU (§3.2): negated
+    arousal ("not arousable", "cannot be roused", "no response to voice or touch", "not
+    responsive") is unarousable; "not arousable to voice" needs at least a tactile stimulus; when
+    one clause negates arousal and another names the stimulus that does arouse ("not arousable
+    to voice, arouses to touch"), that stimulus decides."""
+    t = text.strip().lower()
+    if not t:
+        return None
+    level = _level_of(t)
+    if level == "unarousable" or (level == "tactile" and _NOT_AROUSED_BY_VOICE.search(t)):
+        woken = []
+        for c in clauses(t):
+            if _NOT_AROUSABLE.search(c) or _NO_RESPONSE.search(c) or re.search(r"\b(no|not|non|without)\b", c):
+                continue
+            m = _AROUSED_BY.search(c)
+            if m:
+                woken.append("voice" if re.match(r"voice|verbal|speech|name", m["s"]) else "tactile")
+        if woken:
+            return "voice" if "voice" in woken else "tactile"
+    return level
+
+
 _SEIZURE_WORDS = re.compile(
     r"seiz|convuls|status epilepticus|\btonic|\bclonic|\bgtc\b|grand mal|\bfits?\b|\bictal\b|\bncse\b", re.IGNORECASE
+)
+_STATUS = re.compile(
+    r"status epilepticus|\bncse\b|prolonged|repetitive|refractory|> ?5 ?min|recurrent"
+    r"|\b(?:without|no|not|never|did not|didn't)\s+(?:\w+\s+){0,2}?return\w*\s+to\s+(?:\w+\s+)?baseline",
+    re.IGNORECASE,
+)
+# non-convulsive: the words, or seizures seen on EEG; the bare word "EEG" is not a seizure type
+_NONCONVULSIVE = re.compile(
+    r"non-?convulsive|electrographic|electrical seiz|subclinical|seiz\w*\s+(?:\w+\s+){0,2}?on\s+(?:the\s+)?(?:c?eeg|monitoring)"
+    r"|\b(?:c?eeg)[- ](?:confirmed|proven|captured|detected|only)\b|\beeg seiz",
+    re.IGNORECASE,
 )
 
 
 def seizure_type(text: str) -> str:
-    """Seizure type from its text, negation read by clause (`affirmed_text`). The duration is not
-    read here: it travels on the Finding (`end`) and grading compares it with the
+    """Seizure type from its text, read NegEx-style (`negation.read`: "Seizure ruled out",
+    "History of seizures, none since admission", "seizure prophylaxis" are absent). The duration
+    is not read here: it travels on the Finding (`end`) and grading compares it with the
     `seizure_status_min` setting (§3.2 "> 5 min"). Words alone ("status epilepticus",
-    "prolonged", "> 5 min", "repetitive") make it status."""
-    read = affirmed_text(text, (_SEIZURE_WORDS,))
-    if read is None:
+    "prolonged", "> 5 min", "repetitive", "no return to baseline") make it status."""
+    r = read(text, (_SEIZURE_WORDS,), post_resolved=False)
+    if not r.present():
         return "absent"
-    t = read.lower()
-    if re.search(r"status epilepticus|prolonged|repetitive|without return|refractory|> ?5 ?min|recurrent", t):
+    if _STATUS.search(r.kept):
         return "status"
-    if re.search(r"non-?convulsive|eeg|electrographic|subclinical", t):
+    t = (r.classify or text).lower()
+    if _NONCONVULSIVE.search(t):
         return "nonconvulsive"
     if re.search(r"generali[sz]ed|tonic|clonic|gtc|grand mal|bilateral", t):
         return "generalized"
@@ -124,36 +170,89 @@ def seizure_type(text: str) -> str:
     return "unspecified"
 
 
-_NEGATED_BLEED = re.compile(r"\b(no|without|not|negative for)\s+(\w+\s+){0,2}?(h(a)?emorrhag\w*|bleed\w*|ICH)\b", re.IGNORECASE)
-
-
-_NO_EDEMA = re.compile(r"^\s*(no|none|absent|negative|not (seen|present|detected|observed)|nil|normal|resolved)\b|\bno (cerebral |brain )?o?edema\b", re.IGNORECASE)
-_EDEMA_WORDS = re.compile(r"o?edema|swelling|herniat|vasogenic|effacement|h(a)?emorrhag|bleed|\bICH\b", re.IGNORECASE)
+_BLEED_WORDS = re.compile(r"h(a)?emorrhag|bleed|\bICH\b", re.IGNORECASE)
+_EDEMA_WORDS = re.compile(r"o?edema|swelling|herniat|vasogenic|effacement", re.IGNORECASE)
 # a negated improvement is no resolution: "not improved", "no improvement", "without resolution", "failed to resolve"
 _NOT_IMPROVING = re.compile(
     r"\b(not|no|without|never|nor|failed to|fails to)\s+(\w+\s+){0,2}?(resolv\w*|resolution|improv\w*|decreas\w*|regress\w*|less)\b"
     r"|\bun(changed|improved|resolved)\b|\bnon-?(improv|resolv)\w*",
     re.IGNORECASE,
 )
+# resolution words; an improvement ("decreasing", "slightly improved") is still oedema on imaging
+_RESOLVED = re.compile(
+    r"\bresol(?:v\w*|ution)\b|\bno\s+longer\s+(?:seen|visible|present|evident|identified|demonstrated|apparent)\b|\bdisappear\w*",
+    re.IGNORECASE,
+)
+_PERSISTS = re.compile(r"\bpersist\w*|\bresidual\b|\bpartial(?:ly)?\b|\bincomplete(?:ly)?\b|\bremain\w*|\bstill\b", re.IGNORECASE)
+
+
+def _edema_resolved(text: str) -> bool:
+    """Does the text say the oedema resolved? The resolving word must refer to the oedema: in a
+    clause that names it, or a bare qualifier clause of up to three words ("…, resolving");
+    an oedema said to persist ("partially resolved, residual edema") is not resolved."""
+    if _PERSISTS.search(text):
+        return False
+    for c in clauses(_NOT_IMPROVING.sub(" ", text)):
+        if _RESOLVED.search(c) and (_EDEMA_WORDS.search(c) or len(re.findall(r"\w+", c)) <= 3):
+            return True
+    return False
 
 
 def edema_extent(text: str) -> str:
-    """Oedema extent on imaging (§3.2), negation read by clause (`affirmed_text`); a negated
-    improvement ("not improved compared with prior") is not resolution."""
-    t = _NEGATED_BLEED.sub(" ", text.lower())
-    read = affirmed_text(t, (_EDEMA_WORDS,), _NO_EDEMA)
-    if read is None:
-        return "absent"
-    t = read
-    if re.search(r"h(a)?emorrhag|bleed|\bICH\b", t, re.IGNORECASE):
+    """Oedema extent on imaging (§3.2), read NegEx-style (`negation.read`): a bleed named unnegated
+    is haemorrhagic; resolution words about the oedema are resolution ("resolving", "interval
+    resolution", "no longer seen"); an improving but persistent oedema is graded by its extent;
+    the extent is read from the affirmed parts only ("without herniation" does not make it
+    diffuse)."""
+    if read(text, (_BLEED_WORDS,)).affirmed:
         return "hemorrhagic"
-    if re.search(r"resolv|improv|decreas|regress|less (prominent|extensive)", _NOT_IMPROVING.sub(" ", t)):
+    if _edema_resolved(text):
         return "resolving"
-    if re.search(r"diffuse|global|generali[sz]ed|herniation|bilateral", t):
+    r = read(text, (_EDEMA_WORDS,))
+    if not r.present():
+        return "absent"
+    t = r.classify or text
+    if re.search(r"diffuse|global|generali[sz]ed|herniation|bilateral", t, re.IGNORECASE):
         return "diffuse"
-    if re.search(r"focal|local|vasogenic|occipital|frontal|parietal|temporal|lobe|cerebell", t):
+    if re.search(r"focal|local|vasogenic|occipital|frontal|parietal|temporal|lobe|cerebell", t, re.IGNORECASE):
         return "focal"
     return "unspecified"
+
+
+# papilledema stage (Frisén 0-5, arabic or roman): CARTOX CRES 3 for stage 1-2, 4 for 3-5 (§7.2)
+_ROMAN = {"i": 1, "ii": 2, "iii": 3, "iv": 4, "v": 5}
+_STAGE = re.compile(r"\b(?:stage|grade|fris[eé]n)\s*(?:grade\s*|stage\s*)?(?P<n>[0-5]|iv|v|i{1,3})\b", re.IGNORECASE)
+
+
+def papilledema_stage(text: str) -> int | None:
+    """The highest papilledema stage (grade, Frisén) an ICP-sign text states in its affirmed
+    parts, else None."""
+    r = read(text, (re.compile(r"papill?o?edema|disc (?:swelling|edema|oedema)", re.IGNORECASE),))
+    found = [int(n) if n.isdigit() else _ROMAN[n.lower()] for m in _STAGE.finditer(r.classify) if (n := m["n"])]
+    return max(found) if found else None
+
+
+_ANSWERED = frozenset({"seizure", "cerebral_edema", "icp_sign", "motor_weakness", "intracranial_hemorrhage", "hemophagocytosis"})
+def hedged(kind: str, text: str) -> bool:
+    """Is finding `kind` affirmed in `text` only with a hedge ("possible seizure", "concern for
+    cerebral edema")? Graded as a finding and flagged for review (clinical safety rule)."""
+    names = {"seizure": _SEIZURE_WORDS, "cerebral_edema": _EDEMA_WORDS}.get(kind)
+    if names is None:
+        w = _FINDING_WORDS.get(kind)
+        if w is None:
+            return False
+        names = _FINDING_PATTERNS.setdefault(kind, re.compile(w, re.IGNORECASE))
+    return bool(text) and uncertain(text, (names,))
+
+
+_FINDING_PATTERNS: dict[str, re.Pattern[str]] = {}
+_TREMOR = re.compile(r"tremor|myoclon|asterixis|dysmetria|twitch", re.IGNORECASE)
+_GENERALIZED_WEAKNESS = re.compile(r"generali[sz]ed|global|diffuse|decondition|fatigue|asthenia|overall|whole[- ]body", re.IGNORECASE)
+_FOCAL_WEAKNESS = re.compile(
+    r"hemi|para|mono|tetra|quadri|\bleft\b|\bright\b|\barms?\b|\blegs?\b|limb|\bface\b|facial|focal|unilateral|foot drop|drift"
+    r"|pleg|palsy|\bhand\b|grip|\bl\b|\br\b|lower extremit|upper extremit",
+    re.IGNORECASE,
+)
 
 
 # words that name each finding in a non-negated clause after a negated one (besides the kind's
@@ -236,6 +335,59 @@ def _reference_range(res: dict[str, Any], factor: float) -> tuple[float | None, 
         lo = quantity(rr.get("low"))
         return (lo[0] * factor if lo else None), (hi[0] * factor if hi else None)
     return None, None
+
+
+_ASSESSMENTS = ("ice_score", "capd_score", "cartox10_score")
+_UNABLE = re.compile(r"unable|not (able|possible)|cannot|can ?not|can't|unassessable", re.IGNORECASE)
+# the assessment was not done for a reason outside the patient's state: not a finding
+_LOGISTIC = re.compile(
+    r"off (the )?(unit|floor|ward)|in (a |the )?procedure|procedur|\bMRI\b|\bCT\b|\bscan|imaging|radiology|transport|dialysis"
+    r"|declin|refus|defer|not done|not performed|not asked|not attempted|postpone|asleep|sleeping|interpreter|language"
+    r"|family|parent|visitor|shower|\baway\b|out of room|not available|unavailable",
+    re.IGNORECASE,
+)
+# the patient's state makes the assessment impossible: "unable to perform" (an ICANS finding)
+_PATIENT_STATE = re.compile(
+    r"obtund|arous|unrespons|not respon|letharg|somnol|stupor|coma|encephalopath|confus|agitat|deliri|aphasi|\bmute\b|intubat"
+    r"|sedat|critical|seiz|postictal|\bGCS\b|drowsy|altered|too (sick|unwell)|mental status",
+    re.IGNORECASE,
+)
+
+
+def _not_assessed(name: str, res: dict[str, Any], ref: str, start: When, words: list[str], by_text: bool) -> list[Event] | Skipped:
+    """An ICE / CAPD / CARTOX-10 row without a score. Only an explicit 'unable to perform'
+    reading (the text says unable / cannot, for no logistic reason, or because of the patient's
+    state) is the ICANS finding "unable to perform" (§3.2, §3.3, §7.2). A dataAbsentReason code
+    (not-performed, asked-declined, not-asked, unknown) or a text saying the assessment was not
+    done for a logistic reason (off unit, in a procedure, declined, deferred) is no assessment:
+    a named skip, never a grade."""
+    notes = [n.get("text", "") for n in res.get("note") or [] if isinstance(n, dict)]
+    text = " ".join(w for w in [*words, *notes] if w)
+    if _UNABLE.search(text) and (not _LOGISTIC.search(text) or _PATIENT_STATE.search(text)):
+        return [Finding("unable_" + name, start.time, "unable", ref, text, matched_by_text=by_text)]
+    return Skipped(ref, f"{name}: not assessed ({text or 'no reason given'}): not 'unable to perform', not graded", "no_value")
+
+
+# RASS answers (LOINC LA answer list of the Richmond Agitation-Sedation Scale), by display
+_RASS_WORDS = (("combative", 4), ("very agitated", 3), ("agitated", 2), ("restless", 1), ("alert and calm", 0),
+               ("drowsy", -1), ("light sedation", -2), ("moderate sedation", -3), ("deep sedation", -4),
+               ("unarousable", -5), ("not arousable", -5), ("alert", 0), ("calm", 0))
+_RASS_NUMBER = re.compile(r"^\s*(?:RASS\s*:?\s*)?([+\-\u2212]?\s*[0-5])(?!\d)", re.IGNORECASE)
+
+
+def rass_answer(words: list[str]) -> int | None:
+    """A RASS level sent as a coded answer or a word: a leading signed number ("-5 Unarousable",
+    "+1"), else the display ("Moderate sedation" = -3); None when neither."""
+    for w in words:
+        m = _RASS_NUMBER.match(w)
+        if m:
+            return int(m.group(1).replace("\u2212", "-").replace(" ", ""))
+    for w in words:
+        low = w.lower()
+        for phrase, v in _RASS_WORDS:
+            if phrase in low:
+                return v
+    return None
 
 
 _MATCH_CACHE_SIZE = 20_000
@@ -334,14 +486,17 @@ class ObservationMapper:
         if kind.value in ("coded", "boolean"):
             return self._finding(kind, res, ref, start, end, by_text)
         if "dataAbsentReason" in res and not any(k.startswith("value") for k in res):
-            if name in ("ice_score", "capd_score", "cartox10_score"):
-                # "unable to perform" the assessment is itself an ICANS finding.
-                return [Finding("unable_" + name, start.time, "unable", ref, label(res["dataAbsentReason"]), matched_by_text=by_text)]
+            if name in _ASSESSMENTS:
+                return _not_assessed(name, res, ref, start, [label(res["dataAbsentReason"])], by_text)
             return Skipped(ref, f"no value (dataAbsentReason: {label(res['dataAbsentReason'])})", "no_value")
         vq = res.get("valueQuantity")
         if type(vq) is dict:
             return self._quantity(kind, vq, res, ref, start, by_text, flags)
         num = _numeric_value(res)
+        if num is None and name == "rass":
+            v = rass_answer(_value_texts(res)[1])  # a coded (LOINC LA) or worded RASS answer
+            if v is not None:
+                return self._measurement(kind, res, ref, start, float(v), [], by_text, flags)
         if num is None:  # "unable to assess" scores, else a no_value skip
             return self._measurement(kind, res, ref, start, None, [], by_text, flags)
         return self._measurement(kind, res, ref, start, num[0], num[1], by_text, flags)
@@ -365,10 +520,10 @@ class ObservationMapper:
         """The event of a numeric value (None: there is none) in the units `spellings` names."""
         name = kind.name
         if value is None:
-            if name in ("ice_score", "capd_score", "cartox10_score"):
+            if name in _ASSESSMENTS:
                 _, ts = _value_texts(res)
-                if ts and re.search(r"unable|not (able|possible)|cannot", " ".join(ts), re.IGNORECASE):
-                    return [Finding("unable_" + name, start.time, "unable", ref, ts[0], matched_by_text=by_text)]
+                if ts:
+                    return _not_assessed(name, res, ref, start, ts, by_text)
             return Skipped(ref, f"{name}: no numeric value", "no_value")
         if start.precision != "time" and kind.group != "lab":
             return Skipped(ref, f"{name}: effective time has {start.precision} precision only", "imprecise_time")
@@ -505,6 +660,11 @@ class ObservationMapper:
                 return Skipped(ref, f"level of consciousness value not recognised: {(v_texts or ['(empty)'])[0]!r}", "unmapped_value")
             return [Finding(name, start.time, level, ref, v_texts[0], t_end, by_text)]
         all_text = " ".join(v_texts + note_texts)
+        answer = coded_answer(v_codes, v_texts) if name in _ANSWERED else None
+        if answer is not None:
+            # a coded No/Absent/Negative (Yes/Present) decides whatever the row's code says; the
+            # notes (else the code's text) still type a present finding
+            all_text = " ".join(note_texts)
         if name == "seizure":
             for comp in res.get("component") or []:
                 q = quantity(comp.get("valueQuantity")) if isinstance(comp, dict) else None
@@ -515,10 +675,16 @@ class ObservationMapper:
                         # the duration travels as the end time; grading compares it with seizure_status_min
                         t_end = start.time + timedelta(minutes=minutes)
             text = all_text or " ".join(code_texts)
-            return [Finding(name, start.time, seizure_type(text), ref, text, t_end, by_text)]
+            detail = "absent" if answer == "absent" else seizure_type(text)
+            if answer == "present" and detail == "absent":
+                detail = "unspecified"
+            return [Finding(name, start.time, detail, ref, text, t_end, by_text)]
         if name == "cerebral_edema":
             text = all_text or " ".join(code_texts)
-            return [Finding(name, start.time, edema_extent(text), ref, text, t_end, by_text)]
+            detail = "absent" if answer == "absent" else edema_extent(text)
+            if answer == "present" and detail in ("absent", "resolving"):
+                detail = "unspecified"
+            return [Finding(name, start.time, detail, ref, text, t_end, by_text)]
         if name == "blood_culture":
             text = " ".join(v_texts) or " ".join(
                 label(i) for i in res.get("interpretation") or [] if isinstance(i, dict)
@@ -535,8 +701,30 @@ class ObservationMapper:
         if name == "cause_of_death":
             text = all_text or " ".join(code_texts)
             return [Finding(name, start.time, "documented", ref, text, t_end, by_text)]
-        # icp_sign, motor_weakness, intracranial_hemorrhage, hemophagocytosis: present unless every
-        # clause that names it is negated ("Normal tone; new left hemiparesis" is present)
+        # icp_sign, motor_weakness, intracranial_hemorrhage, hemophagocytosis: present when a clause
+        # names it unnegated, or nothing names it and nothing is denied (`negation.read`)
         text = all_text
-        present = not text or affirmed_text(text, self._names(name)) is not None
-        return [Finding(name, start.time, "present" if present else "absent", ref, text or " ".join(code_texts), t_end, by_text)]
+        shown = text or " ".join(code_texts)
+        if answer is not None:
+            return [Finding(name, start.time, answer, ref, shown, t_end, by_text)]
+        detail = self.finding_detail(name, text)
+        return [Finding(name, start.time, detail, ref, shown, t_end, by_text)]
+
+    def finding_detail(self, name: str, text: str) -> str:
+        """'present' / 'absent' of a finding row's text (`negation.read`); for motor weakness
+        also 'generalized' (§3.2: only deep FOCAL weakness is ASTCT grade 4) and tremor,
+        myoclonus or asterixis alone are absent (§3.2 ‡: graded by CTCAE, not ICANS)."""
+        if not text:
+            return "present"
+        r = read(text, self._names(name))
+        if not r.present():
+            return "absent"
+        if name != "motor_weakness":
+            return "present"
+        weak = read(text, self._names(name)[:-1])  # (without the affirming words "present", "yes")
+        if _TREMOR.search(text) and not weak.affirmed:
+            return "absent"
+        said = " ".join(weak.affirmed) or text
+        if _GENERALIZED_WEAKNESS.search(said) and not _FOCAL_WEAKNESS.search(said):
+            return "generalized"
+        return "present"

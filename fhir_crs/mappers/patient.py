@@ -1,5 +1,11 @@
 """Patient JSON -> `PatientInfo` (birth date for age at infusion; deceased date for grade 5;
-the MRN and name a clinician reads on the report pages)."""
+the MRN and name a clinician reads on the report pages).
+
+A death is never dropped (criteria §1.8): `deceasedBoolean` true, or a `deceasedDateTime` that
+cannot be read or gives only a month or year, is a death with no time (`deceased_flag` set,
+`deceased` None; the timeline flags it `death_time_unknown`). A date-only `deceasedDateTime` is
+kept as the start of that day and flagged `death_time_imprecise`; the timeline places it within
+the day (timeline `_place_dated_death`)."""
 
 from __future__ import annotations
 
@@ -20,8 +26,11 @@ def map_patient(res: dict[str, Any], ref: str, flags: set[str]) -> PatientInfo:
     if "deceasedDateTime" in res:
         w = parse_datetime(res["deceasedDateTime"])
         deceased_flag = True
-        if w is not None:
+        if w is not None and w.precision == "time":
             deceased = w.time
+        elif w is not None and w.precision == "day":
+            deceased = w.time
+            flags.add("death_time_imprecise")
     elif res.get("deceasedBoolean") is True:
         deceased_flag = True
     return PatientInfo(ref=ref, birth_date=birth_date, deceased=deceased, deceased_flag=deceased_flag,
