@@ -62,7 +62,7 @@ PROCEDURE_KINDS = frozenset(
 REASON_CLASSES = frozenset({"respiratory_failure", "not_hypoxic", "home_baseline", "hypotension", "culture_positive", "culture_negative"})
 MEDICATION_LIMITS = frozenset({"max_ug_min", "max_ug_kg_min", "max_u_min", "max_ml"})
 
-_OBS_KEYS = {"group", "unit", "codes", "text", "exclude", "convert", "value"}
+_OBS_KEYS = {"group", "unit", "codes", "text", "exclude", "convert", "value", "unitless"}
 _CLASS_KEYS = {"codes", "text", "exclude"}
 _DRUG_KEYS = {"class", "codes", "text", "exclude", "atc_prefix"}
 
@@ -112,6 +112,8 @@ class ObservationKind:
     convert: Mapping[str, float]
     min: float | None
     max: float | None
+    # "system|code" -> the unit a value sent without one is in (a molar LOINC code is in umol/L)
+    unitless: Mapping[str, str] = field(default_factory=dict)
 
     @property
     def name(self) -> str:
@@ -275,11 +277,16 @@ def _load_observations(path: Path, ranges: dict[str, tuple[float, float]]) -> tu
         convert = t.get("convert", {})
         if not isinstance(convert, dict) or not all(isinstance(v, int | float) for v in convert.values()):
             raise MappingFileError(f"Could not read {path.name}: [{name}] convert must map unit -> number.")
+        unitless = t.get("unitless", {})
+        if not isinstance(unitless, dict) or not all(
+            isinstance(v, str) and (v == t.get("unit", "") or v in convert) for v in unitless.values()
+        ):
+            raise MappingFileError(f"Could not read {path.name}: [{name}] unitless must map \"system|code\" -> the kind's unit or a `convert` unit.")
         m = _matcher(path, name, t)
         lo, hi = ranges.get(name, (None, None))
         kinds[name] = ObservationKind(
             matcher=m, group=group, unit=t.get("unit", ""), value=value,
-            convert={k: float(v) for k, v in convert.items()}, min=lo, max=hi,
+            convert={k: float(v) for k, v in convert.items()}, min=lo, max=hi, unitless=dict(unitless),
         )
         table.add(m)
     return kinds, table

@@ -79,5 +79,22 @@ def test_organ_abnormality_holds_the_episode_open_only_where_the_system_grades_i
 
 
 def test_organ_grade_on_a_value_sent_without_a_unit_is_flagged():
-    out = crs(lab(CREAT_MOL, -20, 30), lab(CREAT_MOL, 30, 35), birth="2019-01-01")  # molar code, no unit
+    # the mass code without a unit is read in mg/dL (assumed): the grade resting on it says so
+    out = crs(lab(CREAT, -20, 0.3), lab(CREAT, 30, 4.5), birth="2019-01-01")
     assert out["lee2014"]["grade"] == 4 and "unit_assumed" in out["lee2014"]["flags"]
+    # the molar code without a unit is umol/L by its code (mappings `unitless`): 35 umol/L is normal
+    molar = crs(lab(CREAT_MOL, -20, 30), lab(CREAT_MOL, 30, 35), birth="2019-01-01")
+    assert molar["lee2014"]["grade"] == 1
+
+
+def test_a_molar_code_without_a_unit_is_read_in_its_molar_unit(code_map):
+    # LOINC 14682-9 is creatinine [Moles/volume]: 35 without a unit is 35 umol/L (0.40 mg/dL),
+    # never 35 mg/dL (a grade 4); the mass code 2160-0 without a unit stays mg/dL; both flagged
+    from test_mappers import map_one
+
+    (molar,), skipped, flags = map_one(code_map, obs("14682-9", 1, 35))
+    assert not skipped and round(molar.value, 2) == 0.40 and "unit_assumed" in flags
+    (mass,), _, flags = map_one(code_map, obs("2160-0", 1, 1.2))
+    assert mass.value == 1.2 and "unit_assumed" in flags
+    (bili,), _, _ = map_one(code_map, obs("14631-6", 1, 20))
+    assert round(bili.value, 2) == 1.17

@@ -545,6 +545,13 @@ class ObservationMapper:
                 value *= 1000.0
                 flags.add("unit_assumed")
                 spellings = ["/uL"]
+            if not spellings and kind.unitless:
+                # a value sent without a unit under a code whose unit is known (a molar LOINC
+                # code is in umol/L): read in that unit, flagged as assumed, never as the kind's
+                unit = next((kind.unitless[f"{sy}|{co}"] for sy, co in codings(res.get("code")) if f"{sy}|{co}" in kind.unitless), None)
+                if unit is not None:
+                    spellings = [unit]
+                    flags.add("unit_assumed")
             conv, raw_unit, note = self._to_canonical(kind, value, spellings)
             if conv is None:
                 return Skipped(ref, f"{name}: {note}", "unit_error")
