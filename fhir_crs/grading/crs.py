@@ -190,14 +190,16 @@ class CrsGrader:
         o2_running = Cover((g.start, g.end) for g in tl.support if not g.home and (g.attributed or not g.ppv))
         pressor_running = Cover((c.start, c.end) for c in tl.pressors)
 
-        def outside(t: datetime, flag: str, end: datetime | None = None, running: Cover | None = None) -> None:
+        def outside(t: datetime, flag: str, running: Cover, end: datetime | None = None) -> None:
+            """`end`: for a hypotension, the furthest end of the pressors treating it (one started
+            just after the onset also grades it there)."""
             nonlocal afebrile
             if t < tl.infusion or t in windows:
                 return
             if t in before:
                 if end is not None and any(t < ep.onset <= end for ep in episodes):
-                    return  # still running at the fever onset: graded there
-                if running is not None and any(t < ep.onset and ep.onset in running for ep in episodes if ep.onset - t <= timedelta(hours=s.fever_association_h)):
+                    return  # still treated at the fever onset: graded there
+                if any(t < ep.onset and ep.onset in running for ep in episodes if ep.onset - t <= timedelta(hours=s.fever_association_h)):
                     return  # the same therapy runs on through the onset: graded there
                 res.flag("component_before_onset")
                 self.used("fever_association_h")
@@ -214,9 +216,9 @@ class CrsGrader:
             reach.append(max(reach[-1], c.end) if reach else c.end)
         for h in tl.hypotension:
             k = bisect_right(starts, h.time + H)
-            outside(h.time, "afebrile_hypotension", reach[k - 1] if k else None, pressor_running)
+            outside(h.time, "afebrile_hypotension", pressor_running, reach[k - 1] if k else None)
         for c in tl.pressors:
-            outside(c.start, "afebrile_hypotension", c.end, pressor_running)
+            outside(c.start, "afebrile_hypotension", pressor_running)  # (its own course is in pressor_running)
         for g in tl.support:
             if g.home:
                 continue
@@ -225,7 +227,7 @@ class CrsGrader:
                     res.flag("ppv_not_attributed")  # set aside wherever it lies (§2.3): a possible grade 4
                     self.used("ppv_hypoxia_lookback_h")
                 continue
-            outside(g.start, "afebrile_hypoxia", g.end, o2_running)
+            outside(g.start, "afebrile_hypoxia", o2_running)  # (the segment itself is in o2_running)
         first_onset = episodes[0].onset if episodes else None
         if afebrile:
             pre = [d for d in tl.drugs if d.drug_class in s.masking_drug_classes
